@@ -1,0 +1,161 @@
+//! Owned host mappings, shared by both backends: anonymous memory for the
+//! VMM's RAM and shared file mappings. A [`Mmap`] is unmapped on drop.
+
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::ptr::NonNull;
+
+use crate::error::{Error, Result};
+use crate::hypervisor::HostFault;
+
+/// One `mmap(2)` region, owned: unmapped when dropped.
+#[derive(Debug)]
+pub struct Mmap {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory with no thread affinity; every access
+// goes through volatile copies that tolerate concurrent writers.
+unsafe impl Send for Mmap {}
+// SAFETY: as above; &Mmap only hands out copies, never references into it.
+unsafe impl Sync for Mmap {}
+
+impl Mmap {
+    /// `len` bytes of private anonymous memory, allocated on first touch.
+    pub fn anonymous(len: u64) -> Result<Mmap> {
+        Self::map(
+            len,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            None,
+            0,
+        )
+    }
+
+    /// A `MAP_SHARED` mapping of `len` bytes of `fd` from `offset`.
+    pub fn shared(fd: BorrowedFd<'_>, offset: i64, len: u64) -> Result<Mmap> {
+        Self::map(len, libc::MAP_SHARED, Some(fd), offset)
+    }
+
+    fn map(len: u64, flags: i32, fd: Option<BorrowedFd<'_>>, offset: i64) -> Result<Mmap> {
+        let Ok(ulen) = usize::try_from(len) else {
+            return Err(Error::new(
+                nix::errno::Errno::ENOMEM,
+                "kernel",
+                format!("mmap length {len:#x} does not fit the address space"),
+            ));
+        };
+        let raw_fd = fd.map_or(-1, |f| f.as_raw_fd());
+        // SAFETY: a fresh mapping chosen by the kernel (no MAP_FIXED) cannot
+        // alias memory Rust already owns; failure is checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                ulen,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                raw_fd,
+                offset,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(Error::last_os_error(format_args!(
+                "mmap of {len:#x} bytes at offset {offset:#x}"
+            )));
+        }
+        Ok(Mmap {
+            ptr: NonNull::new(ptr.cast()).expect("mmap never returns NULL without MAP_FIXED"),
+            len: ulen,
+        })
+    }
+
+    /// The address of the first byte.
+    pub fn addr(&self) -> u64 {
+        self.ptr.as_ptr() as u64
+    }
+
+    /// Raw pointer to the first byte, for device access and interop.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len as u64
+    }
+
+    /// Never true: mmap refuses length 0.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Checks that `[offset, offset + len)` lies inside the mapping.
+    pub fn check_range(&self, offset: u64, len: usize) -> std::result::Result<(), HostFault> {
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= self.len() => Ok(()),
+            _ => Err(HostFault::OutOfRange {
+                offset,
+                len: len as u64,
+                size: self.len(),
+            }),
+        }
+    }
+
+    /// Copies out of the mapping. The caller has made sure the pages can be
+    /// touched without a signal (anonymous memory always can).
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> std::result::Result<(), HostFault> {
+        self.check_range(offset, buf.len())?;
+        for (i, b) in buf.iter_mut().enumerate() {
+            // SAFETY: in bounds (checked above) of a live mapping we own;
+            // volatile because the guest or another mapping may write it.
+            *b = unsafe { self.as_ptr().add(offset as usize + i).read_volatile() };
+        }
+        Ok(())
+    }
+
+    /// Copies into the mapping; see [`Mmap::read`].
+    pub fn write(&self, offset: u64, buf: &[u8]) -> std::result::Result<(), HostFault> {
+        self.check_range(offset, buf.len())?;
+        for (i, b) in buf.iter().enumerate() {
+            // SAFETY: in bounds (checked above) of a live, writable mapping.
+            unsafe { self.as_ptr().add(offset as usize + i).write_volatile(*b) };
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Mmap {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the region mmap gave us; no reference into
+        // it outlives self (only copies are handed out).
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn anonymous_memory_reads_zero_and_keeps_writes() {
+        let m = Mmap::anonymous(8192).unwrap();
+        let mut b = [1u8; 2];
+        m.read(4095, &mut b).unwrap();
+        assert_eq!(b, [0, 0]);
+        m.write(4095, &[7, 8]).unwrap();
+        m.read(4095, &mut b).unwrap();
+        assert_eq!(b, [7, 8]);
+    }
+
+    #[test]
+    fn access_past_the_mapping_is_out_of_range() {
+        let m = Mmap::anonymous(4096).unwrap();
+        assert!(matches!(
+            m.write(4095, &[0, 0]),
+            Err(HostFault::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            m.read(u64::MAX, &mut [0]),
+            Err(HostFault::OutOfRange { .. })
+        ));
+    }
+}

@@ -1,0 +1,252 @@
+//! The contract: what a hypervisor, a VM, a guest_memfd and a vCPU do.
+//!
+//! Each trait follows the uAPI call by call (`KVM_CREATE_VM`,
+//! `KVM_CREATE_GUEST_MEMFD`, `KVM_SET_USER_MEMORY_REGION2`, ...), taking the
+//! kernel's own structs, so that a reader who knows KVM recognises every call.
+//! Two backends implement it: [`crate::soft`], the executable specification,
+//! and [`crate::kvm`], the running kernel. Nothing outside those two folders
+//! names a backend.
+//!
+//! Every handle owns what it stands for: dropping a [`Vm`] closes the VM fd,
+//! dropping a [`GuestMemfd`] closes the file, dropping a [`HostMemory`] unmaps.
+
+use std::os::fd::AsRawFd;
+
+use crate::error::Result;
+use crate::uapi::{
+    kvm_create_guest_memfd, kvm_memory_attributes, kvm_userspace_memory_region,
+    kvm_userspace_memory_region2,
+};
+
+/// `/dev/kvm`: capabilities and VM creation.
+pub trait Hypervisor: AsRawFd + Send + Sync {
+    /// Short backend name for reports: `soft` or `kvm`.
+    fn name(&self) -> &'static str;
+
+    /// `KVM_CHECK_EXTENSION` on the system fd: 0 when unsupported.
+    fn check_extension(&self, cap: u32) -> i64;
+
+    /// `KVM_CREATE_VM` with a machine type (`KVM_X86_DEFAULT_VM`, ...).
+    fn create_vm(&self, vm_type: u64) -> Result<Box<dyn Vm>>;
+
+    /// The VMM's own memory: `size` bytes of anonymous, private, lazily
+    /// allocated host memory, the kind ordinary memslots point at.
+    fn host_memory(&self, size: u64) -> Result<Box<dyn HostMemory>>;
+}
+
+/// A VM fd.
+pub trait Vm: AsRawFd + Send + Sync {
+    /// The machine type it was created with.
+    fn vm_type(&self) -> u64;
+
+    /// `KVM_CHECK_EXTENSION` on the VM fd: per-VM answers (CAP-3).
+    fn check_extension(&self, cap: u32) -> i64;
+
+    /// `KVM_ENABLE_CAP` (e.g. `KVM_CAP_EXIT_HYPERCALL` with the hypercall mask).
+    fn enable_cap(&self, cap: u32, arg0: u64) -> Result<()>;
+
+    /// `KVM_CREATE_GUEST_MEMFD`: a new file bound to this VM (CREATE-*).
+    fn create_guest_memfd(&self, args: kvm_create_guest_memfd) -> Result<Box<dyn GuestMemfd>>;
+
+    /// `KVM_SET_USER_MEMORY_REGION` (the 32-byte v1 struct).
+    fn set_user_memory_region(&self, region: kvm_userspace_memory_region) -> Result<()>;
+
+    /// `KVM_SET_USER_MEMORY_REGION2`: create, move, change or delete a
+    /// memslot, binding it to a guest_memfd range with `KVM_MEM_GUEST_MEMFD`
+    /// (SLOT-*, BIND-*). `guest_memfd` is an fd number, as in the kernel.
+    fn set_user_memory_region2(&self, region: kvm_userspace_memory_region2) -> Result<()>;
+
+    /// `KVM_SET_MEMORY_ATTRIBUTES` (ATTR-*).
+    fn set_memory_attributes(&self, attributes: kvm_memory_attributes) -> Result<()>;
+
+    /// `KVM_CREATE_VCPU`.
+    fn create_vcpu(&self, id: u64) -> Result<Box<dyn Vcpu>>;
+}
+
+/// A guest_memfd file.
+pub trait GuestMemfd: AsRawFd + Send + Sync {
+    /// Size given at creation; it never changes (FILE-2).
+    fn size(&self) -> u64;
+
+    /// Creation flags (`GUEST_MEMFD_FLAG_*`).
+    fn flags(&self) -> u64;
+
+    /// `fallocate(2)`: allocate (`KEEP_SIZE`) or punch a hole
+    /// (`KEEP_SIZE | PUNCH_HOLE`) (FALLOC-*).
+    fn fallocate(&self, mode: i32, offset: i64, len: i64) -> Result<()>;
+
+    /// `mmap(2)` of `len` bytes at file `offset` (MMAP-*). The mapping keeps
+    /// the file alive after its fd is closed (LIFE-7).
+    fn mmap(&self, offset: i64, len: u64, kind: MapKind) -> Result<Box<dyn HostMemory>>;
+
+    /// `fstat(2)`.
+    fn stat(&self) -> Result<Stat>;
+
+    /// `read(2)`: refused (FILE-1).
+    fn read(&self, buf: &mut [u8]) -> Result<usize>;
+    /// `write(2)`: refused (FILE-1).
+    fn write(&self, buf: &[u8]) -> Result<usize>;
+    /// `pread(2)`: refused (FILE-1).
+    fn pread(&self, buf: &mut [u8], offset: i64) -> Result<usize>;
+    /// `pwrite(2)`: refused (FILE-1).
+    fn pwrite(&self, buf: &[u8], offset: i64) -> Result<usize>;
+    /// `lseek(2)`: refused (FILE-1).
+    fn lseek(&self, offset: i64, whence: i32) -> Result<u64>;
+    /// `ftruncate(2)`: refused (FILE-2).
+    fn ftruncate(&self, len: i64) -> Result<()>;
+    /// An ioctl guest_memfd does not know: refused (FILE-1).
+    fn ioctl(&self, request: u64) -> Result<i32>;
+}
+
+/// `MAP_SHARED` or `MAP_PRIVATE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MapKind {
+    /// `MAP_SHARED`: the only kind guest_memfd accepts.
+    Shared,
+    /// `MAP_PRIVATE` (copy-on-write): refused by guest_memfd (MMAP-2).
+    Private,
+}
+
+/// What `fstat` reports of a guest_memfd (CREATE-4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stat {
+    /// Inode number: distinct per file.
+    pub ino: u64,
+    /// `st_size`: the size given at creation.
+    pub size: i64,
+    /// `st_blksize`: the page size.
+    pub blksize: i64,
+    /// `st_blocks`, in 512-byte units: memory the file holds now.
+    pub blocks: i64,
+    /// `st_mode`: file type and permission bits.
+    pub mode: u32,
+}
+
+/// Host memory: the VMM's anonymous memory, or a host mapping of a
+/// guest_memfd. Its address can be given to a memslot as `userspace_addr`.
+/// Dropping it unmaps it.
+pub trait HostMemory: Send + Sync {
+    /// The userspace address of the first byte.
+    fn addr(&self) -> u64;
+
+    /// The length of the mapping in bytes.
+    fn len(&self) -> u64;
+
+    /// Is the mapping empty? (Never: mmap refuses length 0.)
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Reads `buf.len()` bytes at `offset` into the mapping.
+    fn read(&self, offset: u64, buf: &mut [u8]) -> std::result::Result<(), HostFault>;
+
+    /// Writes `buf` at `offset` into the mapping.
+    fn write(&self, offset: u64, buf: &[u8]) -> std::result::Result<(), HostFault>;
+}
+
+/// A host access the kernel would answer with a signal, as a typed error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HostFault {
+    /// The kernel raises SIGBUS: past the end of the file (MMAP-3), or
+    /// memory that is not shared with the host (MMAP-4).
+    #[error("SIGBUS at mapping offset {offset:#x}: {reason} ({rule})")]
+    Sigbus {
+        /// Offset into the mapping of the first byte that faulted.
+        offset: u64,
+        /// The rule that makes it fault.
+        rule: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The access leaves the mapping: SIGSEGV in a real process.
+    #[error("access of {len} bytes at offset {offset:#x} leaves the {size:#x}-byte mapping (SIGSEGV)")]
+    OutOfRange {
+        /// Offset of the access.
+        offset: u64,
+        /// Its length.
+        len: u64,
+        /// The mapping's length.
+        size: u64,
+    },
+}
+
+/// A vCPU fd. Each [`Vcpu::run`] runs guest code that performs one operation.
+pub trait Vcpu: Send {
+    /// `KVM_RUN` until the guest completes `op` or exits to the VMM.
+    fn run(&mut self, op: GuestOp) -> Result<VcpuExit>;
+}
+
+/// What the guest does in one [`Vcpu::run`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestOp {
+    /// Load `size` (1, 2, 4 or 8) bytes at guest physical address `gpa`.
+    Read {
+        /// Guest physical address.
+        gpa: u64,
+        /// Access width in bytes.
+        size: u8,
+    },
+    /// Store the low `size` bytes of `value` at `gpa`.
+    Write {
+        /// Guest physical address.
+        gpa: u64,
+        /// Access width in bytes.
+        size: u8,
+        /// The value stored.
+        value: u64,
+    },
+    /// `KVM_HC_MAP_GPA_RANGE`: the guest asks to convert `npages` pages at
+    /// `gpa`; `attributes` holds `KVM_MAP_GPA_RANGE_ENCRYPTED` for private.
+    MapGpaRange {
+        /// First guest physical address.
+        gpa: u64,
+        /// Number of 4 KiB pages.
+        npages: u64,
+        /// The hypercall's attribute word.
+        attributes: u64,
+    },
+}
+
+/// How one [`Vcpu::run`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuExit {
+    /// The guest completed the operation: the value loaded, or for a
+    /// hypercall the value the guest got back (0, or `KVM_ENOSYS`).
+    Done(u64),
+    /// `KVM_EXIT_MEMORY_FAULT` (KVM_RUN failed with EFAULT) (FAULT-7).
+    MemoryFault {
+        /// `KVM_MEMORY_EXIT_FLAG_PRIVATE` iff the access was private.
+        flags: u64,
+        /// Page-aligned guest physical address.
+        gpa: u64,
+        /// Bytes: one page.
+        size: u64,
+    },
+    /// `KVM_EXIT_MMIO`: no memslot at the address (FAULT-2).
+    Mmio {
+        /// Guest physical address of the access.
+        gpa: u64,
+        /// Store (true) or load.
+        is_write: bool,
+        /// Access width.
+        len: u8,
+        /// The value stored (0 for a load).
+        data: u64,
+    },
+    /// `KVM_EXIT_HYPERCALL` for `KVM_HC_MAP_GPA_RANGE` (FAULT-8).
+    Hypercall {
+        /// Hypercall number.
+        nr: u64,
+        /// First guest physical address.
+        gpa: u64,
+        /// Number of pages.
+        npages: u64,
+        /// Attribute word.
+        attributes: u64,
+    },
+    /// The guest did not exit within the run's time bound (KVM backend).
+    Timeout {
+        /// Guest instruction pointer when the vCPU was kicked out.
+        rip: u64,
+    },
+}

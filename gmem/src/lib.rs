@@ -1,0 +1,51 @@
+//! gmem: KVM's guest_memfd system in Rust.
+//!
+//! - [`hypervisor`]: the contract (`Hypervisor`, `Vm`, `GuestMemfd`, `Vcpu`).
+//! - [`soft`]: the software backend, the executable specification.
+//! - [`kvm`]: the same contract on the running kernel through `/dev/kvm`.
+//! - [`scenario`]: scenario files and the conformance runner.
+//!
+//! The rules cited in errors and tests (`SLOT-7`, `BIND-4`, ...) are those of
+//! the project's specification, `spec/guest_memfd.md` in the steering repo.
+
+#![deny(missing_docs)]
+
+pub mod error;
+pub mod host;
+pub mod hypervisor;
+pub mod kvm;
+pub mod scenario;
+pub mod soft;
+pub mod uapi;
+
+pub use error::{Errno, Error, Result};
+pub use hypervisor::{
+    GuestMemfd, GuestOp, HostFault, HostMemory, Hypervisor, MapKind, Stat, Vcpu, VcpuExit, Vm,
+};
+
+/// Which implementation of the contract to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The in-process software implementation.
+    Soft,
+    /// The running kernel through `/dev/kvm`.
+    Kvm,
+}
+
+impl Backend {
+    /// Opens the backend: `/dev/kvm` for [`Backend::Kvm`].
+    pub fn open(self) -> Result<Box<dyn Hypervisor>> {
+        match self {
+            Backend::Soft => Ok(Box::new(soft::SoftHypervisor::new()?)),
+            Backend::Kvm => Ok(Box::new(kvm::KvmHypervisor::open()?)),
+        }
+    }
+
+    /// `soft` or `kvm`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Soft => "soft",
+            Backend::Kvm => "kvm",
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Scenario files (`.gmem`): parser and runner.
