@@ -1,0 +1,208 @@
+//! fallocate on a guest_memfd (spec section 4, FALLOC-*): modes, alignment,
+//! allocation and punching holes (guest_memfd_test's fallocate tables).
+
+use crate::support::*;
+
+const KEEP: i32 = FALLOC_FL_KEEP_SIZE;
+const PUNCH: i32 = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE;
+/// The file size of these tests.
+const SIZE: u64 = 4 * P;
+
+fn file(hv: &dyn Hypervisor) -> (Box<dyn Vm>, Box<dyn GuestMemfd>) {
+    let vm = default_vm(hv);
+    let file = gmem(&*vm, SIZE, 0);
+    (vm, file)
+}
+
+/// A default VM with a guest_memfd-only slot over the whole file at `GPA`.
+fn guest_view(hv: &dyn Hypervisor) -> (Box<dyn Vm>, Box<dyn GuestMemfd>, Box<dyn Vcpu>) {
+    let vm = default_vm(hv);
+    let file = gmem(&*vm, SIZE, GUEST_MEMFD_FLAG_MMAP);
+    set_slot(&*vm, gmem_slot(0, GPA, SIZE, &*file, 0));
+    let cpu = vcpu(&*vm);
+    (vm, file, cpu)
+}
+
+/// FALLOC-1: mode 0 (allocate without KEEP_SIZE) is EOPNOTSUPP.
+pub fn allocate_without_keep_size_is_eopnotsupp(hv: &dyn Hypervisor) {
+    let (_vm, file) = file(hv);
+
+    let r = file.fallocate(0, 0, P as i64);
+
+    assert_refused(hv, r, Errno::EOPNOTSUPP, "FALLOC-1");
+}
+
+/// FALLOC-1: PUNCH_HOLE without KEEP_SIZE is EOPNOTSUPP.
+pub fn punch_hole_without_keep_size_is_eopnotsupp(hv: &dyn Hypervisor) {
+    let (_vm, file) = file(hv);
+
+    let r = file.fallocate(FALLOC_FL_PUNCH_HOLE, 0, P as i64);
+
+    assert_refused(hv, r, Errno::EOPNOTSUPP, "FALLOC-1");
+}
+
+/// FALLOC-1: modes other than allocate and punch hole are EOPNOTSUPP:
+/// ZERO_RANGE, COLLAPSE_RANGE, INSERT_RANGE, UNSHARE_RANGE, unknown bits.
+pub fn other_modes_are_eopnotsupp(hv: &dyn Hypervisor) {
+    let (_vm, file) = file(hv);
+    let modes = [
+        libc::FALLOC_FL_ZERO_RANGE | KEEP,
+        libc::FALLOC_FL_ZERO_RANGE,
+        libc::FALLOC_FL_COLLAPSE_RANGE,
+        libc::FALLOC_FL_INSERT_RANGE,
+        libc::FALLOC_FL_UNSHARE_RANGE | KEEP,
+        0x100 | KEEP,
+    ];
+
+    for mode in modes {
+        let r = file.fallocate(mode, 0, P as i64);
+
+        assert_refused(hv, r, Errno::EOPNOTSUPP, "FALLOC-1");
+    }
+}
+
+/// FALLOC-2: a negative offset is EINVAL, for allocate and punch.
+pub fn negative_offset_is_einval(hv: &dyn Hypervisor) {
+    let (_vm, file) = file(hv);
+
+    for mode in [KEEP, PUNCH] {
+        let r = file.fallocate(mode, -(P as i64), P as i64);
+
+        assert_refused(hv, r, Errno::EINVAL, "FALLOC-2");
+    }
+}
+
+/// FALLOC-2: len 0 or negative is EINVAL, for allocate and punch.
+pub fn zero_or_negative_len_is_einval(hv: &dyn Hypervisor) {
+    let (_vm, file) = file(hv);
+
+    for (mode, len) in [(KEEP, 0), (PUNCH, 0), (KEEP, -(P as i64)), (PUNCH, -1)] {
+        let r = file.fallocate(mode, 0, len);
+
+        assert_refused(hv, r, Errno::EINVAL, "FALLOC-2");
+    }
+}
+
+/// FALLOC-2: the punch-hole alignment table of guest_memfd_test: every
+/// unaligned (offset, len) is EINVAL.
+pub fn unaligned_punch_hole_is_einval(hv: &dyn Hypervisor) {
+    let (_vm, file) = file(hv);
+    let p = P as i64;
+    let cases = [
+        (0, 1),
+        (0, p - 1),
+        (0, p + 1),
+        (1, 1),
+        (1, p - 1),
+        (1, p),
+        (1, p + 1),
+        (p, 1),
+        (p, p - 1),
+        (p, p + 1),
+    ];
+
+    for (offset, len) in cases {
+        let r = file.fallocate(PUNCH, offset, len);
+
+        assert_refused(hv, r, Errno::EINVAL, "FALLOC-2");
+    }
+}
+
+/// FALLOC-2: an unaligned allocation is EINVAL.
+pub fn unaligned_allocate_is_einval(hv: &dyn Hypervisor) {
+    let (_vm, file) = file(hv);
+    let p = P as i64;
+
+    for (offset, len) in [(0, p - 1), (0, p + 1), (1, p), (p / 2, p)] {
+        let r = file.fallocate(KEEP, offset, len);
+
+        assert_refused(hv, r, Errno::EINVAL, "FALLOC-2");
+    }
+}
+
+/// FALLOC-3: allocating the whole file succeeds.
+pub fn allocating_the_whole_file_succeeds(hv: &dyn Hypervisor) {
+    let (_vm, file) = file(hv);
+
+    let r = file.fallocate(KEEP, 0, SIZE as i64);
+
+    ok(r, "allocate [0, size)");
+}
+
+/// FALLOC-3: an allocation at or past the end is EINVAL: files never grow.
+pub fn allocating_at_or_past_the_end_is_einval(hv: &dyn Hypervisor) {
+    let (_vm, file) = file(hv);
+    let (size, p) = (SIZE as i64, P as i64);
+
+    for (offset, len) in [(size, p), (size + p, p), (size - p, 2 * p), (0, size + p)] {
+        let r = file.fallocate(KEEP, offset, len);
+
+        assert_refused(hv, r, Errno::EINVAL, "FALLOC-3");
+    }
+}
+
+/// FALLOC-3: allocating keeps the contents of pages that existed.
+pub fn allocating_keeps_existing_contents(hv: &dyn Hypervisor) {
+    let (_vm, file, mut cpu) = guest_view(hv);
+    cpu.store_ok(GPA + P, 8, 0x0102_0304);
+
+    let r = file.fallocate(KEEP, 0, SIZE as i64);
+
+    ok(r, "allocate over a written page");
+    assert_eq!(cpu.load_ok(GPA + P, 8), 0x0102_0304);
+}
+
+/// FALLOC-3: newly allocated pages read as zero.
+pub fn newly_allocated_pages_read_zero(hv: &dyn Hypervisor) {
+    let (_vm, file, mut cpu) = guest_view(hv);
+
+    ok(file.fallocate(KEEP, 0, SIZE as i64), "allocate");
+
+    assert_eq!(cpu.load_ok(GPA + 3 * P + 8, 8), 0);
+}
+
+/// FALLOC-4: punching at and past the end succeeds: no size check.
+pub fn punching_at_and_past_the_end_succeeds(hv: &dyn Hypervisor) {
+    let (_vm, file) = file(hv);
+    let (size, p) = (SIZE as i64, P as i64);
+
+    for (offset, len) in [(size, p), (size + p, p), (size - p, 4 * p), (0, 1 << 40)] {
+        let r = file.fallocate(PUNCH, offset, len);
+
+        ok(r, &format!("punch offset {offset:#x} len {len:#x}"));
+    }
+}
+
+/// FALLOC-4: a punched page reads back zero on the next guest access.
+pub fn punched_page_reads_zero(hv: &dyn Hypervisor) {
+    let (_vm, file, mut cpu) = guest_view(hv);
+    cpu.store_ok(GPA + P, 8, u64::MAX);
+
+    ok(file.fallocate(PUNCH, P as i64, P as i64), "punch");
+
+    assert_eq!(cpu.load_ok(GPA + P, 8), 0);
+}
+
+/// FALLOC-4: punching leaves the pages around the hole alone.
+pub fn punching_spares_neighbouring_pages(hv: &dyn Hypervisor) {
+    let (_vm, file, mut cpu) = guest_view(hv);
+    for i in 0..4 {
+        cpu.store_ok(GPA + i * P, 8, 0x100 + i);
+    }
+
+    ok(file.fallocate(PUNCH, P as i64, 2 * P as i64), "punch");
+
+    let values: Vec<u64> = (0..4).map(|i| cpu.load_ok(GPA + i * P, 8)).collect();
+    assert_eq!(values, [0x100, 0, 0, 0x103]);
+}
+
+/// FALLOC-4, FALLOC-3: a punched hole can be refilled by allocating.
+pub fn refilling_a_punched_hole_succeeds(hv: &dyn Hypervisor) {
+    let (_vm, file) = file(hv);
+    ok(file.fallocate(KEEP, 0, SIZE as i64), "allocate");
+    ok(file.fallocate(PUNCH, 0, P as i64), "punch");
+
+    let r = file.fallocate(KEEP, 0, P as i64);
+
+    ok(r, "refill");
+}

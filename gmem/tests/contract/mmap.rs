@@ -1,0 +1,150 @@
+//! Host mappings of a guest_memfd (spec section 4, MMAP-*).
+
+use crate::support::*;
+
+/// A default VM and a file with `flags`, or `None` after a skip line.
+fn file(hv: &dyn Hypervisor, size: u64, flags: u64) -> Option<(Box<dyn Vm>, Box<dyn GuestMemfd>)> {
+    let vm = default_vm(hv);
+    if !has_gmem_flags(&*vm, flags) {
+        return None;
+    }
+    let file = gmem(&*vm, size, flags);
+    Some((vm, file))
+}
+
+#[track_caller]
+fn assert_sigbus(r: std::result::Result<(), HostFault>, hv: &dyn Hypervisor, rule: &str) {
+    match r {
+        Err(HostFault::Sigbus { rule: got, .. }) => {
+            if hv.name() == "soft" {
+                assert_eq!(got, rule);
+            }
+        }
+        other => panic!("expected SIGBUS ({rule}), got {other:?}"),
+    }
+}
+
+/// MMAP-1: mmap of a file without MMAP is ENODEV.
+pub fn mmap_without_the_mmap_flag_is_enodev(hv: &dyn Hypervisor) {
+    let vm = default_vm(hv);
+    let file = gmem(&*vm, P, 0);
+
+    let r = file.mmap(0, P, MapKind::Shared);
+
+    assert_refused(hv, r, Errno::ENODEV, "MMAP-1");
+}
+
+/// MMAP-2: a private (copy-on-write) mapping is EINVAL.
+pub fn private_mapping_is_einval(hv: &dyn Hypervisor) {
+    let Some((_vm, file)) = file(hv, P, GUEST_MEMFD_FLAG_MMAP) else {
+        return;
+    };
+
+    let r = file.mmap(0, P, MapKind::Private);
+
+    assert_refused(hv, r, Errno::EINVAL, "MMAP-2");
+}
+
+/// MMAP-3: a shared mapping may be longer than the file.
+pub fn mapping_longer_than_the_file_is_accepted(hv: &dyn Hypervisor) {
+    let Some((_vm, file)) = file(hv, P, GUEST_MEMFD_FLAG_MMAP) else {
+        return;
+    };
+
+    let r = file.mmap(0, 4 * P, MapKind::Shared);
+
+    assert_eq!(ok(r, "mmap 4 pages of a 1-page file").len(), 4 * P);
+}
+
+/// MMAP-3: touching a mapping past the end of the file is SIGBUS, while
+/// the part inside the file works (guest_memfd_test).
+pub fn touching_past_the_end_of_the_file_is_sigbus(hv: &dyn Hypervisor) {
+    let Some((_vm, file)) = file(hv, 2 * P, MMAP_SHARED) else {
+        return;
+    };
+    let mapping = ok(file.mmap(0, 4 * P, MapKind::Shared), "mmap");
+
+    let inside = mapping.write(P, &[1]);
+    let read_past = mapping.read(2 * P, &mut [0]);
+    let write_past = mapping.write(4 * P - 1, &[1]);
+
+    assert_eq!(inside, Ok(()));
+    assert_sigbus(read_past, hv, "MMAP-3");
+    assert_sigbus(write_past, hv, "MMAP-3");
+}
+
+/// MMAP-4: without INIT_SHARED the mapping succeeds but every touch is
+/// SIGBUS: the memory is private to the guest.
+pub fn touching_without_init_shared_is_sigbus(hv: &dyn Hypervisor) {
+    let Some((_vm, file)) = file(hv, 2 * P, GUEST_MEMFD_FLAG_MMAP) else {
+        return;
+    };
+    let mapping = ok(file.mmap(0, 2 * P, MapKind::Shared), "mmap");
+
+    let read = mapping.read(0, &mut [0]);
+    let write = mapping.write(P, &[1]);
+
+    assert_sigbus(read, hv, "MMAP-4");
+    assert_sigbus(write, hv, "MMAP-4");
+}
+
+/// MMAP-4: with INIT_SHARED the guest reads what the host wrote through
+/// the mapping (guest_memfd_test).
+pub fn guest_reads_what_the_host_wrote(hv: &dyn Hypervisor) {
+    let Some((vm, file)) = file(hv, 2 * P, MMAP_SHARED) else {
+        return;
+    };
+    set_slot(&*vm, gmem_slot(0, GPA, 2 * P, &*file, 0));
+    let mapping = ok(file.mmap(0, 2 * P, MapKind::Shared), "mmap");
+    let mut cpu = vcpu(&*vm);
+
+    host_write(&*mapping, P + 16, &0x1122_3344_5566_7788u64.to_le_bytes());
+
+    assert_eq!(cpu.load_ok(GPA + P + 16, 8), 0x1122_3344_5566_7788);
+}
+
+/// MMAP-4: with INIT_SHARED the host reads what the guest wrote.
+pub fn host_reads_what_the_guest_wrote(hv: &dyn Hypervisor) {
+    let Some((vm, file)) = file(hv, 2 * P, MMAP_SHARED) else {
+        return;
+    };
+    set_slot(&*vm, gmem_slot(0, GPA, 2 * P, &*file, 0));
+    let mapping = ok(file.mmap(0, 2 * P, MapKind::Shared), "mmap");
+    let mut cpu = vcpu(&*vm);
+
+    cpu.store_ok(GPA + 8, 4, 0xcafe_f00d);
+
+    assert_eq!(host_read(&*mapping, 8, 4), 0xcafe_f00du32.to_le_bytes());
+}
+
+/// MMAP-4: a mapping at a file offset sees the file from that offset.
+pub fn mapping_at_an_offset_sees_the_file_from_there(hv: &dyn Hypervisor) {
+    let Some((_vm, file)) = file(hv, 4 * P, MMAP_SHARED) else {
+        return;
+    };
+    let whole = ok(file.mmap(0, 4 * P, MapKind::Shared), "mmap whole");
+    let tail = ok(file.mmap(2 * P as i64, 2 * P, MapKind::Shared), "mmap tail");
+
+    host_write(&*whole, 2 * P + 5, &[0xee]);
+
+    assert_eq!(host_read(&*tail, 5, 1), [0xee]);
+}
+
+/// MMAP-5: a hole touched through the mapping reads zero: first touch
+/// allocates a zeroed page, and a punched page comes back zeroed.
+pub fn touched_hole_reads_zero(hv: &dyn Hypervisor) {
+    let Some((_vm, file)) = file(hv, 2 * P, MMAP_SHARED) else {
+        return;
+    };
+    let mapping = ok(file.mmap(0, 2 * P, MapKind::Shared), "mmap");
+    let fresh = host_read(&*mapping, P, 8);
+    host_write(&*mapping, 0, &[0xff; 8]);
+
+    ok(
+        file.fallocate(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, 0, P as i64),
+        "punch",
+    );
+
+    assert_eq!(fresh, [0; 8]);
+    assert_eq!(host_read(&*mapping, 0, 8), [0; 8]);
+}
