@@ -22,13 +22,13 @@ use rangemap::RangeMap;
 use super::host::{RegionKind, SoftHostMemory};
 use super::invalidate::InvalidateCause;
 use super::vm::VmInner;
-use crate::error::{Error, Result};
+use crate::error::{Errno, Error, Result};
 use crate::host::Mmap;
 use crate::hypervisor::{GuestMemfd, HostMemory, MapKind, Stat};
 use crate::refuse;
 use crate::uapi::{
     page_aligned, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, GUEST_MEMFD_FLAG_INIT_SHARED,
-    GUEST_MEMFD_FLAG_MMAP, PAGE_SHIFT, PAGE_SIZE,
+    GUEST_MEMFD_FLAG_MMAP, PAGE_SHIFT,
 };
 
 /// Which memslot a bound file range belongs to.
@@ -52,7 +52,12 @@ pub(crate) struct GmemInode {
     /// punch hole, bind, unbind and release: an access never sees a page
     /// that is being freed (INVAL-5).
     pub(crate) invalidate_lock: RwLock<Bindings>,
+    /// Mappings of the store through which guest accesses go, by window.
+    windows: Mutex<HashMap<u64, Arc<Mmap>>>,
 }
+
+/// Bytes of the page store one guest-access window maps.
+const WINDOW_SIZE: u64 = 2 << 20;
 
 impl GmemInode {
     pub(crate) fn init_shared(&self) -> bool {
@@ -64,8 +69,10 @@ impl GmemInode {
     }
 
     /// A guest access to page `index` at byte `offset` in it; the caller
-    /// holds the invalidate lock for reading. A hole is allocated (and so
-    /// zeroed) on first touch, reads included (FAULT-5).
+    /// holds the invalidate lock for reading. The access goes through a
+    /// window mapping of the page store: a hole is allocated, zeroed, on
+    /// first touch, reads included (FAULT-5), and an aligned access is one
+    /// load or store, as on hardware.
     pub(crate) fn guest_access(
         &self,
         index: u64,
@@ -74,33 +81,37 @@ impl GmemInode {
         write: bool,
     ) -> Result<()> {
         let pos = (index << PAGE_SHIFT) + offset;
-        let fd = self.store.as_raw_fd();
-        // SAFETY: plain syscalls on an fd we own with a buffer we borrow
-        // for the duration of the call.
-        let n = unsafe {
-            if write {
-                libc::pwrite(fd, buf.as_ptr().cast(), buf.len(), pos as i64)
-            } else {
-                if libc::fallocate(
-                    fd,
-                    FALLOC_FL_KEEP_SIZE,
-                    (index << PAGE_SHIFT) as i64,
-                    PAGE_SIZE as i64,
-                ) != 0
-                {
-                    return Err(Error::last_os_error(format_args!(
-                        "allocating guest_memfd page {index:#x}"
-                    )));
-                }
-                libc::pread(fd, buf.as_mut_ptr().cast(), buf.len(), pos as i64)
-            }
+        let window = self.window(pos / WINDOW_SIZE)?;
+        let at = pos % WINDOW_SIZE;
+        let done = if write {
+            window.write(at, buf)
+        } else {
+            window.read(at, buf)
         };
-        if n != buf.len() as isize {
-            return Err(Error::last_os_error(format_args!(
-                "guest access to guest_memfd page {index:#x}"
-            )));
+        done.map_err(|f| {
+            Error::new(
+                Errno::EFAULT,
+                "FAULT-3",
+                format!("guest access to page {index:#x}: {f}"),
+            )
+        })
+    }
+
+    /// The mapping of window `n` of the store, made on first use. Windows
+    /// stay until the inode goes; punch hole empties them as it empties
+    /// any mapping of the file.
+    fn window(&self, n: u64) -> Result<Arc<Mmap>> {
+        let mut windows = self.windows.lock();
+        if let Some(w) = windows.get(&n) {
+            return Ok(w.clone());
         }
-        Ok(())
+        let w = Arc::new(Mmap::shared(
+            self.store.as_fd(),
+            (n * WINDOW_SIZE) as i64,
+            WINDOW_SIZE,
+        )?);
+        windows.insert(n, w.clone());
+        Ok(w)
     }
 
     fn fallocate_store(&self, mode: i32, offset: i64, len: i64) -> Result<()> {
@@ -241,6 +252,7 @@ impl SoftGuestMemfd {
             flags,
             store,
             invalidate_lock: RwLock::new(RangeMap::new()),
+            windows: Mutex::default(),
         });
         let file = Arc::new(GmemFile {
             inode,

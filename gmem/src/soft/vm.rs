@@ -317,10 +317,10 @@ impl SoftVm {
                 mem.userspace_addr
             );
         }
-        if !mem
+        if mem
             .userspace_addr
             .checked_add(mem.memory_size)
-            .is_some_and(|end| end < TASK_SIZE_MAX)
+            .is_none_or(|end| end >= TASK_SIZE_MAX)
         {
             refuse!(
                 EINVAL,
