@@ -16,22 +16,22 @@ fn default_vm_with_ioctl(hv: &dyn Hypervisor) -> Option<Box<dyn Vm>> {
     has_attributes_ioctl(hv).then(|| default_vm(hv))
 }
 
-/// A private VM with a slot at `GPA` over a 4-page file (no MMAP) whose
+/// A private VM with slot 0 at `GPA` over a 4-page file (no MMAP) whose
 /// shared side is `mem`, and a vCPU.
-fn private_setup(
-    hv: &dyn Hypervisor,
-) -> Option<(
-    Box<dyn Vm>,
-    Box<dyn GuestMemfd>,
-    Box<dyn HostMemory>,
-    Box<dyn Vcpu>,
-)> {
+struct PrivateSetup {
+    vm: Box<dyn Vm>,
+    file: Box<dyn GuestMemfd>,
+    mem: Box<dyn HostMemory>,
+    cpu: Box<dyn Vcpu>,
+}
+
+fn private_setup(hv: &dyn Hypervisor) -> Option<PrivateSetup> {
     let vm = private_vm_with_attributes(hv)?;
     let file = gmem(&*vm, 4 * P, 0);
     let mem = host(hv, 4 * P);
     set_slot(&*vm, gmem_slot_with_host(0, GPA, 4 * P, &*file, 0, &*mem));
     let cpu = vcpu(&*vm);
-    Some((vm, file, mem, cpu))
+    Some(PrivateSetup { vm, file, mem, cpu })
 }
 
 /// ATTR-1: flags != 0 is EINVAL.
@@ -97,7 +97,7 @@ pub fn wrapping_range_is_einval(hv: &dyn Hypervisor) {
         return;
     };
 
-    let r = vm.set_memory_attributes(attrs(u64::MAX & !(P - 1), 2 * P, 0, 0));
+    let r = vm.set_memory_attributes(attrs(LAST_PAGE, 2 * P, 0, 0));
 
     assert_refused(hv, r, Errno::EINVAL, "ATTR-2");
 }
@@ -118,7 +118,13 @@ pub fn unaligned_address_or_size_is_einval(hv: &dyn Hypervisor) {
 /// ATTR-3, FAULT-1: every gfn starts shared: the guest reads the slot's
 /// userspace memory.
 pub fn every_gfn_starts_shared(hv: &dyn Hypervisor) {
-    let Some((_vm, _file, mem, mut cpu)) = private_setup(hv) else {
+    let Some(PrivateSetup {
+        vm: _vm,
+        file: _file,
+        mem,
+        mut cpu,
+    }) = private_setup(hv)
+    else {
         return;
     };
 
@@ -166,7 +172,13 @@ pub fn attributes_need_no_memslot(hv: &dyn Hypervisor) {
 
 /// ATTR-4: a request that changes nothing returns 0, and the memory stays.
 pub fn request_that_changes_nothing_succeeds(hv: &dyn Hypervisor) {
-    let Some((vm, _file, _mem, mut cpu)) = private_setup(hv) else {
+    let Some(PrivateSetup {
+        vm,
+        file: _file,
+        mem: _mem,
+        mut cpu,
+    }) = private_setup(hv)
+    else {
         return;
     };
     ok(set_attributes(&*vm, GPA, 2 * P, PRIVATE), "convert");
@@ -183,7 +195,13 @@ pub fn request_that_changes_nothing_succeeds(hv: &dyn Hypervisor) {
 /// ATTR-4: a change takes effect on the next access: the guest switches
 /// between the file and userspace memory as the attributes change.
 pub fn conversion_switches_the_backing_of_the_next_access(hv: &dyn Hypervisor) {
-    let Some((vm, _file, mem, mut cpu)) = private_setup(hv) else {
+    let Some(PrivateSetup {
+        vm,
+        file: _file,
+        mem,
+        mut cpu,
+    }) = private_setup(hv)
+    else {
         return;
     };
     host_write(&*mem, 0, &[0x11]);
@@ -200,7 +218,13 @@ pub fn conversion_switches_the_backing_of_the_next_access(hv: &dyn Hypervisor) {
 /// ATTR-5: converting never frees guest_memfd pages: private data survives
 /// a round trip through shared.
 pub fn conversion_round_trip_keeps_private_data(hv: &dyn Hypervisor) {
-    let Some((vm, _file, _mem, mut cpu)) = private_setup(hv) else {
+    let Some(PrivateSetup {
+        vm,
+        file: _file,
+        mem: _mem,
+        mut cpu,
+    }) = private_setup(hv)
+    else {
         return;
     };
     ok(set_attributes(&*vm, GPA, 4 * P, PRIVATE), "to private");
@@ -215,7 +239,13 @@ pub fn conversion_round_trip_keeps_private_data(hv: &dyn Hypervisor) {
 /// ATTR-5: freeing the private copy is the VMM's job: a punched private
 /// range reads back zero (private_mem_conversions_test).
 pub fn punched_private_range_reads_zero(hv: &dyn Hypervisor) {
-    let Some((vm, file, _mem, mut cpu)) = private_setup(hv) else {
+    let Some(PrivateSetup {
+        vm,
+        file,
+        mem: _mem,
+        mut cpu,
+    }) = private_setup(hv)
+    else {
         return;
     };
     ok(set_attributes(&*vm, GPA, 4 * P, PRIVATE), "to private");
@@ -294,7 +324,13 @@ pub fn conversion_table_of_the_selftest(hv: &dyn Hypervisor) {
 /// ATTR-4: odd pages of a private range converted back to shared: only
 /// those pages switch (private_mem_conversions_test).
 pub fn odd_pages_converted_back_to_shared(hv: &dyn Hypervisor) {
-    let Some((vm, _file, mem, mut cpu)) = private_setup(hv) else {
+    let Some(PrivateSetup {
+        vm,
+        file: _file,
+        mem,
+        mut cpu,
+    }) = private_setup(hv)
+    else {
         return;
     };
     ok(set_attributes(&*vm, GPA, 4 * P, PRIVATE), "to private");

@@ -86,7 +86,7 @@ pub fn size_not_a_page_multiple_is_einval(hv: &dyn Hypervisor) {
 pub fn negative_size_is_einval(hv: &dyn Hypervisor) {
     let vm = default_vm(hv);
 
-    for size in [1u64 << 63, u64::MAX & !(P - 1)] {
+    for size in [1u64 << 63, LAST_PAGE] {
         let r = vm.create_guest_memfd(create_args(size, 0));
 
         assert_refused(hv, r, Errno::EINVAL, "CREATE-2");

@@ -209,7 +209,7 @@ pub fn guest_memfd_offset_plus_size_wrapping_is_einval(hv: &dyn Hypervisor) {
     let vm = default_vm(hv);
     let file = gmem_fixture(&*vm);
 
-    let r = vm.set_user_memory_region2(gmem_slot(0, GPA, 2 * P, &*file, u64::MAX & !(P - 1)));
+    let r = vm.set_user_memory_region2(gmem_slot(0, GPA, 2 * P, &*file, LAST_PAGE));
 
     assert_refused(hv, r, Errno::EINVAL, "SLOT-7");
 }
@@ -258,7 +258,7 @@ pub fn second_address_space_takes_the_same_gfns(hv: &dyn Hypervisor) {
 pub fn guest_phys_addr_plus_size_wrapping_is_einval(hv: &dyn Hypervisor) {
     let vm = default_vm(hv);
 
-    let r = vm.set_user_memory_region2(plain_slot(0, u64::MAX & !(P - 1), 2 * P, 0));
+    let r = vm.set_user_memory_region2(plain_slot(0, LAST_PAGE, 2 * P, 0));
 
     assert_refused(hv, r, Errno::EINVAL, "SLOT-9");
 }

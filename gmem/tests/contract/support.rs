@@ -16,6 +16,8 @@ pub const P: u64 = PAGE_SIZE;
 /// Guest memory of the tests starts here: below the KVM backend's own guest
 /// setup at [0xE000_0000, 0xE040_0000).
 pub const GPA: u64 = 0x1000_0000;
+/// The address of the last page of the 64-bit space.
+pub const LAST_PAGE: u64 = !(P - 1);
 /// `KVM_MEMORY_ATTRIBUTE_PRIVATE`.
 pub const PRIVATE: u64 = KVM_MEMORY_ATTRIBUTE_PRIVATE as u64;
 /// `KVM_MEMORY_EXIT_FLAG_PRIVATE`.
