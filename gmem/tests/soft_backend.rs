@@ -1,0 +1,396 @@
+//! What only the software backend can show: the exact gfn ranges each
+//! invalidation covers (INVAL-1..4, seen through an invalidation observer),
+//! that guest_memfd pages are real memory (FALLOC-4, MMAP-5, FAULT-5,
+//! ATTR-5: `st_blocks` rises and falls), and that attributes are stored by
+//! range (ATTR-6). The contract tests (tests/contract) cover the same rules
+//! as the guest sees them, on every backend.
+
+use std::sync::{Arc, Mutex};
+
+use gmem::soft::{InvalidateCause, Invalidation, InvalidationObserver, SoftHypervisor, SoftVm};
+use gmem::uapi::*;
+use gmem::{GuestMemfd, GuestOp, Hypervisor, MapKind, Vcpu, VcpuExit, Vm};
+
+const P: u64 = PAGE_SIZE;
+const GPA: u64 = 0x1000_0000;
+const GFN: u64 = GPA >> PAGE_SHIFT;
+const PRIVATE: u64 = KVM_MEMORY_ATTRIBUTE_PRIVATE as u64;
+const PUNCH: i32 = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE;
+/// `st_blocks` of one page (512-byte blocks).
+const PAGE_BLOCKS: i64 = (P / 512) as i64;
+
+/// Records every invalidation of a VM.
+#[derive(Default)]
+struct Recorder(Mutex<Vec<Invalidation>>);
+
+impl InvalidationObserver for Recorder {
+    fn invalidate(&self, invalidation: &Invalidation) {
+        self.0.lock().unwrap().push(invalidation.clone());
+    }
+}
+
+impl Recorder {
+    /// Registers a new recorder on `vm`; it records while the Arc lives.
+    fn on(vm: &SoftVm) -> Arc<Recorder> {
+        let recorder = Arc::new(Recorder::default());
+        let observer: Arc<dyn InvalidationObserver> = recorder.clone();
+        vm.register_invalidation_observer(&observer);
+        recorder
+    }
+
+    /// What was recorded so far, emptying the record.
+    fn take(&self) -> Vec<Invalidation> {
+        std::mem::take(&mut self.0.lock().unwrap())
+    }
+}
+
+fn inv(slot: u16, gfns: std::ops::Range<u64>, cause: InvalidateCause) -> Invalidation {
+    Invalidation {
+        as_id: 0,
+        slot,
+        gfns,
+        cause,
+    }
+}
+
+fn hv() -> SoftHypervisor {
+    SoftHypervisor::new().unwrap()
+}
+
+fn gmem(vm: &SoftVm, size: u64, flags: u64) -> Box<dyn GuestMemfd> {
+    vm.create_guest_memfd(kvm_create_guest_memfd {
+        size,
+        flags,
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+fn gmem_slot(
+    slot: u32,
+    gpa: u64,
+    size: u64,
+    file: &dyn GuestMemfd,
+    offset: u64,
+) -> kvm_userspace_memory_region2 {
+    kvm_userspace_memory_region2 {
+        slot,
+        flags: KVM_MEM_GUEST_MEMFD,
+        guest_phys_addr: gpa,
+        memory_size: size,
+        guest_memfd_offset: offset,
+        guest_memfd: file.as_raw_fd() as u32,
+        ..Default::default()
+    }
+}
+
+fn set_attributes(vm: &SoftVm, gpa: u64, size: u64, attributes: u64) {
+    vm.set_memory_attributes(kvm_memory_attributes {
+        address: gpa,
+        size,
+        attributes,
+        flags: 0,
+    })
+    .unwrap();
+}
+
+fn blocks(file: &dyn GuestMemfd) -> i64 {
+    file.stat().unwrap().blocks
+}
+
+fn load(cpu: &mut Box<dyn Vcpu>, gpa: u64) -> VcpuExit {
+    cpu.run(GuestOp::Read { gpa, size: 8 }).unwrap()
+}
+
+/// Two slots on one 8-page file: slot 0 at `GPA` over pages [0, 4), slot 1
+/// at `GPA + 64P` over pages [4, 8).
+fn two_bindings(vm: &SoftVm) -> Box<dyn GuestMemfd> {
+    let file = gmem(vm, 8 * P, GUEST_MEMFD_FLAG_MMAP);
+    vm.set_user_memory_region2(gmem_slot(0, GPA, 4 * P, &*file, 0))
+        .unwrap();
+    vm.set_user_memory_region2(gmem_slot(1, GPA + 64 * P, 4 * P, &*file, 4 * P))
+        .unwrap();
+    file
+}
+
+/// INVAL-1: a punch invalidates, in each binding it overlaps, exactly the
+/// gfns of the punched pages.
+#[test]
+fn punch_hole_invalidates_the_punched_gfns_of_each_binding() {
+    let vm = hv().create_soft_vm(0).unwrap();
+    let file = two_bindings(&vm);
+    let recorder = Recorder::on(&vm);
+
+    file.fallocate(PUNCH, 2 * P as i64, 4 * P as i64).unwrap();
+
+    assert_eq!(
+        recorder.take(),
+        [
+            inv(0, GFN + 2..GFN + 4, InvalidateCause::PunchHole),
+            inv(1, GFN + 64..GFN + 66, InvalidateCause::PunchHole),
+        ]
+    );
+}
+
+/// INVAL-1: a punch of pages no slot binds invalidates nothing.
+#[test]
+fn punch_hole_of_unbound_pages_invalidates_nothing() {
+    let vm = hv().create_soft_vm(0).unwrap();
+    let file = gmem(&vm, 8 * P, 0);
+    vm.set_user_memory_region2(gmem_slot(0, GPA, 2 * P, &*file, 0))
+        .unwrap();
+    let recorder = Recorder::on(&vm);
+
+    file.fallocate(PUNCH, 4 * P as i64, 4 * P as i64).unwrap();
+
+    assert_eq!(recorder.take(), []);
+}
+
+/// INVAL-2, LIFE-5: releasing the file invalidates every binding over its
+/// whole range; the slots stay.
+#[test]
+fn release_invalidates_every_binding_over_its_whole_range() {
+    let vm = hv().create_soft_vm(0).unwrap();
+    let file = two_bindings(&vm);
+    let recorder = Recorder::on(&vm);
+
+    drop(file);
+
+    assert_eq!(
+        recorder.take(),
+        [
+            inv(0, GFN..GFN + 4, InvalidateCause::Release),
+            inv(1, GFN + 64..GFN + 68, InvalidateCause::Release),
+        ]
+    );
+    assert_eq!(vm.nr_memslots(0), 2);
+}
+
+/// INVAL-3: an attribute change invalidates each intersecting slot over
+/// the intersection only.
+#[test]
+fn attribute_change_invalidates_the_intersection_with_each_slot() {
+    let vm = hv().create_soft_vm(KVM_X86_SW_PROTECTED_VM as u64).unwrap();
+    let _file = two_bindings(&vm);
+    let recorder = Recorder::on(&vm);
+
+    set_attributes(&vm, GPA + 2 * P, 64 * P, PRIVATE);
+
+    assert_eq!(
+        recorder.take(),
+        [
+            inv(0, GFN + 2..GFN + 4, InvalidateCause::Attributes),
+            inv(1, GFN + 64..GFN + 66, InvalidateCause::Attributes),
+        ]
+    );
+}
+
+/// ATTR-4, INVAL-3: a request that changes nothing invalidates nothing.
+#[test]
+fn attribute_request_that_changes_nothing_invalidates_nothing() {
+    let vm = hv().create_soft_vm(KVM_X86_SW_PROTECTED_VM as u64).unwrap();
+    let _file = two_bindings(&vm);
+    set_attributes(&vm, GPA, 4 * P, PRIVATE);
+    let recorder = Recorder::on(&vm);
+    let seq = vm.invalidate_seq();
+
+    set_attributes(&vm, GPA, 4 * P, PRIVATE);
+    set_attributes(&vm, GPA + 64 * P, 4 * P, 0);
+
+    assert_eq!(recorder.take(), []);
+    assert_eq!(vm.invalidate_seq(), seq);
+}
+
+/// ATTR-4, INVAL-3: attributes changed where no slot is invalidate nothing,
+/// yet are stored (ATTR-3).
+#[test]
+fn attribute_change_without_a_slot_invalidates_nothing_but_is_stored() {
+    let vm = hv().create_soft_vm(KVM_X86_SW_PROTECTED_VM as u64).unwrap();
+    let recorder = Recorder::on(&vm);
+
+    set_attributes(&vm, GPA, 4 * P, PRIVATE);
+
+    assert_eq!(recorder.take(), []);
+    assert_eq!(vm.memory_attributes(GFN + 3), PRIVATE);
+    assert_eq!(vm.memory_attributes(GFN + 4), 0);
+}
+
+/// INVAL-4: deleting a slot invalidates the whole slot.
+#[test]
+fn slot_delete_invalidates_the_whole_slot() {
+    let vm = hv().create_soft_vm(0).unwrap();
+    let _file = two_bindings(&vm);
+    let recorder = Recorder::on(&vm);
+
+    vm.set_user_memory_region2(kvm_userspace_memory_region2 {
+        slot: 1,
+        ..Default::default()
+    })
+    .unwrap();
+
+    assert_eq!(
+        recorder.take(),
+        [inv(1, GFN + 64..GFN + 68, InvalidateCause::SlotDelete)]
+    );
+}
+
+/// INVAL-4, SLOT-11: moving an ordinary slot invalidates its old range.
+#[test]
+fn slot_move_invalidates_the_old_range() {
+    let hv = hv();
+    let vm = hv.create_soft_vm(0).unwrap();
+    let mem = hv.host_memory(2 * P).unwrap();
+    let region = kvm_userspace_memory_region2 {
+        slot: 3,
+        guest_phys_addr: GPA,
+        memory_size: 2 * P,
+        userspace_addr: mem.addr(),
+        ..Default::default()
+    };
+    vm.set_user_memory_region2(region).unwrap();
+    let recorder = Recorder::on(&vm);
+
+    vm.set_user_memory_region2(kvm_userspace_memory_region2 {
+        guest_phys_addr: GPA + 16 * P,
+        ..region
+    })
+    .unwrap();
+
+    assert_eq!(
+        recorder.take(),
+        [inv(3, GFN..GFN + 2, InvalidateCause::SlotMove)]
+    );
+}
+
+/// INVAL-5: every invalidation moves `mmu_invalidate_seq`, so a translation
+/// cached before it is known stale.
+#[test]
+fn every_invalidation_moves_the_sequence() {
+    let vm = hv().create_soft_vm(0).unwrap();
+    let file = two_bindings(&vm);
+    let before = vm.invalidate_seq();
+
+    file.fallocate(PUNCH, 0, 8 * P as i64).unwrap();
+
+    assert_eq!(vm.invalidate_seq(), before + 2);
+}
+
+/// FALLOC-3, FALLOC-4: allocating commits real memory, punching returns it
+/// to the host.
+#[test]
+fn allocate_commits_memory_and_punch_returns_it() {
+    let vm = hv().create_soft_vm(0).unwrap();
+    let file = gmem(&vm, 16 * P, 0);
+    assert_eq!(blocks(&*file), 0);
+
+    file.fallocate(FALLOC_FL_KEEP_SIZE, 0, 16 * P as i64)
+        .unwrap();
+    let allocated = blocks(&*file);
+    file.fallocate(PUNCH, 0, 16 * P as i64).unwrap();
+
+    assert_eq!(allocated, 16 * PAGE_BLOCKS);
+    assert_eq!(blocks(&*file), 0);
+}
+
+/// CREATE-2: a huge file commits no memory at creation.
+#[test]
+fn huge_file_commits_no_memory() {
+    let vm = hv().create_soft_vm(0).unwrap();
+
+    let file = gmem(&vm, 1 << 62, 0);
+
+    assert_eq!(blocks(&*file), 0);
+}
+
+/// MMAP-5, FALLOC-4: a host touch allocates one page; a punch frees it.
+#[test]
+fn host_touch_allocates_a_page_and_punch_frees_it() {
+    let vm = hv().create_soft_vm(0).unwrap();
+    let file = gmem(
+        &vm,
+        4 * P,
+        GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
+    );
+    let mapping = file.mmap(0, 4 * P, MapKind::Shared).unwrap();
+
+    mapping.write(P + 1, &[1]).unwrap();
+    let touched = blocks(&*file);
+    file.fallocate(PUNCH, P as i64, P as i64).unwrap();
+
+    assert_eq!(touched, PAGE_BLOCKS);
+    assert_eq!(blocks(&*file), 0);
+}
+
+/// FAULT-5: a guest touch of a hole allocates it, reads included.
+#[test]
+fn guest_read_of_a_hole_allocates_it() {
+    let vm = hv().create_soft_vm(0).unwrap();
+    let file = gmem(&vm, 4 * P, GUEST_MEMFD_FLAG_MMAP);
+    vm.set_user_memory_region2(gmem_slot(0, GPA, 4 * P, &*file, 0))
+        .unwrap();
+    let mut cpu = vm.create_vcpu(0).unwrap();
+
+    let exit = load(&mut cpu, GPA + 2 * P);
+
+    assert_eq!(exit, VcpuExit::Done(0));
+    assert_eq!(blocks(&*file), PAGE_BLOCKS);
+}
+
+/// ATTR-5: conversions neither allocate nor free guest_memfd pages.
+#[test]
+fn conversions_neither_allocate_nor_free() {
+    let vm = hv().create_soft_vm(KVM_X86_SW_PROTECTED_VM as u64).unwrap();
+    let file = gmem(&vm, 4 * P, 0);
+    vm.set_user_memory_region2(gmem_slot(0, GPA, 4 * P, &*file, 0))
+        .unwrap();
+    set_attributes(&vm, GPA, P, PRIVATE);
+    let mut cpu = vm.create_vcpu(0).unwrap();
+    assert_eq!(load(&mut cpu, GPA), VcpuExit::Done(0));
+    let before = blocks(&*file);
+
+    set_attributes(&vm, GPA, 4 * P, 0);
+    set_attributes(&vm, GPA, 4 * P, PRIVATE);
+
+    assert_eq!(before, PAGE_BLOCKS);
+    assert_eq!(blocks(&*file), before);
+}
+
+/// ATTR-6: converting 1 TiB stores one range, not 2^28 entries.
+#[test]
+fn converting_one_tib_stores_one_range() {
+    let vm = hv().create_soft_vm(KVM_X86_SW_PROTECTED_VM as u64).unwrap();
+
+    set_attributes(&vm, 1 << 40, 1 << 40, PRIVATE);
+
+    assert_eq!(vm.attribute_ranges(), 1);
+    assert_eq!(
+        vm.memory_attributes((1 << 40 >> PAGE_SHIFT) + 12345),
+        PRIVATE
+    );
+}
+
+/// ATTR-6: converting one page of a 1 TiB range back leaves two ranges
+/// around the hole; converting it again merges them.
+#[test]
+fn converting_a_page_back_splits_and_merges_ranges() {
+    let vm = hv().create_soft_vm(KVM_X86_SW_PROTECTED_VM as u64).unwrap();
+    set_attributes(&vm, 1 << 40, 1 << 40, PRIVATE);
+
+    set_attributes(&vm, (1 << 40) + (1 << 39), P, 0);
+    let split = vm.attribute_ranges();
+    set_attributes(&vm, (1 << 40) + (1 << 39), P, PRIVATE);
+
+    assert_eq!(split, 2);
+    assert_eq!(vm.attribute_ranges(), 1);
+}
+
+/// ATTR-6: converting 1 TiB back to shared leaves no range at all.
+#[test]
+fn converting_everything_back_to_shared_leaves_no_range() {
+    let vm = hv().create_soft_vm(KVM_X86_SW_PROTECTED_VM as u64).unwrap();
+    set_attributes(&vm, 1 << 40, 1 << 40, PRIVATE);
+
+    set_attributes(&vm, 0, 1 << 41, 0);
+
+    assert_eq!(vm.attribute_ranges(), 0);
+}
