@@ -334,3 +334,61 @@ pub fn map_gpa_range_without_the_exit_cap_returns_enosys(hv: &dyn Hypervisor) {
 
     assert_eq!(exit, VcpuExit::Done(KVM_ENOSYS.wrapping_neg()));
 }
+
+/// The guest's MAP_GPA_RANGE: how the run ended.
+fn map_gpa_range(cpu: &mut dyn Vcpu, gpa: u64, npages: u64) -> VcpuExit {
+    ok(
+        cpu.run(GuestOp::MapGpaRange {
+            gpa,
+            npages,
+            attributes: KVM_MAP_GPA_RANGE_ENCRYPTED,
+        }),
+        "KVM_RUN",
+    )
+}
+
+/// FAULT-8: without KVM_CAP_EXIT_HYPERCALL the guest gets -KVM_ENOSYS
+/// before its arguments are looked at (x86.c checks the exit mask first).
+pub fn map_gpa_range_without_the_exit_cap_ignores_bad_arguments(hv: &dyn Hypervisor) {
+    let Some(vm) = private_vm_with_attributes(hv) else {
+        return;
+    };
+
+    let mut cpu = vcpu(&*vm);
+
+    let unaligned = map_gpa_range(&mut *cpu, GPA + 1, 1);
+
+    assert_eq!(unaligned, VcpuExit::Done(KVM_ENOSYS.wrapping_neg()));
+}
+
+/// FAULT-8: with the exit enabled, an unaligned gpa, zero pages or a gfn
+/// range that wraps return -KVM_EINVAL to the guest without an exit.
+pub fn map_gpa_range_with_bad_arguments_returns_einval(hv: &dyn Hypervisor) {
+    const KVM_EINVAL: u64 = 22;
+    let Some(vm) = hypercall_vm(hv) else { return };
+    let mut cpu = vcpu(&*vm);
+
+    for (gpa, npages) in [(GPA + 1, 1), (GPA, 0), (GPA, u64::MAX)] {
+        let exit = map_gpa_range(&mut *cpu, gpa, npages);
+
+        assert_eq!(
+            exit,
+            VcpuExit::Done(KVM_EINVAL.wrapping_neg()),
+            "gpa {gpa:#x} npages {npages}"
+        );
+    }
+}
+
+/// FAULT-8: any range that does not wrap exits, however large: KVM leaves
+/// judging it to the VMM.
+pub fn map_gpa_range_of_a_huge_range_exits(hv: &dyn Hypervisor) {
+    let Some(vm) = hypercall_vm(hv) else { return };
+    let mut cpu = vcpu(&*vm);
+
+    let exit = map_gpa_range(&mut *cpu, 0, 1 << 60);
+
+    assert!(
+        matches!(exit, VcpuExit::Hypercall { npages, .. } if npages == 1 << 60),
+        "{exit:?}"
+    );
+}

@@ -239,6 +239,9 @@ contract_tests! {
         map_gpa_range_exits_as_a_hypercall,
         vmm_converts_what_map_gpa_range_asked_for,
         map_gpa_range_without_the_exit_cap_returns_enosys,
+        map_gpa_range_without_the_exit_cap_ignores_bad_arguments,
+        map_gpa_range_with_bad_arguments_returns_einval,
+        map_gpa_range_of_a_huge_range_exits,
     ],
     invalidation: [
         punch_hole_invalidates_guest_and_host_views,
