@@ -146,22 +146,23 @@ impl Vcpu for SoftVcpu {
                 npages,
                 attributes,
             } => {
-                // KVM validates the range first: -KVM_EINVAL to the guest.
-                let end = (gpa >> PAGE_SHIFT).checked_add(npages);
-                if gpa & (PAGE_SIZE - 1) != 0 || npages == 0 || end.is_none_or(|e| e > 1 << 52) {
+                // FAULT-8: exits only when userspace asked for it; x86.c
+                // checks that before the arguments.
+                let mask = self.vm.exit_hypercall.load(Ordering::Acquire);
+                if mask & (1 << KVM_HC_MAP_GPA_RANGE) == 0 {
+                    return Ok(VcpuExit::Done(KVM_ENOSYS.wrapping_neg()));
+                }
+                // Then the range: unaligned, empty or wrapping is
+                // -KVM_EINVAL to the guest; any other range exits.
+                let wraps = (gpa >> PAGE_SHIFT).checked_add(npages).is_none();
+                if gpa & (PAGE_SIZE - 1) != 0 || npages == 0 || wraps {
                     return Ok(VcpuExit::Done(KVM_EINVAL.wrapping_neg()));
                 }
-                // FAULT-8: exits only when userspace asked for it.
-                let mask = self.vm.exit_hypercall.load(Ordering::Acquire);
-                Ok(if mask & (1 << KVM_HC_MAP_GPA_RANGE) != 0 {
-                    VcpuExit::Hypercall {
-                        nr: KVM_HC_MAP_GPA_RANGE,
-                        gpa,
-                        npages,
-                        attributes,
-                    }
-                } else {
-                    VcpuExit::Done(KVM_ENOSYS.wrapping_neg())
+                Ok(VcpuExit::Hypercall {
+                    nr: KVM_HC_MAP_GPA_RANGE,
+                    gpa,
+                    npages,
+                    attributes,
                 })
             }
         }
