@@ -191,3 +191,12 @@ pub fn create_guest_memfd_on_the_system_fd_is_refused(hv: &dyn Hypervisor) {
         "errno {errno:?}"
     );
 }
+
+/// CREATE-1, CREATE-2: flags are checked before the size.
+pub fn bad_flags_are_refused_before_a_bad_size(hv: &dyn Hypervisor) {
+    let vm = default_vm(hv);
+
+    let r = vm.create_guest_memfd(create_args(1, 1 << 63));
+
+    assert_refused(hv, r, Errno::EINVAL, "CREATE-1");
+}

@@ -392,3 +392,35 @@ pub fn map_gpa_range_of_a_huge_range_exits(hv: &dyn Hypervisor) {
         "{exit:?}"
     );
 }
+
+/// FAULT-2, FAULT-3: a store to a READONLY slot exits as MMIO and leaves
+/// the memory alone; loads are served from userspace_addr.
+pub fn store_to_a_readonly_slot_exits_as_mmio(hv: &dyn Hypervisor) {
+    let vm = default_vm(hv);
+    let mem = host(hv, P);
+    host_write(&*mem, 0, &[0x12]);
+    set_slot(
+        &*vm,
+        kvm_userspace_memory_region2 {
+            flags: KVM_MEM_READONLY,
+            ..plain_slot(0, GPA, P, mem.addr())
+        },
+    );
+    let mut cpu = vcpu(&*vm);
+
+    let exit = cpu.store(GPA, 1, 0x34);
+
+    assert!(
+        matches!(
+            exit,
+            VcpuExit::Mmio {
+                gpa: GPA,
+                is_write: true,
+                len: 1,
+                data: 0x34
+            }
+        ),
+        "{exit:?}"
+    );
+    assert_eq!(cpu.load_ok(GPA, 1), 0x12);
+}

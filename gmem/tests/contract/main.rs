@@ -104,6 +104,7 @@ contract_tests! {
         fd_is_read_write_and_large_file,
         fd_is_not_close_on_exec,
         create_guest_memfd_on_the_system_fd_is_refused,
+        bad_flags_are_refused_before_a_bad_size,
     ],
     memslots: [
         guest_memfd_flag_on_v1_is_einval,
@@ -144,6 +145,9 @@ contract_tests! {
         adjacent_slots_are_accepted,
         moving_a_slot_onto_a_neighbour_is_eexist,
         guest_memfd_slot_over_either_half_of_a_neighbour_is_eexist,
+        delete_with_an_unknown_flag_bit_is_einval,
+        slot_checks_come_before_the_fd_is_looked_at,
+        gfn_overlap_comes_before_the_fd_is_looked_at,
     ],
     bind: [
         bind_to_fd_minus_one_is_ebadf,
@@ -201,6 +205,8 @@ contract_tests! {
         host_reads_what_the_guest_wrote,
         mapping_at_an_offset_sees_the_file_from_there,
         touched_hole_reads_zero,
+        private_mapping_of_a_file_without_mmap_is_enodev,
+        mapping_wholly_past_the_end_is_sigbus_on_touch,
     ],
     attributes: [
         nonzero_flags_are_einval,
@@ -242,6 +248,7 @@ contract_tests! {
         map_gpa_range_without_the_exit_cap_ignores_bad_arguments,
         map_gpa_range_with_bad_arguments_returns_einval,
         map_gpa_range_of_a_huge_range_exits,
+        store_to_a_readonly_slot_exits_as_mmio,
     ],
     invalidation: [
         punch_hole_invalidates_guest_and_host_views,

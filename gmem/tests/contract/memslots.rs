@@ -481,3 +481,47 @@ pub fn guest_memfd_slot_over_either_half_of_a_neighbour_is_eexist(hv: &dyn Hyper
     assert_refused(hv, lower, Errno::EEXIST, "SLOT-12");
     assert_refused(hv, upper, Errno::EEXIST, "SLOT-12");
 }
+
+/// SLOT-3, SLOT-10: a delete is checked like any other request: an unknown
+/// flag bit is EINVAL even on an existing slot.
+pub fn delete_with_an_unknown_flag_bit_is_einval(hv: &dyn Hypervisor) {
+    let vm = default_vm(hv);
+    let mem = host(hv, P);
+    set_slot(&*vm, plain_slot(0, GPA, P, mem.addr()));
+
+    let r = vm.set_user_memory_region2(kvm_userspace_memory_region2 {
+        flags: 1 << 3,
+        ..delete_slot(0)
+    });
+
+    assert_refused(hv, r, Errno::EINVAL, "SLOT-3");
+}
+
+/// SLOT-5, BIND-1: the slot checks come before the file is looked at: a bad
+/// gpa with fd -1 is the gpa's EINVAL, not EBADF.
+pub fn slot_checks_come_before_the_fd_is_looked_at(hv: &dyn Hypervisor) {
+    let vm = default_vm(hv);
+    let file = gmem_fixture(&*vm);
+
+    let r = vm.set_user_memory_region2(kvm_userspace_memory_region2 {
+        guest_memfd: u32::MAX,
+        ..gmem_slot(0, GPA + 1, P, &*file, 0)
+    });
+
+    assert_refused(hv, r, Errno::EINVAL, "SLOT-5");
+}
+
+/// SLOT-12, BIND-1: the gfn overlap is checked before the file: fd -1 over
+/// a neighbour is EEXIST.
+pub fn gfn_overlap_comes_before_the_fd_is_looked_at(hv: &dyn Hypervisor) {
+    let vm = default_vm(hv);
+    let file = gmem_fixture(&*vm);
+    set_slot(&*vm, gmem_slot(0, GPA, P, &*file, 0));
+
+    let r = vm.set_user_memory_region2(kvm_userspace_memory_region2 {
+        guest_memfd: u32::MAX,
+        ..gmem_slot(1, GPA, P, &*file, P)
+    });
+
+    assert_refused(hv, r, Errno::EEXIST, "SLOT-12");
+}

@@ -148,3 +148,30 @@ pub fn touched_hole_reads_zero(hv: &dyn Hypervisor) {
     assert_eq!(fresh, [0; 8]);
     assert_eq!(host_read(&*mapping, 0, 8), [0; 8]);
 }
+
+/// MMAP-1, MMAP-2: a private mapping of a file without MMAP is ENODEV: the
+/// MMAP check comes first.
+pub fn private_mapping_of_a_file_without_mmap_is_enodev(hv: &dyn Hypervisor) {
+    let vm = default_vm(hv);
+    let file = gmem(&*vm, P, 0);
+
+    let r = file.mmap(0, P, MapKind::Private);
+
+    assert_refused(hv, r, Errno::ENODEV, "MMAP-1");
+}
+
+/// MMAP-3: a mapping that starts at or past the end of the file is
+/// accepted, and every touch of it is SIGBUS.
+pub fn mapping_wholly_past_the_end_is_sigbus_on_touch(hv: &dyn Hypervisor) {
+    let Some((_vm, file)) = file(hv, P, MMAP_SHARED) else {
+        return;
+    };
+    let mapping = ok(
+        file.mmap(2 * P as i64, P, MapKind::Shared),
+        "mmap past the end",
+    );
+
+    let read = mapping.read(0, &mut [0]);
+
+    assert_sigbus(read, hv, "MMAP-3");
+}
