@@ -1,26 +1,101 @@
 //! The KVM backend: the contract on the running kernel through `/dev/kvm`.
+//!
+//! - [`KvmHypervisor`] (this file): `/dev/kvm`, capabilities, VM creation.
+//! - [`vm`]: VMs and memslots, with the backend's reserved setup region.
+//! - [`guest_memfd`]: guest_memfd files; every file operation is the real
+//!   system call.
+//! - [`memory`]: host memory and mappings this backend hands out, and the
+//!   check that keeps memslots from exposing other process memory.
+//! - [`vcpu`] and [`guest`]: a 64-bit vCPU running generated guest code,
+//!   every run bounded in time.
+//! - `sigbus`: host accesses that the kernel answers with SIGBUS become
+//!   typed errors.
+//!
+//! Every kernel refusal comes back as an [`Error`] with the kernel's errno,
+//! rule `kernel`, and a message naming the ioctl and its values.
+
+pub mod guest;
+pub mod guest_memfd;
+pub mod memory;
+mod sigbus;
+pub mod vcpu;
+pub mod vm;
 
 use std::os::fd::{AsRawFd, RawFd};
 
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::Kvm;
+
 use crate::error::{Errno, Error, Result};
 use crate::hypervisor::{HostMemory, Hypervisor, Vm};
+use crate::kvm::memory::AnonMemory;
+use crate::kvm::vm::{describe_type, KvmVm};
 
-/// `/dev/kvm`.
+/// `/dev/kvm` (closed on drop), with what every VM's vCPUs need from it.
 #[derive(Debug)]
 pub struct KvmHypervisor {
-    _private: (),
+    kvm: Kvm,
+    cpuid: CpuId,
+    /// The guest's MAXPHYADDR (CPUID 0x8000_0008 as KVM supports it).
+    phys_bits: u8,
+    /// AMD-style CPU: the hypercall instruction is `vmmcall`, not `vmcall`.
+    amd: bool,
 }
 
 impl KvmHypervisor {
-    /// Opens `/dev/kvm`.
+    /// Opens `/dev/kvm`. Fails with the kernel's errno (ENOENT when there is
+    /// no such device, EACCES without permission, ...).
     pub fn open() -> Result<Self> {
-        Err(Error::new(Errno::ENODEV, "kernel", "the KVM backend is not available yet"))
+        let kvm = Kvm::new().map_err(|e| {
+            Error::new(
+                Errno::from_raw(e.errno()),
+                "kernel",
+                format!("open /dev/kvm failed: {e}"),
+            )
+        })?;
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| {
+                Error::new(
+                    Errno::from_raw(e.errno()),
+                    "kernel",
+                    "KVM_GET_SUPPORTED_CPUID refused",
+                )
+            })?;
+        let phys_bits = cpuid
+            .as_slice()
+            .iter()
+            .find(|e| e.function == 0x8000_0008)
+            .map_or(36, |e| (e.eax & 0xff) as u8);
+        Ok(KvmHypervisor {
+            kvm,
+            cpuid,
+            phys_bits,
+            amd: host_is_amd(),
+        })
     }
+
+    /// The guest's physical address width in bits (MAXPHYADDR).
+    pub fn phys_bits(&self) -> u8 {
+        self.phys_bits
+    }
+}
+
+/// Is the host CPU AMD-style (AMD or Hygon)? Decides the hypercall
+/// instruction of the guest code.
+fn host_is_amd() -> bool {
+    // CPUID leaf 0 exists on every x86-64 CPU.
+    let r = core::arch::x86_64::__cpuid(0);
+    let mut vendor = [0u8; 12];
+    vendor[..4].copy_from_slice(&r.ebx.to_le_bytes());
+    vendor[4..8].copy_from_slice(&r.edx.to_le_bytes());
+    vendor[8..].copy_from_slice(&r.ecx.to_le_bytes());
+    &vendor == b"AuthenticAMD" || &vendor == b"HygonGenuine"
 }
 
 impl AsRawFd for KvmHypervisor {
     fn as_raw_fd(&self) -> RawFd {
-        -1
+        self.kvm.as_raw_fd()
     }
 }
 
@@ -28,13 +103,29 @@ impl Hypervisor for KvmHypervisor {
     fn name(&self) -> &'static str {
         "kvm"
     }
-    fn check_extension(&self, _cap: u32) -> i64 {
-        0
+
+    fn check_extension(&self, cap: u32) -> i64 {
+        i64::from(self.kvm.check_extension_raw(cap.into()).max(0))
     }
-    fn create_vm(&self, _vm_type: u64) -> Result<Box<dyn Vm>> {
-        Err(Error::new(Errno::ENODEV, "kernel", "the KVM backend is not available yet"))
+
+    fn create_vm(&self, vm_type: u64) -> Result<Box<dyn Vm>> {
+        let fd = self.kvm.create_vm_with_type(vm_type).map_err(|e| {
+            Error::new(
+                Errno::from_raw(e.errno()),
+                "kernel",
+                format!("KVM_CREATE_VM {} refused", describe_type(vm_type)),
+            )
+        })?;
+        Ok(Box::new(KvmVm::new(
+            fd,
+            vm_type,
+            self.cpuid.clone(),
+            self.phys_bits,
+            self.amd,
+        )?))
     }
-    fn host_memory(&self, _size: u64) -> Result<Box<dyn HostMemory>> {
-        Err(Error::new(Errno::ENODEV, "kernel", "the KVM backend is not available yet"))
+
+    fn host_memory(&self, size: u64) -> Result<Box<dyn HostMemory>> {
+        Ok(Box::new(AnonMemory::new(size)?))
     }
 }
