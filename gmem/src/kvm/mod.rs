@@ -46,11 +46,16 @@ impl KvmHypervisor {
     /// Opens `/dev/kvm`. Fails with the kernel's errno (ENOENT when there is
     /// no such device, EACCES without permission, ...).
     pub fn open() -> Result<Self> {
-        let kvm = Kvm::new().map_err(|e| {
+        Self::open_path(c"/dev/kvm")
+    }
+
+    /// Opens the KVM device at `path` (normally `/dev/kvm`).
+    pub fn open_path(path: &std::ffi::CStr) -> Result<Self> {
+        let kvm = Kvm::new_with_path(path).map_err(|e| {
             Error::new(
                 Errno::from_raw(e.errno()),
                 "kernel",
-                format!("open /dev/kvm failed: {e}"),
+                format!("open {} failed: {e}", path.to_string_lossy()),
             )
         })?;
         let cpuid = kvm
