@@ -137,13 +137,27 @@ impl Code {
             .map_err(asm_err)?;
         let ip = |l: &CodeLabel| res.label_ip(l).map_err(asm_err);
         let code = Code {
-            reads: [ip(&labels[0])?, ip(&labels[1])?, ip(&labels[2])?, ip(&labels[3])?],
-            writes: [ip(&labels[4])?, ip(&labels[5])?, ip(&labels[6])?, ip(&labels[7])?],
+            reads: [
+                ip(&labels[0])?,
+                ip(&labels[1])?,
+                ip(&labels[2])?,
+                ip(&labels[3])?,
+            ],
+            writes: [
+                ip(&labels[4])?,
+                ip(&labels[5])?,
+                ip(&labels[6])?,
+                ip(&labels[7])?,
+            ],
             hypercall: ip(&labels[8])?,
             bytes: res.inner.code_buffer,
         };
         if code.bytes.len() as u64 > PAGE_SIZE {
-            return Err(Error::new(Errno::E2BIG, "KVM-SETUP", "guest code exceeds its page"));
+            return Err(Error::new(
+                Errno::E2BIG,
+                "KVM-SETUP",
+                "guest code exceeds its page",
+            ));
         }
         Ok(code)
     }
@@ -191,7 +205,11 @@ impl Tables<'_> {
             return Ok((e & ADDR_MASK) - SETUP_GPA);
         }
         if self.next >= self.pml4 + TABLES_SIZE {
-            return Err(Error::new(Errno::ENOMEM, "KVM-SETUP", "page-table pool exhausted"));
+            return Err(Error::new(
+                Errno::ENOMEM,
+                "KVM-SETUP",
+                "page-table pool exhausted",
+            ));
         }
         let t = self.next;
         self.next += PAGE_SIZE;
@@ -204,7 +222,11 @@ impl Tables<'_> {
         let idx = |shift: u32| ((gpa >> shift) & 511) * 8;
         let pdpt = self.table(self.pml4 + idx(39))?;
         let pd = self.table(pdpt + idx(30))?;
-        put(self.setup, pd + idx(21), (gpa & !(HUGE - 1)) | PTE_P | PTE_RW | PTE_PS);
+        put(
+            self.setup,
+            pd + idx(21),
+            (gpa & !(HUGE - 1)) | PTE_P | PTE_RW | PTE_PS,
+        );
         Ok(())
     }
 }

@@ -81,7 +81,12 @@ impl GuestMemfd for KvmGuestMemfd {
             MapKind::Shared => {
                 let map = Mmap::shared(self.fd.as_fd(), offset, len).map_err(what)?;
                 let file_offset = u64::try_from(offset).unwrap_or(0);
-                Ok(Box::new(GmemMapping::new(map, file_offset, self.size, self.flags)))
+                Ok(Box::new(GmemMapping::new(
+                    map,
+                    file_offset,
+                    self.size,
+                    self.flags,
+                )))
             }
             MapKind::Private => {
                 // The kernel refuses MAP_PRIVATE (MMAP-2); ask it anyway so
@@ -149,7 +154,12 @@ impl GuestMemfd for KvmGuestMemfd {
     fn pread(&self, buf: &mut [u8], offset: i64) -> Result<usize> {
         // SAFETY: pread writes at most buf.len() bytes into buf.
         let ret = unsafe {
-            libc::pread(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), offset)
+            libc::pread(
+                self.fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                offset,
+            )
         };
         self.check(
             ret,

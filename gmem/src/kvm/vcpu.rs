@@ -241,9 +241,7 @@ impl KvmVcpu {
             Ok(KvmExit::MemoryFault { flags, gpa, size }) => Ok(Raw::MemoryFault(flags, gpa, size)),
             Ok(KvmExit::Intr) => Ok(Raw::Interrupted),
             Ok(other) => Ok(Raw::Other(format!("{other:?}"))),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                Ok(Raw::Interrupted)
-            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(Raw::Interrupted),
             Err(e) => Err(kernel(
                 e,
                 format_args!("KVM_RUN vcpu={} (exit reason {})", self.id, {
@@ -273,7 +271,11 @@ impl KvmVcpu {
 }
 
 fn kernel(e: kvm_ioctls::Error, what: std::fmt::Arguments<'_>) -> Error {
-    Error::new(Errno::from_raw(e.errno()), "kernel", format!("{what} refused"))
+    Error::new(
+        Errno::from_raw(e.errno()),
+        "kernel",
+        format!("{what} refused"),
+    )
 }
 
 impl Vcpu for KvmVcpu {
@@ -331,7 +333,10 @@ impl Vcpu for KvmVcpu {
                     return Err(Error::new(
                         Errno::EIO,
                         "kernel",
-                        format!("vcpu={}: unexpected port I/O to {port:#x} at rip {rip:#x}", self.id),
+                        format!(
+                            "vcpu={}: unexpected port I/O to {port:#x} at rip {rip:#x}",
+                            self.id
+                        ),
                     ));
                 }
                 Raw::Mmio(gpa, is_write, len, data) => {

@@ -35,7 +35,11 @@ pub struct KvmVm {
 }
 
 fn kernel(e: kvm_ioctls::Error, what: std::fmt::Arguments<'_>) -> Error {
-    Error::new(Errno::from_raw(e.errno()), "kernel", format!("{what} refused"))
+    Error::new(
+        Errno::from_raw(e.errno()),
+        "kernel",
+        format!("{what} refused"),
+    )
 }
 
 fn reserved_range() -> String {
@@ -68,7 +72,10 @@ impl KvmVm {
         unsafe { fd.set_user_memory_region(region) }.map_err(|e| {
             kernel(
                 e,
-                format_args!("KVM_SET_USER_MEMORY_REGION for the setup region ({})", reserved_range()),
+                format_args!(
+                    "KVM_SET_USER_MEMORY_REGION for the setup region ({})",
+                    reserved_range()
+                ),
             )
         })?;
         // Let KVM_HC_MAP_GPA_RANGE exit to the VMM where the kernel can.
@@ -125,7 +132,11 @@ impl KvmVm {
                 ),
             );
         }
-        Error::new(Errno::from_raw(e.errno()), "kernel", format!("{what} refused"))
+        Error::new(
+            Errno::from_raw(e.errno()),
+            "kernel",
+            format!("{what} refused"),
+        )
     }
 }
 
