@@ -739,3 +739,91 @@ fn no_fd_leaks_on_any_path_life_8() {
     // Assert
     assert_eq!(open_fds(), before);
 }
+
+/// Is any byte of `[addr, addr + len)` mapped in this process?
+fn mapped(addr: u64, len: u64) -> bool {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .any(|l| {
+            let r = l.split_whitespace().next().unwrap();
+            let (a, b) = r.split_once('-').unwrap();
+            let (a, b) = (
+                u64::from_str_radix(a, 16).unwrap(),
+                u64::from_str_radix(b, 16).unwrap(),
+            );
+            a < addr + len && addr < b
+        })
+}
+
+#[test]
+fn memory_dropped_under_a_live_slot_stays_reserved_until_the_slot_goes_gmem_safety() {
+    let Some((_l, h)) = kvm("memory_dropped_under_a_live_slot_stays_reserved") else {
+        return;
+    };
+    // Arrange: a slot on host memory; the memory is dropped first.
+    let vm = h.create_vm(0).unwrap();
+    let mem = h.host_memory(0x2000).unwrap();
+    let addr = mem.addr();
+    vm.set_user_memory_region2(plain_slot(1, 0x10_0000, 0x2000, addr))
+        .unwrap();
+    mem.write(0, &[0x99]).unwrap();
+    let mut cpu = vm.create_vcpu(0).unwrap();
+    // Act
+    drop(mem);
+    let still_reserved = mapped(addr, 0x2000);
+    let read = cpu
+        .run(GuestOp::Read {
+            gpa: 0x10_0000,
+            size: 1,
+        })
+        .unwrap();
+    vm.set_user_memory_region2(plain_slot(1, 0x10_0000, 0, 0))
+        .unwrap();
+    let after_delete = mapped(addr, 0x2000);
+    // Assert: the guest no longer sees the old pages; the addresses were not
+    // free for reuse while the slot lived, and are once it is gone.
+    assert!(still_reserved);
+    assert_ne!(read, VcpuExit::Done(0x99), "{read:?}");
+    assert!(!after_delete);
+}
+
+#[test]
+fn an_unmapped_userspace_range_is_reserved_while_its_slot_lives_gmem_safety() {
+    let Some((_l, h)) = kvm("an_unmapped_userspace_range_is_reserved_while_its_slot_lives") else {
+        return;
+    };
+    // Arrange
+    let vm = h.create_vm(0).unwrap();
+    let addr = 0x6000_0000_0000u64;
+    assert!(!mapped(addr, 0x4000));
+    // Act
+    vm.set_user_memory_region(kvm_userspace_memory_region {
+        slot: 1,
+        flags: 0,
+        guest_phys_addr: 0x10_0000,
+        memory_size: 0x4000,
+        userspace_addr: addr,
+    })
+    .unwrap();
+    let reserved = mapped(addr, 0x4000);
+    let mut cpu = vm.create_vcpu(0).unwrap();
+    let read = cpu
+        .run(GuestOp::Read {
+            gpa: 0x10_0000,
+            size: 1,
+        })
+        .unwrap();
+    drop(vm);
+    let kept_by_vcpu = mapped(addr, 0x4000);
+    drop(cpu);
+    // Assert
+    assert!(reserved);
+    eprintln!("guest read through a slot on unmapped userspace memory: {read:x?}");
+    assert!(
+        matches!(read, VcpuExit::Mmio { .. } | VcpuExit::MemoryFault { .. }),
+        "{read:?}"
+    );
+    assert!(kept_by_vcpu, "a vCPU can still run the guest");
+    assert!(!mapped(addr, 0x4000));
+}

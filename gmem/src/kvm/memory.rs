@@ -1,24 +1,33 @@
-//! Host memory handed out by the KVM backend, and the check that keeps
+//! Host memory handed out by the KVM backend, and the rules that keep
 //! memslots from pointing the guest at memory Rust owns.
 //!
-//! `Vm::set_user_memory_region*` are safe functions, yet the kernel will let
-//! the guest read and write whatever `userspace_addr` points at. To keep them
-//! sound, a slot's userspace range must be made of
+//! `Vm::set_user_memory_region*` are safe functions, yet the kernel lets the
+//! guest read and write whatever `userspace_addr` points at, for as long as
+//! the slot lives. To keep them sound, a slot's userspace range must be
 //!
 //! - address 0 (no userspace memory), or
-//! - memory this backend handed out and still holds ([`AnonMemory`],
-//!   [`GmemMapping`]: they register themselves here while they live), or
-//! - addresses not mapped in this process at all (`/proc/self/maps`): the
-//!   guest then gets EFAULT from `KVM_RUN` rather than anybody's memory.
+//! - inside one mapping this backend handed out ([`AnonMemory`],
+//!   [`GmemMapping`]: they register themselves here), or
+//! - entirely unmapped in this process (`/proc/self/maps`); the backend then
+//!   reserves the range with an inaccessible (`PROT_NONE`) mapping so that
+//!   nothing else can be mapped there while the slot lives. A guest access
+//!   finds no memory there, exactly as if it were unmapped.
 //!
-//! Anything else (the heap, a stack, the binary, another library's mapping)
-//! is refused with EFAULT (rule `gmem-safety`). Known limits, as with any VMM:
-//! a slot outlives the mapping it was created on, and an address range that
-//! was unmapped at check time may be mapped by someone else later; the user
-//! must delete slots before dropping their memory.
+//! Anything else (the heap, a stack, the binary, another library's mapping,
+//! a range straddling ours and something else) is refused with EFAULT (rule
+//! `gmem-safety`). Requests the kernel refuses anyway (address or size not
+//! page aligned, wrapping) reach the kernel unchecked, so its errno is seen.
+//!
+//! Each accepted slot holds a [`Pin`] on its range until the slot is deleted
+//! or the VM and all its vCPUs are gone. When the owner drops a pinned
+//! mapping, the pages are replaced in place (`MAP_FIXED`, atomically) with an
+//! inaccessible anonymous mapping: the file it mapped is released as the user
+//! asked, but the addresses stay reserved until the last pin goes, so the
+//! guest can never reach memory that was reused for something else.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::mem::ManuallyDrop;
+use std::sync::{Mutex, MutexGuard};
 
 use crate::error::{Errno, Error, Result};
 use crate::host::Mmap;
@@ -26,21 +35,70 @@ use crate::hypervisor::{HostFault, HostMemory};
 use crate::kvm::sigbus;
 use crate::uapi::{GUEST_MEMFD_FLAG_INIT_SHARED, PAGE_SIZE};
 
-/// Live mappings handed out by this backend: start -> end.
-static HANDED_OUT: Mutex<BTreeMap<u64, u64>> = Mutex::new(BTreeMap::new());
-
-fn handed_out() -> std::sync::MutexGuard<'static, BTreeMap<u64, u64>> {
-    HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner())
+/// An address range the backend answers for.
+#[derive(Debug)]
+struct Region {
+    end: u64,
+    /// A handle ([`Registered`]) still owns the mapping.
+    held: bool,
+    /// Memslots whose userspace range lies in it.
+    pins: usize,
 }
 
-/// An [`Mmap`] registered as "handed out" for as long as it lives.
+/// Every region, by start address. Regions never overlap.
+static REGIONS: Mutex<BTreeMap<u64, Region>> = Mutex::new(BTreeMap::new());
+
+fn regions() -> MutexGuard<'static, BTreeMap<u64, Region>> {
+    REGIONS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Maps `[addr, addr + len)` inaccessible. With `replace`, atomically over
+/// what is there (`MAP_FIXED`); without, only if nothing is there
+/// (`MAP_FIXED_NOREPLACE`). Returns the errno on failure.
+fn map_inaccessible(addr: u64, len: u64, replace: bool) -> std::result::Result<(), Errno> {
+    let fixed = if replace {
+        libc::MAP_FIXED
+    } else {
+        libc::MAP_FIXED_NOREPLACE
+    };
+    // SAFETY: the range is either a mapping the caller owns and gives up
+    // (replace), or unmapped (NOREPLACE refuses anything else): no memory
+    // Rust uses is touched.
+    let p = unsafe {
+        libc::mmap(
+            addr as *mut libc::c_void,
+            len as usize,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | fixed,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(Errno::last());
+    }
+    if p as u64 != addr {
+        // A kernel without MAP_FIXED_NOREPLACE placed it elsewhere.
+        // SAFETY: unmaps the mapping just created, which nobody uses.
+        unsafe { libc::munmap(p, len as usize) };
+        return Err(Errno::EEXIST);
+    }
+    Ok(())
+}
+
+/// An [`Mmap`] registered as handed out for as long as it lives.
 #[derive(Debug)]
-pub(crate) struct Registered(Mmap);
+pub(crate) struct Registered(ManuallyDrop<Mmap>);
 
 impl Registered {
     pub(crate) fn new(map: Mmap) -> Self {
-        handed_out().insert(map.addr(), map.addr() + map.len());
-        Registered(map)
+        let region = Region {
+            end: map.addr() + map.len(),
+            held: true,
+            pins: 0,
+        };
+        regions().insert(map.addr(), region);
+        Registered(ManuallyDrop::new(map))
     }
 }
 
@@ -53,9 +111,46 @@ impl std::ops::Deref for Registered {
 
 impl Drop for Registered {
     fn drop(&mut self) {
-        // Unregistered before the munmap (the field drops after this body):
-        // in between, the range is mapped but not ours, hence refused.
-        handed_out().remove(&self.0.addr());
+        let (addr, len) = (self.0.addr(), self.0.len());
+        let mut all = regions();
+        let pinned = all.get(&addr).is_some_and(|r| r.pins > 0);
+        if !pinned {
+            all.remove(&addr);
+            // SAFETY: dropped exactly once, here; nothing else refers to it.
+            unsafe { ManuallyDrop::drop(&mut self.0) };
+            return;
+        }
+        // A memslot still points here: give the pages up but keep the
+        // addresses (see the module comment). If even that fails, keep the
+        // mapping itself: a leak, never a dangling slot.
+        let _ = map_inaccessible(addr, len, true);
+        if let Some(r) = all.get_mut(&addr) {
+            r.held = false;
+        }
+    }
+}
+
+/// A memslot's hold on the region its userspace range lies in. Dropping it
+/// lets the region go once its owner has dropped it too.
+#[derive(Debug)]
+pub(crate) struct Pin {
+    start: u64,
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        let mut all = regions();
+        let Some(r) = all.get_mut(&self.start) else {
+            return;
+        };
+        r.pins -= 1;
+        if r.pins == 0 && !r.held {
+            let len = r.end - self.start;
+            all.remove(&self.start);
+            // SAFETY: the region is an inaccessible placeholder (a dropped
+            // mapping or a reservation) that only this registry knows.
+            unsafe { libc::munmap(self.start as *mut libc::c_void, len as usize) };
+        }
     }
 }
 
@@ -81,42 +176,56 @@ fn process_mappings() -> Result<Vec<(u64, u64)>> {
     Ok(out)
 }
 
-/// Refuses a memslot whose userspace range `[addr, addr + size)` covers
-/// memory of this process that this backend did not hand out (see the
-/// module comment). Requests the kernel refuses anyway (unaligned, wrapping,
-/// empty) are let through so that the kernel's errno is observed.
-pub(crate) fn check_userspace_range(what: &str, addr: u64, size: u64) -> Result<()> {
+/// Checks a memslot's userspace range `[addr, addr + size)` against the
+/// rules of the module comment and pins it. `None`: nothing to pin (address
+/// 0, a delete, or a request the kernel refuses by itself).
+pub(crate) fn pin_userspace_range(what: &str, addr: u64, size: u64) -> Result<Option<Pin>> {
     if addr == 0 || size == 0 || addr % PAGE_SIZE != 0 || size % PAGE_SIZE != 0 {
-        return Ok(());
+        return Ok(None);
     }
     let Some(end) = addr.checked_add(size) else {
-        return Ok(());
+        return Ok(None);
     };
-    let ours = handed_out();
-    for (m_start, m_end) in process_mappings()? {
-        let (lo, hi) = (m_start.max(addr), m_end.min(end));
-        if lo >= hi {
-            continue;
-        }
-        // [lo, hi) is mapped in this process: it must lie in one mapping we
-        // handed out (ours never overlap each other).
-        let covered = ours
-            .range(..=lo)
-            .next_back()
-            .is_some_and(|(_, &o_end)| hi <= o_end);
-        if !covered {
-            return Err(Error::new(
-                Errno::EFAULT,
-                "gmem-safety",
-                format!(
-                    "{what}: userspace_addr range [{addr:#x}, {end:#x}) covers process memory \
-                     [{lo:#x}, {hi:#x}) that is not host memory or a mapping handed out by the \
-                     KVM backend; the guest would write into it"
-                ),
-            ));
+    let refuse = |why: String| {
+        Error::new(
+            Errno::EFAULT,
+            "gmem-safety",
+            format!(
+                "{what}: userspace_addr range [{addr:#x}, {end:#x}) {why}; the guest would                  read and write it"
+            ),
+        )
+    };
+    let mut all = regions();
+    // Inside one region of ours?
+    if let Some((&start, r)) = all.range_mut(..=addr).next_back() {
+        if end <= r.end {
+            r.pins += 1;
+            return Ok(Some(Pin { start }));
         }
     }
-    Ok(())
+    // Otherwise it must be entirely unmapped: reserve it.
+    for (m_start, m_end) in process_mappings()? {
+        let (lo, hi) = (m_start.max(addr), m_end.min(end));
+        if lo < hi {
+            return Err(refuse(format!(
+                "covers process memory [{lo:#x}, {hi:#x}) that is not one host memory or                  mapping handed out by the KVM backend"
+            )));
+        }
+    }
+    match map_inaccessible(addr, size, false) {
+        Ok(()) => {
+            let region = Region {
+                end,
+                held: false,
+                pins: 1,
+            };
+            all.insert(addr, region);
+            Ok(Some(Pin { start: addr }))
+        }
+        Err(Errno::EEXIST) => Err(refuse("was mapped by someone else meanwhile".into())),
+        // Not a user range at all (past TASK_SIZE): the kernel refuses it.
+        Err(_) => Ok(None),
+    }
 }
 
 /// The VMM's anonymous memory ([`crate::hypervisor::Hypervisor::host_memory`]).

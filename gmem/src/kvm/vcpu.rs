@@ -21,6 +21,7 @@ use crate::error::{Errno, Error, Result};
 use crate::host::Mmap;
 use crate::hypervisor::{GuestOp, Vcpu, VcpuExit};
 use crate::kvm::guest::{self, DONE_PORT, SETUP_GPA, SETUP_SIZE};
+use crate::kvm::vm::SlotPins;
 
 /// How long one [`Vcpu::run`] lets the guest run before it reports
 /// [`VcpuExit::Timeout`].
@@ -93,6 +94,9 @@ impl Drop for KickTimer {
 #[derive(Debug)]
 pub struct KvmVcpu {
     fd: VcpuFd,
+    /// The VM's memslot pins: this vCPU can run the guest, so the slots'
+    /// userspace ranges stay pinned while it lives (dropped after the fd).
+    _pins: SlotPins,
     id: u64,
     /// Index of this vCPU's page tables in the setup region.
     tables: u64,
@@ -121,6 +125,7 @@ enum Raw {
 impl KvmVcpu {
     pub(crate) fn new(
         fd: VcpuFd,
+        pins: SlotPins,
         id: u64,
         tables: u64,
         setup: Arc<Mmap>,
@@ -167,6 +172,7 @@ impl KvmVcpu {
         sregs.cr3 = guest::cr3(tables);
         Ok(KvmVcpu {
             fd,
+            _pins: pins,
             id,
             tables,
             setup,

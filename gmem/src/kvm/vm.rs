@@ -1,8 +1,9 @@
 //! A VM of the running kernel, with the backend's private setup region.
 
+use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{kvm_enable_cap, CpuId};
 use kvm_ioctls::VmFd;
@@ -12,12 +13,17 @@ use crate::host::Mmap;
 use crate::hypervisor::{GuestMemfd, Vcpu, Vm};
 use crate::kvm::guest::{self, MAX_VCPUS, SETUP_GPA, SETUP_SIZE, SETUP_SLOT};
 use crate::kvm::guest_memfd::KvmGuestMemfd;
-use crate::kvm::memory::check_userspace_range;
+use crate::kvm::memory::{pin_userspace_range, Pin};
 use crate::kvm::vcpu::{EntryPoints, KvmVcpu};
 use crate::uapi::{
     kvm_create_guest_memfd, kvm_memory_attributes, kvm_userspace_memory_region,
     kvm_userspace_memory_region2, vm_type_name, KVM_CAP_EXIT_HYPERCALL, KVM_HC_MAP_GPA_RANGE,
 };
+
+/// The userspace ranges of a VM's memslots, pinned (see
+/// [`crate::kvm::memory`]) by slot (address-space id << 16 | slot id) until
+/// the slot is deleted, or the VM and all its vCPUs are gone.
+pub(crate) type SlotPins = Arc<Mutex<HashMap<u32, Pin>>>;
 
 /// A VM fd (closed on drop) and the backend's setup region, bound to
 /// memslot [`SETUP_SLOT`] at [`SETUP_GPA`] from creation on, so that no user
@@ -25,6 +31,9 @@ use crate::uapi::{
 #[derive(Debug)]
 pub struct KvmVm {
     fd: VmFd,
+    /// Dropped after the fd: the guest can run only while the VM fd or one
+    /// of its vCPUs (which hold their own clone) is open.
+    pins: SlotPins,
     vm_type: u64,
     /// Page tables, GDT and code: the guest sees them at SETUP_GPA.
     setup: Arc<Mmap>,
@@ -91,6 +100,7 @@ impl KvmVm {
         }
         Ok(KvmVm {
             fd,
+            pins: SlotPins::default(),
             vm_type,
             setup,
             code: EntryPoints(code),
@@ -98,6 +108,32 @@ impl KvmVm {
             phys_bits,
             next_tables: AtomicU64::new(0),
         })
+    }
+
+    /// Runs a memslot ioctl with the slot's userspace range checked and
+    /// pinned (see [`crate::kvm::memory`]); the pin lives as long as the
+    /// kernel keeps the slot.
+    fn set_slot(
+        &self,
+        what: String,
+        slot: u32,
+        gpa: u64,
+        size: u64,
+        addr: u64,
+        ioctl: impl FnOnce() -> std::result::Result<(), kvm_ioctls::Error>,
+    ) -> Result<()> {
+        self.check_reserved_slot(&what, slot)?;
+        let mut pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
+        let pin = pin_userspace_range(&what, addr, size)?;
+        ioctl().map_err(|e| self.slot_error(e, what, gpa, size))?;
+        if size == 0 {
+            pins.remove(&slot);
+        } else if let Some(pin) = pin {
+            // A change of an existing slot keeps its range (the kernel
+            // refuses a new one): the first pin stays, this one goes.
+            pins.entry(slot).or_insert(pin);
+        }
+        Ok(())
     }
 
     /// Refuses requests on the setup slot; they would unmap the vCPUs'
@@ -188,13 +224,13 @@ impl Vm for KvmVm {
              userspace_addr={:#x}",
             r.slot, r.guest_phys_addr, r.memory_size, r.flags, r.userspace_addr
         );
-        self.check_reserved_slot(&what, r.slot)?;
-        check_userspace_range(&what, r.userspace_addr, r.memory_size)?;
-        // SAFETY: userspace_addr is 0, unmapped, or memory this backend
-        // handed out (checked above; see kvm::memory): the guest cannot reach
-        // memory Rust owns through this slot.
-        unsafe { self.fd.set_user_memory_region(r) }
-            .map_err(|e| self.slot_error(e, what, r.guest_phys_addr, r.memory_size))
+        let (slot, gpa, size, addr) = (r.slot, r.guest_phys_addr, r.memory_size, r.userspace_addr);
+        self.set_slot(what, slot, gpa, size, addr, || {
+            // SAFETY: the userspace range is 0, or pinned memory this backend
+            // handed out or reserved (set_slot; see kvm::memory): the guest
+            // cannot reach memory Rust owns through this slot.
+            unsafe { self.fd.set_user_memory_region(r) }
+        })
     }
 
     fn set_user_memory_region2(&self, r: kvm_userspace_memory_region2) -> Result<()> {
@@ -209,12 +245,12 @@ impl Vm for KvmVm {
             r.guest_memfd as i32,
             r.guest_memfd_offset
         );
-        self.check_reserved_slot(&what, r.slot)?;
-        check_userspace_range(&what, r.userspace_addr, r.memory_size)?;
-        // SAFETY: as in set_user_memory_region. The guest_memfd field is a
-        // plain number to the kernel, which looks it up and checks it itself.
-        unsafe { self.fd.set_user_memory_region2(r) }
-            .map_err(|e| self.slot_error(e, what, r.guest_phys_addr, r.memory_size))
+        let (slot, gpa, size, addr) = (r.slot, r.guest_phys_addr, r.memory_size, r.userspace_addr);
+        self.set_slot(what, slot, gpa, size, addr, || {
+            // SAFETY: as in set_user_memory_region. The guest_memfd field is
+            // a plain number to the kernel, which looks it up and checks it.
+            unsafe { self.fd.set_user_memory_region2(r) }
+        })
     }
 
     fn set_memory_attributes(&self, a: kvm_memory_attributes) -> Result<()> {
@@ -247,6 +283,7 @@ impl Vm for KvmVm {
             .map_err(|e| kernel(e, format_args!("KVM_SET_CPUID2 vcpu={id}")))?;
         Ok(Box::new(KvmVcpu::new(
             fd,
+            Arc::clone(&self.pins),
             id,
             tables,
             Arc::clone(&self.setup),
