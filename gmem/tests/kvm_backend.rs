@@ -301,6 +301,39 @@ fn departure_a_guest_memfd_only_slot_is_served_from_userspace_addr_fault_3() {
 }
 
 #[test]
+fn an_access_across_a_2_mib_boundary_reaches_both_pages() {
+    let Some((_l, h)) = kvm("an_access_across_a_2_mib_boundary_reaches_both_pages") else {
+        return;
+    };
+    // Arrange: one slot over [2 MiB - 4 KiB, 2 MiB + 4 KiB).
+    let vm = h.create_vm(0).unwrap();
+    let mem = h.host_memory(0x2000).unwrap();
+    vm.set_user_memory_region2(plain_slot(0, 0x1f_f000, 0x2000, mem.addr()))
+        .unwrap();
+    let mut cpu = vm.create_vcpu(0).unwrap();
+    // Act
+    let w = cpu
+        .run(GuestOp::Write {
+            gpa: 0x1f_fffc,
+            size: 8,
+            value: 0x0102_0304_0506_0708,
+        })
+        .unwrap();
+    let r = cpu
+        .run(GuestOp::Read {
+            gpa: 0x1f_fffc,
+            size: 8,
+        })
+        .unwrap();
+    // Assert
+    assert_eq!(w, VcpuExit::Done(0));
+    assert_eq!(r, VcpuExit::Done(0x0102_0304_0506_0708));
+    let mut b = [0u8; 8];
+    mem.read(0xffc, &mut b).unwrap();
+    assert_eq!(u64::from_le_bytes(b), 0x0102_0304_0506_0708);
+}
+
+#[test]
 fn an_access_without_a_slot_exits_as_mmio_fault_2() {
     let Some((_l, h)) = kvm("an_access_without_a_slot_exits_as_mmio_fault_2") else {
         return;
@@ -826,4 +859,145 @@ fn an_unmapped_userspace_range_is_reserved_while_its_slot_lives_gmem_safety() {
     );
     assert!(kept_by_vcpu, "a vCPU can still run the guest");
     assert!(!mapped(addr, 0x4000));
+}
+
+#[test]
+fn a_guest_memfd_outlives_its_vm_handle_life_6() {
+    let Some((_l, h)) = kvm("a_guest_memfd_outlives_its_vm_handle_life_6") else {
+        return;
+    };
+    // Arrange
+    let vm = h.create_vm(0).unwrap();
+    let mut cpu = vm.create_vcpu(0).unwrap();
+    cpu.run(GuestOp::Read {
+        gpa: 0x1000,
+        size: 1,
+    })
+    .unwrap();
+    let g = vm
+        .create_guest_memfd(gmem_args(0x4000, MMAP_SHARED))
+        .unwrap();
+    // Act
+    drop(cpu);
+    drop(vm);
+    let alloc = g.fallocate(FALLOC_FL_KEEP_SIZE, 0, 0x4000);
+    let punch = g.fallocate(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, 0x1000, 0x1000);
+    let m = g.mmap(0, 0x4000, MapKind::Shared).unwrap();
+    // Assert
+    assert_eq!(alloc, Ok(()));
+    assert_eq!(punch, Ok(()));
+    assert_eq!(m.write(0x1000, &[1]), Ok(()));
+}
+
+#[test]
+fn a_guest_memfd_is_read_write_and_inherited_across_exec_create_5() {
+    let Some((_l, h)) = kvm("a_guest_memfd_is_read_write_and_inherited_across_exec_create_5")
+    else {
+        return;
+    };
+    // Arrange
+    let vm = h.create_vm(0).unwrap();
+    let g = vm.create_guest_memfd(gmem_args(0x1000, 0)).unwrap();
+    // Act
+    // SAFETY: fcntl queries on an fd we hold.
+    let (fl, fd) = unsafe {
+        (
+            libc::fcntl(g.as_raw_fd(), libc::F_GETFL),
+            libc::fcntl(g.as_raw_fd(), libc::F_GETFD),
+        )
+    };
+    // Assert
+    assert_eq!(fl & libc::O_ACCMODE, libc::O_RDWR);
+    const KERNEL_O_LARGEFILE: i32 = 0o100000; // libc says 0 on x86-64
+    assert_ne!(fl & KERNEL_O_LARGEFILE, 0);
+    assert_eq!(fd & libc::FD_CLOEXEC, 0);
+}
+
+#[test]
+fn a_vcpu_runs_and_is_bounded_on_any_thread() {
+    let Some((_l, h)) = kvm("a_vcpu_runs_and_is_bounded_on_any_thread") else {
+        return;
+    };
+    // Arrange: the vCPU is created here and run on another thread.
+    let vm = h.create_vm(0).unwrap();
+    let mem = h.host_memory(0x1000).unwrap();
+    vm.set_user_memory_region2(plain_slot(0, 0, 0x1000, mem.addr()))
+        .unwrap();
+    mem.write(0, &[0x42]).unwrap();
+    let mut cpu = vm.create_vcpu(0).unwrap();
+    // Act
+    let (read, hypercall, elapsed) = std::thread::spawn(move || {
+        let start = Instant::now();
+        let hc = cpu
+            .run(GuestOp::MapGpaRange {
+                gpa: 0,
+                npages: 1,
+                attributes: 0,
+            })
+            .unwrap();
+        let elapsed = start.elapsed();
+        (
+            cpu.run(GuestOp::Read { gpa: 0, size: 1 }).unwrap(),
+            hc,
+            elapsed,
+        )
+    })
+    .join()
+    .unwrap();
+    // Assert
+    assert_eq!(read, VcpuExit::Done(0x42));
+    assert!(matches!(
+        hypercall,
+        VcpuExit::Timeout { .. } | VcpuExit::Hypercall { .. }
+    ));
+    assert!(elapsed < Duration::from_secs(3));
+}
+
+#[test]
+fn bad_guest_operations_are_refused_before_running_kvm_setup() {
+    let Some((_l, h)) = kvm("bad_guest_operations_are_refused_before_running_kvm_setup") else {
+        return;
+    };
+    // Arrange
+    let vm = h.create_vm(0).unwrap();
+    let mut cpu = vm.create_vcpu(0).unwrap();
+    // Act + Assert
+    for op in [
+        GuestOp::Read {
+            gpa: 0x1000,
+            size: 3,
+        },
+        GuestOp::Read {
+            gpa: u64::MAX - 2,
+            size: 8,
+        },
+        GuestOp::Write {
+            gpa: 1 << h.phys_bits(),
+            size: 1,
+            value: 0,
+        },
+        GuestOp::Write {
+            gpa: SETUP_GPA + 0x10,
+            size: 1,
+            value: 0,
+        },
+    ] {
+        let e = cpu.run(op).unwrap_err();
+        assert_eq!(
+            (e.errno, e.rule),
+            (Errno::EINVAL, "KVM-SETUP"),
+            "{op:?}: {e}"
+        );
+    }
+    let top = (1u64 << h.phys_bits()) - 8;
+    let r = cpu.run(GuestOp::Read { gpa: top, size: 8 }).unwrap();
+    assert_eq!(
+        r,
+        VcpuExit::Mmio {
+            gpa: top,
+            is_write: false,
+            len: 8,
+            data: 0
+        }
+    );
 }

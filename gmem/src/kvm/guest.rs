@@ -14,11 +14,15 @@
 //! So up to [`MAX_VCPUS`] vCPUs of one VM can run at the same time, each on
 //! its own page tables.
 //!
-//! Paging: identity map with 2 MiB pages, built before every run: the two
-//! pages of the setup region, plus the 2 MiB page(s) holding the target of
-//! the access. 2 MiB pages exist on every x86-64 CPU (no need for pdpe1gb),
-//! so any guest physical address below MAXPHYADDR is reachable, below and
-//! above 4 GiB.
+//! Paging (4-level, 2 MiB pages, built before every run): the setup region
+//! is identity-mapped; the target of the access is reached through a 4 MiB
+//! window at guest virtual [`WINDOW`], which maps the 2 MiB page holding the
+//! target and the next one. A window rather than an identity map because
+//! guest physical addresses reach 2^MAXPHYADDR (2^48 and more) while
+//! canonical virtual addresses stop at 2^47. 2 MiB pages exist on every
+//! x86-64 CPU (no need for pdpe1gb), so any guest physical address below
+//! MAXPHYADDR is reachable, below and above 4 GiB. Exits report the guest
+//! physical address, as always.
 
 use iced_x86::code_asm::{
     byte_ptr, dword_ptr, eax, esi, qword_ptr, rax, rdi, rsi, si, sil, word_ptr, CodeAssembler,
@@ -47,6 +51,10 @@ const TABLES_SIZE: u64 = 0x8000;
 pub const MAX_VCPUS: u64 = 64;
 /// Top of a stack the guest never uses (no calls), kept valid anyway.
 pub(crate) const STACK_TOP: u64 = SETUP_GPA + SETUP_SIZE - 16;
+
+/// Guest virtual address of the window onto the target of an access: the
+/// last 4 MiB below 2^47, far from the identity-mapped setup region.
+pub const WINDOW: u64 = (1 << 47) - 2 * HUGE;
 
 const PTE_P: u64 = 1 << 0;
 const PTE_RW: u64 = 1 << 1;
@@ -217,15 +225,15 @@ impl Tables<'_> {
         Ok(t)
     }
 
-    /// Identity-maps the 2 MiB page holding `gpa`.
-    fn map(&mut self, gpa: u64) -> Result<()> {
-        let idx = |shift: u32| ((gpa >> shift) & 511) * 8;
+    /// Maps the 2 MiB page at guest virtual `va` to guest physical `pa`.
+    fn map(&mut self, va: u64, pa: u64) -> Result<()> {
+        let idx = |shift: u32| ((va >> shift) & 511) * 8;
         let pdpt = self.table(self.pml4 + idx(39))?;
         let pd = self.table(pdpt + idx(30))?;
         put(
             self.setup,
             pd + idx(21),
-            (gpa & !(HUGE - 1)) | PTE_P | PTE_RW | PTE_PS,
+            (pa & !(HUGE - 1)) | PTE_P | PTE_RW | PTE_PS,
         );
         Ok(())
     }
@@ -241,9 +249,11 @@ pub(crate) fn install(setup: &crate::host::Mmap, code: &Code) -> Result<()> {
         .map_err(|e| Error::new(Errno::EINVAL, "KVM-SETUP", e.to_string()))
 }
 
-/// Rebuilds vCPU `n`'s page tables: the setup region, and the 2 MiB pages
-/// holding the first and last byte of `[gpa, gpa + len)`.
-pub(crate) fn map_for(setup: &crate::host::Mmap, n: u64, gpa: u64, len: u64) -> Result<()> {
+/// Rebuilds vCPU `n`'s page tables for an access at `gpa`: the setup
+/// region identity-mapped, and the window mapping the 2 MiB page holding
+/// `gpa` and the one after it (for accesses that cross). Returns the guest
+/// virtual address of `gpa` in the window.
+pub(crate) fn map_for(setup: &crate::host::Mmap, n: u64, gpa: u64, phys_bits: u8) -> Result<u64> {
     let pml4 = tables_base(n);
     let _ = setup.write(pml4, &[0u8; TABLES_SIZE as usize]);
     let mut t = Tables {
@@ -251,9 +261,13 @@ pub(crate) fn map_for(setup: &crate::host::Mmap, n: u64, gpa: u64, len: u64) -> 
         pml4,
         next: pml4 + PAGE_SIZE,
     };
-    t.map(SETUP_GPA)?;
-    t.map(SETUP_GPA + HUGE)?;
-    t.map(gpa)?;
-    t.map(gpa.saturating_add(len.max(1) - 1))?;
-    Ok(())
+    t.map(SETUP_GPA, SETUP_GPA)?;
+    t.map(SETUP_GPA + HUGE, SETUP_GPA + HUGE)?;
+    let page = gpa & !(HUGE - 1);
+    t.map(WINDOW, page)?;
+    let next = page + HUGE;
+    if next < 1u64 << phys_bits.min(63) {
+        t.map(WINDOW + HUGE, next)?;
+    }
+    Ok(WINDOW + (gpa - page))
 }

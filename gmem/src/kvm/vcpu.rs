@@ -182,7 +182,8 @@ impl KvmVcpu {
         })
     }
 
-    fn check_op(&self, op: &GuestOp) -> Result<(u64, u64)> {
+    /// Refuses what the guest code cannot do; returns the target gpa.
+    fn check_op(&self, op: &GuestOp) -> Result<u64> {
         let (gpa, len) = match *op {
             GuestOp::Read { gpa, size } | GuestOp::Write { gpa, size, .. } => {
                 if !matches!(size, 1 | 2 | 4 | 8) {
@@ -195,7 +196,7 @@ impl KvmVcpu {
                 (gpa, u64::from(size))
             }
             // The hypercall touches no memory; map something harmless.
-            GuestOp::MapGpaRange { .. } => return Ok((SETUP_GPA, 1)),
+            GuestOp::MapGpaRange { .. } => return Ok(SETUP_GPA),
         };
         let limit = 1u64 << self.phys_bits.min(63);
         if gpa.checked_add(len).is_none_or(|end| end > limit) {
@@ -220,7 +221,7 @@ impl KvmVcpu {
                 ),
             ));
         }
-        Ok((gpa, len))
+        Ok(gpa)
     }
 
     /// One KVM_RUN, its outcome copied out of kvm_run.
@@ -286,8 +287,8 @@ fn kernel(e: kvm_ioctls::Error, what: std::fmt::Arguments<'_>) -> Error {
 
 impl Vcpu for KvmVcpu {
     fn run(&mut self, op: GuestOp) -> Result<VcpuExit> {
-        let (gpa, len) = self.check_op(&op)?;
-        guest::map_for(&self.setup, self.tables, gpa, len)?;
+        let gpa = self.check_op(&op)?;
+        let va = guest::map_for(&self.setup, self.tables, gpa, self.phys_bits)?;
         let mut regs = kvm_bindings::kvm_regs {
             rip: self.entry.0.entry(&op),
             rflags: 2,
@@ -295,9 +296,9 @@ impl Vcpu for KvmVcpu {
             ..Default::default()
         };
         match op {
-            GuestOp::Read { gpa, .. } => regs.rdi = gpa,
-            GuestOp::Write { gpa, value, .. } => {
-                regs.rdi = gpa;
+            GuestOp::Read { .. } => regs.rdi = va,
+            GuestOp::Write { value, .. } => {
+                regs.rdi = va;
                 regs.rsi = value;
             }
             GuestOp::MapGpaRange {
