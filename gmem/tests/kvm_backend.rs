@@ -1001,3 +1001,60 @@ fn bad_guest_operations_are_refused_before_running_kvm_setup() {
         }
     );
 }
+
+/// Child half of the SIGBUS chaining test: runs only when the parent sets
+/// GMEM_SIGBUS_CHILD (to `own` or `default`).
+#[test]
+fn sigbus_child() {
+    let Ok(mode) = std::env::var("GMEM_SIGBUS_CHILD") else {
+        return;
+    };
+    extern "C" fn own(_: libc::c_int) {
+        // SAFETY: _exit is async-signal-safe.
+        unsafe { libc::_exit(42) };
+    }
+    if mode == "own" {
+        // SAFETY: installs a plain handler before gmem installs its own.
+        unsafe { libc::signal(libc::SIGBUS, own as *const () as libc::sighandler_t) };
+    }
+    let h = KvmHypervisor::open().unwrap();
+    let vm = h.create_vm(0).unwrap();
+    let g = vm
+        .create_guest_memfd(gmem_args(0x1000, MMAP_SHARED))
+        .unwrap();
+    let m = g.mmap(0, 0x2000, MapKind::Shared).unwrap();
+    // gmem's handler is installed and handles its own fault...
+    assert!(matches!(
+        m.write(0x1000, &[1]),
+        Err(HostFault::Sigbus { .. })
+    ));
+    // ...and a fault outside gmem's guarded copy is not ours.
+    // SAFETY: deliberately touches the mapping past the end of the file:
+    // this raises SIGBUS, which must reach the previous handler (or kill).
+    unsafe { std::ptr::write_volatile((m.addr() + 0x1000) as *mut u8, 1) };
+    unreachable!("the foreign SIGBUS was swallowed");
+}
+
+#[test]
+fn a_sigbus_that_is_not_gmems_reaches_the_previous_handler_or_kills() {
+    let Some((_l, _h)) = kvm("a_sigbus_that_is_not_gmems_reaches_the_previous_handler_or_kills")
+    else {
+        return;
+    };
+    use std::os::unix::process::ExitStatusExt;
+    let run = |mode: &str| {
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "sigbus_child", "--nocapture", "--test-threads=1"])
+            .env("GMEM_SIGBUS_CHILD", mode)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap()
+    };
+    // Act
+    let own = run("own");
+    let default = run("default");
+    // Assert
+    assert_eq!(own.code(), Some(42), "{own:?}");
+    assert_eq!(default.signal(), Some(libc::SIGBUS), "{default:?}");
+}
