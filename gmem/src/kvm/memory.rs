@@ -18,7 +18,7 @@
 //! `gmem-safety`). Requests the kernel refuses anyway (address or size not
 //! page aligned, wrapping) reach the kernel unchecked, so its errno is seen.
 //!
-//! Each accepted slot holds a [`Pin`] on its range until the slot is deleted
+//! Each accepted slot holds a pin on its range until the slot is deleted
 //! or the VM and all its vCPUs are gone. When the owner drops a pinned
 //! mapping, the pages are replaced in place (`MAP_FIXED`, atomically) with an
 //! inaccessible anonymous mapping: the file it mapped is released as the user

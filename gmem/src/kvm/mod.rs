@@ -12,7 +12,34 @@
 //!   typed errors.
 //!
 //! Every kernel refusal comes back as an [`Error`] with the kernel's errno,
-//! rule `kernel`, and a message naming the ioctl and its values.
+//! rule `kernel`, and a message naming the ioctl and its values. The
+//! backend's own refusals use rule `KVM-SETUP` (its reserved setup slot and
+//! range, guest operations its guest code cannot perform) and `gmem-safety`
+//! (memslot userspace ranges that would expose process memory, see
+//! [`memory`]).
+//!
+//! What the backend adds to a VM: memslot [`guest::SETUP_SLOT`] (32700) at
+//! guest physical `[0xE000_0000, 0xE040_0000)`, bound when the VM is created
+//! (so a user slot can never silently overlap it: overlaps are EEXIST, the
+//! slot id EINVAL), and `KVM_CAP_EXIT_HYPERCALL` enabled for
+//! `KVM_HC_MAP_GPA_RANGE` where the kernel offers it.
+//!
+//! # What kernel 6.18.44 (our machines) does differently from the spec
+//!
+//! Measured by `tests/kvm_backend.rs` (tests named `departure_*` print the
+//! observation):
+//!
+//! - FAULT-3: a guest access through a slot bound to a MMAP | INIT_SHARED
+//!   guest_memfd is served from the slot's `userspace_addr`, not from the
+//!   file: with `userspace_addr` 0 it exits as MMIO; pointing it at other
+//!   memory shows that memory. A VMM gets the upstream behaviour by setting
+//!   `userspace_addr` to the file's own host mapping.
+//! - FAULT-6 / LIFE-5: after the file is released under a live slot, a guest
+//!   access exits as MMIO, not as a memory fault (EFAULT, exit 39). A slot
+//!   whose userspace range is unmapped behaves the same way.
+//! - FAULT-8: the `KVM_HC_MAP_GPA_RANGE` hypercall never exits to the VMM;
+//!   the run bound reports it as [`crate::hypervisor::VcpuExit::Timeout`]
+//!   with the rip of the `vmcall`/`vmmcall`.
 
 pub mod guest;
 pub mod guest_memfd;

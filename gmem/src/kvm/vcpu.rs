@@ -249,12 +249,17 @@ impl KvmVcpu {
             Ok(KvmExit::Intr) => Ok(Raw::Interrupted),
             Ok(other) => Ok(Raw::Other(format!("{other:?}"))),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(Raw::Interrupted),
-            Err(e) => Err(kernel(
-                e,
-                format_args!("KVM_RUN vcpu={} (exit reason {})", self.id, {
-                    self.fd.get_kvm_run().exit_reason
-                }),
-            )),
+            Err(e) => {
+                let reason = self.fd.get_kvm_run().exit_reason;
+                Err(Error::new(
+                    Errno::from_raw(e.errno()),
+                    "kernel",
+                    format!(
+                        "KVM_RUN vcpu={} failed without a memory-fault exit (exit_reason {reason})",
+                        self.id
+                    ),
+                ))
+            }
         }
     }
 
