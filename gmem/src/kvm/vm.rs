@@ -267,6 +267,11 @@ impl Vm for KvmVm {
     }
 
     fn create_vcpu(&self, id: u64) -> Result<Box<dyn Vcpu>> {
+        let fd = self
+            .fd
+            .create_vcpu(id)
+            .map_err(|e| kernel(e, format_args!("KVM_CREATE_VCPU id={id}")))?;
+        // Page tables are handed out only to vCPUs the kernel created.
         let tables = self.next_tables.fetch_add(1, Ordering::Relaxed);
         if tables >= MAX_VCPUS {
             return Err(Error::new(
@@ -275,10 +280,6 @@ impl Vm for KvmVm {
                 format!("the setup region has page tables for {MAX_VCPUS} vCPUs per VM only"),
             ));
         }
-        let fd = self
-            .fd
-            .create_vcpu(id)
-            .map_err(|e| kernel(e, format_args!("KVM_CREATE_VCPU id={id}")))?;
         fd.set_cpuid2(&self.cpuid)
             .map_err(|e| kernel(e, format_args!("KVM_SET_CPUID2 vcpu={id}")))?;
         Ok(Box::new(KvmVcpu::new(
