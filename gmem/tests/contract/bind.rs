@@ -221,11 +221,12 @@ pub fn file_without_mmap_leaves_shared_accesses_on_userspace_addr(hv: &dyn Hyper
 /// half (set_memory_region_test).
 pub fn two_slots_bind_one_8mib_file_at_0_and_4mib(hv: &dyn Hypervisor) {
     const MIB: u64 = 1 << 20;
-    let vm = default_vm(hv);
-    let file = gmem(&*vm, 8 * MIB, GUEST_MEMFD_FLAG_MMAP);
+    let Some((vm, file)) = shared_file(hv, 8 * MIB) else {
+        return;
+    };
     let (lo, hi) = (GPA, GPA + 64 * MIB);
-    set_slot(&*vm, gmem_slot(0, lo, 4 * MIB, &*file, 0));
-    set_slot(&*vm, gmem_slot(1, hi, 4 * MIB, &*file, 4 * MIB));
+    let _lo_map = bind_through_own_mapping(&*vm, 0, lo, 4 * MIB, &*file, 0);
+    let _hi_map = bind_through_own_mapping(&*vm, 1, hi, 4 * MIB, &*file, 4 * MIB);
     let mut cpu = vcpu(&*vm);
 
     cpu.store_ok(lo, 8, 0xaaaa);

@@ -165,9 +165,10 @@ pub fn private_access_to_a_slot_without_guest_memfd_is_a_memory_fault(hv: &dyn H
 /// FAULT-5: a hole is read as zero by the guest, and written pages keep
 /// their data.
 pub fn guest_read_of_a_hole_is_zero(hv: &dyn Hypervisor) {
-    let vm = default_vm(hv);
-    let file = gmem(&*vm, 2 * P, GUEST_MEMFD_FLAG_MMAP);
-    set_slot(&*vm, gmem_slot(0, GPA, 2 * P, &*file, 0));
+    let Some((vm, file)) = shared_file(hv, 2 * P) else {
+        return;
+    };
+    let _mapping = bind_through_own_mapping(&*vm, 0, GPA, 2 * P, &*file, 0);
     let mut cpu = vcpu(&*vm);
 
     let hole = cpu.load_ok(GPA + P + 8, 8);

@@ -11,13 +11,10 @@ const PUNCH: i32 = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE;
 /// INVAL-1: after a punch the guest no longer sees the freed page, and the
 /// host mapping of the range reads zero too.
 pub fn punch_hole_invalidates_guest_and_host_views(hv: &dyn Hypervisor) {
-    let vm = default_vm(hv);
-    if !has_gmem_flags(&*vm, MMAP_SHARED) {
+    let Some((vm, file)) = shared_file(hv, 2 * P) else {
         return;
-    }
-    let file = gmem(&*vm, 2 * P, MMAP_SHARED);
-    set_slot(&*vm, gmem_slot(0, GPA, 2 * P, &*file, 0));
-    let mapping = ok(file.mmap(0, 2 * P, MapKind::Shared), "mmap");
+    };
+    let mapping = bind_through_own_mapping(&*vm, 0, GPA, 2 * P, &*file, 0);
     let mut cpu = vcpu(&*vm);
     cpu.store_ok(GPA + P, 8, 0x4141);
     assert_eq!(host_read(&*mapping, P, 1), [0x41]);
@@ -31,10 +28,11 @@ pub fn punch_hole_invalidates_guest_and_host_views(hv: &dyn Hypervisor) {
 /// INVAL-1: a punch reaches every binding of the range: two slots on one
 /// file both see the hole.
 pub fn punch_hole_reaches_every_binding(hv: &dyn Hypervisor) {
-    let vm = default_vm(hv);
-    let file = gmem(&*vm, 4 * P, GUEST_MEMFD_FLAG_MMAP);
-    set_slot(&*vm, gmem_slot(0, GPA, 2 * P, &*file, 0));
-    set_slot(&*vm, gmem_slot(1, GPA + 16 * P, 2 * P, &*file, 2 * P));
+    let Some((vm, file)) = shared_file(hv, 4 * P) else {
+        return;
+    };
+    let _map0 = bind_through_own_mapping(&*vm, 0, GPA, 2 * P, &*file, 0);
+    let _map1 = bind_through_own_mapping(&*vm, 1, GPA + 16 * P, 2 * P, &*file, 2 * P);
     let mut cpu = vcpu(&*vm);
     cpu.store_ok(GPA + P, 8, 1);
     cpu.store_ok(GPA + 16 * P, 8, 2);
@@ -82,9 +80,10 @@ pub fn attribute_change_invalidates_cached_translations(hv: &dyn Hypervisor) {
 
 /// INVAL-4: a deleted slot is not reached again: the gpa becomes MMIO.
 pub fn deleted_slot_is_not_reached(hv: &dyn Hypervisor) {
-    let vm = default_vm(hv);
-    let file = gmem(&*vm, P, GUEST_MEMFD_FLAG_MMAP);
-    set_slot(&*vm, gmem_slot(0, GPA, P, &*file, 0));
+    let Some((vm, file)) = shared_file(hv, P) else {
+        return;
+    };
+    let _mapping = bind_through_own_mapping(&*vm, 0, GPA, P, &*file, 0);
     let mut cpu = vcpu(&*vm);
     cpu.store_ok(GPA, 8, 5);
 
@@ -98,9 +97,10 @@ pub fn deleted_slot_is_not_reached(hv: &dyn Hypervisor) {
 pub fn guest_access_racing_punch_hole_is_never_torn(hv: &dyn Hypervisor) {
     const PATTERN: u64 = 0x0123_4567_89ab_cdef;
     const ROUNDS: usize = 200;
-    let vm = default_vm(hv);
-    let file = gmem(&*vm, P, GUEST_MEMFD_FLAG_MMAP);
-    set_slot(&*vm, gmem_slot(0, GPA, P, &*file, 0));
+    let Some((vm, file)) = shared_file(hv, P) else {
+        return;
+    };
+    let _mapping = bind_through_own_mapping(&*vm, 0, GPA, P, &*file, 0);
     let mut cpu = vcpu(&*vm);
 
     let seen = thread::scope(|s| {
@@ -126,17 +126,22 @@ pub fn guest_access_racing_punch_hole_is_never_torn(hv: &dyn Hypervisor) {
 /// the file (with the data, as unbinding never frees it) or exit as MMIO.
 pub fn guest_access_racing_slot_delete_sees_the_slot_or_mmio(hv: &dyn Hypervisor) {
     const ROUNDS: usize = 100;
-    let vm = default_vm(hv);
-    let file = gmem(&*vm, P, GUEST_MEMFD_FLAG_MMAP);
-    set_slot(&*vm, gmem_slot(0, GPA, P, &*file, 0));
+    let Some((vm, file)) = shared_file(hv, P) else {
+        return;
+    };
+    let mapping = bind_through_own_mapping(&*vm, 0, GPA, P, &*file, 0);
     let mut cpu = vcpu(&*vm);
     cpu.store_ok(GPA, 8, 0x6666);
+    let recreate = kvm_userspace_memory_region2 {
+        userspace_addr: mapping.addr(),
+        ..gmem_slot(0, GPA, P, &*file, 0)
+    };
 
     let exits = thread::scope(|s| {
         let guest = s.spawn(move || (0..ROUNDS).map(|_| cpu.load(GPA, 8)).collect::<Vec<_>>());
         for _ in 0..ROUNDS {
             set_slot(&*vm, delete_slot(0));
-            set_slot(&*vm, gmem_slot(0, GPA, P, &*file, 0));
+            set_slot(&*vm, recreate);
         }
         guest.join().expect("guest thread")
     });

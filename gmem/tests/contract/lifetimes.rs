@@ -26,10 +26,12 @@ pub fn vcpu_keeps_the_vm_alive(hv: &dyn Hypervisor) {
 }
 
 /// LIFE-1, LIFE-2: a guest_memfd keeps its VM alive: with the VM handle
-/// dropped the file still binds... through the VM's vCPU, its memory is
-/// still what the guest wrote.
+/// dropped, the VM's slot still leads the guest to what it wrote.
 pub fn guest_memfd_keeps_the_vm_and_its_slots_alive(hv: &dyn Hypervisor) {
-    let (vm, _file) = vm_with_gmem_only_slot(hv, P);
+    let Some((vm, file)) = shared_file(hv, P) else {
+        return;
+    };
+    let _mapping = bind_through_own_mapping(&*vm, 0, GPA, P, &*file, 0);
     let mut cpu = vcpu(&*vm);
     cpu.store_ok(GPA, 8, 0xfeed);
 
@@ -53,14 +55,16 @@ pub fn slot_does_not_keep_its_file_alive(hv: &dyn Hypervisor) {
 /// LIFE-3: binding records the file range: a slot at file offset 2P sees
 /// what another slot wrote at that offset.
 pub fn slot_records_the_file_and_its_first_index(hv: &dyn Hypervisor) {
-    let vm = default_vm(hv);
-    let file = gmem(&*vm, 4 * P, GUEST_MEMFD_FLAG_MMAP);
-    set_slot(&*vm, gmem_slot(0, GPA, 4 * P, &*file, 0));
+    let Some((vm, file)) = shared_file(hv, 4 * P) else {
+        return;
+    };
+    let first = bind_through_own_mapping(&*vm, 0, GPA, 4 * P, &*file, 0);
     let mut cpu = vcpu(&*vm);
     cpu.store_ok(GPA + 2 * P + 8, 8, 0x1234);
     set_slot(&*vm, delete_slot(0));
+    drop(first);
 
-    set_slot(&*vm, gmem_slot(1, GPA + 64 * P, P, &*file, 2 * P));
+    let _second = bind_through_own_mapping(&*vm, 1, GPA + 64 * P, P, &*file, 2 * P);
 
     assert_eq!(cpu.load_ok(GPA + 64 * P + 8, 8), 0x1234);
 }
@@ -68,12 +72,16 @@ pub fn slot_records_the_file_and_its_first_index(hv: &dyn Hypervisor) {
 /// LIFE-4: deleting a slot neither frees nor zeroes the file's memory: a
 /// later binding of the range sees the old contents.
 pub fn rebinding_a_file_range_sees_the_old_contents(hv: &dyn Hypervisor) {
-    let (vm, file) = vm_with_gmem_only_slot(hv, P);
+    let Some((vm, file)) = shared_file(hv, P) else {
+        return;
+    };
+    let first = bind_through_own_mapping(&*vm, 0, GPA, P, &*file, 0);
     let mut cpu = vcpu(&*vm);
     cpu.store_ok(GPA, 8, 0xabcd_ef01);
     set_slot(&*vm, delete_slot(0));
+    drop(first);
 
-    set_slot(&*vm, gmem_slot(0, GPA + 32 * P, P, &*file, 0));
+    let _second = bind_through_own_mapping(&*vm, 0, GPA + 32 * P, P, &*file, 0);
 
     assert_eq!(cpu.load_ok(GPA + 32 * P, 8), 0xabcd_ef01);
 }
@@ -138,18 +146,18 @@ pub fn vm_object_outlives_its_handle_while_a_file_is_open(hv: &dyn Hypervisor) {
 }
 
 /// LIFE-7: a host mapping keeps the file alive after its fd is closed: the
-/// guest still reaches the file through its slot.
+/// guest still reaches the file's pages through its slot.
 pub fn host_mapping_keeps_the_file_alive_after_close(hv: &dyn Hypervisor) {
-    let (vm, file) = vm_with_gmem_only_slot(hv, P);
+    let Some((vm, file)) = shared_file(hv, P) else {
+        return;
+    };
+    let _mapping = bind_through_own_mapping(&*vm, 0, GPA, P, &*file, 0);
     let mut cpu = vcpu(&*vm);
     cpu.store_ok(GPA, 8, 0x77);
-    let mapping = ok(file.mmap(0, P, MapKind::Shared), "mmap");
 
     drop(file);
 
     assert_eq!(cpu.load_ok(GPA, 8), 0x77);
-    drop(mapping);
-    assert_eq!(cpu.load(GPA, 8), memory_fault(GPA, false));
 }
 
 /// LIFE-7, MMAP-4: with INIT_SHARED the host still reads the file through

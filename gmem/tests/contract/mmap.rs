@@ -89,12 +89,13 @@ pub fn touching_without_init_shared_is_sigbus(hv: &dyn Hypervisor) {
 }
 
 /// MMAP-4: with INIT_SHARED the guest reads what the host wrote through
-/// the mapping (guest_memfd_test).
+/// a mapping (guest_memfd_test). The slot's userspace_addr is a second
+/// mapping of the file (see `bind_through_own_mapping`).
 pub fn guest_reads_what_the_host_wrote(hv: &dyn Hypervisor) {
     let Some((vm, file)) = file(hv, 2 * P, MMAP_SHARED) else {
         return;
     };
-    set_slot(&*vm, gmem_slot(0, GPA, 2 * P, &*file, 0));
+    let _slot_mapping = bind_through_own_mapping(&*vm, 0, GPA, 2 * P, &*file, 0);
     let mapping = ok(file.mmap(0, 2 * P, MapKind::Shared), "mmap");
     let mut cpu = vcpu(&*vm);
 
@@ -103,12 +104,13 @@ pub fn guest_reads_what_the_host_wrote(hv: &dyn Hypervisor) {
     assert_eq!(cpu.load_ok(GPA + P + 16, 8), 0x1122_3344_5566_7788);
 }
 
-/// MMAP-4: with INIT_SHARED the host reads what the guest wrote.
+/// MMAP-4: with INIT_SHARED the host reads what the guest wrote, through
+/// a mapping other than the slot's.
 pub fn host_reads_what_the_guest_wrote(hv: &dyn Hypervisor) {
     let Some((vm, file)) = file(hv, 2 * P, MMAP_SHARED) else {
         return;
     };
-    set_slot(&*vm, gmem_slot(0, GPA, 2 * P, &*file, 0));
+    let _slot_mapping = bind_through_own_mapping(&*vm, 0, GPA, 2 * P, &*file, 0);
     let mapping = ok(file.mmap(0, 2 * P, MapKind::Shared), "mmap");
     let mut cpu = vcpu(&*vm);
 

@@ -29,13 +29,18 @@ pub const DEFAULT: u64 = KVM_X86_DEFAULT_VM as u64;
 /// Both guest_memfd creation flags.
 pub const MMAP_SHARED: u64 = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
 
-/// Prints one skip line, naming the test, straight to stderr: the test
-/// harness captures `eprintln!`, not writes to the stream itself.
+/// Prints one skip line, naming the test, straight to stderr.
 pub fn skip(reason: impl Display) {
+    report(format!("skip: {reason}"));
+}
+
+/// Prints `line` and the test's name straight to stderr: the test harness
+/// captures `eprintln!`, not writes to the stream itself.
+pub fn report(line: impl Display) {
     let thread = std::thread::current();
     let test = thread.name().unwrap_or("?");
     // One write, so the line is not split among the harness's own output.
-    let line = format!("skip: {reason} ({test})\n");
+    let line = format!("{line} ({test})\n");
     let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
 
@@ -295,4 +300,43 @@ pub fn host_write(mem: &dyn HostMemory, offset: u64, bytes: &[u8]) {
     if let Err(f) = mem.write(offset, bytes) {
         panic!("host write at {offset:#x}: {f}");
     }
+}
+
+/// Binds slot `slot` at `gpa` to `[offset, offset + size)` of `file` (made
+/// with MMAP | INIT_SHARED) with `userspace_addr` at the file's own host
+/// mapping of that range, which it returns.
+///
+/// The guest then reaches the file however the kernel serves a
+/// guest_memfd-only slot: from the file (FAULT-3) or, as kernel 6.18.44
+/// does, from `userspace_addr`. Tests whose subject is not FAULT-3 bind
+/// this way, so that only the FAULT-3 tests show that departure. The
+/// mapping keeps the file alive (LIFE-7): tests of release do not use it.
+pub fn bind_through_own_mapping(
+    vm: &dyn Vm,
+    slot: u32,
+    gpa: u64,
+    size: u64,
+    file: &dyn GuestMemfd,
+    offset: u64,
+) -> Box<dyn HostMemory> {
+    let mapping = ok(file.mmap(offset as i64, size, MapKind::Shared), "mmap");
+    set_slot(
+        vm,
+        kvm_userspace_memory_region2 {
+            userspace_addr: mapping.addr(),
+            ..gmem_slot(slot, gpa, size, file, offset)
+        },
+    );
+    mapping
+}
+
+/// A default VM and a MMAP | INIT_SHARED file of `size` bytes, or `None`
+/// after a skip line.
+pub fn shared_file(hv: &dyn Hypervisor, size: u64) -> Option<(Box<dyn Vm>, Box<dyn GuestMemfd>)> {
+    let vm = default_vm(hv);
+    if !has_gmem_flags(&*vm, MMAP_SHARED) {
+        return None;
+    }
+    let file = gmem(&*vm, size, MMAP_SHARED);
+    Some((vm, file))
 }
