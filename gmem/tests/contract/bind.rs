@@ -247,3 +247,25 @@ pub fn one_vm_binds_many_files(hv: &dyn Hypervisor) {
         ok(r, &format!("slot {i}"));
     }
 }
+
+/// BIND-1, BIND-2: the fd names the file, not the number: a dup of a
+/// guest_memfd's fd binds the same file.
+pub fn bind_through_a_dup_of_the_fd_is_accepted(hv: &dyn Hypervisor) {
+    let vm = default_vm(hv);
+    let file = gmem(&*vm, P, 0);
+    // SAFETY: dup of an fd the test owns; the new fd is owned right away.
+    let dup = unsafe {
+        let fd = libc::dup(file.as_raw_fd());
+        assert!(fd >= 0, "dup failed");
+        OwnedFd::from_raw_fd(fd)
+    };
+
+    let r = vm.set_user_memory_region2(kvm_userspace_memory_region2 {
+        guest_memfd: dup.as_raw_fd() as u32,
+        ..gmem_slot(0, GPA, P, &*file, 0)
+    });
+
+    ok(r, "bind through the dup");
+    let again = vm.set_user_memory_region2(gmem_slot(1, GPA + P, P, &*file, 0));
+    assert_refused(hv, again, Errno::EINVAL, "BIND-5");
+}

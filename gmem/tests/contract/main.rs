@@ -243,6 +243,7 @@ contract_tests! {
         file_without_mmap_leaves_shared_accesses_on_userspace_addr,
         two_slots_bind_one_8mib_file_at_0_and_4mib,
         one_vm_binds_many_files,
+        bind_through_a_dup_of_the_fd_is_accepted,
     ],
     file_ops: [
         read_is_einval,
