@@ -191,9 +191,26 @@ impl Drop for GmemFile {
     }
 }
 
-/// The fd table: which open fds are soft guest_memfds (the kernel's
-/// `file->f_op == &kvm_gmem_fops` check).
-static GMEM_FDS: LazyLock<Mutex<HashMap<RawFd, Weak<GmemFile>>>> = LazyLock::new(Default::default);
+/// Which open files are soft guest_memfds (the kernel's `file->f_op ==
+/// &kvm_gmem_fops` check), by the page store's (st_dev, st_ino): an fd
+/// names a file, so a dup of the user's fd finds the same guest_memfd.
+static GMEM_FDS: LazyLock<Mutex<HashMap<FileKey, Weak<GmemFile>>>> =
+    LazyLock::new(Default::default);
+
+/// (st_dev, st_ino) of an open file.
+type FileKey = (u64, u64);
+
+/// The [`FileKey`] of `fd`, or `None` if it is not open.
+fn file_key(fd: RawFd) -> Option<FileKey> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat fills the buffer we pass on success.
+    if unsafe { libc::fstat(fd, st.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    // SAFETY: fstat returned 0, so the struct is initialised.
+    let st = unsafe { st.assume_init() };
+    Some((st.st_dev, st.st_ino))
+}
 
 /// `fget` for binding: EBADF for a closed fd, EINVAL for an fd that is not
 /// a guest_memfd (BIND-1, BIND-2). Checked in that order, as the kernel does.
@@ -213,7 +230,14 @@ pub(crate) fn fget(fd: u32) -> Result<Arc<GmemFile>> {
             "guest_memfd {fd} is not an open file descriptor"
         );
     }
-    match GMEM_FDS.lock().get(&raw).and_then(Weak::upgrade) {
+    let Some(key) = file_key(raw) else {
+        refuse!(
+            EBADF,
+            "BIND-1",
+            "guest_memfd {fd} is not an open file descriptor"
+        );
+    };
+    match GMEM_FDS.lock().get(&key).and_then(Weak::upgrade) {
         Some(file) => Ok(file),
         None => refuse!(EINVAL, "BIND-2", "fd {fd} is not a guest_memfd"),
     }
@@ -223,6 +247,7 @@ pub(crate) fn fget(fd: u32) -> Result<Arc<GmemFile>> {
 /// lives on while host mappings hold it (LIFE-7).
 pub struct SoftGuestMemfd {
     fd: OwnedFd,
+    key: FileKey,
     file: Arc<GmemFile>,
 }
 
@@ -258,8 +283,11 @@ impl SoftGuestMemfd {
             inode,
             vm: vm.clone(),
         });
-        GMEM_FDS.lock().insert(raw, Arc::downgrade(&file));
-        Ok(SoftGuestMemfd { fd, file })
+        let Some(key) = file_key(raw) else {
+            return Err(Error::last_os_error("fstat of the page store"));
+        };
+        GMEM_FDS.lock().insert(key, Arc::downgrade(&file));
+        Ok(SoftGuestMemfd { fd, key, file })
     }
 }
 
@@ -267,10 +295,10 @@ impl Drop for SoftGuestMemfd {
     fn drop(&mut self) {
         let mut fds = GMEM_FDS.lock();
         if fds
-            .get(&self.fd.as_raw_fd())
+            .get(&self.key)
             .is_some_and(|f| f.ptr_eq(&Arc::downgrade(&self.file)))
         {
-            fds.remove(&self.fd.as_raw_fd());
+            fds.remove(&self.key);
         }
         // Then the fd closes and the file reference goes, in field order.
     }
