@@ -1,13 +1,15 @@
 //! What only the software backend can show: the exact gfn ranges each
 //! invalidation covers (INVAL-1..4, seen through an invalidation observer),
 //! that guest_memfd pages are real memory (FALLOC-4, MMAP-5, FAULT-5,
-//! ATTR-5: `st_blocks` rises and falls), and that attributes are stored by
+//! ATTR-5: `allocated_bytes` rises and falls), and that attributes are stored by
 //! range (ATTR-6). The contract tests (tests/contract) cover the same rules
 //! as the guest sees them, on every backend.
 
 use std::sync::{Arc, Mutex};
 
-use gmem::soft::{InvalidateCause, Invalidation, InvalidationObserver, SoftHypervisor, SoftVm};
+use gmem::soft::{
+    InvalidateCause, Invalidation, InvalidationObserver, SoftGuestMemfd, SoftHypervisor, SoftVm,
+};
 use gmem::uapi::*;
 use gmem::{GuestMemfd, GuestOp, Hypervisor, MapKind, Vcpu, VcpuExit, Vm};
 
@@ -16,8 +18,6 @@ const GPA: u64 = 0x1000_0000;
 const GFN: u64 = GPA >> PAGE_SHIFT;
 const PRIVATE: u64 = KVM_MEMORY_ATTRIBUTE_PRIVATE as u64;
 const PUNCH: i32 = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE;
-/// `st_blocks` of one page (512-byte blocks).
-const PAGE_BLOCKS: i64 = (P / 512) as i64;
 
 /// Records every invalidation of a VM.
 #[derive(Default)]
@@ -57,8 +57,8 @@ fn hv() -> SoftHypervisor {
     SoftHypervisor::new().unwrap()
 }
 
-fn gmem(vm: &SoftVm, size: u64, flags: u64) -> Box<dyn GuestMemfd> {
-    vm.create_guest_memfd(kvm_create_guest_memfd {
+fn gmem(vm: &SoftVm, size: u64, flags: u64) -> SoftGuestMemfd {
+    vm.create_soft_guest_memfd(kvm_create_guest_memfd {
         size,
         flags,
         ..Default::default()
@@ -94,8 +94,8 @@ fn set_attributes(vm: &SoftVm, gpa: u64, size: u64, attributes: u64) {
     .unwrap();
 }
 
-fn blocks(file: &dyn GuestMemfd) -> i64 {
-    file.stat().unwrap().blocks
+fn allocated(file: &SoftGuestMemfd) -> u64 {
+    file.allocated_bytes().unwrap()
 }
 
 fn load(cpu: &mut Box<dyn Vcpu>, gpa: u64) -> VcpuExit {
@@ -104,11 +104,11 @@ fn load(cpu: &mut Box<dyn Vcpu>, gpa: u64) -> VcpuExit {
 
 /// Two slots on one 8-page file: slot 0 at `GPA` over pages [0, 4), slot 1
 /// at `GPA + 64P` over pages [4, 8).
-fn two_bindings(vm: &SoftVm) -> Box<dyn GuestMemfd> {
+fn two_bindings(vm: &SoftVm) -> SoftGuestMemfd {
     let file = gmem(vm, 8 * P, GUEST_MEMFD_FLAG_MMAP);
-    vm.set_user_memory_region2(gmem_slot(0, GPA, 4 * P, &*file, 0))
+    vm.set_user_memory_region2(gmem_slot(0, GPA, 4 * P, &file, 0))
         .unwrap();
-    vm.set_user_memory_region2(gmem_slot(1, GPA + 64 * P, 4 * P, &*file, 4 * P))
+    vm.set_user_memory_region2(gmem_slot(1, GPA + 64 * P, 4 * P, &file, 4 * P))
         .unwrap();
     file
 }
@@ -137,7 +137,7 @@ fn punch_hole_invalidates_the_punched_gfns_of_each_binding() {
 fn punch_hole_of_unbound_pages_invalidates_nothing() {
     let vm = hv().create_soft_vm(0).unwrap();
     let file = gmem(&vm, 8 * P, 0);
-    vm.set_user_memory_region2(gmem_slot(0, GPA, 2 * P, &*file, 0))
+    vm.set_user_memory_region2(gmem_slot(0, GPA, 2 * P, &file, 0))
         .unwrap();
     let recorder = Recorder::on(&vm);
 
@@ -281,15 +281,15 @@ fn every_invalidation_moves_the_sequence() {
 fn allocate_commits_memory_and_punch_returns_it() {
     let vm = hv().create_soft_vm(0).unwrap();
     let file = gmem(&vm, 16 * P, 0);
-    assert_eq!(blocks(&*file), 0);
+    assert_eq!(allocated(&file), 0);
 
     file.fallocate(FALLOC_FL_KEEP_SIZE, 0, 16 * P as i64)
         .unwrap();
-    let allocated = blocks(&*file);
+    let after_allocate = allocated(&file);
     file.fallocate(PUNCH, 0, 16 * P as i64).unwrap();
 
-    assert_eq!(allocated, 16 * PAGE_BLOCKS);
-    assert_eq!(blocks(&*file), 0);
+    assert_eq!(after_allocate, 16 * P);
+    assert_eq!(allocated(&file), 0);
 }
 
 /// CREATE-2: a huge file commits no memory at creation.
@@ -299,7 +299,7 @@ fn huge_file_commits_no_memory() {
 
     let file = gmem(&vm, 1 << 62, 0);
 
-    assert_eq!(blocks(&*file), 0);
+    assert_eq!(allocated(&file), 0);
 }
 
 /// MMAP-5, FALLOC-4: a host touch allocates one page; a punch frees it.
@@ -314,11 +314,11 @@ fn host_touch_allocates_a_page_and_punch_frees_it() {
     let mapping = file.mmap(0, 4 * P, MapKind::Shared).unwrap();
 
     mapping.write(P + 1, &[1]).unwrap();
-    let touched = blocks(&*file);
+    let touched = allocated(&file);
     file.fallocate(PUNCH, P as i64, P as i64).unwrap();
 
-    assert_eq!(touched, PAGE_BLOCKS);
-    assert_eq!(blocks(&*file), 0);
+    assert_eq!(touched, P);
+    assert_eq!(allocated(&file), 0);
 }
 
 /// FAULT-5: a guest touch of a hole allocates it, reads included.
@@ -326,14 +326,14 @@ fn host_touch_allocates_a_page_and_punch_frees_it() {
 fn guest_read_of_a_hole_allocates_it() {
     let vm = hv().create_soft_vm(0).unwrap();
     let file = gmem(&vm, 4 * P, GUEST_MEMFD_FLAG_MMAP);
-    vm.set_user_memory_region2(gmem_slot(0, GPA, 4 * P, &*file, 0))
+    vm.set_user_memory_region2(gmem_slot(0, GPA, 4 * P, &file, 0))
         .unwrap();
     let mut cpu = vm.create_vcpu(0).unwrap();
 
     let exit = load(&mut cpu, GPA + 2 * P);
 
     assert_eq!(exit, VcpuExit::Done(0));
-    assert_eq!(blocks(&*file), PAGE_BLOCKS);
+    assert_eq!(allocated(&file), P);
 }
 
 /// ATTR-5: conversions neither allocate nor free guest_memfd pages.
@@ -341,18 +341,18 @@ fn guest_read_of_a_hole_allocates_it() {
 fn conversions_neither_allocate_nor_free() {
     let vm = hv().create_soft_vm(KVM_X86_SW_PROTECTED_VM as u64).unwrap();
     let file = gmem(&vm, 4 * P, 0);
-    vm.set_user_memory_region2(gmem_slot(0, GPA, 4 * P, &*file, 0))
+    vm.set_user_memory_region2(gmem_slot(0, GPA, 4 * P, &file, 0))
         .unwrap();
     set_attributes(&vm, GPA, P, PRIVATE);
     let mut cpu = vm.create_vcpu(0).unwrap();
     assert_eq!(load(&mut cpu, GPA), VcpuExit::Done(0));
-    let before = blocks(&*file);
+    let before = allocated(&file);
 
     set_attributes(&vm, GPA, 4 * P, 0);
     set_attributes(&vm, GPA, 4 * P, PRIVATE);
 
-    assert_eq!(before, PAGE_BLOCKS);
-    assert_eq!(blocks(&*file), before);
+    assert_eq!(before, P);
+    assert_eq!(allocated(&file), before);
 }
 
 /// ATTR-6: converting 1 TiB stores one range, not 2^28 entries.
