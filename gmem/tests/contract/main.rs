@@ -29,7 +29,7 @@ mod mmap;
 /// The KVM backend is a stub on this branch: while this is false the `kvm`
 /// instances print a skip line. Flip it when the KVM backend lands; from
 /// then on failing to open `/dev/kvm` (when it exists) is a test failure.
-const KVM_INSTANCE: bool = false;
+const KVM_INSTANCE: bool = true;
 
 /// Where kernel 6.18.44, the kernel of our machines, departs from the spec
 /// (spec section 10; measured by tests/kvm_backend.rs, documented in
