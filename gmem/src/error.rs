@@ -86,7 +86,15 @@ mod tests {
 
     #[test]
     fn errno_names_round_trip() {
-        for name in ["EINVAL", "EEXIST", "EBADF", "ENODEV", "EOPNOTSUPP", "ESPIPE", "ENOTTY"] {
+        for name in [
+            "EINVAL",
+            "EEXIST",
+            "EBADF",
+            "ENODEV",
+            "EOPNOTSUPP",
+            "ESPIPE",
+            "ENOTTY",
+        ] {
             let e = errno_from_name(name).unwrap();
             assert_eq!(errno_name(e), name);
         }

@@ -159,7 +159,9 @@ pub enum HostFault {
         reason: String,
     },
     /// The access leaves the mapping: SIGSEGV in a real process.
-    #[error("access of {len} bytes at offset {offset:#x} leaves the {size:#x}-byte mapping (SIGSEGV)")]
+    #[error(
+        "access of {len} bytes at offset {offset:#x} leaves the {size:#x}-byte mapping (SIGSEGV)"
+    )]
     OutOfRange {
         /// Offset of the access.
         offset: u64,

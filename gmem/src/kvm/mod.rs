@@ -14,7 +14,11 @@ pub struct KvmHypervisor {
 impl KvmHypervisor {
     /// Opens `/dev/kvm`.
     pub fn open() -> Result<Self> {
-        Err(Error::new(Errno::ENODEV, "kernel", "the KVM backend is not available yet"))
+        Err(Error::new(
+            Errno::ENODEV,
+            "kernel",
+            "the KVM backend is not available yet",
+        ))
     }
 }
 
@@ -32,9 +36,17 @@ impl Hypervisor for KvmHypervisor {
         0
     }
     fn create_vm(&self, _vm_type: u64) -> Result<Box<dyn Vm>> {
-        Err(Error::new(Errno::ENODEV, "kernel", "the KVM backend is not available yet"))
+        Err(Error::new(
+            Errno::ENODEV,
+            "kernel",
+            "the KVM backend is not available yet",
+        ))
     }
     fn host_memory(&self, _size: u64) -> Result<Box<dyn HostMemory>> {
-        Err(Error::new(Errno::ENODEV, "kernel", "the KVM backend is not available yet"))
+        Err(Error::new(
+            Errno::ENODEV,
+            "kernel",
+            "the KVM backend is not available yet",
+        ))
     }
 }
