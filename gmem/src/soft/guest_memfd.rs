@@ -1,0 +1,457 @@
+//! guest_memfd files: creation, bindings, fallocate, host mappings and
+//! release (spec sections 1, 2, 4 and 7).
+//!
+//! Three objects, as in the kernel:
+//! - [`GmemInode`]: the memory. A tmpfs memfd holds the pages, so they are
+//!   real host memory, allocated on first touch and returned to the host
+//!   when a hole is punched. It also holds the binding map, under the
+//!   file's invalidate lock.
+//! - [`GmemFile`]: the open file. It pins the VM; the VM's memslots do not
+//!   pin it. When its last reference goes (the fd handle and every host
+//!   mapping), `release` unbinds every slot and invalidates (LIFE-5, INVAL-2).
+//! - [`SoftGuestMemfd`]: the fd the user holds.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, LazyLock, Weak};
+
+use parking_lot::{Mutex, RwLock};
+use rangemap::RangeMap;
+
+use super::host::{RegionKind, SoftHostMemory};
+use super::invalidate::InvalidateCause;
+use super::vm::VmInner;
+use crate::error::{Errno, Error, Result};
+use crate::host::Mmap;
+use crate::hypervisor::{GuestMemfd, HostMemory, MapKind, Stat};
+use crate::refuse;
+use crate::uapi::{
+    page_aligned, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, GUEST_MEMFD_FLAG_INIT_SHARED,
+    GUEST_MEMFD_FLAG_MMAP, PAGE_SHIFT,
+};
+
+/// Which memslot a bound file range belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BindingRef {
+    pub(crate) as_id: u16,
+    pub(crate) slot: u16,
+    pub(crate) base_gfn: u64,
+}
+
+/// The binding map: file index range -> memslot. Lives under the file's
+/// invalidate lock (the kernel's `filemap_invalidate_lock`).
+pub(crate) type Bindings = RangeMap<u64, BindingRef>;
+
+/// The inode: size, flags, pages and bindings.
+pub(crate) struct GmemInode {
+    pub(crate) size: u64,
+    pub(crate) flags: u64,
+    store: OwnedFd,
+    /// Held for reading by guest accesses and allocation, for writing by
+    /// punch hole, bind, unbind and release: an access never sees a page
+    /// that is being freed (INVAL-5).
+    pub(crate) invalidate_lock: RwLock<Bindings>,
+    /// Mappings of the store through which guest accesses go, by window.
+    windows: Mutex<HashMap<u64, Arc<Mmap>>>,
+}
+
+/// Bytes of the page store one guest-access window maps.
+const WINDOW_SIZE: u64 = 2 << 20;
+
+impl GmemInode {
+    pub(crate) fn init_shared(&self) -> bool {
+        self.flags & GUEST_MEMFD_FLAG_INIT_SHARED != 0
+    }
+
+    pub(crate) fn supports_mmap(&self) -> bool {
+        self.flags & GUEST_MEMFD_FLAG_MMAP != 0
+    }
+
+    /// A guest access to page `index` at byte `offset` in it; the caller
+    /// holds the invalidate lock for reading. The access goes through a
+    /// window mapping of the page store: a hole is allocated, zeroed, on
+    /// first touch, reads included (FAULT-5), and an aligned access is one
+    /// load or store, as on hardware.
+    pub(crate) fn guest_access(
+        &self,
+        index: u64,
+        offset: u64,
+        buf: &mut [u8],
+        write: bool,
+    ) -> Result<()> {
+        let pos = (index << PAGE_SHIFT) + offset;
+        let window = self.window(pos / WINDOW_SIZE)?;
+        let at = pos % WINDOW_SIZE;
+        let done = if write {
+            window.write(at, buf)
+        } else {
+            window.read(at, buf)
+        };
+        done.map_err(|f| {
+            Error::new(
+                Errno::EFAULT,
+                "FAULT-3",
+                format!("guest access to page {index:#x}: {f}"),
+            )
+        })
+    }
+
+    /// The mapping of window `n` of the store, made on first use. Windows
+    /// stay until the inode goes; punch hole empties them as it empties
+    /// any mapping of the file.
+    fn window(&self, n: u64) -> Result<Arc<Mmap>> {
+        let mut windows = self.windows.lock();
+        if let Some(w) = windows.get(&n) {
+            return Ok(w.clone());
+        }
+        let w = Arc::new(Mmap::shared(
+            self.store.as_fd(),
+            (n * WINDOW_SIZE) as i64,
+            WINDOW_SIZE,
+        )?);
+        windows.insert(n, w.clone());
+        Ok(w)
+    }
+
+    fn fallocate_store(&self, mode: i32, offset: i64, len: i64) -> Result<()> {
+        // SAFETY: fallocate on an fd we own; no memory is passed.
+        if unsafe { libc::fallocate(self.store.as_raw_fd(), mode, offset, len) } != 0 {
+            return Err(Error::last_os_error(format_args!(
+                "fallocate mode={mode:#x} offset={offset:#x} len={len:#x} on the page store"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The open file. Holds the VM (LIFE-2).
+pub(crate) struct GmemFile {
+    pub(crate) inode: Arc<GmemInode>,
+    pub(crate) vm: Arc<VmInner>,
+}
+
+impl GmemFile {
+    /// Punch hole: invalidate every binding overlapping the range, then free
+    /// the pages (FALLOC-4, INVAL-1). Host mappings of the range lose their
+    /// pages with the store's own punch.
+    fn punch_hole(&self, offset: i64, len: i64) -> Result<()> {
+        let start = offset as u64 >> PAGE_SHIFT;
+        let end = (offset as u64).saturating_add(len as u64) >> PAGE_SHIFT;
+        let bindings = self.inode.invalidate_lock.write();
+        for (range, b) in bindings.overlapping(start..end) {
+            let gfns = index_to_gfns(range, b, start..end);
+            self.vm
+                .invalidations
+                .invalidate(b.as_id, b.slot, gfns, InvalidateCause::PunchHole);
+        }
+        self.inode
+            .fallocate_store(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, offset, len)
+    }
+
+    fn allocate(&self, offset: i64, len: i64) -> Result<()> {
+        if (offset as u64).saturating_add(len as u64) > self.inode.size {
+            refuse!(
+                EINVAL,
+                "FALLOC-3",
+                "allocating offset {offset:#x} + len {len:#x} reaches past the end of the {:#x}-byte file",
+                self.inode.size
+            );
+        }
+        let _shared = self.inode.invalidate_lock.read();
+        self.inode.fallocate_store(FALLOC_FL_KEEP_SIZE, offset, len)
+    }
+}
+
+/// The gfns of binding `b` (file index range `range`) that lie in `indices`.
+fn index_to_gfns(range: &Range<u64>, b: &BindingRef, indices: Range<u64>) -> Range<u64> {
+    let first = range.start.max(indices.start);
+    let last = range.end.min(indices.end);
+    b.base_gfn + (first - range.start)..b.base_gfn + (last - range.start)
+}
+
+impl Drop for GmemFile {
+    /// `kvm_gmem_release`: every slot bound to the file forgets it and its
+    /// whole range is invalidated; the slots stay (LIFE-5, INVAL-2).
+    fn drop(&mut self) {
+        let mut state = self.vm.state.write();
+        let mut bindings = self.inode.invalidate_lock.write();
+        for (range, b) in bindings.iter() {
+            if let Some(slot) = state.memslot_mut(b.as_id, b.slot) {
+                if let Some(g) = slot.gmem.as_mut() {
+                    g.file = None;
+                }
+            }
+            let gfns = index_to_gfns(range, b, range.clone());
+            self.vm
+                .invalidations
+                .invalidate(b.as_id, b.slot, gfns, InvalidateCause::Release);
+        }
+        bindings.clear();
+    }
+}
+
+/// The fd table: which open fds are soft guest_memfds (the kernel's
+/// `file->f_op == &kvm_gmem_fops` check).
+static GMEM_FDS: LazyLock<Mutex<HashMap<RawFd, Weak<GmemFile>>>> = LazyLock::new(Default::default);
+
+/// `fget` for binding: EBADF for a closed fd, EINVAL for an fd that is not
+/// a guest_memfd (BIND-1, BIND-2). Checked in that order, as the kernel does.
+pub(crate) fn fget(fd: u32) -> Result<Arc<GmemFile>> {
+    let Ok(raw) = RawFd::try_from(fd) else {
+        refuse!(
+            EBADF,
+            "BIND-1",
+            "guest_memfd {fd} is not an open file descriptor"
+        );
+    };
+    // SAFETY: F_GETFD only reads the descriptor table entry.
+    if unsafe { libc::fcntl(raw, libc::F_GETFD) } < 0 {
+        refuse!(
+            EBADF,
+            "BIND-1",
+            "guest_memfd {fd} is not an open file descriptor"
+        );
+    }
+    match GMEM_FDS.lock().get(&raw).and_then(Weak::upgrade) {
+        Some(file) => Ok(file),
+        None => refuse!(EINVAL, "BIND-2", "fd {fd} is not a guest_memfd"),
+    }
+}
+
+/// A guest_memfd fd owned by the user. Dropping it closes the fd; the file
+/// lives on while host mappings hold it (LIFE-7).
+pub struct SoftGuestMemfd {
+    fd: OwnedFd,
+    file: Arc<GmemFile>,
+}
+
+impl SoftGuestMemfd {
+    /// `kvm_gmem_create`, after the flag and size checks.
+    pub(crate) fn create(vm: &Arc<VmInner>, size: u64, flags: u64) -> Result<Self> {
+        let store = memfd("gmem-soft:guest_memfd", libc::MFD_CLOEXEC)?;
+        // SAFETY: ftruncate/fchmod on the memfd we just created.
+        if unsafe { libc::ftruncate(store.as_raw_fd(), size as i64) } != 0 {
+            return Err(Error::last_os_error(format_args!(
+                "sizing the page store to {size:#x}"
+            )));
+        }
+        // SAFETY: as above.
+        unsafe { libc::fchmod(store.as_raw_fd(), 0o600) };
+        // The user's fd: a dup of the store without close-on-exec (CREATE-5).
+        // SAFETY: F_DUPFD returns a new descriptor that we take ownership of
+        // right away, or -1.
+        let raw = unsafe { libc::fcntl(store.as_raw_fd(), libc::F_DUPFD, 0) };
+        if raw < 0 {
+            return Err(Error::last_os_error("dup of the page store"));
+        }
+        // SAFETY: raw is a fresh descriptor nobody else owns.
+        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+        let inode = Arc::new(GmemInode {
+            size,
+            flags,
+            store,
+            invalidate_lock: RwLock::new(RangeMap::new()),
+            windows: Mutex::default(),
+        });
+        let file = Arc::new(GmemFile {
+            inode,
+            vm: vm.clone(),
+        });
+        GMEM_FDS.lock().insert(raw, Arc::downgrade(&file));
+        Ok(SoftGuestMemfd { fd, file })
+    }
+}
+
+impl Drop for SoftGuestMemfd {
+    fn drop(&mut self) {
+        let mut fds = GMEM_FDS.lock();
+        if fds
+            .get(&self.fd.as_raw_fd())
+            .is_some_and(|f| f.ptr_eq(&Arc::downgrade(&self.file)))
+        {
+            fds.remove(&self.fd.as_raw_fd());
+        }
+        // Then the fd closes and the file reference goes, in field order.
+    }
+}
+
+impl AsRawFd for SoftGuestMemfd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl GuestMemfd for SoftGuestMemfd {
+    fn size(&self) -> u64 {
+        self.file.inode.size
+    }
+
+    fn flags(&self) -> u64 {
+        self.file.inode.flags
+    }
+
+    /// `vfs_fallocate` then `kvm_gmem_fallocate`, checks in their order.
+    fn fallocate(&self, mode: i32, offset: i64, len: i64) -> Result<()> {
+        if offset < 0 || len <= 0 {
+            refuse!(
+                EINVAL,
+                "FALLOC-2",
+                "fallocate offset {offset:#x} len {len:#x}: offset must be >= 0 and len > 0"
+            );
+        }
+        let known = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE;
+        if mode & !known != 0 {
+            refuse!(
+                EOPNOTSUPP,
+                "FALLOC-1",
+                "fallocate mode {mode:#x} has bits other than KEEP_SIZE and PUNCH_HOLE"
+            );
+        }
+        if mode & FALLOC_FL_KEEP_SIZE == 0 {
+            refuse!(
+                EOPNOTSUPP,
+                "FALLOC-1",
+                "fallocate mode {mode:#x} lacks KEEP_SIZE: a guest_memfd never changes size"
+            );
+        }
+        if offset.checked_add(len).is_none() {
+            refuse!(
+                EFBIG,
+                "FALLOC-2",
+                "fallocate offset {offset:#x} + len {len:#x} overflows"
+            );
+        }
+        if !page_aligned(offset as u64) || !page_aligned(len as u64) {
+            refuse!(
+                EINVAL,
+                "FALLOC-2",
+                "fallocate offset {offset:#x} len {len:#x} is not page aligned"
+            );
+        }
+        if mode & FALLOC_FL_PUNCH_HOLE != 0 {
+            self.file.punch_hole(offset, len)
+        } else {
+            self.file.allocate(offset, len)
+        }
+    }
+
+    fn mmap(&self, offset: i64, len: u64, kind: MapKind) -> Result<Box<dyn HostMemory>> {
+        if len == 0 {
+            refuse!(EINVAL, "MMAP-2", "mmap length 0");
+        }
+        if offset < 0 || !page_aligned(offset as u64) {
+            refuse!(
+                EINVAL,
+                "MMAP-2",
+                "mmap offset {offset:#x} is not page aligned"
+            );
+        }
+        let inode = &self.file.inode;
+        if !inode.supports_mmap() {
+            refuse!(
+                ENODEV,
+                "MMAP-1",
+                "the guest_memfd was created without MMAP (flags {:#x})",
+                inode.flags
+            );
+        }
+        if kind == MapKind::Private {
+            refuse!(
+                EINVAL,
+                "MMAP-2",
+                "a private (copy-on-write) mapping of a guest_memfd"
+            );
+        }
+        let mmap = Mmap::shared(inode.store.as_fd(), offset, len)?;
+        let kind = RegionKind::GuestMemfd {
+            inode: inode.clone(),
+            offset: offset as u64,
+        };
+        Ok(Box::new(SoftHostMemory::new(
+            &self.file.vm.host,
+            mmap,
+            kind,
+            Some(self.file.clone()),
+        )))
+    }
+
+    fn stat(&self) -> Result<Stat> {
+        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: fstat fills the buffer we pass on success.
+        if unsafe { libc::fstat(self.file.inode.store.as_raw_fd(), st.as_mut_ptr()) } != 0 {
+            return Err(Error::last_os_error("fstat"));
+        }
+        // SAFETY: fstat returned 0, so the struct is initialised.
+        let st = unsafe { st.assume_init() };
+        Ok(Stat {
+            ino: st.st_ino,
+            size: st.st_size,
+            blksize: st.st_blksize,
+            blocks: st.st_blocks,
+            mode: st.st_mode,
+        })
+    }
+
+    fn read(&self, _buf: &mut [u8]) -> Result<usize> {
+        refuse!(EINVAL, "FILE-1", "read(2) of a guest_memfd");
+    }
+
+    fn write(&self, _buf: &[u8]) -> Result<usize> {
+        refuse!(EINVAL, "FILE-1", "write(2) of a guest_memfd");
+    }
+
+    fn pread(&self, _buf: &mut [u8], offset: i64) -> Result<usize> {
+        refuse!(
+            ESPIPE,
+            "FILE-1",
+            "pread(2) at {offset:#x} of a guest_memfd: it cannot seek"
+        );
+    }
+
+    fn pwrite(&self, _buf: &[u8], offset: i64) -> Result<usize> {
+        refuse!(
+            ESPIPE,
+            "FILE-1",
+            "pwrite(2) at {offset:#x} of a guest_memfd: it cannot seek"
+        );
+    }
+
+    fn lseek(&self, offset: i64, whence: i32) -> Result<u64> {
+        refuse!(
+            ESPIPE,
+            "FILE-1",
+            "lseek(2) to {offset:#x} (whence {whence}) of a guest_memfd"
+        );
+    }
+
+    fn ftruncate(&self, len: i64) -> Result<()> {
+        refuse!(
+            EINVAL,
+            "FILE-2",
+            "ftruncate to {len:#x}: a guest_memfd's size is fixed at {:#x}",
+            self.file.inode.size
+        );
+    }
+
+    fn ioctl(&self, request: u64) -> Result<i32> {
+        refuse!(
+            ENOTTY,
+            "FILE-1",
+            "ioctl {request:#x} is not a guest_memfd ioctl"
+        );
+    }
+}
+
+/// A fresh memfd.
+pub(crate) fn memfd(name: &str, flags: u32) -> Result<OwnedFd> {
+    let name = std::ffi::CString::new(name).expect("memfd names have no NUL");
+    // SAFETY: memfd_create reads the NUL-terminated name; the returned fd is
+    // taken over right away.
+    let raw = unsafe { libc::memfd_create(name.as_ptr(), flags) };
+    if raw < 0 {
+        return Err(Error::last_os_error("memfd_create"));
+    }
+    // SAFETY: raw is a fresh descriptor nobody else owns.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) })
+}

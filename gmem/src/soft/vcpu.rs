@@ -1,0 +1,169 @@
+//! The guest fault path (spec section 6): where a guest access is served
+//! from, and the exits it produces.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::vm::VmInner;
+use crate::error::Result;
+use crate::hypervisor::{GuestOp, Vcpu, VcpuExit};
+use crate::refuse;
+
+/// What a hypercall with bad arguments returns to the guest (negated).
+const KVM_EINVAL: u64 = 22;
+use crate::uapi::{
+    KVM_ENOSYS, KVM_HC_MAP_GPA_RANGE, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEMORY_EXIT_FLAG_PRIVATE,
+    KVM_MEM_READONLY, PAGE_SHIFT, PAGE_SIZE,
+};
+
+/// A software vCPU: performs each [`GuestOp`] as the guest would.
+pub struct SoftVcpu {
+    vm: Arc<VmInner>,
+}
+
+impl SoftVcpu {
+    pub(crate) fn new(vm: Arc<VmInner>) -> Self {
+        SoftVcpu { vm }
+    }
+
+    /// One access that stays inside one page. `None` means it completed.
+    fn access_page(&self, gpa: u64, buf: &mut [u8], write: bool) -> Result<Option<VcpuExit>> {
+        let gfn = gpa >> PAGE_SHIFT;
+        let offset = gpa & (PAGE_SIZE - 1);
+        let state = self.vm.state.read();
+        // FAULT-1: private iff the VM has private memory and the gfn is PRIVATE.
+        let private = self.vm.has_private_mem
+            && state.attributes(gfn) & KVM_MEMORY_ATTRIBUTE_PRIVATE as u64 != 0;
+        let memory_fault = |private: bool| {
+            Some(VcpuExit::MemoryFault {
+                flags: if private {
+                    KVM_MEMORY_EXIT_FLAG_PRIVATE as u64
+                } else {
+                    0
+                },
+                gpa: gfn << PAGE_SHIFT,
+                size: PAGE_SIZE,
+            })
+        };
+        let mmio = || {
+            let mut data = [0u8; 8];
+            if write {
+                data[..buf.len()].copy_from_slice(buf);
+            }
+            Some(VcpuExit::Mmio {
+                gpa,
+                is_write: write,
+                len: buf.len() as u8,
+                data: u64::from_le_bytes(data),
+            })
+        };
+        // FAULT-2: no slot.
+        let Some(slot) = state.memslots[0].find(gfn) else {
+            return Ok(if private { memory_fault(true) } else { mmio() });
+        };
+        let gmem_only = slot.gmem.as_ref().is_some_and(|g| g.gmem_only);
+        if private || gmem_only {
+            // FAULT-3: served from the file. FAULT-4: no binding; FAULT-6:
+            // the file was released.
+            let Some((inode, pgoff)) = slot
+                .gmem
+                .as_ref()
+                .and_then(|g| Some((g.file.as_ref()?, g.pgoff)))
+            else {
+                return Ok(memory_fault(private));
+            };
+            let index = gfn - slot.base_gfn + pgoff;
+            let _invalidate = inode.invalidate_lock.read();
+            inode.guest_access(index, offset, buf, write)?;
+            return Ok(None);
+        }
+        if write && slot.flags & KVM_MEM_READONLY != 0 {
+            return Ok(mmio());
+        }
+        let hva = slot.userspace_addr + ((gfn - slot.base_gfn) << PAGE_SHIFT) + offset;
+        let Some((region, off)) = self.vm.host.lookup(hva, buf.len() as u64) else {
+            // No host memory there: KVM fails KVM_RUN with EFAULT and a
+            // memory fault exit for the gfn.
+            return Ok(memory_fault(false));
+        };
+        let done = if write {
+            region.write(off, buf)
+        } else {
+            region.read(off, buf)
+        };
+        drop(state);
+        Ok(done.is_err().then(|| memory_fault(false)).flatten())
+    }
+
+    fn access(&self, gpa: u64, size: u8, value: Option<u64>) -> Result<VcpuExit> {
+        if !matches!(size, 1 | 2 | 4 | 8) {
+            refuse!(
+                EINVAL,
+                "FAULT-3",
+                "guest access width {size} is not 1, 2, 4 or 8"
+            );
+        }
+        let Some(last) = gpa.checked_add(size as u64 - 1) else {
+            refuse!(
+                EINVAL,
+                "FAULT-3",
+                "guest access at {gpa:#x} wraps the address space"
+            );
+        };
+        let write = value.is_some();
+        let mut bytes = value.unwrap_or(0).to_le_bytes();
+        let buf = &mut bytes[..size as usize];
+        // An access that crosses a page is two accesses, as on hardware.
+        let split = if gpa >> PAGE_SHIFT != last >> PAGE_SHIFT {
+            (PAGE_SIZE - (gpa & (PAGE_SIZE - 1))) as usize
+        } else {
+            buf.len()
+        };
+        let (first, second) = buf.split_at_mut(split);
+        if let Some(exit) = self.access_page(gpa, first, write)? {
+            return Ok(exit);
+        }
+        if !second.is_empty() {
+            if let Some(exit) = self.access_page(gpa + split as u64, second, write)? {
+                return Ok(exit);
+            }
+        }
+        Ok(VcpuExit::Done(if write {
+            0
+        } else {
+            u64::from_le_bytes(bytes)
+        }))
+    }
+}
+
+impl Vcpu for SoftVcpu {
+    fn run(&mut self, op: GuestOp) -> Result<VcpuExit> {
+        match op {
+            GuestOp::Read { gpa, size } => self.access(gpa, size, None),
+            GuestOp::Write { gpa, size, value } => self.access(gpa, size, Some(value)),
+            GuestOp::MapGpaRange {
+                gpa,
+                npages,
+                attributes,
+            } => {
+                // KVM validates the range first: -KVM_EINVAL to the guest.
+                let end = (gpa >> PAGE_SHIFT).checked_add(npages);
+                if gpa & (PAGE_SIZE - 1) != 0 || npages == 0 || end.is_none_or(|e| e > 1 << 52) {
+                    return Ok(VcpuExit::Done(KVM_EINVAL.wrapping_neg()));
+                }
+                // FAULT-8: exits only when userspace asked for it.
+                let mask = self.vm.exit_hypercall.load(Ordering::Acquire);
+                Ok(if mask & (1 << KVM_HC_MAP_GPA_RANGE) != 0 {
+                    VcpuExit::Hypercall {
+                        nr: KVM_HC_MAP_GPA_RANGE,
+                        gpa,
+                        npages,
+                        attributes,
+                    }
+                } else {
+                    VcpuExit::Done(KVM_ENOSYS.wrapping_neg())
+                })
+            }
+        }
+    }
+}

@@ -1,0 +1,620 @@
+//! A software VM: memslots and bindings (spec section 3), memory attributes
+//! (section 5) and capabilities (section 8).
+//!
+//! Lock order, as in the kernel (INVAL-5):
+//! 1. `VmInner::state`, the slots lock (`kvm->slots_lock`; guest accesses
+//!    hold it for reading, as the kernel's fault path holds SRCU);
+//! 2. `GmemInode::invalidate_lock` of a file (`filemap_invalidate_lock`);
+//! 3. the invalidation observer list (the MMU lock: leaf).
+//!
+//! Punch hole takes only 2 then 3. A `GmemFile` must never be dropped while
+//! 1 or 2 is held, because its release takes both: callers that resolve an
+//! fd to a file hold the reference in a variable declared before the guard.
+
+use std::collections::HashSet;
+use std::ops::Range;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+use rangemap::RangeMap;
+
+use super::guest_memfd::{fget, memfd, GmemFile, SoftGuestMemfd};
+use super::host::HostRegistry;
+use super::invalidate::{InvalidateCause, InvalidationObserver, Invalidations};
+use super::memslot::{GmemBinding, Memslot, Memslots};
+use super::vcpu::SoftVcpu;
+use crate::error::Result;
+use crate::hypervisor::{GuestMemfd, Vcpu, Vm};
+use crate::refuse;
+use crate::uapi::*;
+
+/// Highest vCPU id + 1 (`KVM_MAX_VCPU_IDS` on x86).
+const KVM_MAX_VCPU_IDS: u64 = 4096;
+/// Address spaces of an x86 VM without private memory: normal and SMM.
+pub(crate) const KVM_MAX_NR_ADDRESS_SPACES: u16 = 2;
+
+/// What the slots lock protects: memslots and the attribute map.
+pub(crate) struct VmState {
+    pub(crate) memslots: Vec<Memslots>,
+    /// gfn ranges with non-zero attributes; everything else is shared
+    /// (ATTR-3). Stored by range, so a conversion costs the same for 4 KiB
+    /// and for 1 TiB (ATTR-6).
+    pub(crate) attributes: RangeMap<u64, u64>,
+}
+
+impl VmState {
+    pub(crate) fn memslot_mut(&mut self, as_id: u16, id: u16) -> Option<&mut Memslot> {
+        self.memslots.get_mut(as_id as usize)?.get_mut(id)
+    }
+
+    pub(crate) fn attributes(&self, gfn: u64) -> u64 {
+        self.attributes.get(&gfn).copied().unwrap_or(0)
+    }
+}
+
+/// The VM object: lives while its handle, a vCPU or a guest_memfd holds it
+/// (LIFE-1).
+pub(crate) struct VmInner {
+    pub(crate) vm_type: u64,
+    pub(crate) has_private_mem: bool,
+    pub(crate) nr_as: u16,
+    pub(crate) state: RwLock<VmState>,
+    pub(crate) invalidations: Invalidations,
+    pub(crate) host: Arc<HostRegistry>,
+    /// Hypercalls that exit to userspace (`KVM_CAP_EXIT_HYPERCALL`).
+    pub(crate) exit_hypercall: AtomicU64,
+    vcpu_ids: Mutex<HashSet<u64>>,
+}
+
+/// Capability answers, system-wide (`vm` None) or for a VM (CAP-1, CAP-3).
+pub(crate) fn check_extension(vm: Option<&VmInner>, cap: u32) -> i64 {
+    let private = vm.is_none_or(|v| v.has_private_mem);
+    match cap {
+        KVM_CAP_USER_MEMORY2 | KVM_CAP_MEMORY_FAULT_INFO | KVM_CAP_GUEST_MEMFD => 1,
+        KVM_CAP_MEMORY_ATTRIBUTES if private => KVM_MEMORY_ATTRIBUTE_PRIVATE as i64,
+        KVM_CAP_VM_TYPES => 1 << KVM_X86_DEFAULT_VM | 1 << KVM_X86_SW_PROTECTED_VM,
+        KVM_CAP_GUEST_MEMFD_FLAGS => match vm {
+            Some(v) if v.has_private_mem => GUEST_MEMFD_FLAG_MMAP as i64,
+            _ => (GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED) as i64,
+        },
+        KVM_CAP_EXIT_HYPERCALL => 1 << KVM_HC_MAP_GPA_RANGE,
+        KVM_CAP_NR_MEMSLOTS => KVM_USER_MEM_SLOTS as i64,
+        KVM_CAP_MULTI_ADDRESS_SPACE => vm.map_or(KVM_MAX_NR_ADDRESS_SPACES, |v| v.nr_as) as i64,
+        _ => 0,
+    }
+}
+
+/// A software VM handle: dropping it drops the handle's reference only.
+pub struct SoftVm {
+    pub(crate) inner: Arc<VmInner>,
+    fd: OwnedFd,
+}
+
+impl SoftVm {
+    pub(crate) fn create(host: &Arc<HostRegistry>, vm_type: u64) -> Result<SoftVm> {
+        let has_private_mem = match vm_type as u32 {
+            _ if vm_type > u32::MAX as u64 => {
+                refuse!(EINVAL, "CAP-2", "VM type {vm_type:#x} is not a VM type")
+            }
+            KVM_X86_DEFAULT_VM => false,
+            KVM_X86_SW_PROTECTED_VM => true,
+            t => refuse!(
+                EINVAL,
+                "CAP-2",
+                "VM type {t} ({}) is not supported by the software backend",
+                vm_type_name(vm_type)
+            ),
+        };
+        let nr_as = if has_private_mem {
+            1
+        } else {
+            KVM_MAX_NR_ADDRESS_SPACES
+        };
+        let inner = Arc::new(VmInner {
+            vm_type,
+            has_private_mem,
+            nr_as,
+            state: RwLock::new(VmState {
+                memslots: (0..nr_as).map(|_| Memslots::default()).collect(),
+                attributes: RangeMap::new(),
+            }),
+            invalidations: Invalidations::default(),
+            host: host.clone(),
+            exit_hypercall: AtomicU64::new(0),
+            vcpu_ids: Mutex::new(HashSet::new()),
+        });
+        Ok(SoftVm {
+            inner,
+            fd: memfd("gmem-soft:vm", libc::MFD_CLOEXEC)?,
+        })
+    }
+
+    /// Registers an observer of every invalidation of this VM's guest
+    /// mappings; it stays registered while the `Arc` lives.
+    pub fn register_invalidation_observer(&self, observer: &Arc<dyn InvalidationObserver>) {
+        self.inner.invalidations.register(observer);
+    }
+
+    /// `mmu_invalidate_seq`: bumped by every invalidation.
+    pub fn invalidate_seq(&self) -> u64 {
+        self.inner.invalidations.seq()
+    }
+
+    /// The attributes of `gfn` (`kvm_get_memory_attributes`).
+    pub fn memory_attributes(&self, gfn: u64) -> u64 {
+        self.inner.state.read().attributes(gfn)
+    }
+
+    /// How many ranges the attribute map stores (ATTR-6: by range).
+    pub fn attribute_ranges(&self) -> usize {
+        self.inner.state.read().attributes.iter().count()
+    }
+
+    /// Number of memslots in address space `as_id`.
+    pub fn nr_memslots(&self, as_id: u16) -> usize {
+        self.inner
+            .state
+            .read()
+            .memslots
+            .get(as_id as usize)
+            .map_or(0, Memslots::len)
+    }
+
+    fn set_memory_region(&self, mem: &kvm_userspace_memory_region2) -> Result<()> {
+        let id = mem.slot as u16;
+        let as_id = (mem.slot >> 16) as u16;
+        // Resolve the fd before taking the slots lock, and keep the
+        // reference alive until after it is released (lock order above).
+        let file = (mem.flags & KVM_MEM_GUEST_MEMFD != 0).then(|| fget(mem.guest_memfd));
+        if id as u32 >= KVM_USER_MEM_SLOTS {
+            refuse!(
+                EINVAL,
+                "SLOT-2",
+                "slot id {id} >= {KVM_USER_MEM_SLOTS} user memslots"
+            );
+        }
+        let mut state = self.inner.state.write();
+        self.check_region(mem, as_id)?;
+        let slots = &mut state.memslots[as_id as usize];
+        let npages = mem.memory_size >> PAGE_SHIFT;
+        let base_gfn = mem.guest_phys_addr >> PAGE_SHIFT;
+        if mem.memory_size == 0 {
+            let Some(old) = slots.remove(id) else {
+                refuse!(
+                    EINVAL,
+                    "SLOT-10",
+                    "deleting slot {id} (as {as_id}) that does not exist"
+                );
+            };
+            self.unbind(&old, as_id);
+            self.inner.invalidations.invalidate(
+                as_id,
+                id,
+                old.base_gfn..old.end_gfn(),
+                InvalidateCause::SlotDelete,
+            );
+            return Ok(());
+        }
+        if let Some(old) = slots.get(id) {
+            if mem.flags & KVM_MEM_GUEST_MEMFD != 0 {
+                refuse!(
+                    EINVAL,
+                    "SLOT-11",
+                    "slot {id} exists: guest_memfd slots can only be created and deleted"
+                );
+            }
+            if old.gmem.is_some() {
+                refuse!(
+                    EINVAL,
+                    "SLOT-11",
+                    "slot {id} is a guest_memfd slot: it can only be deleted"
+                );
+            }
+            if mem.userspace_addr != old.userspace_addr || npages != old.npages {
+                refuse!(
+                    EINVAL,
+                    "SLOT-11",
+                    "slot {id} exists with userspace_addr {:#x} size {:#x}: neither can change (asked {:#x}, {:#x})",
+                    old.userspace_addr,
+                    old.npages << PAGE_SHIFT,
+                    mem.userspace_addr,
+                    mem.memory_size
+                );
+            }
+            if (mem.flags ^ old.flags) & KVM_MEM_READONLY != 0 {
+                refuse!(
+                    EINVAL,
+                    "SLOT-11",
+                    "slot {id}: READONLY cannot be changed on an existing slot"
+                );
+            }
+            if base_gfn == old.base_gfn {
+                // A flags-only change, or a no-op.
+                slots.get_mut(id).expect("slot exists").flags = mem.flags;
+                return Ok(());
+            }
+        }
+        if let Some(other) = slots.overlapping(id, base_gfn, base_gfn + npages) {
+            refuse!(
+                EEXIST,
+                "SLOT-12",
+                "gfns [{base_gfn:#x}, {:#x}) overlap slot {} at [{:#x}, {:#x})",
+                base_gfn + npages,
+                other.id,
+                other.base_gfn,
+                other.end_gfn()
+            );
+        }
+        let mut new = Memslot {
+            id,
+            base_gfn,
+            npages,
+            flags: mem.flags,
+            userspace_addr: mem.userspace_addr,
+            gmem: None,
+        };
+        if let Some(file) = &file {
+            new.gmem = Some(self.bind(file, &new, as_id, mem.guest_memfd_offset)?);
+        }
+        if let Some(old) = slots.remove(id) {
+            self.inner.invalidations.invalidate(
+                as_id,
+                id,
+                old.base_gfn..old.end_gfn(),
+                InvalidateCause::SlotMove,
+            );
+        }
+        slots.insert(new);
+        drop(state);
+        drop(file);
+        Ok(())
+    }
+
+    /// The ordered checks of `kvm_set_memory_region` that need no slot
+    /// (SLOT-3..SLOT-9).
+    fn check_region(&self, mem: &kvm_userspace_memory_region2, as_id: u16) -> Result<()> {
+        let mut valid = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_GUEST_MEMFD | KVM_MEM_READONLY;
+        if mem.flags & KVM_MEM_GUEST_MEMFD != 0 {
+            valid &= !(KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY);
+        }
+        if mem.flags & !valid != 0 {
+            refuse!(
+                EINVAL,
+                "SLOT-3",
+                "memslot flags {:#x}: bits {:#x} are not allowed{}",
+                mem.flags,
+                mem.flags & !valid,
+                if mem.flags & KVM_MEM_GUEST_MEMFD != 0 {
+                    " with GUEST_MEMFD"
+                } else {
+                    ""
+                }
+            );
+        }
+        if !page_aligned(mem.memory_size) {
+            refuse!(
+                EINVAL,
+                "SLOT-4",
+                "memory_size {:#x} is not a multiple of the page size",
+                mem.memory_size
+            );
+        }
+        if !page_aligned(mem.guest_phys_addr) {
+            refuse!(
+                EINVAL,
+                "SLOT-5",
+                "guest_phys_addr {:#x} is not page aligned",
+                mem.guest_phys_addr
+            );
+        }
+        if !page_aligned(mem.userspace_addr) {
+            refuse!(
+                EINVAL,
+                "SLOT-6",
+                "userspace_addr {:#x} is not page aligned",
+                mem.userspace_addr
+            );
+        }
+        if mem
+            .userspace_addr
+            .checked_add(mem.memory_size)
+            .is_none_or(|end| end >= TASK_SIZE_MAX)
+        {
+            refuse!(
+                EINVAL,
+                "SLOT-6",
+                "userspace range [{:#x}, +{:#x}) is not a valid user range (ends at or past {TASK_SIZE_MAX:#x})",
+                mem.userspace_addr,
+                mem.memory_size
+            );
+        }
+        if mem.flags & KVM_MEM_GUEST_MEMFD != 0 {
+            if !page_aligned(mem.guest_memfd_offset) {
+                refuse!(
+                    EINVAL,
+                    "SLOT-7",
+                    "guest_memfd_offset {:#x} is not page aligned",
+                    mem.guest_memfd_offset
+                );
+            }
+            if mem
+                .guest_memfd_offset
+                .checked_add(mem.memory_size)
+                .is_none()
+            {
+                refuse!(
+                    EINVAL,
+                    "SLOT-7",
+                    "guest_memfd_offset {:#x} + memory_size {:#x} wraps",
+                    mem.guest_memfd_offset,
+                    mem.memory_size
+                );
+            }
+        }
+        if as_id >= self.inner.nr_as {
+            refuse!(
+                EINVAL,
+                "SLOT-8",
+                "address space {as_id} >= this VM's {} address spaces",
+                self.inner.nr_as
+            );
+        }
+        if mem.guest_phys_addr.checked_add(mem.memory_size).is_none() {
+            refuse!(
+                EINVAL,
+                "SLOT-9",
+                "guest_phys_addr {:#x} + memory_size {:#x} wraps",
+                mem.guest_phys_addr,
+                mem.memory_size
+            );
+        }
+        if mem.memory_size >> PAGE_SHIFT > KVM_MEM_MAX_NR_PAGES {
+            refuse!(
+                EINVAL,
+                "SLOT-9",
+                "memory_size {:#x} is more than {KVM_MEM_MAX_NR_PAGES:#x} pages",
+                mem.memory_size
+            );
+        }
+        Ok(())
+    }
+
+    /// `kvm_gmem_bind` (BIND-*), with the slots lock held.
+    fn bind(
+        &self,
+        file: &Result<Arc<GmemFile>>,
+        slot: &Memslot,
+        as_id: u16,
+        offset: u64,
+    ) -> Result<GmemBinding> {
+        let file = file.as_ref().map_err(Clone::clone)?;
+        if !Arc::ptr_eq(&file.vm, &self.inner) {
+            refuse!(EINVAL, "BIND-3", "the guest_memfd belongs to another VM");
+        }
+        let size = slot.npages << PAGE_SHIFT;
+        let inode = &file.inode;
+        if (offset as i64) < 0 || offset + size > inode.size {
+            refuse!(
+                EINVAL,
+                "BIND-4",
+                "guest_memfd_offset {offset:#x} + memory_size {size:#x} is past the end of the {:#x}-byte file",
+                inode.size
+            );
+        }
+        let start = offset >> PAGE_SHIFT;
+        let indices = start..start + slot.npages;
+        let mut bindings = inode.invalidate_lock.write();
+        if let Some((r, b)) = bindings.overlapping(indices.clone()).next() {
+            refuse!(
+                EINVAL,
+                "BIND-5",
+                "file pages [{:#x}, {:#x}) are already bound: pages [{:#x}, {:#x}) belong to slot {}",
+                indices.start,
+                indices.end,
+                r.start,
+                r.end,
+                b.slot
+            );
+        }
+        bindings.insert(
+            indices,
+            super::guest_memfd::BindingRef {
+                as_id,
+                slot: slot.id,
+                base_gfn: slot.base_gfn,
+            },
+        );
+        Ok(GmemBinding {
+            file: Some(inode.clone()),
+            pgoff: start,
+            gmem_only: inode.supports_mmap(),
+        })
+    }
+
+    /// `kvm_gmem_unbind`: the file range is free again; memory is untouched
+    /// (LIFE-4).
+    fn unbind(&self, slot: &Memslot, _as_id: u16) {
+        if let Some(GmemBinding {
+            file: Some(inode),
+            pgoff,
+            ..
+        }) = &slot.gmem
+        {
+            inode
+                .invalidate_lock
+                .write()
+                .remove(*pgoff..pgoff + slot.npages);
+        }
+    }
+
+    fn set_attributes(&self, attrs: &kvm_memory_attributes) -> Result<()> {
+        let supported = check_extension(Some(&self.inner), KVM_CAP_MEMORY_ATTRIBUTES) as u64;
+        if attrs.flags != 0 {
+            refuse!(
+                EINVAL,
+                "ATTR-1",
+                "memory attributes flags {:#x} must be 0",
+                attrs.flags
+            );
+        }
+        if attrs.attributes & !supported != 0 {
+            refuse!(
+                EINVAL,
+                "ATTR-1",
+                "attributes {:#x} are not supported by this VM (supported: {supported:#x})",
+                attrs.attributes
+            );
+        }
+        if attrs.size == 0 || attrs.address.checked_add(attrs.size).is_none() {
+            refuse!(
+                EINVAL,
+                "ATTR-2",
+                "address {:#x} size {:#x}: size is 0 or the range wraps",
+                attrs.address,
+                attrs.size
+            );
+        }
+        if !page_aligned(attrs.address) || !page_aligned(attrs.size) {
+            refuse!(
+                EINVAL,
+                "ATTR-2",
+                "address {:#x} size {:#x} is not page aligned",
+                attrs.address,
+                attrs.size
+            );
+        }
+        let gfns = attrs.address >> PAGE_SHIFT..(attrs.address + attrs.size) >> PAGE_SHIFT;
+        let mut state = self.inner.state.write();
+        if range_has(&state.attributes, &gfns, attrs.attributes) {
+            return Ok(());
+        }
+        for (as_id, slots) in state.memslots.iter().enumerate() {
+            for slot in slots.intersecting(gfns.start, gfns.end) {
+                let zap = gfns.start.max(slot.base_gfn)..gfns.end.min(slot.end_gfn());
+                self.inner.invalidations.invalidate(
+                    as_id as u16,
+                    slot.id,
+                    zap,
+                    InvalidateCause::Attributes,
+                );
+            }
+        }
+        if attrs.attributes == 0 {
+            state.attributes.remove(gfns);
+        } else {
+            state.attributes.insert(gfns, attrs.attributes);
+        }
+        Ok(())
+    }
+}
+
+/// Does every gfn of `gfns` already have attributes `value`?
+fn range_has(map: &RangeMap<u64, u64>, gfns: &Range<u64>, value: u64) -> bool {
+    if value == 0 {
+        !map.overlaps(gfns)
+    } else {
+        map.gaps(gfns).next().is_none() && map.overlapping(gfns).all(|(_, v)| *v == value)
+    }
+}
+
+impl AsRawFd for SoftVm {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl Vm for SoftVm {
+    fn vm_type(&self) -> u64 {
+        self.inner.vm_type
+    }
+
+    fn check_extension(&self, cap: u32) -> i64 {
+        check_extension(Some(&self.inner), cap)
+    }
+
+    fn enable_cap(&self, cap: u32, arg0: u64) -> Result<()> {
+        match cap {
+            KVM_CAP_EXIT_HYPERCALL => {
+                let valid = 1u64 << KVM_HC_MAP_GPA_RANGE;
+                if arg0 & !valid != 0 {
+                    refuse!(
+                        EINVAL,
+                        "FAULT-8",
+                        "hypercall mask {arg0:#x} has bits outside {valid:#x}"
+                    );
+                }
+                self.inner.exit_hypercall.store(arg0, Ordering::Release);
+                Ok(())
+            }
+            _ => refuse!(
+                EINVAL,
+                "CAP-1",
+                "capability {cap} cannot be enabled on the software backend"
+            ),
+        }
+    }
+
+    fn create_guest_memfd(&self, args: kvm_create_guest_memfd) -> Result<Box<dyn GuestMemfd>> {
+        let supported = check_extension(Some(&self.inner), KVM_CAP_GUEST_MEMFD_FLAGS) as u64;
+        if args.flags & !supported != 0 {
+            refuse!(
+                EINVAL,
+                "CREATE-1",
+                "guest_memfd flags {:#x} are not a subset of this VM's supported {supported:#x}",
+                args.flags
+            );
+        }
+        let size = args.size as i64;
+        if size <= 0 || !page_aligned(args.size) {
+            refuse!(
+                EINVAL,
+                "CREATE-2",
+                "guest_memfd size {size:#x} must be > 0 and a multiple of the page size"
+            );
+        }
+        Ok(Box::new(SoftGuestMemfd::create(
+            &self.inner,
+            args.size,
+            args.flags,
+        )?))
+    }
+
+    fn set_user_memory_region(&self, region: kvm_userspace_memory_region) -> Result<()> {
+        if region.flags & !KVM_SET_USER_MEMORY_REGION_V1_FLAGS != 0 {
+            refuse!(
+                EINVAL,
+                "SLOT-1",
+                "KVM_SET_USER_MEMORY_REGION flags {:#x}: only LOG_DIRTY_PAGES and READONLY are accepted",
+                region.flags
+            );
+        }
+        self.set_memory_region(&kvm_userspace_memory_region2 {
+            slot: region.slot,
+            flags: region.flags,
+            guest_phys_addr: region.guest_phys_addr,
+            memory_size: region.memory_size,
+            userspace_addr: region.userspace_addr,
+            ..Default::default()
+        })
+    }
+
+    fn set_user_memory_region2(&self, region: kvm_userspace_memory_region2) -> Result<()> {
+        self.set_memory_region(&region)
+    }
+
+    fn set_memory_attributes(&self, attributes: kvm_memory_attributes) -> Result<()> {
+        self.set_attributes(&attributes)
+    }
+
+    fn create_vcpu(&self, id: u64) -> Result<Box<dyn Vcpu>> {
+        if id >= KVM_MAX_VCPU_IDS {
+            refuse!(EINVAL, "LIFE-1", "vCPU id {id} >= {KVM_MAX_VCPU_IDS}");
+        }
+        if !self.inner.vcpu_ids.lock().insert(id) {
+            refuse!(EEXIST, "LIFE-1", "vCPU {id} already exists");
+        }
+        Ok(Box::new(SoftVcpu::new(self.inner.clone())))
+    }
+}
