@@ -407,7 +407,7 @@ impl fmt::Display for Outcome {
             Outcome::Value { value, hex: false } => write!(f, "{value}"),
             Outcome::Sigbus => f.write_str("sigbus"),
             Outcome::MemoryFault { gpa, size, flags } => {
-                write!(f, "exit memory_fault gpa={gpa:#x} size={size:#x} flags=")?;
+                write!(f, "exit memory_fault gpa={gpa:#x} size={size} flags=")?;
                 priv_word(f, *flags, KVM_MEMORY_EXIT_FLAG_PRIVATE as u64)
             }
             Outcome::Mmio { gpa, write } => {
