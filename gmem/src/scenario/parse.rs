@@ -100,7 +100,15 @@ pub fn parse(path: &str, text: &str) -> Result<Scenario, ParseErrors> {
         match p.line(&mut cx, &mut requires) {
             Ok(Some(l)) => lines.push(l),
             Ok(None) => {}
-            Err(e) => p.errors.push(*e),
+            Err(e) => {
+                // Keep the name a failed line binds, so that later lines
+                // using it do not each report it as unbound.
+                let toks = words(content, 0);
+                if toks.len() >= 2 && toks[1].text == "=" && is_ident(toks[0].text) {
+                    p.bound.insert(toks[0].text.to_string());
+                }
+                p.errors.push(*e)
+            }
         }
     }
     if p.errors.is_empty() {

@@ -199,11 +199,14 @@ impl Checker<'_> {
             let p = path.canonicalize().ok()?;
             p.strip_prefix(&c).ok().map(Path::to_path_buf)
         });
-        let p = rel.unwrap_or_else(|| path.to_path_buf());
-        p.components()
-            .map(|c| c.as_os_str().to_string_lossy().into_owned())
-            .collect::<Vec<_>>()
-            .join("/")
+        match rel {
+            Some(p) => p
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join("/"),
+            None => path.display().to_string(),
+        }
     }
 
     /// Reads, parses and runs one file on every backend.
@@ -252,10 +255,10 @@ impl Checker<'_> {
         let mut results = Vec::new();
         for b in &self.backends {
             let (result, r) = match &b.hv {
-                Err(why) => (
+                Err(_) => (
                     BackendResult {
                         backend: b.name.clone(),
-                        verdict: Verdict::Skip(why.clone()),
+                        verdict: Verdict::Skip(format!("{} backend not available", b.name)),
                         problems: vec![],
                         departures: vec![],
                         lines: vec![],
