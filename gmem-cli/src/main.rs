@@ -102,6 +102,9 @@ fn corpus_dir() -> PathBuf {
     }
 }
 
+/// A backend, or why it could not be opened.
+type Opened = Result<Box<dyn Hypervisor>, String>;
+
 fn check(paths: Vec<PathBuf>, which: Which, json: bool, departures: Option<PathBuf>) -> ExitCode {
     let corpus = corpus_dir();
     let paths = if paths.is_empty() {
@@ -143,7 +146,7 @@ fn check(paths: Vec<PathBuf>, which: Which, json: bool, departures: Option<PathB
         Which::Kvm => &[Backend::Kvm],
         Which::Both => &[Backend::Soft, Backend::Kvm],
     };
-    let opened: Vec<(Backend, Result<Box<dyn Hypervisor>, String>)> = wanted
+    let opened: Vec<(Backend, Opened)> = wanted
         .iter()
         .map(|b| (*b, b.open().map_err(|e| e.to_string())))
         .collect();

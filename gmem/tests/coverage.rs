@@ -179,5 +179,8 @@ fn every_selftest_case_of_section_9_is_carried_over() {
         .iter()
         .filter(|c| !seen.contains(**c))
         .collect();
-    assert!(missing.is_empty(), "section 9 cases without a scenario: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "section 9 cases without a scenario: {missing:?}"
+    );
 }

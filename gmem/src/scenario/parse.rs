@@ -1071,3 +1071,283 @@ pub fn parse_outcome(text: &str) -> Result<Outcome, ParseError> {
     };
     outcome(&cx, text, 0).map_err(|e| *e)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Errno;
+    use proptest::prelude::*;
+
+    fn err(text: &str) -> ParseError {
+        parse("t.gmem", text).unwrap_err().0.remove(0)
+    }
+
+    #[test]
+    fn the_example_of_the_format_parses() {
+        let text = "\
+# The end of a binding is exclusive: a slot may reach the file's last byte, not past it.
+vm = create_vm
+g  = create_guest_memfd vm size=16K flags=mmap|init_shared
+set_memory_region vm slot=1 gpa=0x100000 size=16K flags=guest_memfd guest_memfd=g offset=0
+set_memory_region vm slot=2 gpa=0x200000 size=4K flags=guest_memfd guest_memfd=g offset=16K => EINVAL
+m  = mmap g
+host_write m offset=0 byte=0xaa
+guest_read vm gpa=0x100000 => 0xaa
+fallocate g mode=punch_hole offset=0 len=4K
+guest_read vm gpa=0x100000 => 0x00
+";
+        let sc = parse("example.gmem", text).unwrap();
+        assert_eq!(sc.lines.len(), 9);
+        assert_eq!(sc.lines[1].bind.as_deref(), Some("g"));
+        assert_eq!(
+            sc.lines[3].expect,
+            Outcome::Errno {
+                errno: Errno::EINVAL
+            }
+        );
+        assert_eq!(sc.lines[6].line, 8);
+        assert!(matches!(
+            sc.lines[1].op,
+            Op::CreateGuestMemfd {
+                size: 16384,
+                flags: 3,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn every_outcome_of_the_format_parses() {
+        for o in [
+            "ok",
+            "EINVAL",
+            "0x42",
+            "sigbus",
+            "exit memory_fault gpa=0x1000 size=4096 flags=private",
+            "exit mmio gpa=0x1000",
+            "exit mmio gpa=0x1000 write",
+            "exit hypercall gpa=0x1000 pages=1 attributes=shared",
+            "size=4096 blksize=4096",
+            "32764",
+            "timeout",
+        ] {
+            parse_outcome(o).unwrap_or_else(|e| panic!("{o}: {e}"));
+        }
+    }
+
+    #[test]
+    fn numbers_take_hex_suffixes_separators_and_signs() {
+        assert_eq!(parse_number("16K"), Some(16384));
+        assert_eq!(parse_number("0x1_0000_0000"), Some(1 << 32));
+        assert_eq!(parse_number("2M"), Some(2 << 20));
+        assert_eq!(parse_number("1T"), Some(1 << 40));
+        assert_eq!(parse_number("0xfK"), Some(15 << 10));
+        assert_eq!(parse_number("-1"), Some(u64::MAX));
+        assert_eq!(parse_number("0o600"), Some(0o600));
+        assert_eq!(parse_number("17000000T"), None);
+        assert_eq!(parse_number("+1"), None);
+        assert_eq!(parse_number("K"), None);
+        assert_eq!(parse_number(""), None);
+        assert_eq!(parse_number("0x"), None);
+    }
+
+    #[test]
+    fn unknown_operation_names_line_column_and_the_operations() {
+        let e = err("vm = create_vm\n  frobnicate vm\n");
+        assert_eq!((e.line, e.column), (2, 3));
+        assert_eq!(e.expected, "an operation");
+        assert_eq!(e.found, "`frobnicate`");
+        assert!(e.hint.contains("create_guest_memfd"), "{}", e.hint);
+    }
+
+    #[test]
+    fn missing_argument_points_at_the_end_of_the_line() {
+        let e = err("vm = create_vm\ng = create_guest_memfd vm");
+        assert_eq!((e.line, e.column), (2, 26));
+        assert!(e.expected.contains("size="), "{}", e.expected);
+        assert!(e.hint.contains("usage"), "{}", e.hint);
+    }
+
+    #[test]
+    fn bad_number_has_the_number_hint() {
+        let e = err("h = host_memory size=12Q");
+        assert_eq!(e.column, 22);
+        assert!(e.hint.contains("0x"), "{}", e.hint);
+    }
+
+    #[test]
+    fn unbound_handle_is_refused_with_how_to_bind_it() {
+        let e = err("stat g");
+        assert_eq!(e.column, 6);
+        assert!(e.hint.contains("g = "), "{}", e.hint);
+    }
+
+    #[test]
+    fn unknown_errno_and_outcome_are_refused() {
+        let e = err("vm = create_vm => EWHATEVER");
+        assert_eq!(e.column, 19);
+        assert!(e.hint.contains("EINVAL"));
+        let e = err("vm = create_vm => maybe");
+        assert_eq!(e.expected, "an outcome");
+        let e = err("vm = create_vm =>");
+        assert_eq!(e.found, "end of line");
+    }
+
+    #[test]
+    fn unknown_and_repeated_arguments_are_refused() {
+        let e = err("h = host_memory size=4K colour=blue");
+        assert_eq!(e.column, 25);
+        let e = err("h = host_memory size=4K size=8K");
+        assert!(e.hint.contains("twice"), "{}", e.hint);
+    }
+
+    #[test]
+    fn binding_a_non_handle_operation_is_refused() {
+        let e = err("vm = create_vm\nx = check_extension vm guest_memfd");
+        assert_eq!((e.line, e.column), (2, 1));
+    }
+
+    #[test]
+    fn require_lines_are_checked() {
+        let sc = parse(
+            "t",
+            "require vm_type:sw_protected memory_attributes address_spaces:2\n",
+        )
+        .unwrap();
+        assert_eq!(sc.requires.len(), 3);
+        let e = err("require vm_type:sev_snp_tdx");
+        assert_eq!(e.column, 17);
+        let e = err("require teleport");
+        assert!(e.hint.contains("exit_hypercall"));
+    }
+
+    #[test]
+    fn every_error_of_a_file_is_reported() {
+        let errs = parse("t", "frob\nstat x\nvm = create_vm\n").unwrap_err().0;
+        assert_eq!(errs.len(), 2);
+        assert_eq!(errs[1].line, 2);
+    }
+
+    #[test]
+    fn comments_may_follow_a_line() {
+        let sc = parse("t", "vm = create_vm # the VM\n  # only a comment\n").unwrap();
+        assert_eq!(sc.lines.len(), 1);
+        assert_eq!(sc.lines[0].text, "vm = create_vm");
+    }
+
+    fn vocabulary() -> impl Strategy<Value = String> {
+        let words = prop::sample::select(vec![
+            "vm",
+            "g",
+            "m",
+            "h",
+            "=",
+            "=>",
+            "|",
+            "#",
+            "create_vm",
+            "create_guest_memfd",
+            "set_memory_region",
+            "delete_memory_region",
+            "set_memory_attributes",
+            "fallocate",
+            "mmap",
+            "host_write",
+            "host_read",
+            "guest_read",
+            "guest_write",
+            "guest_map_gpa_range",
+            "check_extension",
+            "close",
+            "stat",
+            "require",
+            "size=",
+            "size=4K",
+            "flags=mmap|",
+            "slot=",
+            "gpa=0x",
+            "offset=-",
+            "0x",
+            "16K",
+            "EINVAL",
+            "exit",
+            "mmio",
+            "memory_fault",
+            "gpa=1",
+            "private",
+            "shared",
+            "ok",
+            "type=sw_protected",
+            "vm_type:",
+            "guest_memfd=",
+            "userspace=h",
+            "é",
+            "\t",
+            "0xffffffffffffffffff",
+            "-",
+            "K",
+            "=>=>",
+            "a=b=c",
+        ]);
+        prop::collection::vec(
+            (words, prop::sample::select(vec![" ", "", "\n", "  "])),
+            0..40,
+        )
+        .prop_map(|v| v.into_iter().map(|(w, s)| format!("{w}{s}")).collect())
+    }
+
+    fn outcome() -> impl Strategy<Value = Outcome> {
+        prop_oneof![
+            Just(Outcome::Ok),
+            Just(Outcome::Sigbus),
+            Just(Outcome::Timeout),
+            (1i32..134).prop_map(|e| Outcome::Errno {
+                errno: Errno::from_raw(e)
+            }),
+            (any::<u64>(), any::<bool>()).prop_map(|(value, hex)| Outcome::Value { value, hex }),
+            (any::<u64>(), any::<u64>(), any::<u64>())
+                .prop_map(|(gpa, size, flags)| Outcome::MemoryFault { gpa, size, flags }),
+            (any::<u64>(), any::<bool>()).prop_map(|(gpa, w)| Outcome::Mmio {
+                gpa,
+                write: Some(w)
+            }),
+            (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(gpa, pages, attributes)| {
+                Outcome::Hypercall {
+                    gpa,
+                    pages,
+                    attributes,
+                }
+            }),
+            (any::<i64>(), any::<i64>()).prop_map(|(s, b)| Outcome::Stat {
+                size: Some(s),
+                blksize: Some(b),
+                blocks: None,
+                mode: None
+            }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn parser_never_panics_on_arbitrary_text(text in any::<String>()) {
+            let _ = parse("fuzz.gmem", &text);
+        }
+
+        #[test]
+        fn parser_never_panics_on_scenario_like_text(text in vocabulary()) {
+            if let Err(errs) = parse("fuzz.gmem", &text) {
+                for e in errs.0 {
+                    prop_assert!(e.line >= 1 && e.column >= 1);
+                    prop_assert!(!e.hint.is_empty() && !e.expected.is_empty());
+                }
+            }
+        }
+
+        #[test]
+        fn outcomes_print_as_they_parse(o in outcome()) {
+            prop_assume!(!matches!(o, Outcome::Errno { errno } if errno == Errno::UnknownErrno));
+            let back = parse_outcome(&o.to_string()).unwrap();
+            prop_assert!(back.accepts(&o) && o.accepts(&back), "{} -> {:?}", o, back);
+        }
+    }
+}

@@ -596,3 +596,179 @@ pub fn render(report: &CheckReport) -> String {
     );
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::{AsRawFd, RawFd};
+
+    use super::*;
+    use crate::error::Result;
+    use crate::hypervisor::{HostMemory, Vm};
+    use crate::Backend;
+
+    /// The software backend under the name `kvm`, so that departures apply.
+    struct NamedKvm(Box<dyn Hypervisor>);
+
+    impl AsRawFd for NamedKvm {
+        fn as_raw_fd(&self) -> RawFd {
+            self.0.as_raw_fd()
+        }
+    }
+
+    impl Hypervisor for NamedKvm {
+        fn name(&self) -> &'static str {
+            "kvm"
+        }
+        fn check_extension(&self, cap: u32) -> i64 {
+            self.0.check_extension(cap)
+        }
+        fn create_vm(&self, vm_type: u64) -> Result<Box<dyn Vm>> {
+            self.0.create_vm(vm_type)
+        }
+        fn host_memory(&self, size: u64) -> Result<Box<dyn HostMemory>> {
+            self.0.host_memory(size)
+        }
+    }
+
+    const TEXT: &str = "vm = create_vm\nguest_read vm gpa=0x1000 => 0x01\nguest_read vm gpa=0x2000 => exit mmio gpa=0x2000 read\n";
+
+    fn check(departures: &str) -> ScenarioReport {
+        let soft = Backend::Soft.open().unwrap();
+        let kvm = NamedKvm(Backend::Soft.open().unwrap());
+        let checker = Checker {
+            backends: vec![
+                BackendSlot {
+                    name: "soft".into(),
+                    hv: Ok(soft.as_ref()),
+                },
+                BackendSlot {
+                    name: "kvm".into(),
+                    hv: Ok(&kvm),
+                },
+            ],
+            departures: Departures::parse(departures).unwrap(),
+            release: "6.18.44-test".into(),
+            corpus: None,
+        };
+        checker.check_text("t.gmem", "t.gmem", TEXT)
+    }
+
+    fn departure(line: usize, observed: &str) -> String {
+        format!("[[\"6.18.44-test\"]]\nscenario = \"t.gmem\"\nline = {line}\nobserved = \"{observed}\"\nexplanation = \"because\"\n")
+    }
+
+    #[test]
+    fn a_recorded_departure_turns_a_kvm_failure_into_departs() {
+        let r = check(&departure(2, "exit mmio gpa=0x1000 read"));
+        assert_eq!(
+            r.results[0].verdict,
+            Verdict::Fail,
+            "soft ignores departures"
+        );
+        assert_eq!(
+            r.results[1].verdict,
+            Verdict::Departs(vec!["line 2: because".into()])
+        );
+        assert_eq!(
+            r.results[1].departures[0].actual,
+            "exit mmio gpa=0x1000 read"
+        );
+    }
+
+    #[test]
+    fn a_departure_for_another_release_does_not_apply() {
+        let d = departure(2, "exit mmio gpa=0x1000 read").replace("6.18.44-test", "6.1.0");
+        let r = check(&d);
+        assert_eq!(r.results[1].verdict, Verdict::Fail);
+    }
+
+    #[test]
+    fn a_departure_that_no_longer_happens_is_a_stale_failure() {
+        let r = check(&(departure(2, "exit mmio gpa=0x1000 read") + &departure(3, "0x00")));
+        assert_eq!(r.results[1].verdict, Verdict::Fail);
+        let p = &r.results[1].problems;
+        assert_eq!(p.len(), 1);
+        assert_eq!((p[0].kind, p[0].line), (ProblemKind::StaleDeparture, 3));
+    }
+
+    #[test]
+    fn a_departure_on_a_line_without_an_operation_is_stale() {
+        let r = check(&(departure(2, "exit mmio gpa=0x1000 read") + &departure(9, "ok")));
+        let p = &r.results[1].problems;
+        assert_eq!((p[0].kind, p[0].line), (ProblemKind::StaleDeparture, 9));
+    }
+
+    #[test]
+    fn a_different_outcome_than_recorded_still_fails() {
+        let r = check(&departure(2, "EFAULT"));
+        assert_eq!(r.results[1].verdict, Verdict::Fail);
+        assert_eq!(r.results[1].problems[0].kind, ProblemKind::Mismatch);
+    }
+
+    #[test]
+    fn backends_that_agree_have_no_disagreements() {
+        let r = check("");
+        assert!(r.disagreements.is_empty());
+        assert!(render(&CheckReport {
+            kernel_release: "r".into(),
+            backends: vec![("soft".into(), None), ("kvm".into(), None)],
+            scenarios: vec![r],
+        })
+        .contains("expected: 0x01"));
+    }
+
+    #[test]
+    fn disagreements_are_reported_and_explained_by_departures() {
+        let line = |actual: Outcome| LineResult {
+            line: 2,
+            text: "guest_read vm gpa=0x1000 => 0x01".into(),
+            expected: Outcome::Value {
+                value: 1,
+                hex: true,
+            },
+            actual: Some(actual),
+            detail: None,
+            passed: false,
+        };
+        let soft = ScenarioRun {
+            skipped: None,
+            lines: vec![line(Outcome::Value {
+                value: 1,
+                hex: true,
+            })],
+        };
+        let kvm = ScenarioRun {
+            skipped: None,
+            lines: vec![line(Outcome::Value {
+                value: 0,
+                hex: true,
+            })],
+        };
+        let d = Departure {
+            scenario: "t".into(),
+            line: 2,
+            observed: "0x00".into(),
+            explanation: "reads userspace_addr".into(),
+        };
+        let results = vec![judge("soft", &soft, &[]), judge("kvm", &kvm, &[&d])];
+        let dis = compare(&results, &[Some(soft), Some(kvm)]);
+        assert_eq!(dis.len(), 1);
+        assert_eq!(dis[0].outcomes[1], ("kvm".to_string(), "0x00".to_string()));
+        assert_eq!(dis[0].explained_by.as_deref(), Some("reads userspace_addr"));
+    }
+
+    #[test]
+    fn a_skipped_backend_is_not_compared() {
+        let soft = ScenarioRun {
+            skipped: None,
+            lines: vec![],
+        };
+        let kvm = ScenarioRun {
+            skipped: Some("requires x".into()),
+            lines: vec![],
+        };
+        let results = vec![judge("soft", &soft, &[]), judge("kvm", &kvm, &[])];
+        assert_eq!(results[1].verdict, Verdict::Skip("requires x".into()));
+        assert!(compare(&results, &[Some(soft), Some(kvm)]).is_empty());
+    }
+}
