@@ -178,7 +178,7 @@ fn meaning(
         "guest conversion requests".to_string(),
         yes_no(
             hc & (1 << KVM_HC_MAP_GPA_RANGE) != 0,
-            "KVM_HC_MAP_GPA_RANGE can exit to the VMM (KVM_CAP_EXIT_HYPERCALL)".into(),
+            "KVM_CAP_EXIT_HYPERCALL offers KVM_HC_MAP_GPA_RANGE exits (whether a guest's hypercall really exits: `gmem check scenarios/6-faults/hypercall-exit.gmem`)".into(),
             format!("KVM_CAP_EXIT_HYPERCALL is {hc:#x}"),
         ),
     ));
