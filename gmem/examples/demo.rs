@@ -1,6 +1,7 @@
 //! A short tour of the software backend: create, bind, share, punch,
 //! convert, release. Every step prints what it did and what it observed.
 
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
 use gmem::soft::{Invalidation, InvalidationObserver, SoftHypervisor};
@@ -57,7 +58,7 @@ fn main() -> Result<()> {
     let recorder = Arc::new(Recorder::default());
     let observer: Arc<dyn InvalidationObserver> = recorder.clone();
     vm.register_invalidation_observer(&observer);
-    let g = vm.create_guest_memfd(kvm_create_guest_memfd {
+    let g = vm.create_soft_guest_memfd(kvm_create_guest_memfd {
         size: 64 << 10,
         flags: GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
         ..Default::default()
@@ -67,10 +68,10 @@ fn main() -> Result<()> {
         g.as_raw_fd(),
         g.size() >> 10
     );
-    vm.set_user_memory_region2(region(1, 0x10_0000, 64 << 10, g.as_ref(), 0))?;
+    vm.set_user_memory_region2(region(1, 0x10_0000, 64 << 10, &g, 0))?;
     println!("bound slot 1: gpa 0x100000..0x110000 -> file offset 0");
     let err = vm
-        .set_user_memory_region2(region(2, 0x20_0000, 4 << 10, g.as_ref(), 64 << 10))
+        .set_user_memory_region2(region(2, 0x20_0000, 4 << 10, &g, 64 << 10))
         .unwrap_err();
     println!("binding slot 2 at the file's end is refused: {err}");
 
@@ -96,11 +97,11 @@ fn main() -> Result<()> {
         u64::from_le_bytes(b)
     );
 
-    let before = g.stat()?.blocks;
+    let before = g.allocated_bytes()? >> 10;
     g.fallocate(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, 0, 64 << 10)?;
     println!(
-        "punched the whole file: st_blocks {before} -> {} (memory went back to the host)",
-        g.stat()?.blocks
+        "punched the whole file: the pages held {before} KiB, now {} KiB (memory went back to the host)",
+        g.allocated_bytes()? >> 10
     );
     println!(
         "guest reads gpa 0x101000 after the punch: {}",

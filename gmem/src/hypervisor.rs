@@ -116,7 +116,8 @@ pub struct Stat {
     pub size: i64,
     /// `st_blksize`: the page size.
     pub blksize: i64,
-    /// `st_blocks`, in 512-byte units: memory the file holds now.
+    /// `st_blocks` as the kernel reports it: guest_memfd does not account
+    /// its pages there, so it stays 0 however much memory the file holds.
     pub blocks: i64,
     /// `st_mode`: file type and permission bits.
     pub mode: u32,

@@ -263,6 +263,20 @@ impl SoftGuestMemfd {
     }
 }
 
+impl SoftGuestMemfd {
+    /// Bytes of host memory the file's pages hold now: grows as pages are
+    /// allocated or touched, shrinks when holes are punched (FALLOC-4).
+    pub fn allocated_bytes(&self) -> Result<u64> {
+        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: fstat fills the buffer we pass on success.
+        if unsafe { libc::fstat(self.file.inode.store.as_raw_fd(), st.as_mut_ptr()) } != 0 {
+            return Err(Error::last_os_error("fstat of the page store"));
+        }
+        // SAFETY: fstat returned 0, so the struct is initialised.
+        Ok(unsafe { st.assume_init() }.st_blocks as u64 * 512)
+    }
+}
+
 impl Drop for SoftGuestMemfd {
     fn drop(&mut self) {
         let mut fds = GMEM_FDS.lock();
@@ -388,7 +402,7 @@ impl GuestMemfd for SoftGuestMemfd {
             ino: st.st_ino,
             size: st.st_size,
             blksize: st.st_blksize,
-            blocks: st.st_blocks,
+            blocks: 0,
             mode: st.st_mode,
         })
     }

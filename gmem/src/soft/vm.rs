@@ -162,6 +162,29 @@ impl SoftVm {
             .map_or(0, Memslots::len)
     }
 
+    /// `KVM_CREATE_GUEST_MEMFD` (CREATE-1, CREATE-2), returning the concrete
+    /// file (for [`SoftGuestMemfd::allocated_bytes`]).
+    pub fn create_soft_guest_memfd(&self, args: kvm_create_guest_memfd) -> Result<SoftGuestMemfd> {
+        let supported = check_extension(Some(&self.inner), KVM_CAP_GUEST_MEMFD_FLAGS) as u64;
+        if args.flags & !supported != 0 {
+            refuse!(
+                EINVAL,
+                "CREATE-1",
+                "guest_memfd flags {:#x} are not a subset of this VM's supported {supported:#x}",
+                args.flags
+            );
+        }
+        let size = args.size as i64;
+        if size <= 0 || !page_aligned(args.size) {
+            refuse!(
+                EINVAL,
+                "CREATE-2",
+                "guest_memfd size {size:#x} must be > 0 and a multiple of the page size"
+            );
+        }
+        SoftGuestMemfd::create(&self.inner, args.size, args.flags)
+    }
+
     fn set_memory_region(&self, mem: &kvm_userspace_memory_region2) -> Result<()> {
         let id = mem.slot as u16;
         let as_id = (mem.slot >> 16) as u16;
@@ -557,28 +580,7 @@ impl Vm for SoftVm {
     }
 
     fn create_guest_memfd(&self, args: kvm_create_guest_memfd) -> Result<Box<dyn GuestMemfd>> {
-        let supported = check_extension(Some(&self.inner), KVM_CAP_GUEST_MEMFD_FLAGS) as u64;
-        if args.flags & !supported != 0 {
-            refuse!(
-                EINVAL,
-                "CREATE-1",
-                "guest_memfd flags {:#x} are not a subset of this VM's supported {supported:#x}",
-                args.flags
-            );
-        }
-        let size = args.size as i64;
-        if size <= 0 || !page_aligned(args.size) {
-            refuse!(
-                EINVAL,
-                "CREATE-2",
-                "guest_memfd size {size:#x} must be > 0 and a multiple of the page size"
-            );
-        }
-        Ok(Box::new(SoftGuestMemfd::create(
-            &self.inner,
-            args.size,
-            args.flags,
-        )?))
+        Ok(Box::new(self.create_soft_guest_memfd(args)?))
     }
 
     fn set_user_memory_region(&self, region: kvm_userspace_memory_region) -> Result<()> {
