@@ -20,7 +20,7 @@ use gmem::{Backend, Hypervisor};
 
 /// gmem: KVM's guest_memfd system in Rust.
 #[derive(Debug, Parser)]
-#[command(name = "gmem", version, about)]
+#[command(name = "gmem", version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
