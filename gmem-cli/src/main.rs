@@ -1,1 +1,201 @@
-fn main() {}
+//! `gmem`: the command line of the gmem project.
+//!
+//! - `gmem check [PATHS...] [--backend soft|kvm|both] [--json]` runs scenario
+//!   files (the corpus by default) and prints a conformance table.
+//! - `gmem caps [--backend kvm|soft] [--json]` shows what a backend supports
+//!   of guest_memfd and what that means for a VMM.
+
+#![deny(missing_docs)]
+
+mod caps;
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use gmem::scenario::{collect_files, kernel_release, render, BackendSlot, Checker, Departures};
+use gmem::{Backend, Hypervisor};
+
+/// gmem: KVM's guest_memfd system in Rust.
+#[derive(Debug, Parser)]
+#[command(name = "gmem", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run scenario files and compare each line's outcome with its expectation.
+    Check {
+        /// Files or folders of `.gmem` files (default: the project's corpus, scenarios/).
+        paths: Vec<PathBuf>,
+        /// Which backend(s) to run on; `both` also compares them line by line.
+        #[arg(long, value_enum, default_value_t = Which::Both)]
+        backend: Which,
+        /// Print the report as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Departures file (default: departures.toml in the corpus folder).
+        #[arg(long)]
+        departures: Option<PathBuf>,
+    },
+    /// Show the host's KVM guest_memfd support (or the software backend's).
+    Caps {
+        /// Which backend to ask.
+        #[arg(long, value_enum, default_value_t = One::Kvm)]
+        backend: One,
+        /// Print the capabilities as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Backend choice for `check`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Which {
+    /// The software backend.
+    Soft,
+    /// The running kernel.
+    Kvm,
+    /// Both, side by side.
+    Both,
+}
+
+/// Backend choice for `caps`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum One {
+    /// The software backend.
+    Soft,
+    /// The running kernel.
+    Kvm,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check {
+            paths,
+            backend,
+            json,
+            departures,
+        } => check(paths, backend, json, departures),
+        Command::Caps { backend, json } => caps::caps(
+            match backend {
+                One::Soft => Backend::Soft,
+                One::Kvm => Backend::Kvm,
+            },
+            json,
+        ),
+    }
+}
+
+/// The corpus folder: next to the workspace when built from it, else ./scenarios.
+fn corpus_dir() -> PathBuf {
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
+    if built.is_dir() {
+        built
+    } else {
+        PathBuf::from("scenarios")
+    }
+}
+
+/// A backend, or why it could not be opened.
+type Opened = Result<Box<dyn Hypervisor>, String>;
+
+fn check(paths: Vec<PathBuf>, which: Which, json: bool, departures: Option<PathBuf>) -> ExitCode {
+    let corpus = corpus_dir();
+    let paths = if paths.is_empty() {
+        vec![corpus.clone()]
+    } else {
+        paths
+    };
+    let mut files = Vec::new();
+    for p in &paths {
+        match collect_files(p) {
+            Ok(f) => files.extend(f),
+            Err(e) => {
+                eprintln!("gmem check: {}: {e}", p.display());
+                return ExitCode::from(2);
+            }
+        }
+    }
+    if files.is_empty() {
+        eprintln!(
+            "gmem check: no .gmem files in {}",
+            paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        return ExitCode::from(2);
+    }
+    let dep_path = departures.unwrap_or_else(|| corpus.join("departures.toml"));
+    let departures = match Departures::load(&dep_path) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("gmem check: departures: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let wanted: &[Backend] = match which {
+        Which::Soft => &[Backend::Soft],
+        Which::Kvm => &[Backend::Kvm],
+        Which::Both => &[Backend::Soft, Backend::Kvm],
+    };
+    let opened: Vec<(Backend, Opened)> = wanted
+        .iter()
+        .map(|b| (*b, b.open().map_err(|e| e.to_string())))
+        .collect();
+    if which == Which::Kvm {
+        if let Err(why) = &opened[0].1 {
+            eprintln!("gmem check: kvm backend not available: {why}");
+            return ExitCode::from(2);
+        }
+    }
+    let checker = Checker {
+        backends: opened
+            .iter()
+            .map(|(b, r)| BackendSlot {
+                name: b.name().to_string(),
+                hv: r.as_ref().map(|h| h.as_ref()).map_err(Clone::clone),
+            })
+            .collect(),
+        departures,
+        release: kernel_release(),
+        corpus: Some(corpus),
+    };
+    let tty = std::io::stderr().is_terminal();
+    let start = Instant::now();
+    let mut last = start;
+    let report = checker.check_files(&files, |i, n, key| {
+        if tty {
+            eprint!("\r\x1b[K[{}/{n}] {key}", i + 1);
+        } else if last.elapsed() > Duration::from_secs(5) {
+            last = Instant::now();
+            eprintln!("gmem check: {i}/{n} scenarios done, now {key}");
+        }
+    });
+    if tty {
+        eprint!("\r\x1b[K");
+    }
+    if json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("gmem check: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        print!("{}", render(&report));
+    }
+    if report.failed() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}

@@ -1,0 +1,1353 @@
+//! The `.gmem` parser. Every error names the file, line and column, what was
+//! expected there and a hint; no input makes it panic.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use serde::Serialize;
+
+use super::ast::{
+    FdRef, FileOp, Line, Op, Outcome, Region, RequireKind, Requirement, Scenario, Userspace,
+};
+use crate::error::errno_from_name;
+use crate::uapi::{
+    cap_from_name, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, GUEST_MEMFD_FLAG_INIT_SHARED,
+    GUEST_MEMFD_FLAG_MMAP, KVM_MAP_GPA_RANGE_ENCRYPTED, KVM_MEMORY_ATTRIBUTE_PRIVATE,
+    KVM_MEMORY_EXIT_FLAG_PRIVATE, KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY,
+    KVM_X86_DEFAULT_VM, KVM_X86_SW_PROTECTED_VM,
+};
+
+/// A syntax error: `file:line:column: expected ..., found ...` and a hint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ParseError {
+    /// The file, as given.
+    pub file: String,
+    /// Line (1-based).
+    pub line: usize,
+    /// Column (1-based, in characters).
+    pub column: usize,
+    /// What the parser expected there.
+    pub expected: String,
+    /// What it found.
+    pub found: String,
+    /// How to fix it.
+    pub hint: String,
+}
+
+impl fmt::Display for ParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: expected {}, found {}\n  hint: {}",
+            self.file, self.line, self.column, self.expected, self.found, self.hint
+        )
+    }
+}
+
+impl std::error::Error for ParseError {}
+
+/// Every syntax error of one file (at least one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ParseErrors(pub Vec<ParseError>);
+
+impl fmt::Display for ParseErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ParseErrors {}
+
+const OPS: &str = "create_vm, create_guest_memfd, host_memory, mmap, set_memory_region, \
+delete_memory_region, set_memory_attributes, fallocate, host_write, host_read, guest_write, \
+guest_read, guest_map_gpa_range, file_read, file_write, file_pread, file_pwrite, file_lseek, \
+file_ftruncate, file_ioctl, stat, same_inode, check_extension, close, require";
+const NUMBER_HINT: &str =
+    "numbers are decimal or 0x hex (0o octal), optionally negative, with an optional K, M, G or T suffix: 16K, 0x1000, 0x1_0000_0000";
+const RESERVED: &[&str] = &[
+    "kvm", "closed", "memfd", "private", "shared", "ok", "require",
+];
+
+/// Parses the text of a scenario file; `path` is used in messages.
+pub fn parse(path: &str, text: &str) -> Result<Scenario, ParseErrors> {
+    let mut p = Parser {
+        file: path,
+        bound: HashSet::new(),
+        errors: Vec::new(),
+    };
+    let mut requires = Vec::new();
+    let mut lines = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line_no = i + 1;
+        let content = match raw.find('#') {
+            Some(at) => &raw[..at],
+            None => raw,
+        };
+        if content.trim().is_empty() {
+            continue;
+        }
+        let mut cx = LineCx {
+            file: path,
+            line: line_no,
+            raw: content,
+        };
+        match p.line(&mut cx, &mut requires) {
+            Ok(Some(l)) => lines.push(l),
+            Ok(None) => {}
+            Err(e) => {
+                // Keep the name a failed line binds, so that later lines
+                // using it do not each report it as unbound.
+                let toks = words(content, 0);
+                if toks.len() >= 2 && toks[1].text == "=" && is_ident(toks[0].text) {
+                    p.bound.insert(toks[0].text.to_string());
+                }
+                p.errors.push(*e)
+            }
+        }
+    }
+    if p.errors.is_empty() {
+        Ok(Scenario {
+            path: path.to_string(),
+            requires,
+            lines,
+        })
+    } else {
+        Err(ParseErrors(p.errors))
+    }
+}
+
+type PResult<T> = Result<T, Box<ParseError>>;
+
+struct Parser<'a> {
+    #[allow(dead_code)]
+    file: &'a str,
+    bound: HashSet<String>,
+    errors: Vec<ParseError>,
+}
+
+struct LineCx<'a> {
+    file: &'a str,
+    line: usize,
+    raw: &'a str,
+}
+
+/// A word of a line and where it starts.
+#[derive(Debug, Clone, Copy)]
+struct Tok<'a> {
+    text: &'a str,
+    /// Byte offset in the line.
+    at: usize,
+}
+
+impl LineCx<'_> {
+    fn col(&self, at: usize) -> usize {
+        self.raw
+            .get(..at)
+            .map_or(at, |s| s.chars().count())
+            .saturating_add(1)
+    }
+
+    fn err(&self, at: usize, expected: &str, found: &str, hint: &str) -> Box<ParseError> {
+        Box::new(ParseError {
+            file: self.file.to_string(),
+            line: self.line,
+            column: self.col(at),
+            expected: expected.to_string(),
+            found: if found.is_empty() {
+                "end of line".to_string()
+            } else {
+                format!("`{found}`")
+            },
+            hint: hint.to_string(),
+        })
+    }
+
+    fn end(&self) -> usize {
+        self.raw.trim_end().len()
+    }
+}
+
+fn words(s: &str, base: usize) -> Vec<Tok<'_>> {
+    let mut out = Vec::new();
+    let mut start = None;
+    for (i, c) in s.char_indices() {
+        if c.is_whitespace() {
+            if let Some(st) = start.take() {
+                out.push(Tok {
+                    text: &s[st..i],
+                    at: base + st,
+                });
+            }
+        } else if start.is_none() {
+            start = Some(i);
+        }
+    }
+    if let Some(st) = start {
+        out.push(Tok {
+            text: &s[st..],
+            at: base + st,
+        });
+    }
+    out
+}
+
+fn is_ident(s: &str) -> bool {
+    let mut c = s.chars();
+    matches!(c.next(), Some(f) if f.is_ascii_alphabetic() || f == '_')
+        && c.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Parses a number: decimal, `0x` hex or `0o` octal, `_` separators, an
+/// optional leading `-` (two's complement) and a K/M/G/T suffix.
+pub fn parse_number(s: &str) -> Option<u64> {
+    let (neg, s) = match s.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, s),
+    };
+    let (radix, digits) = if let Some(h) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        (16, h)
+    } else if let Some(o) = s.strip_prefix("0o") {
+        (8, o)
+    } else {
+        (10, s)
+    };
+    let (digits, shift) = match digits.chars().last() {
+        // A hex number's last digit may be a letter; only K/M/G/T are suffixes.
+        Some('K') => (&digits[..digits.len() - 1], 10),
+        Some('M') => (&digits[..digits.len() - 1], 20),
+        Some('G') => (&digits[..digits.len() - 1], 30),
+        Some('T') => (&digits[..digits.len() - 1], 40),
+        _ => (digits, 0),
+    };
+    let clean: String = digits.chars().filter(|c| *c != '_').collect();
+    if clean.is_empty() || digits.starts_with('_') || clean.starts_with('+') {
+        return None;
+    }
+    let v = u64::from_str_radix(&clean, radix).ok()?;
+    let v = v.checked_mul(1u64 << shift)?;
+    Some(if neg { v.wrapping_neg() } else { v })
+}
+
+/// The arguments after the operation name: positional words and `key=value`.
+struct Args<'a> {
+    positional: Vec<Tok<'a>>,
+    keyed: Vec<(Tok<'a>, Tok<'a>)>,
+    used_pos: usize,
+    used_keys: HashSet<usize>,
+}
+
+impl<'a> Args<'a> {
+    fn new(cx: &LineCx, toks: &[Tok<'a>], op: &str) -> PResult<Self> {
+        let mut positional = Vec::new();
+        let mut keyed: Vec<(Tok, Tok)> = Vec::new();
+        for t in toks {
+            if let Some(eq) = t.text.find('=') {
+                let key = Tok {
+                    text: &t.text[..eq],
+                    at: t.at,
+                };
+                let val = Tok {
+                    text: &t.text[eq + 1..],
+                    at: t.at + eq + 1,
+                };
+                if !is_ident(key.text) {
+                    return Err(cx.err(
+                        t.at,
+                        "an argument `key=value`",
+                        t.text,
+                        "arguments are written key=value with no spaces around `=`",
+                    ));
+                }
+                if val.text.is_empty() {
+                    return Err(cx.err(
+                        val.at,
+                        &format!("a value for `{}`", key.text),
+                        "",
+                        "write key=value with no space after `=`",
+                    ));
+                }
+                if keyed.iter().any(|(k, _)| k.text == key.text) {
+                    return Err(cx.err(
+                        t.at,
+                        "each argument once",
+                        t.text,
+                        &format!("`{}` is given twice to {op}", key.text),
+                    ));
+                }
+                keyed.push((key, val));
+            } else {
+                positional.push(*t);
+            }
+        }
+        Ok(Args {
+            positional,
+            keyed,
+            used_pos: 0,
+            used_keys: HashSet::new(),
+        })
+    }
+
+    fn key(&mut self, k: &str) -> Option<Tok<'a>> {
+        let i = self.keyed.iter().position(|(key, _)| key.text == k)?;
+        self.used_keys.insert(i);
+        Some(self.keyed[i].1)
+    }
+
+    fn pos(&mut self) -> Option<Tok<'a>> {
+        let t = self.positional.get(self.used_pos).copied();
+        if t.is_some() {
+            self.used_pos += 1;
+        }
+        t
+    }
+
+    fn finish(&self, cx: &LineCx, op: &str, usage: &str) -> PResult<()> {
+        if let Some(t) = self.positional.get(self.used_pos) {
+            return Err(cx.err(
+                t.at,
+                &format!("no more words for {op}"),
+                t.text,
+                &format!("usage: {usage}"),
+            ));
+        }
+        for (i, (k, _)) in self.keyed.iter().enumerate() {
+            if !self.used_keys.contains(&i) {
+                return Err(cx.err(
+                    k.at,
+                    &format!("an argument of {op}"),
+                    k.text,
+                    &format!("usage: {usage}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn number(cx: &LineCx, t: Tok, what: &str) -> PResult<u64> {
+    parse_number(t.text)
+        .ok_or_else(|| cx.err(t.at, &format!("a number for {what}"), t.text, NUMBER_HINT))
+}
+
+/// A value made of `|`-joined names from `names` and numbers.
+fn flags(cx: &LineCx, t: Tok, what: &str, names: &[(&str, u64)]) -> PResult<u64> {
+    let mut v = 0u64;
+    let mut at = t.at;
+    for part in t.text.split('|') {
+        if let Some((_, n)) = names.iter().find(|(name, _)| *name == part) {
+            v |= n;
+        } else if let Some(n) = parse_number(part) {
+            v |= n;
+        } else {
+            let known: Vec<&str> = names.iter().map(|(n, _)| *n).collect();
+            return Err(cx.err(
+                at,
+                &format!("a flag of {what}"),
+                part,
+                &format!(
+                    "write {} or a number, joined with `|`",
+                    if known.is_empty() {
+                        "a number".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            ));
+        }
+        at += part.len() + 1;
+    }
+    Ok(v)
+}
+
+fn need<'a>(cx: &LineCx, a: &mut Args<'a>, key: &str, op: &str, usage: &str) -> PResult<Tok<'a>> {
+    a.key(key).ok_or_else(|| {
+        cx.err(
+            cx.end(),
+            &format!("`{key}=` for {op}"),
+            "",
+            &format!("usage: {usage}"),
+        )
+    })
+}
+
+impl Parser<'_> {
+    fn handle(&self, cx: &LineCx, t: Option<Tok>, what: &str, usage: &str) -> PResult<String> {
+        let Some(t) = t else {
+            return Err(cx.err(cx.end(), what, "", &format!("usage: {usage}")));
+        };
+        if !is_ident(t.text) {
+            return Err(cx.err(
+                t.at,
+                what,
+                t.text,
+                "handles are names bound earlier with `NAME = ...`",
+            ));
+        }
+        if !self.bound.contains(t.text) {
+            return Err(cx.err(
+                t.at,
+                what,
+                t.text,
+                &format!(
+                    "`{}` is not bound by an earlier line; bind it with `{} = ...`",
+                    t.text, t.text
+                ),
+            ));
+        }
+        Ok(t.text.to_string())
+    }
+
+    fn line(&mut self, cx: &mut LineCx, requires: &mut Vec<Requirement>) -> PResult<Option<Line>> {
+        let raw = cx.raw;
+        let (op_part, outcome_part) = match raw.find("=>") {
+            Some(at) => (&raw[..at], Some((&raw[at + 2..], at + 2))),
+            None => (raw, None),
+        };
+        let toks = words(op_part, 0);
+        let Some(first) = toks.first() else {
+            return Err(cx.err(
+                0,
+                "an operation before `=>`",
+                "=>",
+                "a line is `[NAME =] OP ARGS... [=> OUTCOME]`",
+            ));
+        };
+        if first.text == "require" {
+            if let Some((_, at)) = outcome_part {
+                return Err(cx.err(
+                    at - 2,
+                    "a capability",
+                    "=>",
+                    "require lines have no outcome",
+                ));
+            }
+            if toks.len() < 2 {
+                return Err(cx.err(cx.end(), "a capability after `require`", "", REQUIRE_HINT));
+            }
+            for t in &toks[1..] {
+                requires.push(Requirement {
+                    line: cx.line,
+                    kind: require(cx, *t)?,
+                });
+            }
+            return Ok(None);
+        }
+        let (bind, rest) = if toks.len() >= 2 && toks[1].text == "=" {
+            let name = toks[0];
+            if !is_ident(name.text) {
+                return Err(cx.err(
+                    name.at,
+                    "a handle name",
+                    name.text,
+                    "names are letters, digits and `_`, starting with a letter",
+                ));
+            }
+            if RESERVED.contains(&name.text) || OPS.split(", ").any(|o| o == name.text) {
+                return Err(cx.err(
+                    name.at,
+                    "a handle name",
+                    name.text,
+                    &format!("`{}` is a reserved word; pick another name", name.text),
+                ));
+            }
+            (Some(name), &toks[2..])
+        } else if first.text.contains('=') && first.text.find('=') == Some(first.text.len() - 1) {
+            return Err(cx.err(
+                first.at,
+                "`NAME = OP`",
+                first.text,
+                "put spaces around `=` when binding: `g = create_guest_memfd vm size=4K`",
+            ));
+        } else {
+            (None, &toks[..])
+        };
+        let Some(op_tok) = rest.first() else {
+            return Err(cx.err(cx.end(), "an operation", "", &format!("operations: {OPS}")));
+        };
+        let op = self.op(cx, *op_tok, &rest[1..])?;
+        let binds = matches!(
+            op,
+            Op::CreateVm { .. }
+                | Op::CreateGuestMemfd { .. }
+                | Op::HostMemory { .. }
+                | Op::Mmap { .. }
+        );
+        if let (Some(b), false) = (bind, binds) {
+            return Err(cx.err(b.at, "an operation without `NAME =`", b.text, &format!("{} gives no handle; only create_vm, create_guest_memfd, host_memory and mmap do", op_tok.text)));
+        }
+        let expect = match outcome_part {
+            Some((text, at)) => outcome(cx, text, at)?,
+            None => Outcome::Ok,
+        };
+        if let Some(b) = bind {
+            self.bound.insert(b.text.to_string());
+        }
+        Ok(Some(Line {
+            line: cx.line,
+            text: raw.trim().to_string(),
+            bind: bind.map(|b| b.text.to_string()),
+            op,
+            expect,
+        }))
+    }
+
+    fn op(&mut self, cx: &LineCx, op: Tok, toks: &[Tok]) -> PResult<Op> {
+        let name = op.text;
+        let mut a = Args::new(cx, toks, name)?;
+        let usage: &str;
+        let parsed = match name {
+            "create_vm" => {
+                usage = "NAME = create_vm [type=default|sw_protected|N]";
+                let vm_type = match a.key("type") {
+                    Some(t) => vm_type(cx, t)?,
+                    None => KVM_X86_DEFAULT_VM as u64,
+                };
+                Op::CreateVm { vm_type }
+            }
+            "create_guest_memfd" => {
+                usage = "NAME = create_guest_memfd VM size=N [flags=mmap|init_shared|N]";
+                let vm = self.handle(cx, a.pos(), "a VM handle", usage)?;
+                let size = number(cx, need(cx, &mut a, "size", name, usage)?, "size")?;
+                let flags = match a.key("flags") {
+                    Some(t) => flags(cx, t, "flags", GMEM_FLAGS)?,
+                    None => 0,
+                };
+                let reserved = match a.key("reserved") {
+                    Some(t) => number(cx, t, "reserved")?,
+                    None => 0,
+                };
+                Op::CreateGuestMemfd {
+                    vm,
+                    size,
+                    flags,
+                    reserved,
+                }
+            }
+            "host_memory" => {
+                usage = "NAME = host_memory size=N";
+                let size = number(cx, need(cx, &mut a, "size", name, usage)?, "size")?;
+                Op::HostMemory { size }
+            }
+            "mmap" => {
+                usage = "NAME = mmap G [offset=N] [size=N] [private]";
+                let gmem = self.handle(cx, a.pos(), "a guest_memfd handle", usage)?;
+                let offset = opt_num(cx, &mut a, "offset")?.unwrap_or(0) as i64;
+                let size = opt_num(cx, &mut a, "size")?;
+                let private = match a.pos() {
+                    Some(t) if t.text == "private" => true,
+                    Some(t) if t.text == "shared" => false,
+                    Some(t) => {
+                        return Err(cx.err(
+                            t.at,
+                            "`private` or `shared`",
+                            t.text,
+                            &format!("usage: {usage}"),
+                        ))
+                    }
+                    None => false,
+                };
+                Op::Mmap {
+                    gmem,
+                    offset,
+                    size,
+                    private,
+                }
+            }
+            "set_memory_region" => {
+                usage = "set_memory_region VM slot=N [as=N] gpa=N size=N [flags=guest_memfd|readonly|log_dirty|N] [userspace=H|M|0|N] [userspace_offset=N] [guest_memfd=G|closed|kvm|VM|memfd|N] [offset=N] [ioctl=v1|v2]";
+                let vm = self.handle(cx, a.pos(), "a VM handle", usage)?;
+                let slot = u32_arg(cx, need(cx, &mut a, "slot", name, usage)?, "slot")?;
+                let as_id = match a.key("as") {
+                    Some(t) => u32_arg(cx, t, "as")?,
+                    None => 0,
+                };
+                let gpa = number(cx, need(cx, &mut a, "gpa", name, usage)?, "gpa")?;
+                let size = number(cx, need(cx, &mut a, "size", name, usage)?, "size")?;
+                let region = self.region_rest(cx, &mut a, vm, slot, as_id, gpa, size)?;
+                Op::SetMemoryRegion(region)
+            }
+            "delete_memory_region" => {
+                usage = "delete_memory_region VM slot=N [as=N] [flags=...] [guest_memfd=...] [ioctl=v1|v2]";
+                let vm = self.handle(cx, a.pos(), "a VM handle", usage)?;
+                let slot = u32_arg(cx, need(cx, &mut a, "slot", name, usage)?, "slot")?;
+                let as_id = match a.key("as") {
+                    Some(t) => u32_arg(cx, t, "as")?,
+                    None => 0,
+                };
+                let gpa = opt_num(cx, &mut a, "gpa")?.unwrap_or(0);
+                let region = self.region_rest(cx, &mut a, vm, slot, as_id, gpa, 0)?;
+                Op::SetMemoryRegion(region)
+            }
+            "set_memory_attributes" => {
+                usage =
+                    "set_memory_attributes VM gpa=N size=N attributes=private|shared|N [flags=N]";
+                let vm = self.handle(cx, a.pos(), "a VM handle", usage)?;
+                let gpa = number(cx, need(cx, &mut a, "gpa", name, usage)?, "gpa")?;
+                let size = number(cx, need(cx, &mut a, "size", name, usage)?, "size")?;
+                let attributes = flags(
+                    cx,
+                    need(cx, &mut a, "attributes", name, usage)?,
+                    "attributes",
+                    &[
+                        ("private", KVM_MEMORY_ATTRIBUTE_PRIVATE as u64),
+                        ("shared", 0),
+                    ],
+                )?;
+                let flags = opt_num(cx, &mut a, "flags")?.unwrap_or(0);
+                Op::SetMemoryAttributes {
+                    vm,
+                    gpa,
+                    size,
+                    attributes,
+                    flags,
+                }
+            }
+            "fallocate" => {
+                usage = "fallocate G mode=allocate|punch_hole|N offset=N len=N";
+                let gmem = self.handle(cx, a.pos(), "a guest_memfd handle", usage)?;
+                let mode = flags(
+                    cx,
+                    need(cx, &mut a, "mode", name, usage)?,
+                    "mode",
+                    &[
+                        ("allocate", FALLOC_FL_KEEP_SIZE as u64),
+                        ("keep_size", FALLOC_FL_KEEP_SIZE as u64),
+                        (
+                            "punch_hole",
+                            (FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE) as u64,
+                        ),
+                    ],
+                )? as i32;
+                let offset = number(cx, need(cx, &mut a, "offset", name, usage)?, "offset")? as i64;
+                let len = number(cx, need(cx, &mut a, "len", name, usage)?, "len")? as i64;
+                Op::Fallocate {
+                    gmem,
+                    mode,
+                    offset,
+                    len,
+                }
+            }
+            "host_write" => {
+                usage = "host_write M offset=N byte=N [len=N]";
+                let mem = self.handle(cx, a.pos(), "a host memory or mapping handle", usage)?;
+                let offset = number(cx, need(cx, &mut a, "offset", name, usage)?, "offset")?;
+                let byte = byte_arg(cx, need(cx, &mut a, "byte", name, usage)?)?;
+                let len = opt_num(cx, &mut a, "len")?.unwrap_or(1);
+                if len > 1 << 30 {
+                    return Err(cx.err(
+                        cx.end(),
+                        "len of at most 1G",
+                        &len.to_string(),
+                        "host_write fills len bytes in memory; keep it small",
+                    ));
+                }
+                Op::HostWrite {
+                    mem,
+                    offset,
+                    byte,
+                    len,
+                }
+            }
+            "host_read" => {
+                usage = "host_read M offset=N";
+                let mem = self.handle(cx, a.pos(), "a host memory or mapping handle", usage)?;
+                let offset = number(cx, need(cx, &mut a, "offset", name, usage)?, "offset")?;
+                Op::HostRead { mem, offset }
+            }
+            "guest_write" => {
+                usage = "guest_write VM gpa=N byte=N";
+                let vm = self.handle(cx, a.pos(), "a VM handle", usage)?;
+                let gpa = number(cx, need(cx, &mut a, "gpa", name, usage)?, "gpa")?;
+                let byte = byte_arg(cx, need(cx, &mut a, "byte", name, usage)?)?;
+                Op::GuestWrite { vm, gpa, byte }
+            }
+            "guest_read" => {
+                usage = "guest_read VM gpa=N";
+                let vm = self.handle(cx, a.pos(), "a VM handle", usage)?;
+                let gpa = number(cx, need(cx, &mut a, "gpa", name, usage)?, "gpa")?;
+                Op::GuestRead { vm, gpa }
+            }
+            "guest_map_gpa_range" => {
+                usage = "guest_map_gpa_range VM gpa=N pages=N private|shared";
+                let vm = self.handle(cx, a.pos(), "a VM handle", usage)?;
+                let gpa = number(cx, need(cx, &mut a, "gpa", name, usage)?, "gpa")?;
+                let pages = number(cx, need(cx, &mut a, "pages", name, usage)?, "pages")?;
+                let private = match a.pos() {
+                    Some(t) if t.text == "private" => true,
+                    Some(t) if t.text == "shared" => false,
+                    t => {
+                        return Err(cx.err(
+                            t.map_or(cx.end(), |t| t.at),
+                            "`private` or `shared`",
+                            t.map_or("", |t| t.text),
+                            &format!("usage: {usage}"),
+                        ))
+                    }
+                };
+                Op::GuestMapGpaRange {
+                    vm,
+                    gpa,
+                    pages,
+                    private,
+                }
+            }
+            "file_read" | "file_write" | "file_pread" | "file_pwrite" | "file_lseek"
+            | "file_ftruncate" | "file_ioctl" => {
+                usage = "file_read G | file_write G | file_pread G | file_pwrite G | file_lseek G | file_ftruncate G size=N | file_ioctl G [request=N]";
+                let gmem = self.handle(cx, a.pos(), "a guest_memfd handle", usage)?;
+                let op = match name {
+                    "file_read" => FileOp::Read,
+                    "file_write" => FileOp::Write,
+                    "file_pread" => FileOp::Pread,
+                    "file_pwrite" => FileOp::Pwrite,
+                    "file_lseek" => FileOp::Lseek,
+                    "file_ftruncate" => FileOp::Ftruncate(number(
+                        cx,
+                        need(cx, &mut a, "size", name, usage)?,
+                        "size",
+                    )? as i64),
+                    _ => FileOp::Ioctl(opt_num(cx, &mut a, "request")?.unwrap_or(0xAEFF)),
+                };
+                Op::File { gmem, op }
+            }
+            "stat" => {
+                usage = "stat G";
+                let gmem = self.handle(cx, a.pos(), "a guest_memfd handle", usage)?;
+                Op::Stat { gmem }
+            }
+            "same_inode" => {
+                usage = "same_inode G1 G2 => 0|1";
+                let x = self.handle(cx, a.pos(), "a guest_memfd handle", usage)?;
+                let y = self.handle(cx, a.pos(), "a second guest_memfd handle", usage)?;
+                Op::SameInode { a: x, b: y }
+            }
+            "check_extension" => {
+                usage = "check_extension [VM] CAP";
+                let (vm, cap) = match (a.pos(), a.pos()) {
+                    (Some(v), Some(c)) => {
+                        (Some(self.handle(cx, Some(v), "a VM handle", usage)?), c)
+                    }
+                    (Some(c), None) => (None, c),
+                    _ => {
+                        return Err(cx.err(
+                            cx.end(),
+                            "a capability",
+                            "",
+                            &format!("usage: {usage}; capabilities: {}", cap_names()),
+                        ))
+                    }
+                };
+                let cap = match cap_from_name(cap.text) {
+                    Some(c) => c,
+                    None => match parse_number(cap.text).and_then(|n| u32::try_from(n).ok()) {
+                        Some(n) => n,
+                        None => {
+                            return Err(cx.err(
+                                cap.at,
+                                "a capability name or number",
+                                cap.text,
+                                &format!("capabilities: {}", cap_names()),
+                            ))
+                        }
+                    },
+                };
+                Op::CheckExtension { vm, cap }
+            }
+            "close" => {
+                usage = "close X";
+                let handle = self.handle(cx, a.pos(), "a handle to close", usage)?;
+                Op::Close { handle }
+            }
+            _ => {
+                return Err(cx.err(op.at, "an operation", name, &format!("operations: {OPS}")));
+            }
+        };
+        a.finish(cx, name, usage)?;
+        Ok(parsed)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn region_rest(
+        &self,
+        cx: &LineCx,
+        a: &mut Args,
+        vm: String,
+        slot: u32,
+        as_id: u32,
+        gpa: u64,
+        size: u64,
+    ) -> PResult<Region> {
+        let usage = "set_memory_region VM slot=N [as=N] gpa=N size=N [flags=...] [userspace=H|M|0|N] [userspace_offset=N] [guest_memfd=G|closed|kvm|VM|memfd|N] [offset=N] [ioctl=v1|v2]";
+        let flags = match a.key("flags") {
+            Some(t) => {
+                let f = flags(cx, t, "flags", SLOT_FLAGS)?;
+                u32::try_from(f).map_err(|_| {
+                    cx.err(
+                        t.at,
+                        "flags that fit 32 bits",
+                        t.text,
+                        "the flags field is a u32",
+                    )
+                })?
+            }
+            None => 0,
+        };
+        let userspace = match a.key("userspace") {
+            Some(t) => match parse_number(t.text) {
+                Some(n) => Userspace::Addr(n),
+                None => Userspace::Handle(self.handle(
+                    cx,
+                    Some(t),
+                    "host memory, a mapping or an address",
+                    usage,
+                )?),
+            },
+            None => Userspace::Addr(0),
+        };
+        let userspace_offset = opt_num(cx, a, "userspace_offset")?.unwrap_or(0);
+        let guest_memfd = match a.key("guest_memfd") {
+            Some(t) => match t.text {
+                "closed" => FdRef::Closed,
+                "kvm" => FdRef::Kvm,
+                "memfd" => FdRef::Memfd,
+                s => match parse_number(s) {
+                    Some(n) => FdRef::Raw(n as u32),
+                    None => FdRef::Handle(self.handle(
+                        cx,
+                        Some(t),
+                        "a guest_memfd or VM handle, closed, kvm, memfd or a number",
+                        usage,
+                    )?),
+                },
+            },
+            None => FdRef::Raw(0),
+        };
+        let offset = opt_num(cx, a, "offset")?.unwrap_or(0);
+        let v1 = match a.key("ioctl") {
+            Some(t) if t.text == "v1" => true,
+            Some(t) if t.text == "v2" => false,
+            Some(t) => {
+                return Err(cx.err(
+                    t.at,
+                    "`v1` or `v2`",
+                    t.text,
+                    "ioctl=v1 uses the 32-byte KVM_SET_USER_MEMORY_REGION",
+                ))
+            }
+            None => false,
+        };
+        Ok(Region {
+            vm,
+            slot,
+            as_id,
+            gpa,
+            size,
+            flags,
+            userspace,
+            userspace_offset,
+            guest_memfd,
+            offset,
+            v1,
+        })
+    }
+}
+
+const GMEM_FLAGS: &[(&str, u64)] = &[
+    ("mmap", GUEST_MEMFD_FLAG_MMAP),
+    ("init_shared", GUEST_MEMFD_FLAG_INIT_SHARED),
+];
+const SLOT_FLAGS: &[(&str, u64)] = &[
+    ("guest_memfd", KVM_MEM_GUEST_MEMFD as u64),
+    ("readonly", KVM_MEM_READONLY as u64),
+    ("log_dirty", KVM_MEM_LOG_DIRTY_PAGES as u64),
+];
+const REQUIRE_HINT: &str = "require takes vm_type:default|sw_protected, memory_attributes, guest_memfd_flag:mmap|init_shared, exit_hypercall, address_spaces:N";
+
+fn cap_names() -> String {
+    crate::uapi::CAPS
+        .iter()
+        .map(|(n, _)| *n)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn opt_num(cx: &LineCx, a: &mut Args, key: &str) -> PResult<Option<u64>> {
+    a.key(key).map(|t| number(cx, t, key)).transpose()
+}
+
+fn u32_arg(cx: &LineCx, t: Tok, what: &str) -> PResult<u32> {
+    let n = number(cx, t, what)?;
+    u32::try_from(n).map_err(|_| {
+        cx.err(
+            t.at,
+            &format!("{what} below 2^32"),
+            t.text,
+            "this field is 32 bits wide",
+        )
+    })
+}
+
+fn byte_arg(cx: &LineCx, t: Tok) -> PResult<u8> {
+    let n = number(cx, t, "byte")?;
+    u8::try_from(n).map_err(|_| {
+        cx.err(
+            t.at,
+            "a byte (0 to 0xff)",
+            t.text,
+            "guest and host accesses move one byte",
+        )
+    })
+}
+
+fn vm_type(cx: &LineCx, t: Tok) -> PResult<u64> {
+    match t.text {
+        "default" => Ok(KVM_X86_DEFAULT_VM as u64),
+        "sw_protected" => Ok(KVM_X86_SW_PROTECTED_VM as u64),
+        s => parse_number(s).ok_or_else(|| {
+            cx.err(
+                t.at,
+                "a VM type",
+                s,
+                "type=default, type=sw_protected or a number (KVM_X86_*_VM)",
+            )
+        }),
+    }
+}
+
+fn require(cx: &LineCx, t: Tok) -> PResult<RequireKind> {
+    let (name, arg) = match t.text.split_once(':') {
+        Some((n, a)) => (n, Some((a, t.at + n.len() + 1))),
+        None => (t.text, None),
+    };
+    let bad_arg = |what: &str, a: &str, at: usize| cx.err(at, what, a, REQUIRE_HINT);
+    match (name, arg) {
+        ("vm_type", Some((a, at))) => match a {
+            "default" => Ok(RequireKind::VmType(KVM_X86_DEFAULT_VM as u64)),
+            "sw_protected" => Ok(RequireKind::VmType(KVM_X86_SW_PROTECTED_VM as u64)),
+            _ => match parse_number(a) {
+                Some(n) if n < 64 => Ok(RequireKind::VmType(n)),
+                _ => Err(bad_arg("a VM type (default, sw_protected)", a, at)),
+            },
+        },
+        ("memory_attributes", None) => Ok(RequireKind::MemoryAttributes),
+        ("guest_memfd_flag", Some((a, at))) => match a {
+            "mmap" => Ok(RequireKind::GuestMemfdFlag(GUEST_MEMFD_FLAG_MMAP)),
+            "init_shared" => Ok(RequireKind::GuestMemfdFlag(GUEST_MEMFD_FLAG_INIT_SHARED)),
+            _ => Err(bad_arg("a guest_memfd flag (mmap, init_shared)", a, at)),
+        },
+        ("exit_hypercall", None) => Ok(RequireKind::ExitHypercall),
+        ("address_spaces", Some((a, at))) => parse_number(a)
+            .map(RequireKind::AddressSpaces)
+            .ok_or_else(|| bad_arg("a number of address spaces", a, at)),
+        _ => Err(cx.err(t.at, "a capability to require", t.text, REQUIRE_HINT)),
+    }
+}
+
+/// Parses the text after `=>`; `base` is its byte offset in the line.
+fn outcome(cx: &LineCx, text: &str, base: usize) -> PResult<Outcome> {
+    let toks = words(text, base);
+    let Some(first) = toks.first() else {
+        return Err(cx.err(cx.end(), "an outcome after `=>`", "", OUTCOME_HINT));
+    };
+    let rest = &toks[1..];
+    let only = |o: Outcome| -> PResult<Outcome> {
+        match rest.first() {
+            Some(t) => Err(cx.err(t.at, "the end of the line", t.text, OUTCOME_HINT)),
+            None => Ok(o),
+        }
+    };
+    match first.text {
+        "ok" => only(Outcome::Ok),
+        "sigbus" => only(Outcome::Sigbus),
+        "timeout" => only(Outcome::Timeout),
+        "exit" => exit_outcome(cx, first, rest),
+        s if s.starts_with('E') && s.len() > 1 && s.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit()) => {
+            match errno_from_name(s) {
+                Some(errno) => only(Outcome::Errno { errno }),
+                None => Err(cx.err(first.at, "an errno name", s, "errnos are written as the kernel names them: EINVAL, EEXIST, EBADF, ENODEV, EOPNOTSUPP, ESPIPE, ENOTTY, EFAULT")),
+            }
+        }
+        s if s.contains('=') => {
+            let mut a = Args::new(cx, &toks, "stat")?;
+            let mut get = |k: &str| -> PResult<Option<i64>> { Ok(opt_num(cx, &mut a, k)?.map(|n| n as i64)) };
+            let size = get("size")?;
+            let blksize = get("blksize")?;
+            let blocks = get("blocks")?;
+            let mode = get("mode")?.map(|m| m as u32);
+            a.finish(cx, "a stat outcome", "=> size=N blksize=N [blocks=N] [mode=N]")?;
+            Ok(Outcome::Stat { size, blksize, blocks, mode })
+        }
+        s => match parse_number(s) {
+            Some(value) => only(Outcome::Value { value, hex: s.starts_with("0x") }),
+            None => Err(cx.err(first.at, "an outcome", s, OUTCOME_HINT)),
+        },
+    }
+}
+
+const OUTCOME_HINT: &str = "outcomes: ok, an errno (EINVAL), a number (0x42), sigbus, timeout, size=N blksize=N, exit memory_fault gpa=N size=N flags=private|shared, exit mmio gpa=N [read|write], exit hypercall gpa=N pages=N attributes=private|shared";
+
+fn exit_outcome(cx: &LineCx, exit: &Tok, rest: &[Tok]) -> PResult<Outcome> {
+    let Some(kind) = rest.first() else {
+        return Err(cx.err(
+            cx.end(),
+            "an exit kind (memory_fault, mmio, hypercall)",
+            "",
+            OUTCOME_HINT,
+        ));
+    };
+    let _ = exit;
+    let mut a = Args::new(cx, &rest[1..], kind.text)?;
+    let o = match kind.text {
+        "memory_fault" => {
+            let usage = "exit memory_fault gpa=N size=N flags=private|shared";
+            let gpa = number(cx, need(cx, &mut a, "gpa", "memory_fault", usage)?, "gpa")?;
+            let size = number(cx, need(cx, &mut a, "size", "memory_fault", usage)?, "size")?;
+            let flags = flags(
+                cx,
+                need(cx, &mut a, "flags", "memory_fault", usage)?,
+                "flags",
+                &[
+                    ("private", KVM_MEMORY_EXIT_FLAG_PRIVATE as u64),
+                    ("shared", 0),
+                ],
+            )?;
+            a.finish(cx, "memory_fault", usage)?;
+            Outcome::MemoryFault { gpa, size, flags }
+        }
+        "mmio" => {
+            let usage = "exit mmio gpa=N [read|write]";
+            let gpa = number(cx, need(cx, &mut a, "gpa", "mmio", usage)?, "gpa")?;
+            let write = match a.pos() {
+                Some(t) if t.text == "read" => Some(false),
+                Some(t) if t.text == "write" => Some(true),
+                Some(t) => return Err(cx.err(t.at, "`read` or `write`", t.text, usage)),
+                None => None,
+            };
+            a.finish(cx, "mmio", usage)?;
+            Outcome::Mmio { gpa, write }
+        }
+        "hypercall" => {
+            let usage = "exit hypercall gpa=N pages=N attributes=private|shared";
+            let gpa = number(cx, need(cx, &mut a, "gpa", "hypercall", usage)?, "gpa")?;
+            let pages = number(cx, need(cx, &mut a, "pages", "hypercall", usage)?, "pages")?;
+            let attributes = flags(
+                cx,
+                need(cx, &mut a, "attributes", "hypercall", usage)?,
+                "attributes",
+                &[("private", KVM_MAP_GPA_RANGE_ENCRYPTED), ("shared", 0)],
+            )?;
+            a.finish(cx, "hypercall", usage)?;
+            Outcome::Hypercall {
+                gpa,
+                pages,
+                attributes,
+            }
+        }
+        k => {
+            return Err(cx.err(
+                kind.at,
+                "an exit kind (memory_fault, mmio, hypercall)",
+                k,
+                OUTCOME_HINT,
+            ))
+        }
+    };
+    Ok(o)
+}
+
+/// Parses one outcome written as in a scenario (`EINVAL`, `0x00`, `exit mmio gpa=0x1000`),
+/// as departures record them.
+pub fn parse_outcome(text: &str) -> Result<Outcome, ParseError> {
+    let cx = LineCx {
+        file: "<outcome>",
+        line: 1,
+        raw: text,
+    };
+    outcome(&cx, text, 0).map_err(|e| *e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Errno;
+    use proptest::prelude::*;
+
+    fn err(text: &str) -> ParseError {
+        parse("t.gmem", text).unwrap_err().0.remove(0)
+    }
+
+    #[test]
+    fn the_example_of_the_format_parses() {
+        let text = "\
+# The end of a binding is exclusive: a slot may reach the file's last byte, not past it.
+vm = create_vm
+g  = create_guest_memfd vm size=16K flags=mmap|init_shared
+set_memory_region vm slot=1 gpa=0x100000 size=16K flags=guest_memfd guest_memfd=g offset=0
+set_memory_region vm slot=2 gpa=0x200000 size=4K flags=guest_memfd guest_memfd=g offset=16K => EINVAL
+m  = mmap g
+host_write m offset=0 byte=0xaa
+guest_read vm gpa=0x100000 => 0xaa
+fallocate g mode=punch_hole offset=0 len=4K
+guest_read vm gpa=0x100000 => 0x00
+";
+        let sc = parse("example.gmem", text).unwrap();
+        assert_eq!(sc.lines.len(), 9);
+        assert_eq!(sc.lines[1].bind.as_deref(), Some("g"));
+        assert_eq!(
+            sc.lines[3].expect,
+            Outcome::Errno {
+                errno: Errno::EINVAL
+            }
+        );
+        assert_eq!(sc.lines[6].line, 8);
+        assert!(matches!(
+            sc.lines[1].op,
+            Op::CreateGuestMemfd {
+                size: 16384,
+                flags: 3,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn every_outcome_of_the_format_parses() {
+        for o in [
+            "ok",
+            "EINVAL",
+            "0x42",
+            "sigbus",
+            "exit memory_fault gpa=0x1000 size=4096 flags=private",
+            "exit mmio gpa=0x1000",
+            "exit mmio gpa=0x1000 write",
+            "exit hypercall gpa=0x1000 pages=1 attributes=shared",
+            "size=4096 blksize=4096",
+            "32764",
+            "timeout",
+        ] {
+            parse_outcome(o).unwrap_or_else(|e| panic!("{o}: {e}"));
+        }
+    }
+
+    #[test]
+    fn numbers_take_hex_suffixes_separators_and_signs() {
+        assert_eq!(parse_number("16K"), Some(16384));
+        assert_eq!(parse_number("0x1_0000_0000"), Some(1 << 32));
+        assert_eq!(parse_number("2M"), Some(2 << 20));
+        assert_eq!(parse_number("1T"), Some(1 << 40));
+        assert_eq!(parse_number("0xfK"), Some(15 << 10));
+        assert_eq!(parse_number("-1"), Some(u64::MAX));
+        assert_eq!(parse_number("0o600"), Some(0o600));
+        assert_eq!(parse_number("17000000T"), None);
+        assert_eq!(parse_number("+1"), None);
+        assert_eq!(parse_number("K"), None);
+        assert_eq!(parse_number(""), None);
+        assert_eq!(parse_number("0x"), None);
+    }
+
+    #[test]
+    fn unknown_operation_names_line_column_and_the_operations() {
+        let e = err("vm = create_vm\n  frobnicate vm\n");
+        assert_eq!((e.line, e.column), (2, 3));
+        assert_eq!(e.expected, "an operation");
+        assert_eq!(e.found, "`frobnicate`");
+        assert!(e.hint.contains("create_guest_memfd"), "{}", e.hint);
+    }
+
+    #[test]
+    fn missing_argument_points_at_the_end_of_the_line() {
+        let e = err("vm = create_vm\ng = create_guest_memfd vm");
+        assert_eq!((e.line, e.column), (2, 26));
+        assert!(e.expected.contains("size="), "{}", e.expected);
+        assert!(e.hint.contains("usage"), "{}", e.hint);
+    }
+
+    #[test]
+    fn bad_number_has_the_number_hint() {
+        let e = err("h = host_memory size=12Q");
+        assert_eq!(e.column, 22);
+        assert!(e.hint.contains("0x"), "{}", e.hint);
+    }
+
+    #[test]
+    fn unbound_handle_is_refused_with_how_to_bind_it() {
+        let e = err("stat g");
+        assert_eq!(e.column, 6);
+        assert!(e.hint.contains("g = "), "{}", e.hint);
+    }
+
+    #[test]
+    fn unknown_errno_and_outcome_are_refused() {
+        let e = err("vm = create_vm => EWHATEVER");
+        assert_eq!(e.column, 19);
+        assert!(e.hint.contains("EINVAL"));
+        let e = err("vm = create_vm => maybe");
+        assert_eq!(e.expected, "an outcome");
+        let e = err("vm = create_vm =>");
+        assert_eq!(e.found, "end of line");
+    }
+
+    #[test]
+    fn unknown_and_repeated_arguments_are_refused() {
+        let e = err("h = host_memory size=4K colour=blue");
+        assert_eq!(e.column, 25);
+        let e = err("h = host_memory size=4K size=8K");
+        assert!(e.hint.contains("twice"), "{}", e.hint);
+    }
+
+    #[test]
+    fn binding_a_non_handle_operation_is_refused() {
+        let e = err("vm = create_vm\nx = check_extension vm guest_memfd");
+        assert_eq!((e.line, e.column), (2, 1));
+    }
+
+    #[test]
+    fn require_lines_are_checked() {
+        let sc = parse(
+            "t",
+            "require vm_type:sw_protected memory_attributes address_spaces:2\n",
+        )
+        .unwrap();
+        assert_eq!(sc.requires.len(), 3);
+        let e = err("require vm_type:sev_snp_tdx");
+        assert_eq!(e.column, 17);
+        let e = err("require teleport");
+        assert!(e.hint.contains("exit_hypercall"));
+    }
+
+    #[test]
+    fn every_error_of_a_file_is_reported() {
+        let errs = parse("t", "frob\nstat x\nvm = create_vm\n").unwrap_err().0;
+        assert_eq!(errs.len(), 2);
+        assert_eq!(errs[1].line, 2);
+    }
+
+    #[test]
+    fn comments_may_follow_a_line() {
+        let sc = parse("t", "vm = create_vm # the VM\n  # only a comment\n").unwrap();
+        assert_eq!(sc.lines.len(), 1);
+        assert_eq!(sc.lines[0].text, "vm = create_vm");
+    }
+
+    fn vocabulary() -> impl Strategy<Value = String> {
+        let words = prop::sample::select(vec![
+            "vm",
+            "g",
+            "m",
+            "h",
+            "=",
+            "=>",
+            "|",
+            "#",
+            "create_vm",
+            "create_guest_memfd",
+            "set_memory_region",
+            "delete_memory_region",
+            "set_memory_attributes",
+            "fallocate",
+            "mmap",
+            "host_write",
+            "host_read",
+            "guest_read",
+            "guest_write",
+            "guest_map_gpa_range",
+            "check_extension",
+            "close",
+            "stat",
+            "require",
+            "size=",
+            "size=4K",
+            "flags=mmap|",
+            "slot=",
+            "gpa=0x",
+            "offset=-",
+            "0x",
+            "16K",
+            "EINVAL",
+            "exit",
+            "mmio",
+            "memory_fault",
+            "gpa=1",
+            "private",
+            "shared",
+            "ok",
+            "type=sw_protected",
+            "vm_type:",
+            "guest_memfd=",
+            "userspace=h",
+            "é",
+            "\t",
+            "0xffffffffffffffffff",
+            "-",
+            "K",
+            "=>=>",
+            "a=b=c",
+        ]);
+        prop::collection::vec(
+            (words, prop::sample::select(vec![" ", "", "\n", "  "])),
+            0..40,
+        )
+        .prop_map(|v| v.into_iter().map(|(w, s)| format!("{w}{s}")).collect())
+    }
+
+    fn outcome() -> impl Strategy<Value = Outcome> {
+        prop_oneof![
+            Just(Outcome::Ok),
+            Just(Outcome::Sigbus),
+            Just(Outcome::Timeout),
+            (1i32..134).prop_map(|e| Outcome::Errno {
+                errno: Errno::from_raw(e)
+            }),
+            (any::<u64>(), any::<bool>()).prop_map(|(value, hex)| Outcome::Value { value, hex }),
+            (any::<u64>(), any::<u64>(), any::<u64>())
+                .prop_map(|(gpa, size, flags)| Outcome::MemoryFault { gpa, size, flags }),
+            (any::<u64>(), any::<bool>()).prop_map(|(gpa, w)| Outcome::Mmio {
+                gpa,
+                write: Some(w)
+            }),
+            (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(gpa, pages, attributes)| {
+                Outcome::Hypercall {
+                    gpa,
+                    pages,
+                    attributes,
+                }
+            }),
+            (any::<i64>(), any::<i64>()).prop_map(|(s, b)| Outcome::Stat {
+                size: Some(s),
+                blksize: Some(b),
+                blocks: None,
+                mode: None
+            }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn parser_never_panics_on_arbitrary_text(text in any::<String>()) {
+            let _ = parse("fuzz.gmem", &text);
+        }
+
+        #[test]
+        fn parser_never_panics_on_scenario_like_text(text in vocabulary()) {
+            if let Err(errs) = parse("fuzz.gmem", &text) {
+                for e in errs.0 {
+                    prop_assert!(e.line >= 1 && e.column >= 1);
+                    prop_assert!(!e.hint.is_empty() && !e.expected.is_empty());
+                }
+            }
+        }
+
+        #[test]
+        fn outcomes_print_as_they_parse(o in outcome()) {
+            prop_assume!(!matches!(o, Outcome::Errno { errno } if errno == Errno::UnknownErrno));
+            let back = parse_outcome(&o.to_string()).unwrap();
+            prop_assert!(back.accepts(&o) && o.accepts(&back), "{} -> {:?}", o, back);
+        }
+    }
+}
