@@ -12,6 +12,16 @@
 //! observed = "0x00"
 //! explanation = "this kernel serves guest_memfd-only slots from userspace_addr"
 //! ```
+//!
+//! The same file records where a contract test (gmem/tests/contract) fails
+//! on a kernel, so that every departure lives in one place:
+//!
+//! ```toml
+//! [["6.18.44-fc-v669"]]
+//! contract_test = "faults::access_after_the_file_is_released_is_a_memory_fault"
+//! rule = "FAULT-6"
+//! explanation = "an access after the file's release exits as MMIO"
+//! ```
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -43,19 +53,52 @@ impl Departure {
     }
 }
 
+/// A contract test that fails on a kernel because the kernel departs from
+/// the rule it checks.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestDeparture {
+    /// The test, `section::name` as gmem/tests/contract instantiates it.
+    pub contract_test: String,
+    /// The rule id the kernel departs from.
+    pub rule: String,
+    /// What the kernel does instead.
+    pub explanation: String,
+}
+
+/// One entry of the file: a scenario line or a contract test.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Record {
+    Scenario(Departure),
+    Test(TestDeparture),
+}
+
 /// All recorded departures, by kernel release (`uname -r`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Departures {
-    /// Release → departures on it.
+    /// Release → scenario departures on it.
     pub by_release: BTreeMap<String, Vec<Departure>>,
+    /// Release → contract tests that depart on it.
+    pub tests_by_release: BTreeMap<String, Vec<TestDeparture>>,
 }
 
 impl Departures {
     /// Parses a departures file: a table of arrays keyed by kernel release.
     /// Every `observed` must parse as an outcome.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let by_release: BTreeMap<String, Vec<Departure>> =
+        let records: BTreeMap<String, Vec<Record>> =
             toml::from_str(text).map_err(|e| e.to_string())?;
+        let mut by_release = BTreeMap::<String, Vec<Departure>>::new();
+        let mut tests_by_release = BTreeMap::<String, Vec<TestDeparture>>::new();
+        for (rel, rs) in records {
+            for r in rs {
+                match r {
+                    Record::Scenario(d) => by_release.entry(rel.clone()).or_default().push(d),
+                    Record::Test(t) => tests_by_release.entry(rel.clone()).or_default().push(t),
+                }
+            }
+        }
         for (rel, ds) in &by_release {
             for d in ds {
                 if let Err(e) = parse_outcome(&d.observed) {
@@ -66,7 +109,10 @@ impl Departures {
                 }
             }
         }
-        Ok(Departures { by_release })
+        Ok(Departures {
+            by_release,
+            tests_by_release,
+        })
     }
 
     /// Reads a departures file; a missing file means none are recorded.
@@ -76,6 +122,13 @@ impl Departures {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
             Err(e) => Err(format!("{}: {e}", path.display())),
         }
+    }
+
+    /// The contract-test departures recorded for `release`.
+    pub fn contract_tests(&self, release: &str) -> &[TestDeparture] {
+        self.tests_by_release
+            .get(release)
+            .map_or(&[], Vec::as_slice)
     }
 
     /// The departures recorded for `release` in `scenario`.
@@ -124,6 +177,17 @@ explanation = "why"
             })
         );
         assert!(d.for_scenario("other", "a/b.gmem").is_empty());
+    }
+
+    #[test]
+    fn contract_test_departures_are_kept_apart_by_release() {
+        let d = Departures::parse(
+            "[[\"r\"]]\ncontract_test = \"faults::x\"\nrule = \"FAULT-6\"\nexplanation = \"why\"\n",
+        )
+        .unwrap();
+        assert_eq!(d.contract_tests("r")[0].contract_test, "faults::x");
+        assert!(d.contract_tests("other").is_empty());
+        assert!(d.for_scenario("r", "faults::x").is_empty());
     }
 
     #[test]

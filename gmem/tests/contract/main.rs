@@ -10,6 +10,7 @@
 use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
 
+use gmem::scenario::departures::{kernel_release, Departures, TestDeparture};
 use gmem::{Backend, Hypervisor};
 
 mod support;
@@ -31,50 +32,19 @@ mod mmap;
 /// then on failing to open `/dev/kvm` (when it exists) is a test failure.
 const KVM_INSTANCE: bool = true;
 
-/// Where kernel 6.18.44, the kernel of our machines, departs from the spec
-/// (spec section 10; measured by tests/kvm_backend.rs, documented in
-/// gmem/src/kvm/mod.rs): the kvm instance of each test listed here must
-/// fail. It prints one `departure:` line naming the rule and what the
-/// kernel does instead; if it passes, the departure is gone and the test
-/// fails until its entry is removed. The expectation itself is never
-/// weakened: empty this list to make each departure a failure again.
-const KVM_DEPARTURES: &[(&str, &str, &str)] = &[
-    (
-        "bind::mmap_file_makes_the_slot_guest_memfd_only",
-        "FAULT-3",
-        "a guest_memfd-only slot is served from userspace_addr, not from the file",
-    ),
-    (
-        "faults::guest_memfd_access_is_served_from_the_file_index",
-        "FAULT-3",
-        "a guest_memfd-only slot is served from userspace_addr, not from the file",
-    ),
-    (
-        "faults::access_after_the_file_is_released_is_a_memory_fault",
-        "FAULT-6",
-        "an access after the file's release exits as MMIO, not as a memory fault",
-    ),
-    (
-        "faults::memory_fault_reports_the_page_and_its_size",
-        "FAULT-7",
-        "no memory fault to inspect: an access after the file's release exits as MMIO",
-    ),
-    (
-        "invalidation::release_invalidates_every_binding",
-        "INVAL-2",
-        "seen through FAULT-6: an access after the file's release exits as MMIO",
-    ),
-    (
-        "lifetimes::refused_bind_does_not_leak_the_file",
-        "LIFE-8",
-        "seen through FAULT-6: an access after the file's release exits as MMIO",
-    ),
-    (
-        "lifetimes::slot_does_not_keep_its_file_alive",
-        "LIFE-3",
-        "seen through FAULT-6: an access after the file's release exits as MMIO",
-    ),
-];
+/// The departures file: where a running kernel departs from the spec, by
+/// kernel release, for scenario lines and for the contract tests here.
+const DEPARTURES: &str = include_str!("../../../scenarios/departures.toml");
+
+/// The contract tests that depart on the running kernel: the kvm instance
+/// of each must fail. It prints one `departure:` line naming the rule and
+/// what the kernel does instead; if it passes, the departure is gone and
+/// the test fails until its record is removed. The expectation itself is
+/// never weakened.
+fn kvm_departures() -> Vec<TestDeparture> {
+    let departures = Departures::parse(DEPARTURES).expect("scenarios/departures.toml parses");
+    departures.contract_tests(&kernel_release()).to_vec()
+}
 
 /// Runs `test` (named `section::test`) on `backend`, or prints why it
 /// cannot run there.
@@ -93,8 +63,17 @@ fn run(backend: Backend, name: &str, test: fn(&dyn Hypervisor)) {
         Ok(hv) => hv,
         Err(e) => panic!("opening the {} backend: {e}", backend.name()),
     };
-    let departure = KVM_DEPARTURES.iter().find(|(t, _, _)| *t == name);
-    let (Backend::Kvm, Some((_, rule, what))) = (backend, departure) else {
+    let departures = kvm_departures();
+    let departure = departures.iter().find(|d| d.contract_test == name);
+    let (
+        Backend::Kvm,
+        Some(TestDeparture {
+            rule,
+            explanation: what,
+            ..
+        }),
+    ) = (backend, departure)
+    else {
         test(&*hv);
         return;
     };
@@ -111,7 +90,7 @@ fn run(backend: Backend, name: &str, test: fn(&dyn Hypervisor)) {
             ));
         }
         Ok(()) => {
-            panic!("listed in KVM_DEPARTURES ({rule}: {what}) but conforms now: remove the entry")
+            panic!("recorded in scenarios/departures.toml ({rule}: {what}) but conforms now: remove the record")
         }
     }
 }
@@ -400,13 +379,22 @@ fn every_rule_id_of_sections_1_to_8_is_named_by_a_contract_test() {
 }
 
 #[test]
-fn every_kvm_departure_names_a_contract_test() {
-    for (test, _, _) in KVM_DEPARTURES {
+fn every_recorded_contract_test_departure_names_a_contract_test() {
+    let departures = Departures::parse(DEPARTURES).unwrap();
+    for test in departures
+        .tests_by_release
+        .values()
+        .flatten()
+        .map(|d| &d.contract_test)
+    {
         let (section, name) = test.split_once("::").expect("section::test");
         let listed = SOURCES
             .iter()
             .any(|(m, s)| *m == section && s.contains(&format!("pub fn {name}(")));
-        assert!(listed, "KVM_DEPARTURES names no test {test}");
+        assert!(
+            listed,
+            "scenarios/departures.toml names no contract test {test}"
+        );
     }
 }
 
