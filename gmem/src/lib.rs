@@ -14,6 +14,7 @@ pub mod error;
 pub mod host;
 pub mod hypervisor;
 pub mod kvm;
+pub mod rules;
 pub mod scenario;
 pub mod soft;
 pub mod uapi;

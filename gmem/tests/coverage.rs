@@ -2,29 +2,13 @@
 //! can express is named on some scenario's `# covers:` line, and every case
 //! of section 9 (the kernel selftests) on some `# selftest:` line.
 //!
-//! The rule ids are listed here rather than read from the spec, so that the
-//! test needs nothing outside the repository; when the spec gains a rule,
-//! add it here and a scenario for it.
+//! The rule ids come from `gmem::rules` rather than the spec file, so that
+//! the test needs nothing outside the repository.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use gmem::scenario::collect_files;
-
-/// Every rule id of spec sections 1-8, as (prefix, count).
-const RULES: &[(&str, u32)] = &[
-    ("LIFE", 8),
-    ("CREATE", 6),
-    ("SLOT", 12),
-    ("BIND", 7),
-    ("FILE", 2),
-    ("FALLOC", 4),
-    ("MMAP", 5),
-    ("ATTR", 6),
-    ("FAULT", 8),
-    ("INVAL", 5),
-    ("CAP", 3),
-];
 
 /// Rules no scenario can express, and why. Each is covered elsewhere.
 const NOT_EXPRESSIBLE: &[(&str, &str)] = &[
@@ -89,10 +73,7 @@ const SELFTEST_CASES: &[&str] = &[
 ];
 
 fn all_rules() -> BTreeSet<String> {
-    RULES
-        .iter()
-        .flat_map(|(p, n)| (1..=*n).map(move |i| format!("{p}-{i}")))
-        .collect()
+    gmem::rules::ids().collect()
 }
 
 /// (file, ids on its `# covers:` lines, names on its `# selftest:` lines).

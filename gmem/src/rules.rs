@@ -1,0 +1,35 @@
+//! The rule ids of the spec's sections 1-8 (`spec/guest_memfd.md` in the
+//! steering repo), which errors cite and tests name. When the spec gains a
+//! rule, raise its family's count here: the coverage tests then demand a
+//! test and a scenario for it.
+
+/// Rule families and how many rules each has: `("SLOT", 12)` is SLOT-1..SLOT-12.
+pub const FAMILIES: &[(&str, u32)] = &[
+    ("LIFE", 8),
+    ("CREATE", 6),
+    ("SLOT", 12),
+    ("BIND", 7),
+    ("FILE", 2),
+    ("FALLOC", 4),
+    ("MMAP", 5),
+    ("ATTR", 6),
+    ("FAULT", 8),
+    ("INVAL", 5),
+    ("CAP", 3),
+];
+
+/// Every rule id, in spec order: `LIFE-1`, ..., `CAP-3`.
+pub fn ids() -> impl Iterator<Item = String> {
+    FAMILIES
+        .iter()
+        .flat_map(|(family, n)| (1..=*n).map(move |i| format!("{family}-{i}")))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn there_are_66_rules() {
+        assert_eq!(super::ids().count(), 66);
+        assert_eq!(super::ids().next().as_deref(), Some("LIFE-1"));
+    }
+}
