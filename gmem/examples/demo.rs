@@ -17,24 +17,6 @@ impl InvalidationObserver for Recorder {
     }
 }
 
-fn region(
-    slot: u32,
-    gpa: u64,
-    size: u64,
-    gmem: &dyn GuestMemfd,
-    offset: u64,
-) -> kvm_userspace_memory_region2 {
-    kvm_userspace_memory_region2 {
-        slot,
-        flags: KVM_MEM_GUEST_MEMFD,
-        guest_phys_addr: gpa,
-        memory_size: size,
-        guest_memfd: gmem.as_raw_fd() as u32,
-        guest_memfd_offset: offset,
-        ..Default::default()
-    }
-}
-
 fn show(exit: VcpuExit) -> String {
     match exit {
         VcpuExit::Done(v) => format!("{v:#x}"),
@@ -68,10 +50,16 @@ fn main() -> Result<()> {
         g.as_raw_fd(),
         g.size() >> 10
     );
-    vm.set_user_memory_region2(region(1, 0x10_0000, 64 << 10, &g, 0))?;
+    vm.set_user_memory_region2(guest_memfd_region(1, 0x10_0000, 64 << 10, g.as_raw_fd(), 0))?;
     println!("bound slot 1: gpa 0x100000..0x110000 -> file offset 0");
     let err = vm
-        .set_user_memory_region2(region(2, 0x20_0000, 4 << 10, &g, 64 << 10))
+        .set_user_memory_region2(guest_memfd_region(
+            2,
+            0x20_0000,
+            4 << 10,
+            g.as_raw_fd(),
+            64 << 10,
+        ))
         .unwrap_err();
     println!("binding slot 2 at the file's end is refused: {err}");
 
@@ -137,7 +125,7 @@ fn main() -> Result<()> {
     let host = hv.create_host_memory(2 << 20)?;
     pvm.set_user_memory_region2(kvm_userspace_memory_region2 {
         userspace_addr: gmem::HostMemory::addr(&host),
-        ..region(0, 0, 2 << 20, pg.as_ref(), 0)
+        ..guest_memfd_region(0, 0, 2 << 20, pg.as_raw_fd(), 0)
     })?;
     let mut pvcpu = pvm.create_vcpu(0)?;
     pvm.set_memory_attributes(kvm_memory_attributes {

@@ -79,6 +79,52 @@ pub fn cap_from_name(name: &str) -> Option<u32> {
     CAPS.iter().find(|(n, _)| *n == name).map(|(_, c)| *c)
 }
 
+/// A `KVM_SET_USER_MEMORY_REGION2` request binding `slot` at
+/// `guest_phys_addr` to `memory_size` bytes of the guest_memfd `guest_memfd`
+/// from `guest_memfd_offset`, with `userspace_addr` 0.
+pub fn guest_memfd_region(
+    slot: u32,
+    guest_phys_addr: u64,
+    memory_size: u64,
+    guest_memfd: std::os::fd::RawFd,
+    guest_memfd_offset: u64,
+) -> kvm_userspace_memory_region2 {
+    kvm_userspace_memory_region2 {
+        slot,
+        flags: KVM_MEM_GUEST_MEMFD,
+        guest_phys_addr,
+        memory_size,
+        guest_memfd_offset,
+        guest_memfd: guest_memfd as u32,
+        ..Default::default()
+    }
+}
+
+/// A `KVM_SET_USER_MEMORY_REGION2` request for an ordinary slot over host
+/// memory at `userspace_addr`.
+pub fn user_region(
+    slot: u32,
+    guest_phys_addr: u64,
+    memory_size: u64,
+    userspace_addr: u64,
+) -> kvm_userspace_memory_region2 {
+    kvm_userspace_memory_region2 {
+        slot,
+        guest_phys_addr,
+        memory_size,
+        userspace_addr,
+        ..Default::default()
+    }
+}
+
+/// A request deleting `slot` (memory_size 0).
+pub fn delete_region(slot: u32) -> kvm_userspace_memory_region2 {
+    kvm_userspace_memory_region2 {
+        slot,
+        ..Default::default()
+    }
+}
+
 /// Page-aligned?
 pub const fn page_aligned(x: u64) -> bool {
     x & (PAGE_SIZE - 1) == 0

@@ -5,6 +5,7 @@
 //! range (ATTR-6). The contract tests (tests/contract) cover the same rules
 //! as the guest sees them, on every backend.
 
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
 use gmem::soft::{
@@ -66,24 +67,6 @@ fn gmem(vm: &SoftVm, size: u64, flags: u64) -> SoftGuestMemfd {
     .unwrap()
 }
 
-fn gmem_slot(
-    slot: u32,
-    gpa: u64,
-    size: u64,
-    file: &dyn GuestMemfd,
-    offset: u64,
-) -> kvm_userspace_memory_region2 {
-    kvm_userspace_memory_region2 {
-        slot,
-        flags: KVM_MEM_GUEST_MEMFD,
-        guest_phys_addr: gpa,
-        memory_size: size,
-        guest_memfd_offset: offset,
-        guest_memfd: file.as_raw_fd() as u32,
-        ..Default::default()
-    }
-}
-
 fn set_attributes(vm: &SoftVm, gpa: u64, size: u64, attributes: u64) {
     vm.set_memory_attributes(kvm_memory_attributes {
         address: gpa,
@@ -106,10 +89,16 @@ fn load(cpu: &mut Box<dyn Vcpu>, gpa: u64) -> VcpuExit {
 /// at `GPA + 64P` over pages [4, 8).
 fn two_bindings(vm: &SoftVm) -> SoftGuestMemfd {
     let file = gmem(vm, 8 * P, GUEST_MEMFD_FLAG_MMAP);
-    vm.set_user_memory_region2(gmem_slot(0, GPA, 4 * P, &file, 0))
+    vm.set_user_memory_region2(guest_memfd_region(0, GPA, 4 * P, file.as_raw_fd(), 0))
         .unwrap();
-    vm.set_user_memory_region2(gmem_slot(1, GPA + 64 * P, 4 * P, &file, 4 * P))
-        .unwrap();
+    vm.set_user_memory_region2(guest_memfd_region(
+        1,
+        GPA + 64 * P,
+        4 * P,
+        file.as_raw_fd(),
+        4 * P,
+    ))
+    .unwrap();
     file
 }
 
@@ -137,7 +126,7 @@ fn punch_hole_invalidates_the_punched_gfns_of_each_binding() {
 fn punch_hole_of_unbound_pages_invalidates_nothing() {
     let vm = hv().create_soft_vm(0).unwrap();
     let file = gmem(&vm, 8 * P, 0);
-    vm.set_user_memory_region2(gmem_slot(0, GPA, 2 * P, &file, 0))
+    vm.set_user_memory_region2(guest_memfd_region(0, GPA, 2 * P, file.as_raw_fd(), 0))
         .unwrap();
     let recorder = Recorder::on(&vm);
 
@@ -326,7 +315,7 @@ fn host_touch_allocates_a_page_and_punch_frees_it() {
 fn guest_read_of_a_hole_allocates_it() {
     let vm = hv().create_soft_vm(0).unwrap();
     let file = gmem(&vm, 4 * P, GUEST_MEMFD_FLAG_MMAP);
-    vm.set_user_memory_region2(gmem_slot(0, GPA, 4 * P, &file, 0))
+    vm.set_user_memory_region2(guest_memfd_region(0, GPA, 4 * P, file.as_raw_fd(), 0))
         .unwrap();
     let mut cpu = vm.create_vcpu(0).unwrap();
 
@@ -341,7 +330,7 @@ fn guest_read_of_a_hole_allocates_it() {
 fn conversions_neither_allocate_nor_free() {
     let vm = hv().create_soft_vm(KVM_X86_SW_PROTECTED_VM as u64).unwrap();
     let file = gmem(&vm, 4 * P, 0);
-    vm.set_user_memory_region2(gmem_slot(0, GPA, 4 * P, &file, 0))
+    vm.set_user_memory_region2(guest_memfd_region(0, GPA, 4 * P, file.as_raw_fd(), 0))
         .unwrap();
     set_attributes(&vm, GPA, P, PRIVATE);
     let mut cpu = vm.create_vcpu(0).unwrap();

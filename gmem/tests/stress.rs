@@ -52,14 +52,8 @@ fn gmem_slot(
     userspace_addr: u64,
 ) -> kvm_userspace_memory_region2 {
     kvm_userspace_memory_region2 {
-        slot,
-        flags: KVM_MEM_GUEST_MEMFD,
-        guest_phys_addr: gfn * P,
-        memory_size: pages * P,
         userspace_addr,
-        guest_memfd: g.as_raw_fd() as u32,
-        guest_memfd_offset: 0,
-        ..Default::default()
+        ..guest_memfd_region(slot, gfn * P, pages * P, g.as_raw_fd(), 0)
     }
 }
 

@@ -168,15 +168,7 @@ pub fn gmem_slot(
     file: &dyn GuestMemfd,
     offset: u64,
 ) -> kvm_userspace_memory_region2 {
-    kvm_userspace_memory_region2 {
-        slot,
-        flags: KVM_MEM_GUEST_MEMFD,
-        guest_phys_addr: gpa,
-        memory_size: size,
-        guest_memfd_offset: offset,
-        guest_memfd: file.as_raw_fd() as u32,
-        ..Default::default()
-    }
+    guest_memfd_region(slot, gpa, size, file.as_raw_fd(), offset)
 }
 
 /// A guest_memfd slot request whose shared side is `host`.
@@ -201,13 +193,7 @@ pub fn plain_slot(
     size: u64,
     userspace_addr: u64,
 ) -> kvm_userspace_memory_region2 {
-    kvm_userspace_memory_region2 {
-        slot,
-        guest_phys_addr: gpa,
-        memory_size: size,
-        userspace_addr,
-        ..Default::default()
-    }
+    user_region(slot, gpa, size, userspace_addr)
 }
 
 /// A delete request (memory_size 0).
