@@ -74,6 +74,11 @@ enum One {
 }
 
 fn main() -> ExitCode {
+    // Like any Unix filter: a closed pipe (`gmem check | head`) ends the
+    // process quietly instead of making println! panic.
+    // SAFETY: restores the default disposition of SIGPIPE before any thread
+    // or handler exists; no Rust state depends on it.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     match cli.command {
         Command::Check {
