@@ -245,7 +245,7 @@ pub fn caps(backend: Backend, json: bool) -> ExitCode {
             } else {
                 println!("{msg}");
                 if backend == Backend::Kvm {
-                    println!("(no /dev/kvm, no permission to open it, or the KVM backend is not built yet)");
+                    println!("(no /dev/kvm on this host, or no permission to open it: KVM guest_memfd support cannot be read; `gmem caps --backend soft` shows the software backend)");
                 }
             }
             return ExitCode::SUCCESS;
