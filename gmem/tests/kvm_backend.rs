@@ -71,29 +71,6 @@ fn gmem_args(size: u64, flags: u64) -> kvm_create_guest_memfd {
     }
 }
 
-fn gmem_slot(slot: u32, gpa: u64, size: u64, fd: i32, offset: u64) -> kvm_userspace_memory_region2 {
-    kvm_userspace_memory_region2 {
-        slot,
-        flags: KVM_MEM_GUEST_MEMFD,
-        guest_phys_addr: gpa,
-        memory_size: size,
-        userspace_addr: 0,
-        guest_memfd_offset: offset,
-        guest_memfd: fd as u32,
-        ..Default::default()
-    }
-}
-
-fn plain_slot(slot: u32, gpa: u64, size: u64, addr: u64) -> kvm_userspace_memory_region2 {
-    kvm_userspace_memory_region2 {
-        slot,
-        guest_phys_addr: gpa,
-        memory_size: size,
-        userspace_addr: addr,
-        ..Default::default()
-    }
-}
-
 /// A default VM.
 fn default_vm(h: &KvmHypervisor) -> Box<dyn Vm> {
     h.create_vm(KVM_X86_DEFAULT_VM as u64).unwrap()
@@ -115,7 +92,7 @@ fn vm_on_host_memory(
 ) -> (Box<dyn Vm>, Box<dyn HostMemory>, Box<dyn Vcpu>) {
     let vm = default_vm(h);
     let mem = h.host_memory(size).unwrap();
-    vm.set_user_memory_region2(plain_slot(0, gpa, size, mem.addr()))
+    vm.set_user_memory_region2(user_region(0, gpa, size, mem.addr()))
         .unwrap();
     let cpu = vm.create_vcpu(0).unwrap();
     (vm, mem, cpu)
@@ -280,7 +257,13 @@ fn a_refused_memory_region_names_the_ioctl_and_every_value_slot_7() {
     let vm = default_vm(&h);
     let g = vm.create_guest_memfd(gmem_args(0x4000, 0)).unwrap();
     // Act
-    let r = vm.set_user_memory_region2(gmem_slot(1, 0x100000, 0x4000, g.as_raw_fd(), 0x1001));
+    let r = vm.set_user_memory_region2(guest_memfd_region(
+        1,
+        0x100000,
+        0x4000,
+        g.as_raw_fd(),
+        0x1001,
+    ));
     // Assert
     let e = assert_refused(r, Errno::EINVAL, "kernel");
     let want = format!(
@@ -304,6 +287,58 @@ fn a_refused_guest_memfd_creation_names_the_ioctl_and_size_create_2() {
         e.message.contains("KVM_CREATE_GUEST_MEMFD size=0xfff"),
         "{e}"
     );
+}
+
+#[test]
+fn a_vm_type_the_host_lacks_is_not_supported_by_this_host_cap_2() {
+    let Some((_l, h)) = kvm() else { return };
+    // Arrange
+    let types = h.check_extension(KVM_CAP_VM_TYPES);
+    let Some(lacking) = (0..6u64).find(|t| types & (1 << t) == 0) else {
+        skip("this host supports every x86 VM type");
+        return;
+    };
+    // Act
+    let r = h.create_vm(lacking);
+    // Assert
+    let e = assert_refused(r, Errno::EINVAL, "CAP-2");
+    assert!(e.message.contains("not supported by this host"), "{e}");
+}
+
+#[test]
+fn guest_memfd_flags_the_vm_lacks_name_the_flags_cap_create_1() {
+    let Some((_l, h)) = kvm() else { return };
+    // Arrange
+    let vm = default_vm(&h);
+    // Act
+    let r = vm.create_guest_memfd(gmem_args(0x1000, 1 << 2));
+    // Assert
+    let e = assert_refused(r, Errno::EINVAL, "CREATE-1");
+    assert!(e.message.contains("KVM_CAP_GUEST_MEMFD_FLAGS is"), "{e}");
+}
+
+#[test]
+fn a_missing_attributes_ioctl_is_not_supported_by_this_host() {
+    let Some((_l, h)) = kvm() else { return };
+    // Arrange
+    let vm = default_vm(&h);
+    let shared = kvm_memory_attributes {
+        address: 0,
+        size: 0x1000,
+        attributes: 0,
+        flags: 0,
+    };
+    // Act
+    let r = vm.set_memory_attributes(shared);
+    // Assert
+    match r {
+        Err(e) if e.errno == Errno::ENOTTY => {
+            assert!(e.message.contains("not supported by this host"), "{e}")
+        }
+        other => skip(&format!(
+            "this host has KVM_SET_MEMORY_ATTRIBUTES ({other:?})"
+        )),
+    }
 }
 
 #[test]
@@ -502,10 +537,11 @@ fn the_setup_slot_and_range_are_reserved_kvm_setup() {
     let vm = default_vm(&h);
     let mem = h.host_memory(0x20_0000).unwrap();
     // Act
-    let by_id = vm.set_user_memory_region2(plain_slot(SETUP_SLOT, 0x10_0000, 0x1000, mem.addr()));
-    let delete = vm.set_user_memory_region2(plain_slot(SETUP_SLOT, 0, 0, 0));
-    let overlap = vm.set_user_memory_region2(plain_slot(3, SETUP_GPA - 0x1000, 0x2000, mem.addr()));
-    let below = vm.set_user_memory_region2(plain_slot(3, SETUP_GPA - 0x1000, 0x1000, mem.addr()));
+    let by_id = vm.set_user_memory_region2(user_region(SETUP_SLOT, 0x10_0000, 0x1000, mem.addr()));
+    let delete = vm.set_user_memory_region2(user_region(SETUP_SLOT, 0, 0, 0));
+    let overlap =
+        vm.set_user_memory_region2(user_region(3, SETUP_GPA - 0x1000, 0x2000, mem.addr()));
+    let below = vm.set_user_memory_region2(user_region(3, SETUP_GPA - 0x1000, 0x1000, mem.addr()));
     // Assert
     let e = assert_refused(by_id, Errno::EINVAL, "KVM-SETUP");
     assert!(e.message.contains("0xe0000000"), "{e}");
@@ -526,7 +562,7 @@ fn userspace_addresses_outside_handed_out_memory_are_refused_gmem_safety() {
     let mem = h.host_memory(0x2000).unwrap();
     let unmapped = 0x7000_0000_0000u64; // far above anything this test maps
     let request =
-        |slot, gpa, size, addr| vm.set_user_memory_region2(plain_slot(slot, gpa, size, addr));
+        |slot, gpa, size, addr| vm.set_user_memory_region2(user_region(slot, gpa, size, addr));
     // Act + Assert
     assert_refused(
         request(1, 0, 0x1000, heap_page),
@@ -569,18 +605,18 @@ fn no_fd_leaks_on_any_path_life_8() {
             .unwrap();
         let fd = g.as_raw_fd();
         let slot = 1 + (i % 8);
-        vm.set_user_memory_region2(gmem_slot(slot, 0x10_0000, 0x4000, fd, 0))
+        vm.set_user_memory_region2(guest_memfd_region(slot, 0x10_0000, 0x4000, fd, 0))
             .unwrap();
         // Error paths: bad offsets, overlaps, closed fds, not-guest_memfd fds.
         let refused = [
-            gmem_slot(100, 0x20_0000, 0x1000, fd, 0x1001),
-            gmem_slot(100, 0x20_0000, 0x1000, fd, 0x4000),
-            gmem_slot(100, 0x20_0000, 0x1000, fd, 0),
-            gmem_slot(100, 0x10_0000, 0x1000, fd, 0x3000),
-            gmem_slot(100, 0x20_0000, 0x1000, 9999, 0),
-            gmem_slot(100, 0x20_0000, 0x1000, h.as_raw_fd(), 0),
-            gmem_slot(100, 0x20_0000, 0x1000, vm.as_raw_fd(), 0),
-            gmem_slot(100, 0x20_0000, 0x1000, memfd.as_raw_fd(), 0),
+            guest_memfd_region(100, 0x20_0000, 0x1000, fd, 0x1001),
+            guest_memfd_region(100, 0x20_0000, 0x1000, fd, 0x4000),
+            guest_memfd_region(100, 0x20_0000, 0x1000, fd, 0),
+            guest_memfd_region(100, 0x10_0000, 0x1000, fd, 0x3000),
+            guest_memfd_region(100, 0x20_0000, 0x1000, 9999, 0),
+            guest_memfd_region(100, 0x20_0000, 0x1000, h.as_raw_fd(), 0),
+            guest_memfd_region(100, 0x20_0000, 0x1000, vm.as_raw_fd(), 0),
+            guest_memfd_region(100, 0x20_0000, 0x1000, memfd.as_raw_fd(), 0),
         ];
         for region in refused {
             assert!(vm.set_user_memory_region2(region).is_err(), "{region:?}");
@@ -591,7 +627,7 @@ fn no_fd_leaks_on_any_path_life_8() {
         let m = g.mmap(0, 0x4000, MapKind::Shared).unwrap();
         drop(g);
         drop(m);
-        vm.set_user_memory_region2(gmem_slot(slot, 0x10_0000, 0, -1, 0))
+        vm.set_user_memory_region2(guest_memfd_region(slot, 0x10_0000, 0, -1, 0))
             .unwrap();
         if i % 200 == 0 {
             let (_other, mut cpu) = vm_and_vcpu(&h);
@@ -613,7 +649,7 @@ fn memory_dropped_under_a_live_slot_stays_reserved_until_the_slot_goes_gmem_safe
     drop(mem);
     let still_reserved = mapped(addr, 0x2000);
     let read = load(&mut cpu, 0x10_0000, 1);
-    vm.set_user_memory_region2(plain_slot(0, 0x10_0000, 0, 0))
+    vm.set_user_memory_region2(user_region(0, 0x10_0000, 0, 0))
         .unwrap();
     let after_delete = mapped(addr, 0x2000);
     // Assert: the guest no longer sees the old pages; the addresses were not

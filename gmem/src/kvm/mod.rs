@@ -57,6 +57,7 @@ use crate::error::{Errno, Error, Result};
 use crate::hypervisor::{HostMemory, Hypervisor, Vm};
 use crate::kvm::memory::AnonMemory;
 use crate::kvm::vm::{describe_type, KvmVm};
+use crate::uapi::KVM_CAP_VM_TYPES;
 
 /// `/dev/kvm` (closed on drop), with what every VM's vCPUs need from it.
 #[derive(Debug)]
@@ -142,11 +143,17 @@ impl Hypervisor for KvmHypervisor {
 
     fn create_vm(&self, vm_type: u64) -> Result<Box<dyn Vm>> {
         let fd = self.kvm.create_vm_with_type(vm_type).map_err(|e| {
-            Error::new(
-                Errno::from_raw(e.errno()),
-                "kernel",
-                format!("KVM_CREATE_VM {} refused", describe_type(vm_type)),
-            )
+            let types = self.check_extension(KVM_CAP_VM_TYPES);
+            let what = format!("KVM_CREATE_VM {} refused", describe_type(vm_type));
+            let errno = Errno::from_raw(e.errno());
+            match vm_type {
+                0..64 if types & (1 << vm_type) == 0 => Error::new(
+                    errno,
+                    "CAP-2",
+                    format!("{what}: not supported by this host (KVM_CAP_VM_TYPES is {types:#x})"),
+                ),
+                _ => Error::new(errno, "kernel", what),
+            }
         })?;
         Ok(Box::new(KvmVm::new(
             fd,

@@ -17,7 +17,8 @@ use crate::kvm::memory::{pin_userspace_range, Pin};
 use crate::kvm::vcpu::{EntryPoints, KvmVcpu};
 use crate::uapi::{
     kvm_create_guest_memfd, kvm_memory_attributes, kvm_userspace_memory_region,
-    kvm_userspace_memory_region2, vm_type_name, KVM_CAP_EXIT_HYPERCALL, KVM_HC_MAP_GPA_RANGE,
+    kvm_userspace_memory_region2, vm_type_name, KVM_CAP_EXIT_HYPERCALL, KVM_CAP_GUEST_MEMFD_FLAGS,
+    KVM_HC_MAP_GPA_RANGE,
 };
 
 /// The userspace ranges of a VM's memslots, pinned (see
@@ -197,20 +198,34 @@ impl Vm for KvmVm {
             args: [arg0, 0, 0, 0],
             ..Default::default()
         };
-        self.fd
-            .enable_cap(&c)
-            .map_err(|e| kernel(e, format_args!("KVM_ENABLE_CAP cap={cap} arg0={arg0:#x}")))
+        self.fd.enable_cap(&c).map_err(|e| {
+            let mut err = kernel(e, format_args!("KVM_ENABLE_CAP cap={cap} arg0={arg0:#x}"));
+            if self.check_extension(cap) == 0 {
+                err.message += ": not supported by this host (KVM_CHECK_EXTENSION gives 0)";
+            }
+            err
+        })
     }
 
     fn create_guest_memfd(&self, args: kvm_create_guest_memfd) -> Result<Box<dyn GuestMemfd>> {
         let raw = self.fd.create_guest_memfd(args).map_err(|e| {
-            kernel(
+            let mut err = kernel(
                 e,
                 format_args!(
                     "KVM_CREATE_GUEST_MEMFD size={:#x} flags={:#x}",
                     args.size, args.flags
                 ),
-            )
+            );
+            let supported = self.check_extension(KVM_CAP_GUEST_MEMFD_FLAGS) as u64;
+            if args.flags & !supported != 0 {
+                err.rule = "CREATE-1";
+                err.message += &format!(
+                    ": flags {:#x} are not supported by this VM on this host \
+                     (KVM_CAP_GUEST_MEMFD_FLAGS is {supported:#x})",
+                    args.flags & !supported
+                );
+            }
+            err
         })?;
         // SAFETY: the kernel just returned this fd to us and nobody else
         // knows it: owning it here is what keeps it from leaking.
@@ -255,14 +270,18 @@ impl Vm for KvmVm {
 
     fn set_memory_attributes(&self, a: kvm_memory_attributes) -> Result<()> {
         self.fd.set_memory_attributes(a).map_err(|e| {
-            kernel(
+            let mut err = kernel(
                 e,
                 format_args!(
                     "KVM_SET_MEMORY_ATTRIBUTES address={:#x} size={:#x} attributes={:#x} \
                      flags={:#x}",
                     a.address, a.size, a.attributes, a.flags
                 ),
-            )
+            );
+            if err.errno == Errno::ENOTTY {
+                err.message += ": not supported by this host (the kernel has no such ioctl)";
+            }
+            err
         })
     }
 
