@@ -156,38 +156,26 @@ pub fn allocating_at_or_past_the_end_is_einval(hv: &dyn Hypervisor) {
 
 /// FALLOC-3: allocating keeps the contents of pages that existed.
 pub fn allocating_keeps_existing_contents(hv: &dyn Hypervisor) {
-    let Some(GuestView {
-        _vm,
-        file,
-        _mapping,
-        mut cpu,
-    }) = guest_view(hv)
-    else {
+    let Some(mut view) = guest_view(hv) else {
         return;
     };
-    cpu.store_ok(GPA + P, 8, 0x0102_0304);
+    view.cpu.store_ok(GPA + P, 8, 0x0102_0304);
 
-    let r = file.fallocate(KEEP, 0, SIZE as i64);
+    let r = view.file.fallocate(KEEP, 0, SIZE as i64);
 
     ok(r, "allocate over a written page");
-    assert_eq!(cpu.load_ok(GPA + P, 8), 0x0102_0304);
+    assert_eq!(view.cpu.load_ok(GPA + P, 8), 0x0102_0304);
 }
 
 /// FALLOC-3: newly allocated pages read as zero.
 pub fn newly_allocated_pages_read_zero(hv: &dyn Hypervisor) {
-    let Some(GuestView {
-        _vm,
-        file,
-        _mapping,
-        mut cpu,
-    }) = guest_view(hv)
-    else {
+    let Some(mut view) = guest_view(hv) else {
         return;
     };
 
-    ok(file.fallocate(KEEP, 0, SIZE as i64), "allocate");
+    ok(view.file.fallocate(KEEP, 0, SIZE as i64), "allocate");
 
-    assert_eq!(cpu.load_ok(GPA + 3 * P + 8, 8), 0);
+    assert_eq!(view.cpu.load_ok(GPA + 3 * P + 8, 8), 0);
 }
 
 /// FALLOC-4: punching at and past the end succeeds: no size check.
@@ -204,40 +192,28 @@ pub fn punching_at_and_past_the_end_succeeds(hv: &dyn Hypervisor) {
 
 /// FALLOC-4: a punched page reads back zero on the next guest access.
 pub fn punched_page_reads_zero(hv: &dyn Hypervisor) {
-    let Some(GuestView {
-        _vm,
-        file,
-        _mapping,
-        mut cpu,
-    }) = guest_view(hv)
-    else {
+    let Some(mut view) = guest_view(hv) else {
         return;
     };
-    cpu.store_ok(GPA + P, 8, u64::MAX);
+    view.cpu.store_ok(GPA + P, 8, u64::MAX);
 
-    ok(file.fallocate(PUNCH, P as i64, P as i64), "punch");
+    ok(view.file.fallocate(PUNCH, P as i64, P as i64), "punch");
 
-    assert_eq!(cpu.load_ok(GPA + P, 8), 0);
+    assert_eq!(view.cpu.load_ok(GPA + P, 8), 0);
 }
 
 /// FALLOC-4: punching leaves the pages around the hole alone.
 pub fn punching_spares_neighbouring_pages(hv: &dyn Hypervisor) {
-    let Some(GuestView {
-        _vm,
-        file,
-        _mapping,
-        mut cpu,
-    }) = guest_view(hv)
-    else {
+    let Some(mut view) = guest_view(hv) else {
         return;
     };
     for i in 0..4 {
-        cpu.store_ok(GPA + i * P, 8, 0x100 + i);
+        view.cpu.store_ok(GPA + i * P, 8, 0x100 + i);
     }
 
-    ok(file.fallocate(PUNCH, P as i64, 2 * P as i64), "punch");
+    ok(view.file.fallocate(PUNCH, P as i64, 2 * P as i64), "punch");
 
-    let values: Vec<u64> = (0..4).map(|i| cpu.load_ok(GPA + i * P, 8)).collect();
+    let values: Vec<u64> = (0..4).map(|i| view.cpu.load_ok(GPA + i * P, 8)).collect();
     assert_eq!(values, [0x100, 0, 0, 0x103]);
 }
 
