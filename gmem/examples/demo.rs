@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use gmem::soft::{Invalidation, InvalidationObserver, SoftHypervisor};
 use gmem::uapi::*;
-use gmem::{GuestMemfd, GuestOp, Hypervisor, MapKind, Result, VcpuExit, Vm};
+use gmem::{GuestMemfd, GuestOp, Hypervisor, MapKind, Result, Vcpu, VcpuExit, Vm};
 
 #[derive(Default)]
 struct Recorder(Mutex<Vec<Invalidation>>);
@@ -25,6 +25,21 @@ fn show(exit: VcpuExit) -> String {
         }
         other => format!("{other:?}"),
     }
+}
+
+/// A one-byte guest load at `gpa`, shown as the value or the exit.
+fn read(vcpu: &mut dyn Vcpu, gpa: u64) -> Result<String> {
+    Ok(show(vcpu.run(GuestOp::Read { gpa, size: 1 })?))
+}
+
+/// Sets the attributes of guest physical `[0, size)`.
+fn convert(vm: &dyn Vm, size: u64, attributes: u64) -> Result<()> {
+    vm.set_memory_attributes(kvm_memory_attributes {
+        address: 0,
+        size,
+        attributes,
+        flags: 0,
+    })
 }
 
 fn main() -> Result<()> {
@@ -68,10 +83,7 @@ fn main() -> Result<()> {
     let mut vcpu = vm.create_vcpu(0)?;
     println!(
         "host wrote 0xaa at file offset 0x1000; guest reads gpa 0x101000: {}",
-        show(vcpu.run(GuestOp::Read {
-            gpa: 0x10_1000,
-            size: 1
-        })?)
+        read(vcpu.as_mut(), 0x10_1000)?
     );
     vcpu.run(GuestOp::Write {
         gpa: 0x10_2000,
@@ -93,10 +105,7 @@ fn main() -> Result<()> {
     );
     println!(
         "guest reads gpa 0x101000 after the punch: {}",
-        show(vcpu.run(GuestOp::Read {
-            gpa: 0x10_1000,
-            size: 1
-        })?)
+        read(vcpu.as_mut(), 0x10_1000)?
     );
 
     // Release: the file goes while slot 1 still names it.
@@ -105,10 +114,7 @@ fn main() -> Result<()> {
     println!("closed the guest_memfd and its mapping; slot 1 stays, the file is gone");
     println!(
         "guest reads gpa 0x101000: {}",
-        show(vcpu.run(GuestOp::Read {
-            gpa: 0x10_1000,
-            size: 1
-        })?)
+        read(vcpu.as_mut(), 0x10_1000)?
     );
     vm.set_user_memory_region2(kvm_userspace_memory_region2 {
         slot: 1,
@@ -128,12 +134,7 @@ fn main() -> Result<()> {
         ..guest_memfd_region(0, 0, 2 << 20, pg.as_raw_fd(), 0)
     })?;
     let mut pvcpu = pvm.create_vcpu(0)?;
-    pvm.set_memory_attributes(kvm_memory_attributes {
-        address: 0,
-        size: 2 << 20,
-        attributes: KVM_MEMORY_ATTRIBUTE_PRIVATE as u64,
-        flags: 0,
-    })?;
+    convert(&pvm, 2 << 20, KVM_MEMORY_ATTRIBUTE_PRIVATE as u64)?;
     pvcpu.run(GuestOp::Write {
         gpa: 0x1000,
         size: 1,
@@ -141,32 +142,13 @@ fn main() -> Result<()> {
     })?;
     gmem::HostMemory::write(&host, 0x1000, &[0x11]).expect("host memory");
     println!("sw_protected VM: guest wrote 0x5a to private gpa 0x1000, host wrote 0x11 to its shared copy");
-    println!(
-        "  private read: {}",
-        show(pvcpu.run(GuestOp::Read {
-            gpa: 0x1000,
-            size: 1
-        })?)
-    );
-    pvm.set_memory_attributes(kvm_memory_attributes {
-        address: 0,
-        size: 2 << 20,
-        attributes: 0,
-        flags: 0,
-    })?;
+    println!("  private read: {}", read(pvcpu.as_mut(), 0x1000)?);
+    convert(&pvm, 2 << 20, 0)?;
     println!(
         "  converted to shared; shared read: {}",
-        show(pvcpu.run(GuestOp::Read {
-            gpa: 0x1000,
-            size: 1
-        })?)
+        read(pvcpu.as_mut(), 0x1000)?
     );
-    pvm.set_memory_attributes(kvm_memory_attributes {
-        address: 0,
-        size: 1 << 40,
-        attributes: KVM_MEMORY_ATTRIBUTE_PRIVATE as u64,
-        flags: 0,
-    })?;
+    convert(&pvm, 1 << 40, KVM_MEMORY_ATTRIBUTE_PRIVATE as u64)?;
     println!(
         "  converted 1 TiB to private: the attribute map holds {} range(s)",
         pvm.attribute_ranges()
