@@ -173,10 +173,180 @@ pub enum HostFault {
     },
 }
 
-/// A vCPU fd. Each [`Vcpu::run`] runs guest code that performs one operation.
+/// A vCPU fd. Each [`Vcpu::run`] runs guest code that performs one operation;
+/// each [`Vcpu::run_loop`] runs one guest loop over a whole range.
 pub trait Vcpu: Send {
     /// `KVM_RUN` until the guest completes `op` or exits to the VMM.
     fn run(&mut self, op: GuestOp) -> Result<VcpuExit>;
+
+    /// Runs `op` as one guest loop: the guest walks the whole range in one
+    /// run and exits to the VMM only when it is done or when an access
+    /// cannot complete (MMIO, memory fault). On such an exit
+    /// [`LoopExit::done`] says how many bytes of the range were completed
+    /// first; the VMM handles the exit and resumes at `gpa + done`.
+    ///
+    /// The default performs the loop one [`Vcpu::run`] per word; backends
+    /// override it with a real guest loop.
+    fn run_loop(&mut self, op: GuestLoop) -> Result<LoopExit> {
+        op.check()?;
+        let (gpa, len) = op.range();
+        let step = op.step();
+        let mut mismatches = 0u64;
+        let mut off = 0;
+        while off < len {
+            let at = gpa + off;
+            let exit = match op {
+                GuestLoop::Fill { seed, .. } => self.run(GuestOp::Write {
+                    gpa: at,
+                    size: 8,
+                    value: GuestLoop::pattern(at, seed),
+                })?,
+                GuestLoop::Verify { seed, .. } => {
+                    let exit = self.run(GuestOp::Read { gpa: at, size: 8 })?;
+                    if let VcpuExit::Done(v) = exit {
+                        mismatches += u64::from(v != GuestLoop::pattern(at, seed));
+                    }
+                    exit
+                }
+                GuestLoop::Touch { write: false, .. } => {
+                    self.run(GuestOp::Read { gpa: at, size: 8 })?
+                }
+                GuestLoop::Touch { write: true, .. } => {
+                    match self.run(GuestOp::Read { gpa: at, size: 8 })? {
+                        VcpuExit::Done(v) => self.run(GuestOp::Write {
+                            gpa: at,
+                            size: 8,
+                            value: v,
+                        })?,
+                        exit => exit,
+                    }
+                }
+            };
+            if !matches!(exit, VcpuExit::Done(_)) {
+                return Ok(LoopExit { done: off, exit });
+            }
+            off += step;
+        }
+        Ok(LoopExit {
+            done: len,
+            exit: VcpuExit::Done(mismatches),
+        })
+    }
+}
+
+/// A guest loop over `[gpa, gpa + len)`: what a guest does to populate or
+/// verify gigabytes without one run per access.
+///
+/// The pattern of [`GuestLoop::Fill`] and [`GuestLoop::Verify`] is
+/// [`GuestLoop::pattern`]: every 8-byte word holds its own guest physical
+/// address xor a seed, so a word written to the wrong place is caught.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestLoop {
+    /// Store `pattern(addr, seed)` into every 8-byte word of the range.
+    /// Completes with `Done(0)`.
+    Fill {
+        /// First guest physical address (8-byte aligned).
+        gpa: u64,
+        /// Bytes (a multiple of 8).
+        len: u64,
+        /// Xored into every word's address.
+        seed: u64,
+    },
+    /// Load every 8-byte word and compare it with `pattern(addr, seed)`.
+    /// Completes with `Done(n)`, n the number of words that differ.
+    Verify {
+        /// First guest physical address (8-byte aligned).
+        gpa: u64,
+        /// Bytes (a multiple of 8).
+        len: u64,
+        /// The seed the range was filled with.
+        seed: u64,
+    },
+    /// One access to the first word of every page of the range (page
+    /// aligned): a load, or with `write` an atomic add of 0 that keeps the
+    /// contents but faults the page in writable. Completes with `Done(0)`.
+    Touch {
+        /// First guest physical address (page aligned).
+        gpa: u64,
+        /// Bytes (a multiple of the page size).
+        len: u64,
+        /// Fault pages in for writing.
+        write: bool,
+    },
+}
+
+impl GuestLoop {
+    /// The word [`GuestLoop::Fill`] stores at guest physical `addr`.
+    pub const fn pattern(addr: u64, seed: u64) -> u64 {
+        addr ^ seed
+    }
+
+    /// `(gpa, len)` of the range.
+    pub fn range(&self) -> (u64, u64) {
+        match *self {
+            GuestLoop::Fill { gpa, len, .. }
+            | GuestLoop::Verify { gpa, len, .. }
+            | GuestLoop::Touch { gpa, len, .. } => (gpa, len),
+        }
+    }
+
+    /// Bytes between two accesses of the loop: 8, or a page for `Touch`.
+    pub fn step(&self) -> u64 {
+        match self {
+            GuestLoop::Touch { .. } => crate::uapi::PAGE_SIZE,
+            _ => 8,
+        }
+    }
+
+    /// The same loop over `[gpa + done, end)`: what is left after an exit.
+    pub fn rest(&self, done: u64) -> GuestLoop {
+        let mut op = *self;
+        match &mut op {
+            GuestLoop::Fill { gpa, len, .. }
+            | GuestLoop::Verify { gpa, len, .. }
+            | GuestLoop::Touch { gpa, len, .. } => {
+                let done = done.min(*len);
+                *gpa += done;
+                *len -= done;
+            }
+        }
+        op
+    }
+
+    /// Refuses a range the loop cannot walk: unaligned to its step, or
+    /// wrapping (EINVAL).
+    pub fn check(&self) -> Result<()> {
+        let (gpa, len) = self.range();
+        let step = self.step();
+        if gpa % step != 0 || len % step != 0 {
+            return Err(crate::error::Error::new(
+                crate::error::Errno::EINVAL,
+                "gmem-loop",
+                format!(
+                    "guest loop over gpa {gpa:#x} len {len:#x}: both must be multiples of {step}"
+                ),
+            ));
+        }
+        if gpa.checked_add(len).is_none() {
+            return Err(crate::error::Error::new(
+                crate::error::Errno::EINVAL,
+                "gmem-loop",
+                format!("guest loop over gpa {gpa:#x} len {len:#x} wraps the address space"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// How a [`Vcpu::run_loop`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoopExit {
+    /// Bytes of the range completed before `exit`: the whole length when
+    /// the loop finished.
+    pub done: u64,
+    /// `Done` when the loop finished (with its result), else the exit that
+    /// stopped it at `gpa + done`.
+    pub exit: VcpuExit,
 }
 
 /// What the guest does in one [`Vcpu::run`].

@@ -21,7 +21,8 @@ pub mod uapi;
 
 pub use error::{Errno, Error, Result};
 pub use hypervisor::{
-    GuestMemfd, GuestOp, HostFault, HostMemory, Hypervisor, MapKind, Stat, Vcpu, VcpuExit, Vm,
+    GuestLoop, GuestMemfd, GuestOp, HostFault, HostMemory, Hypervisor, LoopExit, MapKind, Stat,
+    Vcpu, VcpuExit, Vm,
 };
 
 /// Which implementation of the contract to use.

@@ -24,6 +24,7 @@ mod faults;
 mod file_ops;
 mod invalidation;
 mod lifetimes;
+mod loops;
 mod memslots;
 mod mmap;
 
@@ -314,6 +315,13 @@ contract_tests! {
         guest_access_racing_punch_hole_is_never_torn,
         guest_access_racing_slot_delete_sees_the_slot_or_mmio,
     ],
+    loops: [
+        fill_writes_the_pattern_the_host_reads,
+        verify_counts_the_words_that_differ,
+        touch_allocates_every_page_and_keeps_contents,
+        loop_stops_at_an_mmio_gap_and_resumes_after_it,
+        unaligned_loops_are_einval,
+    ],
     caps: [
         guest_memfd_capabilities_are_reported,
         nr_memslots_is_32764,
@@ -339,6 +347,7 @@ const SOURCES: &[(&str, &str)] = &[
     ("file_ops", include_str!("file_ops.rs")),
     ("invalidation", include_str!("invalidation.rs")),
     ("lifetimes", include_str!("lifetimes.rs")),
+    ("loops", include_str!("loops.rs")),
     ("memslots", include_str!("memslots.rs")),
     ("mmap", include_str!("mmap.rs")),
 ];

@@ -7,8 +7,8 @@ pub use std::os::fd::AsRawFd;
 
 pub use gmem::uapi::*;
 pub use gmem::{
-    Errno, Error, GuestMemfd, GuestOp, HostFault, HostMemory, Hypervisor, MapKind, Result, Vcpu,
-    VcpuExit, Vm,
+    Errno, Error, GuestLoop, GuestMemfd, GuestOp, HostFault, HostMemory, Hypervisor, LoopExit,
+    MapKind, Result, Vcpu, VcpuExit, Vm,
 };
 
 /// The page size, as the spec writes it.
