@@ -11,7 +11,7 @@
 //!   mapping), `release` unbinds every slot and invalidates (LIFE-5, INVAL-2).
 //! - [`SoftGuestMemfd`]: the fd the user holds.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, LazyLock, Weak};
@@ -22,7 +22,7 @@ use rangemap::RangeMap;
 use super::host::{RegionKind, SoftHostMemory};
 use super::invalidate::InvalidateCause;
 use super::vm::VmInner;
-use crate::error::{Errno, Error, Result};
+use crate::error::{Error, Result};
 use crate::host::Mmap;
 use crate::hypervisor::{GuestMemfd, HostMemory, MapKind, Stat};
 use crate::refuse;
@@ -52,12 +52,15 @@ pub(crate) struct GmemInode {
     /// punch hole, bind, unbind and release: an access never sees a page
     /// that is being freed (INVAL-5).
     pub(crate) invalidate_lock: RwLock<Bindings>,
-    /// Mappings of the store through which guest accesses go, by window.
-    windows: Mutex<HashMap<u64, Arc<Mmap>>>,
+    /// Mappings of the store through which guest accesses go, by window
+    /// number; see [`GmemInode::page`].
+    windows: Mutex<BTreeMap<u64, Mmap>>,
 }
 
-/// Bytes of the page store one guest-access window maps.
-const WINDOW_SIZE: u64 = 2 << 20;
+/// Bytes of the page store one guest-access window maps: address space
+/// only until pages are touched, and large, so that one cached translation
+/// covers a VM's RAM.
+const WINDOW_SIZE: u64 = 1 << 30;
 
 impl GmemInode {
     pub(crate) fn init_shared(&self) -> bool {
@@ -68,50 +71,31 @@ impl GmemInode {
         self.flags & GUEST_MEMFD_FLAG_MMAP != 0
     }
 
-    /// A guest access to page `index` at byte `offset` in it; the caller
-    /// holds the invalidate lock for reading. The access goes through a
-    /// window mapping of the page store: a hole is allocated, zeroed, on
-    /// first touch, reads included (FAULT-5), and an aligned access is one
-    /// load or store, as on hardware.
-    pub(crate) fn guest_access(
-        &self,
-        index: u64,
-        offset: u64,
-        buf: &mut [u8],
-        write: bool,
-    ) -> Result<()> {
-        let pos = (index << PAGE_SHIFT) + offset;
-        let window = self.window(pos / WINDOW_SIZE)?;
-        let at = pos % WINDOW_SIZE;
-        let done = if write {
-            window.write(at, buf)
-        } else {
-            window.read(at, buf)
-        };
-        done.map_err(|f| {
-            Error::new(
-                Errno::EFAULT,
-                "FAULT-3",
-                format!("guest access to page {index:#x}: {f}"),
-            )
-        })
-    }
-
-    /// The mapping of window `n` of the store, made on first use. Windows
-    /// stay until the inode goes; punch hole empties them as it empties
-    /// any mapping of the file.
-    fn window(&self, n: u64) -> Result<Arc<Mmap>> {
+    /// The host address of page `index` in a window mapping of the page
+    /// store, and the file indices that window maps contiguously. Guest
+    /// accesses go through windows: a hole is allocated, zeroed, on first
+    /// touch, reads included (FAULT-5), and an aligned access is one load or
+    /// store, as on hardware. The address stays valid while the inode lives:
+    /// windows are made on first use and unmapped only with the inode; punch
+    /// hole empties them as it empties any mapping of the file.
+    pub(crate) fn page(&self, index: u64) -> Result<(*mut u8, Range<u64>)> {
+        let pos = index << PAGE_SHIFT;
+        let n = pos / WINDOW_SIZE;
         let mut windows = self.windows.lock();
-        if let Some(w) = windows.get(&n) {
-            return Ok(w.clone());
-        }
-        let w = Arc::new(Mmap::shared(
-            self.store.as_fd(),
-            (n * WINDOW_SIZE) as i64,
-            WINDOW_SIZE,
-        )?);
-        windows.insert(n, w.clone());
-        Ok(w)
+        let window = match windows.entry(n) {
+            std::collections::btree_map::Entry::Occupied(w) => w.into_mut(),
+            std::collections::btree_map::Entry::Vacant(v) => {
+                let start = n * WINDOW_SIZE;
+                let len = WINDOW_SIZE.min(self.size - start);
+                v.insert(Mmap::shared(self.store.as_fd(), start as i64, len)?)
+            }
+        };
+        let first = (n * WINDOW_SIZE) >> PAGE_SHIFT;
+        let pages = window.len() >> PAGE_SHIFT;
+        // SAFETY: index lies in this window (pos / WINDOW_SIZE == n and the
+        // window reaches the end of the file, which holds index).
+        let p = unsafe { window.as_ptr().add((pos - n * WINDOW_SIZE) as usize) };
+        Ok((p, first..first + pages))
     }
 
     fn fallocate_store(&self, mode: i32, offset: i64, len: i64) -> Result<()> {

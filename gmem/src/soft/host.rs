@@ -3,14 +3,18 @@
 //! guest_memfd files) is registered by address, so that a memslot's
 //! `userspace_addr` resolves to real memory without trusting a raw pointer.
 //! An address no registered mapping covers is memory the guest cannot reach:
-//! the access fails as the kernel's would on an unmapped hva.
+//! the access fails as the kernel's would on an unmapped hva. Unmapping
+//! invalidates every memslot pointing into the mapping first, in every VM
+//! of the hypervisor, as the kernel's MMU notifier does.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::sync::{Arc, Weak};
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 use super::guest_memfd::{GmemFile, GmemInode};
+use super::vm::VmInner;
 use crate::host::Mmap;
 use crate::hypervisor::{HostFault, HostMemory};
 
@@ -65,6 +69,19 @@ impl Region {
         Ok(())
     }
 
+    /// Bytes from the start of the mapping that the host may touch: all of
+    /// it, or for a guest_memfd mapping the part inside the file (MMAP-3),
+    /// or none when the file's memory is not shared (MMAP-4).
+    pub(crate) fn accessible_len(&self) -> u64 {
+        match &self.kind {
+            RegionKind::Anonymous => self.mmap.len(),
+            RegionKind::GuestMemfd { inode, .. } if !inode.init_shared() => 0,
+            RegionKind::GuestMemfd { inode, offset } => {
+                self.mmap.len().min(inode.size.saturating_sub(*offset))
+            }
+        }
+    }
+
     pub(crate) fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), HostFault> {
         self.check_access(offset, buf.len())?;
         self.mmap.read(offset, buf)
@@ -80,6 +97,8 @@ impl Region {
 #[derive(Default)]
 pub(crate) struct HostRegistry {
     regions: RwLock<BTreeMap<u64, Weak<Region>>>,
+    /// The VMs whose memslots may point at these mappings.
+    vms: Mutex<Vec<Weak<VmInner>>>,
 }
 
 impl HostRegistry {
@@ -91,6 +110,23 @@ impl HostRegistry {
 
     fn remove(&self, region: &Region) {
         self.regions.write().remove(&region.mmap.addr());
+    }
+
+    /// Registers a VM whose slots must hear of unmappings.
+    pub(crate) fn add_vm(&self, vm: &Arc<VmInner>) {
+        let mut vms = self.vms.lock();
+        vms.retain(|v| v.strong_count() > 0);
+        vms.push(Arc::downgrade(vm));
+    }
+
+    /// Host addresses `hvas` are going away: every VM invalidates the slots
+    /// that point there. The caller has already unregistered the mapping,
+    /// so a fault path that runs after this finds nothing there.
+    fn unmapping(&self, hvas: Range<u64>) {
+        let vms: Vec<Arc<VmInner>> = self.vms.lock().iter().filter_map(Weak::upgrade).collect();
+        for vm in vms {
+            vm.invalidate_hvas(&hvas);
+        }
     }
 
     /// The live mapping holding `[hva, hva + len)` and the offset of `hva`
@@ -137,8 +173,14 @@ impl SoftHostMemory {
 }
 
 impl Drop for SoftHostMemory {
+    /// Unregisters and invalidates; the mapping itself goes with the last
+    /// reference to the region, after that (a fault path in progress may
+    /// hold one for its access).
     fn drop(&mut self) {
         self.registry.remove(&self.region);
+        let start = self.region.mmap.addr();
+        self.registry
+            .unmapping(start..start + self.region.mmap.len());
     }
 }
 

@@ -90,6 +90,11 @@ impl Memslots {
         Some(slot)
     }
 
+    /// Every slot, by id.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Memslot> {
+        self.by_id.values()
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.by_id.len()
     }

@@ -7,6 +7,8 @@
 //! - [`guest_memfd`]: the file, its pages (a tmpfs memfd), fallocate, mmap,
 //!   release.
 //! - [`vcpu`]: the guest fault path.
+//! - `tlb`: the per-vCPU translation cache, and why it is never used after
+//!   an invalidation.
 //! - [`invalidate`]: the one invalidation path and its observers.
 //! - [`host`]: the host mappings a memslot's `userspace_addr` may name.
 
@@ -14,6 +16,7 @@ pub mod guest_memfd;
 pub mod host;
 pub mod invalidate;
 mod memslot;
+mod tlb;
 pub mod vcpu;
 pub mod vm;
 

@@ -1,12 +1,21 @@
-//! The guest fault path (spec section 6): where a guest access is served
-//! from, and the exits it produces.
+//! The guest fault path: where a guest access is served from, and the exits
+//! it produces.
+//!
+//! An access first tries the vCPU's translation cache ([`super::tlb`]),
+//! which takes no lock. A miss takes [`SoftVcpu::fault_in`], the
+//! kernel's page fault: under the VM's slots lock (and the file's
+//! invalidate lock for guest_memfd memory) it decides where the gfn is
+//! served from (FAULT-1..6), performs the access, and caches the run of
+//! gfns that share that answer. Exits (MMIO, memory faults) are never
+//! cached: they are answered again each time.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use super::tlb::{self, Reader, Share, Tlb, Translation};
 use super::vm::VmInner;
 use crate::error::Result;
-use crate::hypervisor::{GuestOp, Vcpu, VcpuExit};
+use crate::hypervisor::{GuestLoop, GuestOp, LoopExit, Vcpu, VcpuExit};
 use crate::refuse;
 
 /// What a hypercall with bad arguments returns to the guest (negated).
@@ -19,18 +28,59 @@ use crate::uapi::{
 /// A software vCPU: performs each [`GuestOp`] as the guest would.
 pub struct SoftVcpu {
     vm: Arc<VmInner>,
+    reader: Reader,
+    tlb: Tlb,
 }
 
 impl SoftVcpu {
     pub(crate) fn new(vm: Arc<VmInner>) -> Self {
-        SoftVcpu { vm }
+        let reader = Reader::new();
+        vm.invalidations.add_reader(reader.epoch());
+        SoftVcpu {
+            vm,
+            reader,
+            tlb: Tlb::new(),
+        }
     }
 
-    /// One access that stays inside one page. `None` means it completed.
-    fn access_page(&self, gpa: u64, buf: &mut [u8], write: bool) -> Result<Option<VcpuExit>> {
+    /// An access inside one page through the translation cache: the value
+    /// loaded (0 for a store), or `None` when the cache cannot serve it.
+    #[inline(always)]
+    fn cached(&mut self, gpa: u64, size: usize, value: Option<u64>) -> Option<u64> {
+        let t = self.tlb.lookup(gpa >> PAGE_SHIFT, value.is_some())?;
+        let p = t.hva_of(gpa);
+        let seq = self.reader.begin(self.vm.invalidations.seq_atomic());
+        if seq != self.tlb.seq {
+            self.reader.end();
+            self.tlb.flush();
+            return None;
+        }
+        let v = match value {
+            Some(v) => {
+                // SAFETY: the entry was filled at the current sequence and
+                // the epoch is odd: no invalidation has completed since, and
+                // none completes before `end` (see `super::tlb`), so the
+                // page is mapped, and writable if the entry says so.
+                unsafe { tlb::store(p, size, v) };
+                0
+            }
+            // SAFETY: as above.
+            None => unsafe { tlb::load(p, size) },
+        };
+        self.reader.end();
+        Some(v)
+    }
+
+    /// The fault path for an access that stays inside one page: performs it
+    /// under the VM's locks and caches the translation. `None` means it
+    /// completed.
+    fn fault_in(&mut self, gpa: u64, buf: &mut [u8], write: bool) -> Result<Option<VcpuExit>> {
         let gfn = gpa >> PAGE_SHIFT;
         let offset = gpa & (PAGE_SIZE - 1);
         let state = self.vm.state.read();
+        // Read before anything the translation depends on: an invalidation
+        // after this leaves the entry stale (mmu_invalidate_seq snapshot).
+        let seq = self.vm.invalidations.seq();
         // FAULT-1: private iff the VM has private memory and the gfn is PRIVATE.
         let private = self.vm.has_private_mem
             && state.attributes(gfn) & KVM_MEMORY_ATTRIBUTE_PRIVATE as u64 != 0;
@@ -61,6 +111,8 @@ impl SoftVcpu {
         let Some(slot) = state.memslots[0].find(gfn) else {
             return Ok(if private { memory_fault(true) } else { mmio() });
         };
+        // The gfns that share this one's slot and attributes.
+        let run = state.attribute_run(gfn, slot.base_gfn..slot.end_gfn());
         let gmem_only = slot.gmem.as_ref().is_some_and(|g| g.gmem_only);
         if private || gmem_only {
             // FAULT-3: served from the file. FAULT-4: no binding; FAULT-6:
@@ -74,10 +126,31 @@ impl SoftVcpu {
             };
             let index = gfn - slot.base_gfn + pgoff;
             let _invalidate = inode.invalidate_lock.read();
-            inode.guest_access(index, offset, buf, write)?;
+            let (page, window) = inode.page(index)?;
+            // SAFETY: the window is mapped while the inode lives, which the
+            // slot holds under the slots lock; the invalidate lock keeps
+            // punch hole out for the access.
+            unsafe { copy(page.add(offset as usize), buf, write) };
+            let lo = run.start.max(gfn.saturating_sub(index - window.start));
+            let hi = run.end.min(gfn.saturating_add(window.end - index));
+            self.tlb.insert(
+                seq,
+                Translation {
+                    gfn: lo,
+                    npages: hi - lo,
+                    hva: page.wrapping_sub(((gfn - lo) << PAGE_SHIFT) as usize),
+                    writable: true,
+                    share: if private {
+                        Share::Private
+                    } else {
+                        Share::Shared
+                    },
+                },
+            );
             return Ok(None);
         }
-        if write && slot.flags & KVM_MEM_READONLY != 0 {
+        let writable = slot.flags & KVM_MEM_READONLY == 0;
+        if write && !writable {
             return Ok(mmio());
         }
         let hva = slot.userspace_addr + ((gfn - slot.base_gfn) << PAGE_SHIFT) + offset;
@@ -91,11 +164,35 @@ impl SoftVcpu {
         } else {
             region.read(off, buf)
         };
+        if done.is_err() {
+            return Ok(memory_fault(false));
+        }
+        // Cache the whole pages of the mapping around this one. The pointer
+        // outlives `region`: unmapping invalidates first (`soft::host`).
+        let page_off = off - offset;
+        let before = page_off >> PAGE_SHIFT;
+        let after = (region.accessible_len() - page_off) >> PAGE_SHIFT;
+        let lo = run.start.max(gfn.saturating_sub(before));
+        let hi = run.end.min(gfn.saturating_add(after));
+        if hi > gfn {
+            let page = region.mmap.as_ptr().wrapping_add(page_off as usize);
+            self.tlb.insert(
+                seq,
+                Translation {
+                    gfn: lo,
+                    npages: hi - lo,
+                    hva: page.wrapping_sub(((gfn - lo) << PAGE_SHIFT) as usize),
+                    writable,
+                    share: Share::Shared,
+                },
+            );
+        }
         drop(state);
-        Ok(done.is_err().then(|| memory_fault(false)).flatten())
+        Ok(None)
     }
 
-    fn access(&self, gpa: u64, size: u8, value: Option<u64>) -> Result<VcpuExit> {
+    #[inline(always)]
+    fn access(&mut self, gpa: u64, size: u8, value: Option<u64>) -> Result<VcpuExit> {
         if !matches!(size, 1 | 2 | 4 | 8) {
             refuse!(
                 EINVAL,
@@ -110,21 +207,31 @@ impl SoftVcpu {
                 "guest access at {gpa:#x} wraps the address space"
             );
         };
+        if gpa >> PAGE_SHIFT == last >> PAGE_SHIFT {
+            if let Some(v) = self.cached(gpa, size as usize, value) {
+                return Ok(VcpuExit::Done(v));
+            }
+        }
+        self.access_slow(gpa, size, value)
+    }
+
+    #[inline(never)]
+    fn access_slow(&mut self, gpa: u64, size: u8, value: Option<u64>) -> Result<VcpuExit> {
         let write = value.is_some();
         let mut bytes = value.unwrap_or(0).to_le_bytes();
         let buf = &mut bytes[..size as usize];
         // An access that crosses a page is two accesses, as on hardware.
-        let split = if gpa >> PAGE_SHIFT != last >> PAGE_SHIFT {
+        let split = if gpa >> PAGE_SHIFT != (gpa + size as u64 - 1) >> PAGE_SHIFT {
             (PAGE_SIZE - (gpa & (PAGE_SIZE - 1))) as usize
         } else {
             buf.len()
         };
         let (first, second) = buf.split_at_mut(split);
-        if let Some(exit) = self.access_page(gpa, first, write)? {
+        if let Some(exit) = self.fault_in(gpa, first, write)? {
             return Ok(exit);
         }
         if !second.is_empty() {
-            if let Some(exit) = self.access_page(gpa + split as u64, second, write)? {
+            if let Some(exit) = self.fault_in(gpa + split as u64, second, write)? {
                 return Ok(exit);
             }
         }
@@ -134,9 +241,114 @@ impl SoftVcpu {
             u64::from_le_bytes(bytes)
         }))
     }
+
+    /// The part of a guest loop that lies in one page (`[at, at + len)`)
+    /// through the translation cache: the number of words that differ (for
+    /// a verify), or `None` when the cache cannot serve the page.
+    fn loop_cached(&mut self, op: GuestLoop, at: u64, len: u64) -> Option<u64> {
+        let write = !matches!(
+            op,
+            GuestLoop::Verify { .. } | GuestLoop::Touch { write: false, .. }
+        );
+        let t = self.tlb.lookup(at >> PAGE_SHIFT, write)?;
+        let p = t.hva_of(at);
+        let seq = self.reader.begin(self.vm.invalidations.seq_atomic());
+        if seq != self.tlb.seq {
+            self.reader.end();
+            self.tlb.flush();
+            return None;
+        }
+        let words = (0..len).step_by(8);
+        // SAFETY (all arms): as in `cached`: the entry is current and the
+        // epoch odd until `end`, so `[p, p + len)` (inside one page of the
+        // entry, 8-byte aligned) stays mapped, and writable when `write`.
+        let differ = match op {
+            GuestLoop::Fill { seed, .. } => {
+                for i in words {
+                    unsafe { tlb::store(p.add(i as usize), 8, GuestLoop::pattern(at + i, seed)) };
+                }
+                0
+            }
+            GuestLoop::Verify { seed, .. } => words
+                .filter(|&i| unsafe { tlb::load(p.add(i as usize), 8) } != GuestLoop::pattern(at + i, seed))
+                .count() as u64,
+            GuestLoop::Touch { write: false, .. } => {
+                unsafe { tlb::load(p, 8) };
+                0
+            }
+            GuestLoop::Touch { write: true, .. } => {
+                // An atomic add of 0: the page is faulted in writable and a
+                // concurrent store is never lost.
+                unsafe { AtomicU64::from_ptr(p.cast()) }.fetch_add(0, Ordering::Relaxed);
+                0
+            }
+        };
+        self.reader.end();
+        Some(differ)
+    }
+
+    /// One step of a guest loop at `at` as single accesses, as the
+    /// contract's default loop performs it: through the fault path, which
+    /// fills the cache for the next steps.
+    fn loop_step(&mut self, op: GuestLoop, at: u64) -> Result<(VcpuExit, u64)> {
+        let read = GuestOp::Read { gpa: at, size: 8 };
+        Ok(match op {
+            GuestLoop::Fill { seed, .. } => (
+                self.run(GuestOp::Write {
+                    gpa: at,
+                    size: 8,
+                    value: GuestLoop::pattern(at, seed),
+                })?,
+                0,
+            ),
+            GuestLoop::Verify { seed, .. } => match self.run(read)? {
+                VcpuExit::Done(v) => (
+                    VcpuExit::Done(0),
+                    u64::from(v != GuestLoop::pattern(at, seed)),
+                ),
+                exit => (exit, 0),
+            },
+            GuestLoop::Touch { write: false, .. } => (self.run(read)?, 0),
+            GuestLoop::Touch { write: true, .. } => match self.run(read)? {
+                VcpuExit::Done(v) => (
+                    self.run(GuestOp::Write {
+                        gpa: at,
+                        size: 8,
+                        value: v,
+                    })?,
+                    0,
+                ),
+                exit => (exit, 0),
+            },
+        })
+    }
+}
+
+/// Copies between `buf` and guest memory at `p` in one access.
+///
+/// # Safety
+/// `[p, p + buf.len())` is mapped (and writable for a write) for the call.
+unsafe fn copy(p: *mut u8, buf: &mut [u8], write: bool) {
+    let mut v = [0u8; 8];
+    if write {
+        v[..buf.len()].copy_from_slice(buf);
+        // SAFETY: the caller's guarantee.
+        unsafe { tlb::store(p, buf.len(), u64::from_le_bytes(v)) };
+    } else {
+        // SAFETY: the caller's guarantee.
+        let loaded = unsafe { tlb::load(p, buf.len()) };
+        buf.copy_from_slice(&loaded.to_le_bytes()[..buf.len()]);
+    }
+}
+
+impl Drop for SoftVcpu {
+    fn drop(&mut self) {
+        self.vm.invalidations.remove_reader(self.reader.epoch());
+    }
 }
 
 impl Vcpu for SoftVcpu {
+    #[inline]
     fn run(&mut self, op: GuestOp) -> Result<VcpuExit> {
         match op {
             GuestOp::Read { gpa, size } => self.access(gpa, size, None),
@@ -166,5 +378,34 @@ impl Vcpu for SoftVcpu {
                 })
             }
         }
+    }
+
+    /// One call walks the range page by page through the translation cache;
+    /// a page the cache cannot serve takes its first step through the fault
+    /// path (which fills the cache, or ends the loop with its exit).
+    fn run_loop(&mut self, op: GuestLoop) -> Result<LoopExit> {
+        op.check()?;
+        let (gpa, len) = op.range();
+        let step = op.step();
+        let mut differ = 0u64;
+        let mut off = 0;
+        while off < len {
+            let at = gpa + off;
+            let in_page = (PAGE_SIZE - (at & (PAGE_SIZE - 1))).min(len - off);
+            if let Some(n) = self.loop_cached(op, at, in_page) {
+                differ += n;
+                off += in_page;
+                continue;
+            }
+            match self.loop_step(op, at)? {
+                (VcpuExit::Done(_), n) => differ += n,
+                (exit, _) => return Ok(LoopExit { done: off, exit }),
+            }
+            off += step;
+        }
+        Ok(LoopExit {
+            done: len,
+            exit: VcpuExit::Done(differ),
+        })
     }
 }

@@ -52,6 +52,31 @@ impl VmState {
     pub(crate) fn attributes(&self, gfn: u64) -> u64 {
         self.attributes.get(&gfn).copied().unwrap_or(0)
     }
+
+    /// The gfns around `gfn`, inside `within`, whose attributes are those of
+    /// `gfn`: what one cached translation may cover.
+    pub(crate) fn attribute_run(&self, gfn: u64, within: Range<u64>) -> Range<u64> {
+        if let Some((r, _)) = self.attributes.get_key_value(&gfn) {
+            return r.start.max(within.start)..r.end.min(within.end);
+        }
+        let lo = if within.start < gfn {
+            self.attributes
+                .overlapping(within.start..gfn)
+                .next_back()
+                .map_or(within.start, |(r, _)| r.end.max(within.start))
+        } else {
+            within.start
+        };
+        let hi = if gfn + 1 < within.end {
+            self.attributes
+                .overlapping(gfn + 1..within.end)
+                .next()
+                .map_or(within.end, |(r, _)| r.start.min(within.end))
+        } else {
+            within.end
+        };
+        lo..hi
+    }
 }
 
 /// The VM object: lives while its handle, a vCPU or a guest_memfd holds it
@@ -66,6 +91,36 @@ pub(crate) struct VmInner {
     /// Hypercalls that exit to userspace (`KVM_CAP_EXIT_HYPERCALL`).
     pub(crate) exit_hypercall: AtomicU64,
     vcpu_ids: Mutex<HashSet<u64>>,
+}
+
+impl VmInner {
+    /// Host addresses `hvas` are being unmapped: invalidates every slot
+    /// whose `userspace_addr` range overlaps them and that is served from
+    /// there (`kvm_mmu_notifier_invalidate_range_start`). guest_memfd-only
+    /// slots never are (FAULT-3).
+    pub(crate) fn invalidate_hvas(&self, hvas: &Range<u64>) {
+        let state = self.state.read();
+        for (as_id, slots) in state.memslots.iter().enumerate() {
+            for slot in slots.iter() {
+                if slot.gmem.as_ref().is_some_and(|g| g.gmem_only) {
+                    continue;
+                }
+                let start = slot.userspace_addr;
+                let end = start + (slot.npages << PAGE_SHIFT);
+                if start >= hvas.end || hvas.start >= end {
+                    continue;
+                }
+                let first = (start.max(hvas.start) - start) >> PAGE_SHIFT;
+                let last = (end.min(hvas.end) - start).div_ceil(PAGE_SIZE);
+                self.invalidations.invalidate(
+                    as_id as u16,
+                    slot.id,
+                    slot.base_gfn + first..slot.base_gfn + last,
+                    InvalidateCause::HostUnmap,
+                );
+            }
+        }
+    }
 }
 
 /// Capability answers, system-wide (`vm` None) or for a VM (CAP-1, CAP-3).
@@ -125,6 +180,7 @@ impl SoftVm {
             exit_hypercall: AtomicU64::new(0),
             vcpu_ids: Mutex::new(HashSet::new()),
         });
+        host.add_vm(&inner);
         Ok(SoftVm {
             inner,
             fd: memfd("gmem-soft:vm", libc::MFD_CLOEXEC)?,
@@ -611,12 +667,20 @@ impl Vm for SoftVm {
     }
 
     fn create_vcpu(&self, id: u64) -> Result<Box<dyn Vcpu>> {
+        Ok(Box::new(self.create_soft_vcpu(id)?))
+    }
+}
+
+impl SoftVm {
+    /// `KVM_CREATE_VCPU`, returning the concrete vCPU (no dynamic dispatch
+    /// on its accesses).
+    pub fn create_soft_vcpu(&self, id: u64) -> Result<SoftVcpu> {
         if id >= KVM_MAX_VCPU_IDS {
             refuse!(EINVAL, "LIFE-1", "vCPU id {id} >= {KVM_MAX_VCPU_IDS}");
         }
         if !self.inner.vcpu_ids.lock().insert(id) {
             refuse!(EEXIST, "LIFE-1", "vCPU {id} already exists");
         }
-        Ok(Box::new(SoftVcpu::new(self.inner.clone())))
+        Ok(SoftVcpu::new(self.inner.clone()))
     }
 }
