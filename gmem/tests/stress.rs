@@ -257,18 +257,43 @@ impl Model {
 struct Phases {
     phase: std::sync::atomic::AtomicU64,
     model: std::sync::Mutex<Model>,
+    /// Accesses checked against the model so far.
     checked: std::sync::atomic::AtomicU64,
+    /// vCPU threads still running (a panicking one leaves).
+    running: std::sync::atomic::AtomicU64,
 }
 
+/// Accesses the vCPUs must check after each operation before the next one:
+/// a stale translation gets used while nothing else flushes it.
+const SETTLE: u64 = 8;
+
 impl Phases {
-    /// Runs `op`, then publishes `update` of the model.
+    /// Runs `op`, publishes `update` of the model, then lets the vCPUs
+    /// check a few accesses against it.
     fn change<T>(&self, op: impl FnOnce() -> T, update: impl FnOnce(&mut Model)) -> T {
         self.phase.fetch_add(1, Ordering::SeqCst);
         let out = op();
         let mut model = self.model.lock().unwrap();
         update(&mut model);
         self.phase.fetch_add(1, Ordering::SeqCst);
+        drop(model);
+        let target = self.checked.load(Ordering::SeqCst) + SETTLE;
+        let vcpus = self.running.load(Ordering::SeqCst);
+        while self.checked.load(Ordering::SeqCst) < target
+            && self.running.load(Ordering::SeqCst) == vcpus
+        {
+            std::thread::yield_now();
+        }
         out
+    }
+}
+
+/// Counts a vCPU thread out of [`Phases::running`] however it ends.
+struct Running(Arc<Phases>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -279,6 +304,7 @@ fn word(id: u64, n: u64) -> u64 {
 }
 
 fn quiet_vcpu(mut vcpu: Box<dyn Vcpu>, id: u64, phases: Arc<Phases>, stop: Arc<AtomicBool>) {
+    let _running = Running(phases.clone());
     let mut rng = Rng(id * 0x9e37_79b9);
     let mut n = 0;
     while !stop.load(Ordering::Relaxed) {
@@ -406,6 +432,7 @@ fn no_translation_survives_an_invalidation() {
             h2_mapped: true,
         }),
         checked: Default::default(),
+        running: 2.into(),
     });
     let stop = Arc::new(AtomicBool::new(false));
     let vcpus: Vec<_> = (1..=2u64)
@@ -419,7 +446,7 @@ fn no_translation_survives_an_invalidation() {
     let mut rng = Rng(7);
     let mut private_since: Vec<Option<Snapshot>> = (0..N).map(|_| None).collect();
     let mut a_since: Option<Snapshot> = None;
-    for round in 0..1200u64 {
+    for round in 0..480u64 {
         // Conversion of a few pages of slot 1 (INVAL-3): a page's shared
         // memory must not change while the page is private.
         let first = rng.below(N);
