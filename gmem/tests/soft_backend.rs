@@ -383,3 +383,38 @@ fn converting_everything_back_to_shared_leaves_no_range() {
 
     assert_eq!(vm.attribute_ranges(), 0);
 }
+
+/// INVAL-5: unmapping host memory that an ordinary slot points at
+/// invalidates the slot's gfns over it (the kernel's MMU notifier), and a
+/// later access faults instead of reaching the unmapped memory.
+#[test]
+fn unmapping_host_memory_invalidates_the_slots_over_it() {
+    let hv = hv();
+    let vm = hv.create_soft_vm(0).unwrap();
+    let mem = hv.host_memory(4 * P).unwrap();
+    vm.set_user_memory_region2(user_region(3, GPA, 2 * P, mem.addr() + 2 * P))
+        .unwrap();
+    let mut cpu = vm.create_vcpu(0).unwrap();
+    let write = GuestOp::Write {
+        gpa: GPA + P,
+        size: 8,
+        value: 7,
+    };
+    assert_eq!(cpu.run(write).unwrap(), VcpuExit::Done(0));
+    let recorder = Recorder::on(&vm);
+
+    drop(mem);
+
+    assert_eq!(
+        recorder.take(),
+        [inv(3, GFN..GFN + 2, InvalidateCause::HostUnmap)]
+    );
+    assert_eq!(
+        cpu.run(write).unwrap(),
+        VcpuExit::MemoryFault {
+            flags: 0,
+            gpa: GPA + P,
+            size: P
+        }
+    );
+}
