@@ -4,9 +4,12 @@
 //!   files (the corpus by default) and prints a conformance table.
 //! - `gmem caps [--backend kvm|soft] [--json]` shows what a backend supports
 //!   of guest_memfd and what that means for a VMM.
+//! - `gmem bench [--json FILE] [--out DIR] [--quick]` measures every
+//!   performance figure against its baseline in the same run.
 
 #![deny(missing_docs)]
 
+mod bench;
 mod caps;
 
 use std::io::IsTerminal;
@@ -51,6 +54,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Measure every performance figure against a baseline in the same run.
+    Bench {
+        /// Write the report as JSON to this file.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+        /// Draw the plots (SVG) into this folder.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// Small sizes and few rounds: checks that every figure runs.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 /// Backend choice for `check`.
@@ -94,6 +109,7 @@ fn main() -> ExitCode {
             },
             json,
         ),
+        Command::Bench { json, out, quick } => bench::bench(quick, json, out),
     }
 }
 

@@ -4,12 +4,14 @@
 //! - [`soft`]: the software backend, the executable specification.
 //! - [`kvm`]: the same contract on the running kernel through `/dev/kvm`.
 //! - [`scenario`]: scenario files and the conformance runner.
+//! - [`bench`]: performance figures, each against a baseline in the same run.
 //!
 //! The rules cited in errors and tests (`SLOT-7`, `BIND-4`, ...) are those of
 //! the project's specification, `spec/guest_memfd.md` in the steering repo.
 
 #![deny(missing_docs)]
 
+pub mod bench;
 pub mod error;
 pub mod host;
 pub mod hypervisor;

@@ -1,0 +1,279 @@
+//! `gmem bench`: every performance figure against its baseline, measured in
+//! the same run; a table, JSON (`--json FILE`) and SVG plots (`--out DIR`).
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use gmem::bench::{self, bytes, seconds, Report, Row, Scale, Target, Unit};
+use indicatif::{ProgressBar, ProgressStyle};
+use plotters::prelude::*;
+
+/// Runs the figures and writes what was asked.
+pub fn bench(quick: bool, json: Option<PathBuf>, out: Option<PathBuf>) -> ExitCode {
+    let scale = if quick { Scale::Quick } else { Scale::Full };
+    let bar = ProgressBar::new(bench::STEPS.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
+            .expect("a valid template"),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    let mut first = true;
+    let report = bench::run(scale, &mut |step| {
+        if !std::mem::take(&mut first) {
+            bar.inc(1);
+        }
+        bar.set_message(step.to_string());
+    });
+    bar.finish_and_clear();
+    print!("{}", table(&report));
+    if let Some(path) = json {
+        let text = serde_json::to_string_pretty(&report).expect("the report serializes");
+        if let Err(e) = std::fs::write(&path, text + "\n") {
+            eprintln!("gmem bench: {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    }
+    if let Some(dir) = out {
+        if let Err(e) = plots(&report, &dir) {
+            eprintln!("gmem bench: plots in {}: {e}", dir.display());
+            return ExitCode::from(2);
+        }
+        println!(
+            "plots: {}, {}",
+            dir.join("conversion.svg").display(),
+            dir.join("access.svg").display()
+        );
+    }
+    if report.summary.missed > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn value(v: f64, unit: Unit) -> String {
+    match unit {
+        _ if v.is_nan() => "-".into(),
+        Unit::Seconds => seconds(v),
+        Unit::Factor => format!("{v:.2}x"),
+    }
+}
+
+fn target(t: Target) -> String {
+    match t {
+        Target::AtMost(x) => format!("<= {x}x"),
+        Target::AtLeast(x) => format!(">= {x}x"),
+        Target::Under(s) => format!("< {}", seconds(s)),
+        Target::None => "-".into(),
+    }
+}
+
+/// The table, 100 columns wide at most, then footnotes: what each baseline
+/// is and the notes.
+fn table(report: &Report) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:<52} {:>9} {:>9} {:>8} {:>8} {:>5}",
+        "figure", "ours", "baseline", "ratio", "target", "met"
+    );
+    let mut notes = Vec::new();
+    for r in &report.rows {
+        let mut foot = Vec::new();
+        if !r.baseline_is.is_empty() {
+            foot.push(format!("baseline: {}", r.baseline_is));
+        }
+        if let Some(n) = &r.note {
+            foot.push(n.clone());
+        }
+        let mark = if foot.is_empty() {
+            String::new()
+        } else {
+            notes.push(foot.join("; "));
+            format!(" [{}]", notes.len())
+        };
+        let figure = format!("{}{mark}", r.figure);
+        let _ = writeln!(
+            s,
+            "{figure:<52} {:>9} {:>9} {:>8} {:>8} {:>5}",
+            value(r.ours, r.unit),
+            r.baseline.map_or("-".into(), |b| value(b, r.unit)),
+            r.ratio.map_or("-".into(), |x| format!("{x:.2}x")),
+            target(r.target),
+            met(r),
+        );
+    }
+    let _ = writeln!(
+        s,
+        "{} met, {} missed, {} without a target or not measured here",
+        report.summary.met, report.summary.missed, report.summary.other
+    );
+    for (i, n) in notes.iter().enumerate() {
+        let _ = writeln!(s, "[{}] {n}", i + 1);
+    }
+    s
+}
+
+fn met(r: &Row) -> &'static str {
+    match (r.met, &r.note) {
+        (Some(true), _) => "yes",
+        (Some(false), _) => "NO",
+        (None, Some(_)) if r.ours.is_nan() => "skip",
+        (None, _) => "-",
+    }
+}
+
+type PlotResult = Result<(), Box<dyn std::error::Error>>;
+
+/// Writes `conversion.svg` and `access.svg` into `dir`.
+fn plots(report: &Report, dir: &Path) -> PlotResult {
+    std::fs::create_dir_all(dir)?;
+    conversion_plot(report, &dir.join("conversion.svg"))?;
+    access_plot(report, &dir.join("access.svg"))?;
+    Ok(())
+}
+
+/// Conversion cost against range size, log-log; modelled points dashed.
+fn conversion_plot(report: &Report, path: &Path) -> PlotResult {
+    let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let all: Vec<f64> = report
+        .conversion
+        .iter()
+        .flat_map(|s| s.points.iter().chain(&s.modelled).map(|p| p.y))
+        .filter(|y| y.is_finite() && *y > 0.0)
+        .collect();
+    let (lo, hi) = all.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &y| {
+        (lo.min(y), hi.max(y))
+    });
+    let (lo, hi) = if all.is_empty() {
+        (1e-7, 1.0)
+    } else {
+        (lo / 3.0, hi * 3.0)
+    };
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Memory attribute conversion: time per conversion by range size",
+            ("sans-serif", 22),
+        )
+        .margin(16)
+        .x_label_area_size(48)
+        .y_label_area_size(80)
+        .build_cartesian_2d(
+            (4096.0..(1u64 << 40) as f64 * 1.5).log_scale(),
+            (lo..hi).log_scale(),
+        )?;
+    chart
+        .configure_mesh()
+        .x_desc("range size")
+        .y_desc("time per conversion")
+        .x_label_formatter(&|x| bytes(round_pow2(*x)))
+        .y_label_formatter(&|y| seconds(*y))
+        .x_labels(12)
+        .draw()?;
+    let colors = [RGBColor(0x1f, 0x77, 0xb4), RGBColor(0xd6, 0x27, 0x28)];
+    for (s, color) in report.conversion.iter().zip(colors) {
+        let pts: Vec<(f64, f64)> = s.points.iter().map(|p| (p.x, p.y)).collect();
+        chart
+            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
+            .label(s.name.clone())
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
+        chart.draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
+        if !s.modelled.is_empty() {
+            let m: Vec<(f64, f64)> = s.modelled.iter().map(|p| (p.x, p.y)).collect();
+            chart
+                .draw_series(DashedLineSeries::new(m, 8, 6, color.stroke_width(2)))?
+                .label(format!("{} (extended linearly)", s.name))
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 8, y)], color.stroke_width(2))
+                });
+        }
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+/// The nearest power of two, for axis labels of a log scale.
+fn round_pow2(x: f64) -> u64 {
+    2f64.powf(x.log2().round()) as u64
+}
+
+/// Time per access by pattern and thread count, ours and raw, log scale.
+fn access_plot(report: &Report, path: &Path) -> PlotResult {
+    let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let cells = &report.access;
+    let ys: Vec<f64> = cells
+        .iter()
+        .flat_map(|c| [c.ours, c.raw])
+        .filter(|y| y.is_finite() && *y > 0.0)
+        .collect();
+    let lo = ys.iter().cloned().fold(f64::MAX, f64::min).min(1e-9) / 2.0;
+    let hi = ys.iter().cloned().fold(f64::MIN, f64::max).max(1e-8) * 3.0;
+    let n = cells.len().max(1);
+    let labels: Vec<String> = cells
+        .iter()
+        .map(|c| {
+            format!(
+                "{}, {} thread{}",
+                c.pattern,
+                c.threads,
+                if c.threads == 1 { "" } else { "s" }
+            )
+        })
+        .collect();
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Guest access (8 bytes): time per access by pattern and threads",
+            ("sans-serif", 22),
+        )
+        .margin(16)
+        .x_label_area_size(48)
+        .y_label_area_size(80)
+        .build_cartesian_2d(0.0..n as f64, (lo..hi).log_scale())?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(n * 2 + 1)
+        .x_label_formatter(&|x| {
+            let i = (x - 0.5).round();
+            if (x - 0.5 - i).abs() < 1e-6 && i >= 0.0 {
+                labels.get(i as usize).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .y_desc("time per access (per thread)")
+        .y_label_formatter(&|y| seconds(*y))
+        .draw()?;
+    let ours = RGBColor(0x1f, 0x77, 0xb4);
+    let raw = RGBColor(0x99, 0x99, 0x99);
+    for (bars, color, name, shift) in [
+        (cells.iter().map(|c| c.ours).collect::<Vec<_>>(), ours, "gmem soft vCPU", 0.1),
+        (cells.iter().map(|c| c.raw).collect(), raw, "raw loads", 0.5),
+    ] {
+        chart
+            .draw_series(bars.iter().enumerate().map(|(i, &y)| {
+                let x = i as f64 + shift;
+                Rectangle::new([(x, lo), (x + 0.4, y)], color.filled())
+            }))?
+            .label(name)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}

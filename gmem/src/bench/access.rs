@@ -1,0 +1,315 @@
+//! Soft guest accesses against raw loads, by pattern and thread count.
+//!
+//! Ours: 8-byte guest loads through [`SoftVcpu`]s from a guest_memfd-only
+//! slot at gpa 0. Raw: 8-byte volatile loads from anonymous memory of the
+//! same size and the same contents. Patterns:
+//!
+//! - hot: the same word again (each thread its own page);
+//! - sequential: every word in turn;
+//! - random: a dependent chase through one word of every page, in a random
+//!   cyclic order (Sattolo's shuffle), so each load waits for the last,
+//!   with a TLB and cache miss each, as a raw dependent random load does.
+
+use std::hint::black_box;
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+use super::{compare, AccessCell, Pair, Row, Scale, Target, Unit};
+use crate::error::Result;
+use crate::host::Mmap;
+use crate::hypervisor::{GuestMemfd, GuestOp, HostMemory, MapKind, Vcpu, VcpuExit, Vm};
+use crate::soft::{SoftHypervisor, SoftVcpu, SoftVm};
+use crate::uapi::{
+    guest_memfd_region, kvm_create_guest_memfd, GUEST_MEMFD_FLAG_INIT_SHARED,
+    GUEST_MEMFD_FLAG_MMAP, KVM_X86_DEFAULT_VM, PAGE_SIZE,
+};
+
+/// Access pattern.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pattern {
+    /// The same word again.
+    Hot,
+    /// Word after word.
+    Sequential,
+    /// A dependent chase over every page.
+    Random,
+}
+
+impl Pattern {
+    /// Its name in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Pattern::Hot => "hot",
+            Pattern::Sequential => "sequential",
+            Pattern::Random => "random",
+        }
+    }
+}
+
+/// A tiny xorshift: reproducible layouts without an RNG crate.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// The word of page `p` that the random chase visits.
+fn chase_word(p: u64) -> u64 {
+    (p.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 55) * 8
+}
+
+/// A soft VM with `size` bytes of guest memory at gpa 0, its vCPUs, and raw
+/// memory of the same size and contents. Dropping it frees both.
+pub struct Access {
+    vcpus: Vec<SoftVcpu>,
+    raw: Mmap,
+    size: u64,
+    _map: Box<dyn HostMemory>,
+    _file: Box<dyn GuestMemfd>,
+    _vm: SoftVm,
+}
+
+impl Access {
+    /// Sets up `size` bytes (a multiple of the page size) and `vcpus`
+    /// vCPUs, and writes the random chase into both memories.
+    pub fn new(size: u64, vcpus: u64) -> Result<Access> {
+        let hv = SoftHypervisor::new()?;
+        let vm = hv.create_soft_vm(KVM_X86_DEFAULT_VM as u64)?;
+        let file = vm.create_guest_memfd(kvm_create_guest_memfd {
+            size,
+            flags: GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
+            ..Default::default()
+        })?;
+        let map = file.mmap(0, size, MapKind::Shared)?;
+        vm.set_user_memory_region2(guest_memfd_region(0, 0, size, file.as_raw_fd(), 0))?;
+        let raw = Mmap::anonymous(size)?;
+        // Sattolo's shuffle: one cycle through every page.
+        let pages = size / PAGE_SIZE;
+        let mut next: Vec<u64> = (0..pages).collect();
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        for i in (1..pages).rev() {
+            next.swap(i as usize, rng.below(i) as usize);
+        }
+        for (p, &q) in next.iter().enumerate() {
+            let at = p as u64 * PAGE_SIZE + chase_word(p as u64);
+            let to = q * PAGE_SIZE + chase_word(q);
+            map.write(at, &to.to_le_bytes())
+                .map_err(|f| crate::Error::new(crate::Errno::EFAULT, "bench", f.to_string()))?;
+            raw.write(at, &to.to_le_bytes())
+                .map_err(|f| crate::Error::new(crate::Errno::EFAULT, "bench", f.to_string()))?;
+        }
+        let vcpus = (0..vcpus)
+            .map(|id| vm.create_soft_vcpu(id))
+            .collect::<Result<_>>()?;
+        Ok(Access {
+            vcpus,
+            raw,
+            size,
+            _map: map,
+            _file: file,
+            _vm: vm,
+        })
+    }
+
+    /// Where thread `t` of `threads` starts.
+    fn start(&self, pattern: Pattern, t: usize, threads: usize) -> u64 {
+        let page = (self.size / PAGE_SIZE) * t as u64 / threads as u64;
+        match pattern {
+            Pattern::Hot => t as u64 * PAGE_SIZE + 64,
+            Pattern::Sequential => page * PAGE_SIZE,
+            Pattern::Random => page * PAGE_SIZE + chase_word(page),
+        }
+    }
+
+    /// `iters` accesses of `pattern` on each of `threads` threads: through
+    /// the vCPUs (ours) or as raw loads. The wall time from a common start.
+    pub fn time(&mut self, ours: bool, pattern: Pattern, threads: usize, iters: u64) -> Duration {
+        let starts: Vec<u64> = (0..threads)
+            .map(|t| self.start(pattern, t, threads))
+            .collect();
+        let size = self.size;
+        let raw = self.raw.as_ptr() as usize;
+        let barrier = Barrier::new(threads + 1);
+        std::thread::scope(|s| {
+            for (vcpu, &at) in self.vcpus.iter_mut().zip(&starts).take(threads) {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    barrier.wait();
+                    if ours {
+                        guest_loads(vcpu, pattern, at, size, iters);
+                    } else {
+                        raw_loads(raw as *const u8, pattern, at, size, iters);
+                    }
+                    barrier.wait();
+                });
+            }
+            barrier.wait();
+            let t = Instant::now();
+            barrier.wait();
+            t.elapsed()
+        })
+    }
+}
+
+/// Ours: `iters` guest loads through `vcpu`.
+fn guest_loads(vcpu: &mut SoftVcpu, pattern: Pattern, mut at: u64, size: u64, iters: u64) {
+    let mut load = |gpa: u64| match vcpu.run(GuestOp::Read { gpa, size: 8 }) {
+        Ok(VcpuExit::Done(v)) => v,
+        other => panic!("guest load at {gpa:#x}: {other:?}"),
+    };
+    match pattern {
+        Pattern::Hot => {
+            for _ in 0..iters {
+                black_box(load(black_box(at)));
+            }
+        }
+        Pattern::Sequential => {
+            for _ in 0..iters {
+                black_box(load(at));
+                at = (at + 8) % size;
+            }
+        }
+        Pattern::Random => {
+            for _ in 0..iters {
+                at = load(at);
+            }
+            black_box(at);
+        }
+    }
+}
+
+/// The baseline: `iters` raw 8-byte loads from `base`.
+fn raw_loads(base: *const u8, pattern: Pattern, mut at: u64, size: u64, iters: u64) {
+    // SAFETY: every offset used is 8-byte aligned and below `size`, inside
+    // the raw mapping, which outlives the threads that load from it.
+    let load = |off: u64| unsafe { base.add(off as usize).cast::<u64>().read_volatile() };
+    match pattern {
+        Pattern::Hot => {
+            for _ in 0..iters {
+                black_box(load(black_box(at)));
+            }
+        }
+        Pattern::Sequential => {
+            for _ in 0..iters {
+                black_box(load(at));
+                at = (at + 8) % size;
+            }
+        }
+        Pattern::Random => {
+            for _ in 0..iters {
+                at = load(at);
+            }
+            black_box(at);
+        }
+    }
+}
+
+/// One pattern and thread count of an [`Access`], as a [`Pair`].
+pub struct AccessPair<'a> {
+    /// The memories.
+    pub access: &'a mut Access,
+    /// The pattern.
+    pub pattern: Pattern,
+    /// Threads (vCPUs for ours).
+    pub threads: usize,
+}
+
+impl Pair for AccessPair<'_> {
+    fn ours(&mut self, iters: u64) -> Duration {
+        self.access.time(true, self.pattern, self.threads, iters)
+    }
+
+    fn baseline(&mut self, iters: u64) -> Duration {
+        self.access.time(false, self.pattern, self.threads, iters)
+    }
+}
+
+/// Iterations per round for a pattern: about 20-50 ms of raw loads.
+fn iters_for(pattern: Pattern, scale: Scale) -> u64 {
+    scale.iters(match pattern {
+        Pattern::Hot => 40_000_000,
+        Pattern::Sequential => 20_000_000,
+        Pattern::Random => 200_000,
+    })
+}
+
+/// The access figures: the table rows (hot, random, 2 threads vs 1) and
+/// every pattern at 1 and 2 threads for the plot (`cells`).
+pub fn run(scale: Scale, cells: &mut Vec<AccessCell>) -> Result<Vec<Row>> {
+    let mut access = Access::new(scale.big(), 2)?;
+    let mut got = Vec::new();
+    for pattern in [Pattern::Hot, Pattern::Sequential, Pattern::Random] {
+        for threads in [1, 2] {
+            let c = compare(
+                &mut AccessPair {
+                    access: &mut access,
+                    pattern,
+                    threads,
+                },
+                iters_for(pattern, scale),
+                scale.rounds(),
+            );
+            // Per access: the wall time of a round covers `threads` loads
+            // per iteration.
+            cells.push(AccessCell {
+                pattern: pattern.name().into(),
+                threads: threads as u32,
+                ours: c.ours / threads as f64,
+                raw: c.baseline / threads as f64,
+            });
+            got.push((pattern, threads, c));
+        }
+    }
+    drop(access);
+    let find = |p: Pattern, t: usize| {
+        got.iter()
+            .find(|(gp, gt, _)| *gp == p && *gt == t)
+            .map(|g| g.2)
+            .expect("every cell was measured")
+    };
+    let (hot, hot2, random) = (
+        find(Pattern::Hot, 1),
+        find(Pattern::Hot, 2),
+        find(Pattern::Random, 1),
+    );
+    // Scaling: throughput of 2 threads over 1 (each round runs `iters` per
+    // thread), ours and raw; the figure is their ratio.
+    let ours_scaling = 2.0 * hot.ours / hot2.ours;
+    let raw_scaling = 2.0 * hot.baseline / hot2.baseline;
+    let mut scaling = Row::new(
+        "soft.access.threads",
+        "2 vCPU threads vs 1, hot: scaling, of raw scaling",
+        ours_scaling,
+        Some((raw_scaling, "raw loads, 2 threads vs 1")),
+        Some(ours_scaling / raw_scaling),
+        Unit::Factor,
+        Target::AtLeast(0.9),
+    );
+    scaling.note = Some("ratio = our scaling / raw scaling".into());
+    Ok(vec![
+        Row::new(
+            "soft.access.hot",
+            "soft guest access, 8 bytes, hot",
+            hot.ours,
+            Some((hot.baseline, "raw load from a slice")),
+            Some(hot.ratio),
+            Unit::Seconds,
+            Target::AtMost(5.0),
+        ),
+        Row::new(
+            "soft.access.random",
+            &format!("soft guest access, random over {}", super::bytes(scale.big())),
+            random.ours,
+            Some((random.baseline, "raw dependent random load")),
+            Some(random.ratio),
+            Unit::Seconds,
+            Target::AtMost(1.2),
+        ),
+        scaling,
+    ])
+}
