@@ -145,9 +145,9 @@ fn conversion_plot(report: &Report, path: &Path) -> PlotResult {
         .flat_map(|s| s.points.iter().chain(&s.modelled).map(|p| p.y))
         .filter(|y| y.is_finite() && *y > 0.0)
         .collect();
-    let (lo, hi) = all.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &y| {
-        (lo.min(y), hi.max(y))
-    });
+    let (lo, hi) = all
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(lo, hi), &y| (lo.min(y), hi.max(y)));
     let (lo, hi) = if all.is_empty() {
         (1e-7, 1.0)
     } else {
@@ -257,7 +257,12 @@ fn access_plot(report: &Report, path: &Path) -> PlotResult {
     let ours = RGBColor(0x1f, 0x77, 0xb4);
     let raw = RGBColor(0x99, 0x99, 0x99);
     for (bars, color, name, shift) in [
-        (cells.iter().map(|c| c.ours).collect::<Vec<_>>(), ours, "gmem soft vCPU", 0.1),
+        (
+            cells.iter().map(|c| c.ours).collect::<Vec<_>>(),
+            ours,
+            "gmem soft vCPU",
+            0.1,
+        ),
         (cells.iter().map(|c| c.raw).collect(), raw, "raw loads", 0.5),
     ] {
         chart

@@ -156,12 +156,24 @@ impl Access {
     }
 }
 
+/// One 8-byte guest load.
+#[inline(always)]
+fn guest_load(vcpu: &mut SoftVcpu, gpa: u64) -> u64 {
+    match vcpu.run(GuestOp::Read { gpa, size: 8 }) {
+        Ok(VcpuExit::Done(v)) => v,
+        other => failed(gpa, other),
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn failed(gpa: u64, got: Result<VcpuExit>) -> ! {
+    panic!("guest load at {gpa:#x}: {got:?}")
+}
+
 /// Ours: `iters` guest loads through `vcpu`.
 fn guest_loads(vcpu: &mut SoftVcpu, pattern: Pattern, mut at: u64, size: u64, iters: u64) {
-    let mut load = |gpa: u64| match vcpu.run(GuestOp::Read { gpa, size: 8 }) {
-        Ok(VcpuExit::Done(v)) => v,
-        other => panic!("guest load at {gpa:#x}: {other:?}"),
-    };
+    let mut load = |gpa: u64| guest_load(vcpu, gpa);
     match pattern {
         Pattern::Hot => {
             for _ in 0..iters {
@@ -171,7 +183,10 @@ fn guest_loads(vcpu: &mut SoftVcpu, pattern: Pattern, mut at: u64, size: u64, it
         Pattern::Sequential => {
             for _ in 0..iters {
                 black_box(load(at));
-                at = (at + 8) % size;
+                at += 8;
+                if at == size {
+                    at = 0;
+                }
             }
         }
         Pattern::Random => {
@@ -197,7 +212,10 @@ fn raw_loads(base: *const u8, pattern: Pattern, mut at: u64, size: u64, iters: u
         Pattern::Sequential => {
             for _ in 0..iters {
                 black_box(load(at));
-                at = (at + 8) % size;
+                at += 8;
+                if at == size {
+                    at = 0;
+                }
             }
         }
         Pattern::Random => {
@@ -303,7 +321,10 @@ pub fn run(scale: Scale, cells: &mut Vec<AccessCell>) -> Result<Vec<Row>> {
         ),
         Row::new(
             "soft.access.random",
-            &format!("soft guest access, random over {}", super::bytes(scale.big())),
+            &format!(
+                "soft guest access, random over {}",
+                super::bytes(scale.big())
+            ),
             random.ours,
             Some((random.baseline, "raw dependent random load")),
             Some(random.ratio),

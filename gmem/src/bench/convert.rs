@@ -139,7 +139,8 @@ pub fn run(scale: Scale) -> Result<(Vec<Row>, Vec<Series>)> {
             base.points.push(Point { x: size as f64, y });
         } else {
             if base.modelled.is_empty() {
-                base.modelled.push(*base.points.last().expect("4 KiB was measured"));
+                base.modelled
+                    .push(*base.points.last().expect("4 KiB was measured"));
             }
             base.modelled.push(Point {
                 x: size as f64,

@@ -77,7 +77,9 @@ impl RawKvm {
         // struct keeps until after the VM fd is closed (field order).
         unsafe { vm.set_user_memory_region(region) }
             .map_err(|e| kernel(e, "KVM_SET_USER_MEMORY_REGION"))?;
-        let vcpu = vm.create_vcpu(0).map_err(|e| kernel(e, "KVM_CREATE_VCPU"))?;
+        let vcpu = vm
+            .create_vcpu(0)
+            .map_err(|e| kernel(e, "KVM_CREATE_VCPU"))?;
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| kernel(e, "KVM_GET_SUPPORTED_CPUID"))?;
@@ -258,7 +260,11 @@ pub fn first_touch(scale: Scale) -> Vec<Row> {
             let id = format!("{name}.first_touch");
             let figure = format!("guest first touch of {} in one loop ({name})", bytes(size));
             // The KVM loop may still be one run per access: one round there.
-            let rounds = if backend == Backend::Kvm { 1 } else { scale.rounds().min(3) };
+            let rounds = if backend == Backend::Kvm {
+                1
+            } else {
+                scale.rounds().min(3)
+            };
             let measured = (|| -> Result<Row> {
                 let hv = backend.open()?;
                 let (mut g, mut a, mut r) = (Vec::new(), Vec::new(), Vec::new());

@@ -339,11 +339,9 @@ pub fn run(scale: Scale, progress: Progress<'_>) -> Report {
         step += 1;
     };
     let rows = &mut report.rows;
-    let keep = |r: crate::Result<Vec<Row>>, id: &str, figure: &str, rows: &mut Vec<Row>| {
-        match r {
-            Ok(r) => rows.extend(r),
-            Err(e) => rows.push(Row::skipped(id, figure, Target::None, e.to_string())),
-        }
+    let keep = |r: crate::Result<Vec<Row>>, id: &str, figure: &str, rows: &mut Vec<Row>| match r {
+        Ok(r) => rows.extend(r),
+        Err(e) => rows.push(Row::skipped(id, figure, Target::None, e.to_string())),
     };
     next(progress);
     let mut cells = Vec::new();

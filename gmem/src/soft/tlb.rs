@@ -101,9 +101,18 @@ impl AccessEpoch {
 }
 
 /// The vCPU's side of its epoch: only this vCPU writes it.
+///
+/// A single access marks itself with plain stores (1 on entry, 0 on exit),
+/// never a read-modify-write: a counter would chain every access to the
+/// last through store-to-load forwarding, which costs more than the rest
+/// of the access. A guest loop marks each page with a fresh odd count
+/// (`2n + 1`, then `2n + 2`), which it can afford once per page. Either
+/// way the invalidator waits until the value it saw changes, which means
+/// that the access it saw has ended.
 pub(crate) struct Reader {
     shared: Arc<AccessEpoch>,
-    epoch: u64,
+    /// Pages walked by guest loops so far.
+    pages: u64,
 }
 
 impl Reader {
@@ -111,7 +120,7 @@ impl Reader {
         barrier::init();
         Reader {
             shared: Arc::default(),
-            epoch: 0,
+            pages: 0,
         }
     }
 
@@ -120,20 +129,38 @@ impl Reader {
         &self.shared
     }
 
-    /// Steps 1 and 2: enters an access and loads the sequence to check.
+    /// Steps 1 and 2 for one access: enters it and loads the sequence to
+    /// check.
     #[inline(always)]
     pub(crate) fn begin(&mut self, seq: &AtomicU64) -> u64 {
-        self.epoch += 1;
-        self.shared.epoch.store(self.epoch, Ordering::Relaxed);
+        self.shared.epoch.store(1, Ordering::Relaxed);
         barrier::light();
         seq.load(Ordering::Acquire)
     }
 
-    /// Step 4: leaves the access.
+    /// Step 4 for one access.
     #[inline(always)]
     pub(crate) fn end(&mut self) {
-        self.epoch += 1;
-        self.shared.epoch.store(self.epoch, Ordering::Release);
+        self.shared.epoch.store(0, Ordering::Release);
+    }
+
+    /// Steps 1 and 2 for one page of a guest loop.
+    #[inline(always)]
+    pub(crate) fn begin_page(&mut self, seq: &AtomicU64) -> u64 {
+        self.pages += 1;
+        self.shared
+            .epoch
+            .store(2 * self.pages + 1, Ordering::Relaxed);
+        barrier::light();
+        seq.load(Ordering::Acquire)
+    }
+
+    /// Step 4 for one page of a guest loop.
+    #[inline(always)]
+    pub(crate) fn end_page(&mut self) {
+        self.shared
+            .epoch
+            .store(2 * self.pages + 2, Ordering::Release);
     }
 }
 
@@ -188,9 +215,12 @@ const ENTRIES: usize = 8;
 pub(crate) struct Tlb {
     /// `mmu_invalidate_seq` when the entries were filled.
     pub(crate) seq: u64,
+    /// The page that hit last, checked before the entries: its gfn
+    /// (`u64::MAX` for none), host address and permission.
+    page_gfn: u64,
+    page_hva: *mut u8,
+    page_writable: bool,
     entries: [Translation; ENTRIES],
-    /// The entry that hit last: checked first.
-    last: usize,
     /// Where the next fill goes (round robin).
     next: usize,
 }
@@ -204,34 +234,40 @@ impl Tlb {
     pub(crate) fn new() -> Self {
         Tlb {
             seq: u64::MAX,
+            page_gfn: u64::MAX,
+            page_hva: std::ptr::null_mut(),
+            page_writable: false,
             entries: [Translation::EMPTY; ENTRIES],
-            last: 0,
             next: 0,
         }
     }
 
-    /// The entry holding `gfn`, if it allows the access.
+    /// The host address of byte `gpa`, if an entry holds its gfn and
+    /// allows the access.
     #[inline(always)]
-    pub(crate) fn lookup(&mut self, gfn: u64, write: bool) -> Option<Translation> {
-        let e = self.entries[self.last];
-        if gfn.wrapping_sub(e.gfn) < e.npages && (e.writable || !write) {
-            return Some(e);
+    pub(crate) fn lookup(&mut self, gpa: u64, write: bool) -> Option<*mut u8> {
+        if gpa >> PAGE_SHIFT == self.page_gfn && (self.page_writable || !write) {
+            return Some(self.page_hva.wrapping_add((gpa & (PAGE_SIZE - 1)) as usize));
         }
-        self.lookup_slow(gfn, write)
+        self.lookup_slow(gpa, write)
     }
 
     #[inline(never)]
-    fn lookup_slow(&mut self, gfn: u64, write: bool) -> Option<Translation> {
-        let i = self
+    fn lookup_slow(&mut self, gpa: u64, write: bool) -> Option<*mut u8> {
+        let gfn = gpa >> PAGE_SHIFT;
+        let e = self
             .entries
             .iter()
-            .position(|e| gfn.wrapping_sub(e.gfn) < e.npages && (e.writable || !write))?;
-        self.last = i;
-        Some(self.entries[i])
+            .find(|e| gfn.wrapping_sub(e.gfn) < e.npages && (e.writable || !write))?;
+        self.page_gfn = gfn;
+        self.page_hva = e.hva_of(gfn << PAGE_SHIFT);
+        self.page_writable = e.writable;
+        Some(e.hva_of(gpa))
     }
 
     /// Forgets every entry.
     pub(crate) fn flush(&mut self) {
+        self.page_gfn = u64::MAX;
         self.entries = [Translation::EMPTY; ENTRIES];
     }
 
@@ -242,7 +278,6 @@ impl Tlb {
             self.seq = seq;
         }
         self.entries[self.next] = t;
-        self.last = self.next;
         self.next = (self.next + 1) % ENTRIES;
     }
 }

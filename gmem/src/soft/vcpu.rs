@@ -47,8 +47,7 @@ impl SoftVcpu {
     /// loaded (0 for a store), or `None` when the cache cannot serve it.
     #[inline(always)]
     fn cached(&mut self, gpa: u64, size: usize, value: Option<u64>) -> Option<u64> {
-        let t = self.tlb.lookup(gpa >> PAGE_SHIFT, value.is_some())?;
-        let p = t.hva_of(gpa);
+        let p = self.tlb.lookup(gpa, value.is_some())?;
         let seq = self.reader.begin(self.vm.invalidations.seq_atomic());
         if seq != self.tlb.seq {
             self.reader.end();
@@ -250,11 +249,10 @@ impl SoftVcpu {
             op,
             GuestLoop::Verify { .. } | GuestLoop::Touch { write: false, .. }
         );
-        let t = self.tlb.lookup(at >> PAGE_SHIFT, write)?;
-        let p = t.hva_of(at);
-        let seq = self.reader.begin(self.vm.invalidations.seq_atomic());
+        let p = self.tlb.lookup(at, write)?;
+        let seq = self.reader.begin_page(self.vm.invalidations.seq_atomic());
         if seq != self.tlb.seq {
-            self.reader.end();
+            self.reader.end_page();
             self.tlb.flush();
             return None;
         }
@@ -283,7 +281,7 @@ impl SoftVcpu {
                 0
             }
         };
-        self.reader.end();
+        self.reader.end_page();
         Some(differ)
     }
 
@@ -348,7 +346,9 @@ impl Drop for SoftVcpu {
 }
 
 impl Vcpu for SoftVcpu {
-    #[inline]
+    // Inlined into callers that hold the concrete type, so that an access
+    // of a known width folds down to the cache check and one load or store.
+    #[inline(always)]
     fn run(&mut self, op: GuestOp) -> Result<VcpuExit> {
         match op {
             GuestOp::Read { gpa, size } => self.access(gpa, size, None),
