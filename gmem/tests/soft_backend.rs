@@ -418,3 +418,35 @@ fn unmapping_host_memory_invalidates_the_slots_over_it() {
         }
     );
 }
+
+/// FAULT-5, gmem-loop: a guest touch loop allocates every page of the
+/// range in the file.
+#[test]
+fn touch_loop_allocates_every_page() {
+    let hv = hv();
+    let vm = hv.create_soft_vm(0).unwrap();
+    let file = vm
+        .create_soft_guest_memfd(kvm_create_guest_memfd {
+            size: 64 * P,
+            flags: GUEST_MEMFD_FLAG_MMAP,
+            ..Default::default()
+        })
+        .unwrap();
+    vm.set_user_memory_region2(guest_memfd_region(0, GPA, 64 * P, file.as_raw_fd(), 0))
+        .unwrap();
+    let mut cpu = vm.create_vcpu(0).unwrap();
+
+    for write in [false, true] {
+        file.fallocate(PUNCH, 0, 64 * P as i64).unwrap();
+        let exit = cpu
+            .run_loop(gmem::GuestLoop::Touch {
+                gpa: GPA,
+                len: 64 * P,
+                write,
+            })
+            .unwrap();
+
+        assert_eq!(exit.done, 64 * P);
+        assert_eq!(file.allocated_bytes().unwrap(), 64 * P, "write: {write}");
+    }
+}

@@ -45,48 +45,79 @@ fn raw_fallocate(fd: &OwnedFd, mode: i32, len: u64) -> Result<()> {
     Ok(())
 }
 
+/// A guest_memfd of a backend, bound to a memslot with a vCPU, and a raw
+/// memfd of the same size.
+pub struct Fallocate {
+    size: u64,
+    raw: OwnedFd,
+    _vcpu: Box<dyn Vcpu>,
+    file: Box<dyn crate::GuestMemfd>,
+    _vm: Box<dyn crate::Vm>,
+    _hv: Box<dyn crate::Hypervisor>,
+}
+
+impl Fallocate {
+    /// Sets up `size` bytes of each (nothing allocated yet).
+    pub fn new(backend: Backend, size: u64) -> Result<Fallocate> {
+        let hv = backend.open()?;
+        let vm = hv.create_vm(KVM_X86_DEFAULT_VM as u64)?;
+        let file = vm.create_guest_memfd(kvm_create_guest_memfd {
+            size,
+            ..Default::default()
+        })?;
+        vm.set_user_memory_region2(guest_memfd_region(0, GPA, size, file.as_raw_fd(), 0))?;
+        Ok(Fallocate {
+            size,
+            raw: raw_memfd(size)?,
+            _vcpu: vm.create_vcpu(0)?,
+            file,
+            _vm: vm,
+            _hv: hv,
+        })
+    }
+
+    /// Allocates the whole file then punches it all: the two times, on
+    /// ours or on the raw memfd.
+    pub fn round(&self, ours: bool) -> Result<[Duration; 2]> {
+        let size = self.size;
+        Ok(if ours {
+            [
+                timed(|| self.file.fallocate(FALLOC_FL_KEEP_SIZE, 0, size as i64))?,
+                timed(|| self.file.fallocate(PUNCH, 0, size as i64))?,
+            ]
+        } else {
+            [
+                timed(|| raw_fallocate(&self.raw, FALLOC_FL_KEEP_SIZE, size))?,
+                timed(|| raw_fallocate(&self.raw, PUNCH, size))?,
+            ]
+        })
+    }
+}
+
 /// The allocate and punch rows of `backend`.
 pub fn run(backend: Backend, scale: Scale) -> Result<Vec<Row>> {
     let size = scale.big();
-    let hv = backend.open()?;
-    let vm = hv.create_vm(KVM_X86_DEFAULT_VM as u64)?;
-    let file = vm.create_guest_memfd(kvm_create_guest_memfd {
-        size,
-        ..Default::default()
-    })?;
-    vm.set_user_memory_region2(guest_memfd_region(0, GPA, size, file.as_raw_fd(), 0))?;
-    let _vcpu: Box<dyn Vcpu> = vm.create_vcpu(0)?;
-    let raw = raw_memfd(size)?;
+    let f = Fallocate::new(backend, size)?;
     let (mut ours, mut base) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
     let mut ratio = [Vec::new(), Vec::new()];
-    let ours_round = |t: &mut [Duration; 2]| -> Result<()> {
-        t[0] = timed(|| file.fallocate(FALLOC_FL_KEEP_SIZE, 0, size as i64))?;
-        t[1] = timed(|| file.fallocate(PUNCH, 0, size as i64))?;
-        Ok(())
-    };
-    let raw_round = |t: &mut [Duration; 2]| -> Result<()> {
-        t[0] = timed(|| raw_fallocate(&raw, FALLOC_FL_KEEP_SIZE, size))?;
-        t[1] = timed(|| raw_fallocate(&raw, PUNCH, size))?;
-        Ok(())
-    };
-    let (mut o, mut b) = ([Duration::ZERO; 2], [Duration::ZERO; 2]);
     // A warm-up round of each, not counted.
-    ours_round(&mut o)?;
-    raw_round(&mut b)?;
+    f.round(true)?;
+    f.round(false)?;
     for round in 0..scale.rounds() {
-        if round % 2 == 0 {
-            ours_round(&mut o)?;
-            raw_round(&mut b)?;
+        let (o, b) = if round % 2 == 0 {
+            let o = f.round(true)?;
+            (o, f.round(false)?)
         } else {
-            raw_round(&mut b)?;
-            ours_round(&mut o)?;
-        }
+            let b = f.round(false)?;
+            (f.round(true)?, b)
+        };
         for i in 0..2 {
             ours[i].push(o[i].as_secs_f64());
             base[i].push(b[i].as_secs_f64());
             ratio[i].push(b[i].as_secs_f64() / o[i].as_secs_f64());
         }
     }
+    drop(f);
     let name = backend.name();
     Ok(["allocate", "punch"]
         .iter()

@@ -150,9 +150,30 @@ impl RawKvm {
 }
 
 /// One guest load on the KVM backend against the raw floor.
-struct OneAccess {
+pub struct OneAccess {
     cpu: Box<dyn Vcpu>,
     raw: RawKvm,
+    _mem: Box<dyn HostMemory>,
+    _vm: Box<dyn crate::Vm>,
+    _hv: Box<dyn Hypervisor>,
+}
+
+impl OneAccess {
+    /// A KVM backend VM with 2 MiB of host memory at [`GPA`] and its vCPU,
+    /// and the raw VM.
+    pub fn new() -> Result<OneAccess> {
+        let hv = Backend::Kvm.open()?;
+        let vm = hv.create_vm(KVM_X86_DEFAULT_VM as u64)?;
+        let mem = hv.host_memory(2 << 20)?;
+        vm.set_user_memory_region2(user_region(0, GPA, mem.len(), mem.addr()))?;
+        Ok(OneAccess {
+            cpu: vm.create_vcpu(0)?,
+            raw: RawKvm::new()?,
+            _mem: mem,
+            _vm: vm,
+            _hv: hv,
+        })
+    }
 }
 
 impl Pair for OneAccess {
@@ -184,14 +205,7 @@ pub fn access(scale: Scale) -> Vec<Row> {
     let figure = "kvm guest access, 8 bytes";
     let target = Target::AtMost(1.3);
     let measured = (|| -> Result<Row> {
-        let hv = Backend::Kvm.open()?;
-        let vm = hv.create_vm(KVM_X86_DEFAULT_VM as u64)?;
-        let mem = hv.host_memory(2 << 20)?;
-        vm.set_user_memory_region2(user_region(0, GPA, mem.len(), mem.addr()))?;
-        let mut pair = OneAccess {
-            cpu: vm.create_vcpu(0)?,
-            raw: RawKvm::new()?,
-        };
+        let mut pair = OneAccess::new()?;
         let c = compare(&mut pair, scale.iters(2000), scale.rounds());
         Ok(Row::new(
             id,

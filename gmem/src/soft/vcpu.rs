@@ -9,7 +9,7 @@
 //! gfns that share that answer. Exits (MMIO, memory faults) are never
 //! cached: they are answered again each time.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::tlb::{self, Reader, Share, Tlb, Translation};
@@ -275,9 +275,17 @@ impl SoftVcpu {
                 0
             }
             GuestLoop::Touch { write: true, .. } => {
-                // An atomic add of 0: the page is faulted in writable and a
-                // concurrent store is never lost.
-                unsafe { AtomicU64::from_ptr(p.cast()) }.fetch_add(0, Ordering::Relaxed);
+                // An atomic add of 0, as the guest's own loop does: the page
+                // is faulted in writable and a concurrent store is never
+                // lost. In assembly, because the compiler turns an add of 0
+                // into a load (or drops it).
+                unsafe {
+                    std::arch::asm!(
+                        "lock add qword ptr [{p}], 0",
+                        p = in(reg) p,
+                        options(nostack)
+                    )
+                };
                 0
             }
         };
