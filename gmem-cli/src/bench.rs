@@ -162,7 +162,7 @@ fn conversion_plot(report: &Report, path: &Path) -> PlotResult {
         .x_label_area_size(48)
         .y_label_area_size(80)
         .build_cartesian_2d(
-            (4096.0..(1u64 << 40) as f64 * 1.5).log_scale(),
+            (3000.0..(1u64 << 40) as f64 * 1.5).log_scale().base(16.0),
             (lo..hi).log_scale(),
         )?;
     chart
@@ -171,7 +171,7 @@ fn conversion_plot(report: &Report, path: &Path) -> PlotResult {
         .y_desc("time per conversion")
         .x_label_formatter(&|x| bytes(round_pow2(*x)))
         .y_label_formatter(&|y| seconds(*y))
-        .x_labels(12)
+        .x_labels(10)
         .draw()?;
     let colors = [RGBColor(0x1f, 0x77, 0xb4), RGBColor(0xd6, 0x27, 0x28)];
     for (s, color) in report.conversion.iter().zip(colors) {
@@ -281,4 +281,44 @@ fn access_plot(report: &Report, path: &Path) -> PlotResult {
         .draw()?;
     root.present()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_fits_100_columns_and_footnotes_the_baselines() {
+        let mut report = Report {
+            rows: vec![
+                Row::new(
+                    "soft.access.hot",
+                    "soft guest access, 8 bytes, hot",
+                    2.3e-9,
+                    Some((6e-10, "raw load from a slice")),
+                    Some(3.8),
+                    Unit::Seconds,
+                    Target::AtMost(5.0),
+                ),
+                Row::skipped(
+                    "kvm.access",
+                    "kvm guest access, 8 bytes",
+                    Target::AtMost(1.3),
+                    "open /dev/kvm failed: No such file or directory".into(),
+                ),
+            ],
+            ..Default::default()
+        };
+        report.summarize();
+
+        let text = table(&report);
+
+        assert!(text.lines().all(|l| l.len() <= 100), "{text}");
+        assert!(text.contains("yes") && text.contains("skip"), "{text}");
+        assert!(
+            text.contains("[1] baseline: raw load from a slice"),
+            "{text}"
+        );
+        assert!(text.contains("1 met, 0 missed, 1 without"), "{text}");
+    }
 }

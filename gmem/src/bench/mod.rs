@@ -398,11 +398,60 @@ pub fn seconds(s: f64) -> String {
         s if s < 1.0 => (s * 1e3, "ms"),
         s => (s, "s"),
     };
+    // 99.99999 reads as 100, not 100.0.
+    let v = (v * 1e6).round() / 1e6;
     if v < 10.0 {
         format!("{v:.2} {unit}")
     } else if v < 100.0 {
         format!("{v:.1} {unit}")
     } else {
         format!("{v:.0} {unit}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_times_read_as_people_write_them() {
+        assert_eq!(bytes(4096), "4 KiB");
+        assert_eq!(bytes(1 << 40), "1 TiB");
+        assert_eq!(bytes(3 << 20), "3 MiB");
+        assert_eq!(seconds(2.1e-9), "2.10 ns");
+        assert_eq!(seconds(1e-4), "100 us");
+        assert_eq!(seconds(0.0371), "37.1 ms");
+        assert_eq!(seconds(f64::NAN), "-");
+    }
+
+    #[test]
+    fn targets_are_met_by_their_own_measure() {
+        assert_eq!(Target::AtMost(5.0).met(1.0, Some(4.9)), Some(true));
+        assert_eq!(Target::AtMost(5.0).met(1.0, Some(5.1)), Some(false));
+        assert_eq!(Target::AtLeast(0.95).met(1.0, Some(0.9)), Some(false));
+        assert_eq!(Target::Under(0.010).met(0.002, None), Some(true));
+        assert_eq!(Target::None.met(1.0, Some(1.0)), None);
+    }
+
+    /// A pair whose ours costs twice its baseline, in fake time.
+    struct Twice;
+
+    impl Pair for Twice {
+        fn ours(&mut self, iters: u64) -> Duration {
+            Duration::from_nanos(2 * iters)
+        }
+        fn baseline(&mut self, iters: u64) -> Duration {
+            Duration::from_nanos(iters)
+        }
+    }
+
+    #[test]
+    fn compare_reports_medians_per_iteration_and_the_ratio() {
+        let c = compare(&mut Twice, 1000, 5);
+
+        assert!((c.ratio - 2.0).abs() < 1e-9, "{c:?}");
+        assert!((c.ours - 2e-9).abs() < 1e-15, "{c:?}");
+        assert!((c.baseline - 1e-9).abs() < 1e-15, "{c:?}");
+        assert_eq!(median(&mut [3.0, 1.0, 2.0, 10.0]), 2.5);
     }
 }

@@ -50,7 +50,7 @@ pub fn run(scale: Scale) -> Vec<Row> {
         .map(|backend| {
             let id = format!("{}.start", backend.name());
             let figure = format!(
-                "VM creation to first guest access, {} bound ({})",
+                "VM creation to first access, {} bound ({})",
                 bytes(size),
                 backend.name()
             );
