@@ -9,8 +9,8 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use gmem::bench::access::{Access, AccessPair, Pattern};
 use gmem::bench::convert::{per_page, Conversions, TOP};
 use gmem::bench::falloc::Fallocate;
-use gmem::bench::kvm::{touch_once, OneAccess};
-use gmem::bench::{start, Pair};
+use gmem::bench::kvm::{touch_once, touch_size, OneAccess};
+use gmem::bench::{bytes, start, Pair};
 use gmem::Backend;
 
 const GIB: u64 = 1 << 30;
@@ -101,11 +101,13 @@ fn vm_and_kvm(c: &mut Criterion) {
                     .sum()
             })
         });
+        let size = touch_size(hv.as_ref(), GIB).map_or(0, |(size, _)| size);
         for (name, gmem) in [("guest_memfd", true), ("anonymous", false)] {
-            g.bench_function(format!("{}/first_touch_1GiB/{name}", backend.name()), |b| {
+            let id = format!("{}/first_touch_{}/{name}", backend.name(), bytes(size));
+            g.bench_function(id.replace(' ', ""), |b| {
                 b.iter_custom(|iters| {
                     (0..iters)
-                        .map(|_| touch_once(hv.as_ref(), GIB, gmem).expect("touch loop"))
+                        .map(|_| touch_once(hv.as_ref(), size, gmem).expect("touch loop"))
                         .sum()
                 })
             });

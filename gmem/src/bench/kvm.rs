@@ -269,6 +269,22 @@ pub fn touch_once(hv: &dyn Hypervisor, size: u64, gmem: bool) -> Result<Duration
 /// about a minute for 1 GiB.
 const TOUCH_BUDGET: f64 = 10.0;
 
+/// The size to measure first touch on, `big` or less: what one loop can
+/// touch within [`TOUCH_BUDGET`], judged by a probe of `big / 64`; and the
+/// time `big` would take.
+pub fn touch_size(hv: &dyn Hypervisor, big: u64) -> Result<(u64, f64)> {
+    let probe = big / 64;
+    let projected = touch_once(hv, probe, true)?.as_secs_f64() * 64.0;
+    Ok((
+        if projected > TOUCH_BUDGET {
+            probe * 4
+        } else {
+            big
+        },
+        projected,
+    ))
+}
+
 /// First touch rows, one per backend.
 pub fn first_touch(scale: Scale) -> Vec<Row> {
     [Backend::Soft, Backend::Kvm]
@@ -282,12 +298,8 @@ pub fn first_touch(scale: Scale) -> Vec<Row> {
             );
             let measured = (|| -> Result<Row> {
                 let hv = backend.open()?;
-                // A probe of 1/64 of the size says whether the whole fits
-                // the budget.
-                let probe = scale.big() / 64;
-                let projected = touch_once(hv.as_ref(), probe, true)?.as_secs_f64() * 64.0;
-                let (size, rounds, note) = if projected > TOUCH_BUDGET {
-                    let size = probe * 4;
+                let (size, projected) = touch_size(hv.as_ref(), scale.big())?;
+                let (size, rounds, note) = if size < scale.big() {
                     figure = format!("first touch of {} in one guest loop ({name})", bytes(size));
                     let note = format!(
                         "{} would take about {projected:.0} s here: measured on {}",
