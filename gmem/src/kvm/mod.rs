@@ -47,6 +47,7 @@ pub mod memory;
 mod sigbus;
 pub mod vcpu;
 pub mod vm;
+mod watchdog;
 
 use std::os::fd::{AsRawFd, RawFd};
 
