@@ -213,7 +213,6 @@ fn guest_memfd_region_at(
     r
 }
 
-
 fn run_loop(cpu: &mut Box<dyn Vcpu>, op: GuestLoop) -> u64 {
     let exit = cpu.run_loop(op).unwrap();
     let (_, len) = op.range();

@@ -524,7 +524,15 @@ impl Vcpu for KvmVcpu {
         let mut mismatches = 0u64;
         while at < end {
             let chunk_end = end.min((at | (GIB - 1)) + 1);
-            let outcome = self.run_with(Ring::User, at, chunk_end, Bound::Loop, |r| {
+            // PVM keeps the upper canonical half from ring-3 code (it is the
+            // host kernel's there): the guest faults with nothing to catch it
+            // (a shutdown exit). Loops above 2^47 run at ring 0, interpreted.
+            let ring = if at < 1 << (VA_BITS - 1) {
+                Ring::User
+            } else {
+                Ring::Kernel
+            };
+            let outcome = self.run_with(ring, at, chunk_end, Bound::Loop, |r| {
                 r.rip = rip;
                 r.rdi = va(at);
                 r.rcx = chunk_end - at;
