@@ -285,6 +285,34 @@ fn ratios(hv: &KvmHypervisor) {
         summary(ring3)
     );
 
+    // Instructions per second of the verify loop (9 per word), run at ring
+    // 3 below 2^47 and at ring 0 above it, on memory the cache holds.
+    let (native, interpreted) = (1u64 << 20, 64u64 << 10);
+    let vm = hv.create_vm(KVM_X86_DEFAULT_VM as u64).unwrap();
+    let low = hv.host_memory(native).unwrap();
+    let high = hv.host_memory(interpreted).unwrap();
+    vm.set_user_memory_region2(user_region(0, GUEST_GPA, native, low.addr()))
+        .unwrap();
+    vm.set_user_memory_region2(user_region(1, 1 << 47, interpreted, high.addr()))
+        .unwrap();
+    let mut cpu = vm.create_vcpu(0).unwrap();
+    let rate = |cpu: &mut Box<dyn Vcpu>, gpa: u64, len: u64, rounds: u32| {
+        let op = GuestLoop::Verify { gpa, len, seed: 0 };
+        run_loop(cpu, op);
+        let t = time(rounds, || {
+            run_loop(cpu, op);
+        });
+        (len / 8 * 9 * u64::from(rounds)) as f64 / t.as_secs_f64()
+    };
+    let ring3 = rate(&mut cpu, GUEST_GPA, native, 200);
+    let ring0 = rate(&mut cpu, 1 << 47, interpreted, 3);
+    println!(
+        "guest loop instructions per second: ring 3 {:.0} M/s, ring 0 {:.1} M/s",
+        ring3 / 1e6,
+        ring0 / 1e6
+    );
+    drop((cpu, vm, low, high));
+
     let (_vm, map) = gmem_file(hv, LOOP_BYTES);
     let mut cpu = _vm.create_vcpu(0).unwrap();
     let fill = GuestLoop::Fill {
