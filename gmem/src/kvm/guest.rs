@@ -41,11 +41,11 @@
 //! rewritten entry's old target even after `KVM_SET_SREGS` or a guest CR3
 //! reload.
 //!
-//! When the pool runs out, [`Setup::recycle`] starts over: with no vCPU of
+//! When the pool runs out, `Setup::recycle` starts over: with no vCPU of
 //! the VM in `KVM_RUN` it deletes and re-creates the setup memslot, which
 //! makes KVM drop every shadow page built from it
 //! (`kvm_arch_flush_shadow_memslot`), then empties the pool; each vCPU
-//! clears its PML4 before its next run ([`Tables::prepare`]).
+//! clears its PML4 before its next run (`Tables::prepare`).
 //!
 //! Guest physical addresses at or above 2^48 (hosts whose MAXPHYADDR is
 //! above 48) have no virtual address under 4-level paging; accesses there
@@ -303,7 +303,7 @@ impl Code {
     }
 }
 
-/// The pool has no page left: [`Setup::recycle`] and try again.
+/// The pool has no page left: `Setup::recycle` and try again.
 #[derive(Debug)]
 pub(crate) struct Exhausted;
 
@@ -315,7 +315,7 @@ pub(crate) struct Setup {
     /// memslot, possibly after the VM handle itself is gone.
     vm: OwnedFd,
     /// Held for reading by every vCPU from the moment it edits its tables
-    /// until its `KVM_RUN` returns; for writing by [`Setup::recycle`].
+    /// until its `KVM_RUN` returns; for writing by `Setup::recycle`.
     pub(crate) runs: RwLock<()>,
     /// Offset of the next free pool page.
     next: Mutex<u64>,

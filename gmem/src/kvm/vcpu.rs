@@ -37,7 +37,7 @@
 //!
 //! # The run bound
 //!
-//! [`watchdog`](super::watchdog) kicks the thread out of `KVM_RUN` at the
+//! The `watchdog` module kicks the thread out of `KVM_RUN` at the
 //! deadline the run sets; no timer is created or armed per run.
 //!
 //! - An operation may run for [`RUN_TIMEOUT`]; then it ends as
