@@ -26,6 +26,13 @@ pub trait Hypervisor: AsRawFd + Send + Sync {
     /// `KVM_CHECK_EXTENSION` on the system fd: 0 when unsupported.
     fn check_extension(&self, cap: u32) -> i64;
 
+    /// The kernel release whose behaviour this backend follows, when it is
+    /// known by construction (a software profile). A running kernel says
+    /// `None`: which release it follows is measured, not assumed.
+    fn release(&self) -> Option<crate::Release> {
+        None
+    }
+
     /// `KVM_CREATE_VM` with a machine type (`KVM_X86_DEFAULT_VM`, ...).
     fn create_vm(&self, vm_type: u64) -> Result<Box<dyn Vm>>;
 

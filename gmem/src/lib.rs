@@ -4,6 +4,7 @@
 //! - [`soft`]: the software backend, the executable specification.
 //! - [`kvm`]: the same contract on the running kernel through `/dev/kvm`.
 //! - [`scenario`]: scenario files and the conformance runner.
+//! - [`release`]: the kernel releases whose guest_memfd behaviour differs.
 //!
 //! The rules cited in errors and tests (`SLOT-7`, `BIND-4`, ...) are those of
 //! the project's specification, `spec/guest_memfd.md` in the steering repo.
@@ -14,6 +15,7 @@ pub mod error;
 pub mod host;
 pub mod hypervisor;
 pub mod kvm;
+pub mod release;
 pub mod rules;
 pub mod scenario;
 pub mod soft;
@@ -24,6 +26,7 @@ pub use hypervisor::{
     GuestLoop, GuestMemfd, GuestOp, HostFault, HostMemory, Hypervisor, LoopExit, MapKind, Stat,
     Vcpu, VcpuExit, Vm,
 };
+pub use release::Release;
 
 /// Which implementation of the contract to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -81,6 +81,21 @@ impl GmemInode {
         write: bool,
     ) -> Result<()> {
         let pos = (index << PAGE_SHIFT) + offset;
+        // Only a binding accepted before 7.2 (BIND-4, signed offsets) can
+        // name an index past the end; the page store has no page there.
+        if pos
+            .checked_add(buf.len() as u64)
+            .is_none_or(|end| end > self.size)
+        {
+            return Err(Error::new(
+                Errno::EFAULT,
+                "BIND-4",
+                format!(
+                    "guest access to page {index:#x}: past the end of the {:#x}-byte file (a binding only releases before 7.2 accept)",
+                    self.size
+                ),
+            ));
+        }
         let window = self.window(pos / WINDOW_SIZE)?;
         let at = pos % WINDOW_SIZE;
         let done = if write {
