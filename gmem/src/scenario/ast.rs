@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::error::{errno_name, Errno};
 use crate::uapi::{KVM_MAP_GPA_RANGE_ENCRYPTED, KVM_MEMORY_EXIT_FLAG_PRIVATE};
+use crate::Release;
 
 /// One `.gmem` file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,8 +69,41 @@ pub struct Line {
     pub bind: Option<String>,
     /// What to do.
     pub op: Op,
-    /// What must happen (`ok` when the line gives no outcome).
+    /// What must happen (`ok` when the line gives no outcome): on the
+    /// oldest release, and on every release when `since` is empty.
     pub expect: Outcome,
+    /// `=> OLD | 7.2: NEW`: the outcome from each release on that differs
+    /// from the one before, in release order.
+    pub since: Vec<(Release, Outcome)>,
+}
+
+impl Line {
+    /// The outcome this line expects on `release`.
+    pub fn expect_on(&self, release: Release) -> Outcome {
+        self.since
+            .iter()
+            .rev()
+            .find(|(r, _)| *r <= release)
+            .map_or(self.expect, |(_, o)| *o)
+    }
+
+    /// Does `actual` meet the line's expectation? On a backend that follows
+    /// a known release, that release's outcome; on a running kernel, whose
+    /// release is measured rather than known, any release's.
+    pub fn accepts(&self, release: Option<Release>, actual: &Outcome) -> bool {
+        match release {
+            Some(r) => self.expect_on(r).accepts(actual),
+            None => !self.releases_matching(actual).is_empty(),
+        }
+    }
+
+    /// The releases whose outcome `actual` meets.
+    pub fn releases_matching(&self, actual: &Outcome) -> Vec<Release> {
+        Release::ALL
+            .into_iter()
+            .filter(|r| self.expect_on(*r).accepts(actual))
+            .collect()
+    }
 }
 
 /// An operation and its arguments, numbers already parsed.

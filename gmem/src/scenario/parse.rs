@@ -16,6 +16,7 @@ use crate::uapi::{
     KVM_MEMORY_EXIT_FLAG_PRIVATE, KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY,
     KVM_X86_DEFAULT_VM, KVM_X86_SW_PROTECTED_VM,
 };
+use crate::Release;
 
 /// A syntax error: `file:line:column: expected ..., found ...` and a hint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -481,9 +482,9 @@ impl Parser<'_> {
         if let (Some(b), false) = (bind, binds) {
             return Err(cx.err(b.at, "an operation without `NAME =`", b.text, &format!("{} gives no handle; only create_vm, create_guest_memfd, host_memory and mmap do", op_tok.text)));
         }
-        let expect = match outcome_part {
-            Some((text, at)) => outcome(cx, text, at)?,
-            None => Outcome::Ok,
+        let (expect, since) = match outcome_part {
+            Some((text, at)) => release_outcomes(cx, text, at)?,
+            None => (Outcome::Ok, Vec::new()),
         };
         if let Some(b) = bind {
             self.bound.insert(b.text.to_string());
@@ -494,6 +495,7 @@ impl Parser<'_> {
             bind: bind.map(|b| b.text.to_string()),
             op,
             expect,
+            since,
         }))
     }
 
@@ -990,6 +992,43 @@ fn outcome(cx: &LineCx, text: &str, base: usize) -> PResult<Outcome> {
     }
 }
 
+/// `OUTCOME [| RELEASE: OUTCOME]...`: the outcome of the oldest release,
+/// then each release from which the outcome differs, in release order.
+fn release_outcomes(
+    cx: &LineCx,
+    text: &str,
+    base: usize,
+) -> PResult<(Outcome, Vec<(Release, Outcome)>)> {
+    let mut parts = text.split(" | ");
+    let first = parts.next().unwrap_or_default();
+    let expect = outcome(cx, first, base)?;
+    let mut since: Vec<(Release, Outcome)> = Vec::new();
+    let mut at = base + first.len() + 3;
+    for part in parts {
+        let Some((rel, out)) = part.split_once(':') else {
+            return Err(cx.err(
+                at,
+                "`RELEASE: OUTCOME` after `|`",
+                part.trim(),
+                RELEASE_HINT,
+            ));
+        };
+        let rel_at = at + (rel.len() - rel.trim_start().len());
+        let release: Release = rel
+            .trim()
+            .parse()
+            .map_err(|e: String| cx.err(rel_at, "a release", rel.trim(), &e))?;
+        if release == Release::ALL[0] || since.last().is_some_and(|(r, _)| *r >= release) {
+            return Err(cx.err(rel_at, "a later release", rel.trim(), RELEASE_HINT));
+        }
+        since.push((release, outcome(cx, out, at + rel.len() + 1)?));
+        at += part.len() + 3;
+    }
+    Ok((expect, since))
+}
+
+const RELEASE_HINT: &str = "an outcome that changed is written `=> OLD | 7.2: NEW`: the first outcome is the oldest release's (6.18), each `| RELEASE: OUTCOME` holds from that release on, in release order";
+
 const OUTCOME_HINT: &str = "outcomes: ok, an errno (EINVAL), a number (0x42), sigbus, timeout, size=N blksize=N, exit memory_fault gpa=N size=N flags=private|shared, exit mmio gpa=N [read|write], exit hypercall gpa=N pages=N attributes=private|shared";
 
 fn exit_outcome(cx: &LineCx, exit: &Tok, rest: &[Tok]) -> PResult<Outcome> {
@@ -1233,6 +1272,61 @@ guest_read vm gpa=0x100000 => 0x00
         let sc = parse("t", "vm = create_vm # the VM\n  # only a comment\n").unwrap();
         assert_eq!(sc.lines.len(), 1);
         assert_eq!(sc.lines[0].text, "vm = create_vm");
+    }
+
+    #[test]
+    fn an_outcome_may_change_from_a_release_on() {
+        let sc = parse(
+            "t",
+            "vm = create_vm\ncheck_extension vm 10 => 1 | 7.2: EEXIST | next: 3\n",
+        )
+        .unwrap();
+        let l = &sc.lines[1];
+        assert_eq!(
+            l.expect_on(Release::V6_18),
+            Outcome::Value {
+                value: 1,
+                hex: false
+            }
+        );
+        assert_eq!(
+            l.expect_on(Release::V7_1),
+            Outcome::Value {
+                value: 1,
+                hex: false
+            }
+        );
+        assert_eq!(l.expect_on(Release::V7_2), parse_outcome("EEXIST").unwrap());
+        assert_eq!(
+            l.expect_on(Release::Next),
+            Outcome::Value {
+                value: 3,
+                hex: false
+            }
+        );
+        let eexist = parse_outcome("EEXIST").unwrap();
+        assert_eq!(l.releases_matching(&eexist), vec![Release::V7_2]);
+        assert!(l.accepts(None, &eexist));
+        assert!(!l.accepts(Some(Release::V6_18), &eexist));
+    }
+
+    #[test]
+    fn release_outcomes_must_name_later_releases_in_order() {
+        for (text, expected) in [
+            ("vm = create_vm => ok | 7.3: EINVAL", "a release"),
+            (
+                "vm = create_vm => ok | 7.2: EINVAL | 7.0: ok",
+                "a later release",
+            ),
+            ("vm = create_vm => ok | 6.18: EINVAL", "a later release"),
+            (
+                "vm = create_vm => ok | EINVAL",
+                "`RELEASE: OUTCOME` after `|`",
+            ),
+        ] {
+            let e = parse("t", text).unwrap_err();
+            assert_eq!(e.0[0].expected, expected, "{text}");
+        }
     }
 
     fn vocabulary() -> impl Strategy<Value = String> {

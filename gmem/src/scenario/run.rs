@@ -113,11 +113,12 @@ pub fn run(hv: &dyn Hypervisor, scenario: &Scenario) -> ScenarioRun {
                 Ok((o, d)) => (Some(o), d),
                 Err(NotRun(why)) => (None, Some(why)),
             };
-            let passed = actual.as_ref().is_some_and(|a| line.expect.accepts(a));
+            let release = hv.release();
+            let passed = actual.as_ref().is_some_and(|a| line.accepts(release, a));
             LineResult {
                 line: line.line,
                 text: line.text.clone(),
-                expected: line.expect,
+                expected: release.map_or(line.expect, |r| line.expect_on(r)),
                 actual,
                 detail,
                 passed,
