@@ -23,8 +23,8 @@ pub mod uapi;
 
 pub use error::{Errno, Error, Result};
 pub use hypervisor::{
-    GuestLoop, GuestMemfd, GuestOp, HostFault, HostMemory, Hypervisor, LoopExit, MapKind, Stat,
-    Vcpu, VcpuExit, Vm,
+    GuestLoop, GuestMemfd, GuestOp, HostFault, HostMemory, Hypervisor, LoopExit, MapKind, Pin,
+    Stat, Vcpu, VcpuExit, Vm,
 };
 pub use release::Release;
 

@@ -55,6 +55,27 @@ impl VmState {
     }
 }
 
+impl VmInner {
+    /// Is a guest access to `gfn` private (FAULT-1)? The VM's attribute,
+    /// or with in-place conversion the attribute of the file page the gfn
+    /// is bound to (`kvm_gmem_is_private_gfn`, CONV-8).
+    pub(crate) fn is_private(&self, state: &VmState, gfn: u64) -> bool {
+        if !self.has_private_mem {
+            return false;
+        }
+        if !self.profile.in_place_conversion() {
+            return state.attributes(gfn) & KVM_MEMORY_ATTRIBUTE_PRIVATE as u64 != 0;
+        }
+        state.memslots[0].find(gfn).is_some_and(|slot| {
+            slot.gmem.as_ref().is_some_and(|g| {
+                g.file
+                    .as_ref()
+                    .is_some_and(|f| f.is_private(gfn - slot.base_gfn + g.pgoff))
+            })
+        })
+    }
+}
+
 /// The VM object: lives while its handle, a vCPU or a guest_memfd holds it
 /// (LIFE-1).
 pub(crate) struct VmInner {
@@ -485,7 +506,9 @@ impl SoftVm {
         Ok(GmemBinding {
             file: Some(inode.clone()),
             pgoff: start,
-            gmem_only: inode.supports_mmap(),
+            // With in-place conversion every guest_memfd slot is served
+            // from the file (KVM_MEMSLOT_GMEM_ONLY, CONV-8).
+            gmem_only: inode.supports_mmap() || inode.in_place,
         })
     }
 
