@@ -42,6 +42,8 @@ pub enum RequireKind {
     ExitHypercall,
     /// `address_spaces:N`: `KVM_CAP_MULTI_ADDRESS_SPACE` (0 means 1) is at least N.
     AddressSpaces(u64),
+    /// Any capability by name (`pre_fault_memory`): not 0.
+    Cap(u32),
 }
 
 impl fmt::Display for RequireKind {
@@ -54,6 +56,10 @@ impl fmt::Display for RequireKind {
             RequireKind::GuestMemfdFlag(n) => write!(f, "guest_memfd_flag:{n:#x}"),
             RequireKind::ExitHypercall => f.write_str("exit_hypercall"),
             RequireKind::AddressSpaces(n) => write!(f, "address_spaces:{n}"),
+            RequireKind::Cap(c) => match crate::uapi::CAPS.iter().find(|(_, n)| n == c) {
+                Some((name, _)) => f.write_str(name),
+                None => write!(f, "capability {c}"),
+            },
         }
     }
 }
@@ -237,6 +243,42 @@ pub enum Op {
         vm: Option<String>,
         /// Capability number.
         cap: u32,
+    },
+    /// `pre_fault VM gpa=N size=N [flags=N]`: `KVM_PRE_FAULT_MEMORY`; the
+    /// outcome is the size left (PREFAULT-*).
+    PreFault {
+        /// The VM handle (its vCPU 0 makes the call).
+        vm: String,
+        /// First guest physical address.
+        gpa: u64,
+        /// Bytes.
+        size: u64,
+        /// Flags word (must be 0).
+        flags: u64,
+    },
+    /// `set_memory_attributes2 G offset=N size=N attributes=private|shared
+    /// [flags=N]`: `KVM_SET_MEMORY_ATTRIBUTES2` on a guest_memfd (CONV-*).
+    SetMemoryAttributes2 {
+        /// The guest_memfd handle.
+        gmem: String,
+        /// File offset.
+        offset: u64,
+        /// Bytes.
+        size: u64,
+        /// Attribute word.
+        attributes: u64,
+        /// Flags word (must be 0).
+        flags: u64,
+    },
+    /// `P = pin M offset=N len=N`: a long-term reference on the pages,
+    /// dropped by `close P` (CONV-5).
+    Pin {
+        /// Host memory or mapping handle.
+        mem: String,
+        /// Offset into it.
+        offset: u64,
+        /// Bytes.
+        len: u64,
     },
     /// `close X`: drops the handle.
     Close {

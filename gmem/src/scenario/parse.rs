@@ -67,7 +67,7 @@ impl std::error::Error for ParseErrors {}
 
 const OPS: &str = "create_vm, create_guest_memfd, host_memory, mmap, set_memory_region, \
 delete_memory_region, set_memory_attributes, fallocate, host_write, host_read, guest_write, \
-guest_read, guest_map_gpa_range, file_read, file_write, file_pread, file_pwrite, file_lseek, \
+guest_read, guest_map_gpa_range, pre_fault, set_memory_attributes2, pin, file_read, file_write, file_pread, file_pwrite, file_lseek, \
 file_ftruncate, file_ioctl, stat, same_inode, check_extension, close, require";
 const NUMBER_HINT: &str =
     "numbers are decimal or 0x hex (0o octal), optionally negative, with an optional K, M, G or T suffix: 16K, 0x1000, 0x1_0000_0000";
@@ -478,9 +478,10 @@ impl Parser<'_> {
                 | Op::CreateGuestMemfd { .. }
                 | Op::HostMemory { .. }
                 | Op::Mmap { .. }
+                | Op::Pin { .. }
         );
         if let (Some(b), false) = (bind, binds) {
-            return Err(cx.err(b.at, "an operation without `NAME =`", b.text, &format!("{} gives no handle; only create_vm, create_guest_memfd, host_memory and mmap do", op_tok.text)));
+            return Err(cx.err(b.at, "an operation without `NAME =`", b.text, &format!("{} gives no handle; only create_vm, create_guest_memfd, host_memory, mmap and pin do", op_tok.text)));
         }
         let (expect, since) = match outcome_part {
             Some((text, at)) => release_outcomes(cx, text, at)?,
@@ -674,6 +675,31 @@ impl Parser<'_> {
                 let vm = self.handle(cx, a.pos(), "a VM handle", usage)?;
                 let gpa = number(cx, need(cx, &mut a, "gpa", name, usage)?, "gpa")?;
                 Op::GuestRead { vm, gpa }
+            }
+            "pre_fault" => {
+                usage = "pre_fault VM gpa=N size=N [flags=N]";
+                let vm = self.handle(cx, a.pos(), "a VM handle", usage)?;
+                let gpa = number(cx, need(cx, &mut a, "gpa", name, usage)?, "gpa")?;
+                let size = number(cx, need(cx, &mut a, "size", name, usage)?, "size")?;
+                let flags = opt_num(cx, &mut a, "flags")?.unwrap_or(0);
+                Op::PreFault { vm, gpa, size, flags }
+            }
+            "set_memory_attributes2" => {
+                usage = "set_memory_attributes2 G offset=N size=N attributes=private|shared [flags=N]";
+                let gmem = self.handle(cx, a.pos(), "a guest_memfd handle", usage)?;
+                let offset = number(cx, need(cx, &mut a, "offset", name, usage)?, "offset")?;
+                let size = number(cx, need(cx, &mut a, "size", name, usage)?, "size")?;
+                let t = need(cx, &mut a, "attributes", name, usage)?;
+                let attributes = flags(cx, t, "attributes", &[("private", KVM_MEMORY_ATTRIBUTE_PRIVATE as u64), ("shared", 0)])?;
+                let flags = opt_num(cx, &mut a, "flags")?.unwrap_or(0);
+                Op::SetMemoryAttributes2 { gmem, offset, size, attributes, flags }
+            }
+            "pin" => {
+                usage = "P = pin M offset=N len=N";
+                let mem = self.handle(cx, a.pos(), "host memory or a mapping", usage)?;
+                let offset = number(cx, need(cx, &mut a, "offset", name, usage)?, "offset")?;
+                let len = number(cx, need(cx, &mut a, "len", name, usage)?, "len")?;
+                Op::Pin { mem, offset, len }
             }
             "guest_map_gpa_range" => {
                 usage = "guest_map_gpa_range VM gpa=N pages=N private|shared";
@@ -869,7 +895,7 @@ const SLOT_FLAGS: &[(&str, u64)] = &[
     ("readonly", KVM_MEM_READONLY as u64),
     ("log_dirty", KVM_MEM_LOG_DIRTY_PAGES as u64),
 ];
-const REQUIRE_HINT: &str = "require takes vm_type:default|sw_protected, memory_attributes, guest_memfd_flag:mmap|init_shared, exit_hypercall, address_spaces:N";
+const REQUIRE_HINT: &str = "require takes vm_type:default|sw_protected, memory_attributes, guest_memfd_flag:mmap|init_shared, exit_hypercall, address_spaces:N, or any capability name (pre_fault_memory, guest_memfd_memory_attributes)";
 
 fn cap_names() -> String {
     crate::uapi::CAPS
@@ -947,6 +973,9 @@ fn require(cx: &LineCx, t: Tok) -> PResult<RequireKind> {
         ("address_spaces", Some((a, at))) => parse_number(a)
             .map(RequireKind::AddressSpaces)
             .ok_or_else(|| bad_arg("a number of address spaces", a, at)),
+        (n, None) if cap_from_name(n).is_some() => {
+            Ok(RequireKind::Cap(cap_from_name(n).unwrap_or_default()))
+        }
         _ => Err(cx.err(t.at, "a capability to require", t.text, REQUIRE_HINT)),
     }
 }
