@@ -682,17 +682,37 @@ impl Parser<'_> {
                 let gpa = number(cx, need(cx, &mut a, "gpa", name, usage)?, "gpa")?;
                 let size = number(cx, need(cx, &mut a, "size", name, usage)?, "size")?;
                 let flags = opt_num(cx, &mut a, "flags")?.unwrap_or(0);
-                Op::PreFault { vm, gpa, size, flags }
+                Op::PreFault {
+                    vm,
+                    gpa,
+                    size,
+                    flags,
+                }
             }
             "set_memory_attributes2" => {
-                usage = "set_memory_attributes2 G offset=N size=N attributes=private|shared [flags=N]";
+                usage =
+                    "set_memory_attributes2 G offset=N size=N attributes=private|shared [flags=N]";
                 let gmem = self.handle(cx, a.pos(), "a guest_memfd handle", usage)?;
                 let offset = number(cx, need(cx, &mut a, "offset", name, usage)?, "offset")?;
                 let size = number(cx, need(cx, &mut a, "size", name, usage)?, "size")?;
                 let t = need(cx, &mut a, "attributes", name, usage)?;
-                let attributes = flags(cx, t, "attributes", &[("private", KVM_MEMORY_ATTRIBUTE_PRIVATE as u64), ("shared", 0)])?;
+                let attributes = flags(
+                    cx,
+                    t,
+                    "attributes",
+                    &[
+                        ("private", KVM_MEMORY_ATTRIBUTE_PRIVATE as u64),
+                        ("shared", 0),
+                    ],
+                )?;
                 let flags = opt_num(cx, &mut a, "flags")?.unwrap_or(0);
-                Op::SetMemoryAttributes2 { gmem, offset, size, attributes, flags }
+                Op::SetMemoryAttributes2 {
+                    gmem,
+                    offset,
+                    size,
+                    attributes,
+                    flags,
+                }
             }
             "pin" => {
                 usage = "P = pin M offset=N len=N";

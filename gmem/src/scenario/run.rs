@@ -14,10 +14,10 @@ use crate::hypervisor::{
     GuestMemfd, GuestOp, HostFault, HostMemory, Hypervisor, MapKind, Pin, Vcpu, VcpuExit, Vm,
 };
 use crate::uapi::{
-    kvm_create_guest_memfd, kvm_memory_attributes, kvm_memory_attributes2, kvm_pre_fault_memory, kvm_userspace_memory_region,
-    kvm_userspace_memory_region2, KVM_CAP_EXIT_HYPERCALL, KVM_CAP_GUEST_MEMFD_FLAGS,
-    KVM_CAP_MEMORY_ATTRIBUTES, KVM_CAP_MULTI_ADDRESS_SPACE, KVM_CAP_VM_TYPES, KVM_HC_MAP_GPA_RANGE,
-    KVM_MAP_GPA_RANGE_ENCRYPTED,
+    kvm_create_guest_memfd, kvm_memory_attributes, kvm_memory_attributes2, kvm_pre_fault_memory,
+    kvm_userspace_memory_region, kvm_userspace_memory_region2, KVM_CAP_EXIT_HYPERCALL,
+    KVM_CAP_GUEST_MEMFD_FLAGS, KVM_CAP_MEMORY_ATTRIBUTES, KVM_CAP_MULTI_ADDRESS_SPACE,
+    KVM_CAP_VM_TYPES, KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_ENCRYPTED,
 };
 
 /// `guest_memfd=closed`: a number no process has open (above any fd limit).
@@ -153,7 +153,9 @@ enum Handle {
     Gmem(Box<dyn GuestMemfd>),
     Mem(Box<dyn HostMemory>),
     /// Held for its `Drop`, which releases the pages.
-    Pin { _held: Box<dyn Pin> },
+    Pin {
+        _held: Box<dyn Pin>,
+    },
 }
 
 struct State<'a> {
@@ -449,7 +451,10 @@ impl State<'_> {
                             value: range.size,
                             hex: true,
                         },
-                        Some(format!("{:#x} bytes left at gpa {:#x}", range.size, range.gpa)),
+                        Some(format!(
+                            "{:#x} bytes left at gpa {:#x}",
+                            range.size, range.gpa
+                        )),
                     ),
                     Err(e) => fail(e),
                 })
@@ -472,7 +477,10 @@ impl State<'_> {
                     Ok(()) => ok(),
                     Err(e) => {
                         let (o, d) = fail(e);
-                        (o, d.map(|d| format!("{d}; error_offset {:#x}", a.error_offset)))
+                        (
+                            o,
+                            d.map(|d| format!("{d}; error_offset {:#x}", a.error_offset)),
+                        )
                     }
                 })
             }
