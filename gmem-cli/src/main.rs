@@ -100,6 +100,7 @@ fn main() -> ExitCode {
                 One::Kvm => Backend::Kvm,
             },
             json,
+            &corpus_dir(),
         ),
     }
 }
