@@ -2,9 +2,16 @@
 
 use crate::support::*;
 
-/// The VM, a 16 KiB shared guest_memfd bound at `GPA` and a vCPU, or a
-/// skip line when the backend cannot pre-fault.
-fn fixture(hv: &dyn Hypervisor) -> Option<(Box<dyn Vm>, Box<dyn GuestMemfd>, Box<dyn Vcpu>)> {
+/// A VM with a 16 KiB shared guest_memfd bound at `GPA`, and a vCPU.
+struct Fixture {
+    // Declared first: dropped before the VM.
+    cpu: Box<dyn Vcpu>,
+    g: Box<dyn GuestMemfd>,
+    _vm: Box<dyn Vm>,
+}
+
+/// The fixture, or a skip line when the backend cannot pre-fault.
+fn fixture(hv: &dyn Hypervisor) -> Option<Fixture> {
     if hv.check_extension(KVM_CAP_PRE_FAULT_MEMORY) == 0 {
         skip("KVM_CAP_PRE_FAULT_MEMORY is 0");
         return None;
@@ -12,7 +19,7 @@ fn fixture(hv: &dyn Hypervisor) -> Option<(Box<dyn Vm>, Box<dyn GuestMemfd>, Box
     let (vm, g) = shared_file(hv, 4 * P)?;
     set_slot(&*vm, gmem_slot(1, GPA, 4 * P, &*g, 0));
     let cpu = vcpu(&*vm);
-    Some((vm, g, cpu))
+    Some(Fixture { cpu, g, _vm: vm })
 }
 
 fn range(gpa: u64, size: u64) -> kvm_pre_fault_memory {
@@ -25,7 +32,12 @@ fn range(gpa: u64, size: u64) -> kvm_pre_fault_memory {
 
 /// PREFAULT-1: non-zero flags, unaligned, empty or wrapping ranges are EINVAL.
 pub fn bad_ranges_are_einval(hv: &dyn Hypervisor) {
-    let Some((_vm, _g, mut cpu)) = fixture(hv) else {
+    let Some(Fixture {
+        mut cpu,
+        g: _g,
+        _vm,
+    }) = fixture(hv)
+    else {
         return;
     };
     let mut flagged = range(GPA, P);
@@ -55,7 +67,7 @@ pub fn bad_ranges_are_einval(hv: &dyn Hypervisor) {
 /// PREFAULT-2, PREFAULT-3: the whole range is mapped, leaves contents as
 /// they were, and the range comes back empty.
 pub fn whole_range_is_mapped_and_consumed(hv: &dyn Hypervisor) {
-    let Some((_vm, g, mut cpu)) = fixture(hv) else {
+    let Some(Fixture { mut cpu, g, _vm }) = fixture(hv) else {
         return;
     };
     let m = ok(g.mmap(0, 4 * P, MapKind::Shared), "mmap");
@@ -69,7 +81,12 @@ pub fn whole_range_is_mapped_and_consumed(hv: &dyn Hypervisor) {
 /// PREFAULT-3, PREFAULT-4: a range that runs past its slot succeeds with
 /// the rest left; starting outside every slot is ENOENT.
 pub fn range_past_the_slot_stops_there_and_no_slot_is_enoent(hv: &dyn Hypervisor) {
-    let Some((_vm, _g, mut cpu)) = fixture(hv) else {
+    let Some(Fixture {
+        mut cpu,
+        g: _g,
+        _vm,
+    }) = fixture(hv)
+    else {
         return;
     };
     let mut r = range(GPA + 2 * P, 4 * P);
