@@ -193,6 +193,14 @@ pub(crate) fn check(
             policy.mode.name()
         );
     }
+    if !MbindFlags::all().contains(flags) {
+        refuse!(
+            EINVAL,
+            "NUMA-1",
+            "mbind flags {:#x}: only STRICT, MOVE and MOVE_ALL exist",
+            flags.bits()
+        );
+    }
     if flags.contains(MbindFlags::MOVE_ALL) && !has_cap_sys_nice() {
         refuse!(EPERM, "NUMA-1", "MPOL_MF_MOVE_ALL without CAP_SYS_NICE");
     }
@@ -324,6 +332,36 @@ mod tests {
         ] {
             let e = install(mode, flags, nodes).unwrap_err();
             assert_eq!((e.errno, e.rule), (Errno::EINVAL, "NUMA-1"), "{e}");
+        }
+    }
+
+    /// NUMA-1, NUMA-3: the model refuses and reports as the running
+    /// kernel's mm/mempolicy.c does, on anonymous memory of this machine.
+    #[test]
+    fn the_model_agrees_with_the_running_kernel() {
+        let m = crate::host::Mmap::anonymous(PAGE_SIZE).unwrap();
+        let none = ModeFlags::empty();
+        let (s, r, b) = (
+            ModeFlags::STATIC_NODES,
+            ModeFlags::RELATIVE_NODES,
+            ModeFlags::NUMA_BALANCING,
+        );
+        for mode in MpolMode::ALL {
+            for flags in [none, s, r, b, s | r] {
+                for nodes in [0, 1, 0b11, 1 << 63, 0b10] {
+                    let p = MemPolicy::new(mode, NodeMask(nodes)).with_flags(flags);
+                    let real =
+                        mempolicy::mbind(m.addr(), PAGE_SIZE, 0, PAGE_SIZE, p, MbindFlags::empty())
+                            .and_then(|()| mempolicy::get_mempolicy(m.addr(), PAGE_SIZE, 0));
+                    let model = check(0, PAGE_SIZE, p, MbindFlags::empty())
+                        .map(|r| Mpol::report(r.and_then(|r| r.new)));
+                    match (real, model) {
+                        (Ok(a), Ok(b)) => assert_eq!(a, b, "{p}"),
+                        (Err(a), Err(b)) => assert_eq!(a.errno, b.errno, "{p}: {a} / {b}"),
+                        (a, b) => panic!("{p}: the kernel says {a:?}, the model {b:?}"),
+                    }
+                }
+            }
         }
     }
 
