@@ -365,6 +365,45 @@ mod tests {
         }
     }
 
+    /// NUMA-2: since 6.19 the page store holds the file's policy, so shmem
+    /// allocates its pages by it; before, it holds none (the task's policy
+    /// applies, as `filemap_grab_folio` did). What another mapping reports
+    /// is what the store holds, in both.
+    #[test]
+    fn the_page_store_follows_the_policy_since_6_19() {
+        use crate::hypervisor::{HostMemory, Hypervisor, MapKind};
+        use crate::uapi::{
+            kvm_create_guest_memfd, GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP,
+        };
+        use crate::Release;
+        let node = NodeMask::node(mempolicy::mems_allowed().unwrap().first().unwrap());
+        let bind = MemPolicy::new(MpolMode::Bind, node);
+        for (release, store) in [
+            (Release::V6_18, MemPolicy::default()),
+            (Release::V6_19, bind),
+        ] {
+            let hv = crate::soft::SoftHypervisor::with_profile(release).unwrap();
+            let vm = hv.create_vm(0).unwrap();
+            let g = vm
+                .create_guest_memfd(kvm_create_guest_memfd {
+                    size: 2 * PAGE_SIZE,
+                    flags: GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
+                    ..Default::default()
+                })
+                .unwrap();
+            let a = g.mmap(0, 2 * PAGE_SIZE, MapKind::Shared).unwrap();
+            let b = g.mmap(0, 2 * PAGE_SIZE, MapKind::Shared).unwrap();
+            a.mbind(0, PAGE_SIZE, bind, MbindFlags::empty()).unwrap();
+            // The store's own mapping behind b, asked of the running kernel.
+            let held = mempolicy::get_mempolicy(b.addr(), b.len(), 0).unwrap();
+            assert_eq!(held, store, "{release}: the store's policy");
+            assert_eq!(b.get_mempolicy(0).unwrap(), held, "{release}: b reports");
+            assert_eq!(a.get_mempolicy(0).unwrap(), bind, "{release}: a reports");
+            let unset = mempolicy::get_mempolicy(b.addr(), b.len(), PAGE_SIZE).unwrap();
+            assert_eq!(unset, MemPolicy::default(), "{release}: page 1");
+        }
+    }
+
     #[test]
     fn relative_nodes_fold_onto_the_allowed_ones() {
         assert_eq!(
