@@ -371,7 +371,7 @@ mod tests {
     /// is what the store holds, in both.
     #[test]
     fn the_page_store_follows_the_policy_since_6_19() {
-        use crate::hypervisor::{HostMemory, Hypervisor, MapKind};
+        use crate::hypervisor::{Hypervisor, MapKind};
         use crate::uapi::{
             kvm_create_guest_memfd, GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP,
         };
