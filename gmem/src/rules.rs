@@ -1,7 +1,7 @@
-//! The rule ids of the spec's sections 1-8 (`spec/guest_memfd.md` in the
-//! steering repo), which errors cite and tests name. When the spec gains a
-//! rule, raise its family's count here: the coverage tests then demand a
-//! test and a scenario for it.
+//! The rule ids of sections 1-8 of the specification (`docs/spec.md`), which
+//! errors cite and tests name. When the specification gains a rule, raise
+//! its family's count here: the coverage tests then demand a test and a
+//! scenario for it, and the docs test its definition.
 
 /// Rule families and how many rules each has: `("SLOT", 12)` is SLOT-1..SLOT-12.
 pub const FAMILIES: &[(&str, u32)] = &[

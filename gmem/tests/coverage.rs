@@ -1,9 +1,10 @@
-//! The corpus covers the spec: every rule id of sections 1-8 that a scenario
-//! can express is named on some scenario's `# covers:` line, and every case
-//! of section 9 (the kernel selftests) on some `# selftest:` line.
+//! The corpus covers the specification (docs/spec.md): every rule id of
+//! sections 1-8 that a scenario can express is named on some scenario's
+//! `# covers:` line, and every case of section 9 (the kernel selftests) on
+//! some `# selftest:` line.
 //!
-//! The rule ids come from `gmem::rules` rather than the spec file, so that
-//! the test needs nothing outside the repository.
+//! The rule ids come from `gmem::rules`; tests/docs.rs checks that
+//! docs/spec.md defines each of them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -39,7 +40,7 @@ const NOT_EXPRESSIBLE: &[(&str, &str)] = &[
     ),
 ];
 
-/// The cases of spec section 9, as named on `# selftest:` lines.
+/// The cases of docs/spec.md section 9, as named on `# selftest:` lines.
 const SELFTEST_CASES: &[&str] = &[
     "guest_memfd_test/flags",
     "guest_memfd_test/sizes",
@@ -117,7 +118,6 @@ const SELFTEST_NOT_CARRIED: &[(&str, &str)] = &[
     ),
 ];
 
-
 fn all_rules() -> BTreeSet<String> {
     gmem::rules::ids().collect()
 }
@@ -193,7 +193,10 @@ fn every_expressible_rule_of_sections_1_to_8_is_covered() {
 #[test]
 fn selftest_assertions_not_carried_say_why() {
     for (assertion, why) in SELFTEST_NOT_CARRIED {
-        assert!(assertion.contains("_test"), "{assertion}: name the selftest");
+        assert!(
+            assertion.contains("_test"),
+            "{assertion}: name the selftest"
+        );
         assert!(why.len() > 20, "{assertion}: say why");
     }
 }

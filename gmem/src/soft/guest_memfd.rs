@@ -1,5 +1,5 @@
 //! guest_memfd files: creation, bindings, fallocate, host mappings and
-//! release (spec sections 1, 2, 4 and 7).
+//! release (docs/spec.md, sections 1, 2, 4 and 7).
 //!
 //! Three objects, as in the kernel:
 //! - [`GmemInode`]: the memory. A tmpfs memfd holds the pages, so they are

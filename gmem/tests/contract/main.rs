@@ -1,4 +1,4 @@
-//! The contract test suite: every rule of spec sections 1-8, written once
+//! The contract test suite: every rule of docs/spec.md sections 1-8, written once
 //! against `&dyn Hypervisor` and run on each backend.
 //!
 //! Each test is a function `fn(&dyn Hypervisor)` in the module of its spec

@@ -1,4 +1,4 @@
-//! Host mappings of a guest_memfd (spec section 4, MMAP-*).
+//! Host mappings of a guest_memfd (docs/spec.md, section 4, MMAP-*).
 
 use crate::support::*;
 
