@@ -115,13 +115,13 @@ impl FromStr for Advice {
     }
 }
 
-/// The checks of `madvise_should_skip` (mm/madvise.c) for `[offset, offset
-/// + len)` of the mapping of `map_len` bytes at `addr`, in their order: an
-/// unaligned start or a range whose end wraps is EINVAL, a length of 0 does
-/// nothing (`None`); then gmem refuses a range leaving the mapping with
-/// ENOMEM, the kernel's errno for an unmapped range, before the call could
-/// reach memory the mapping does not own (MMAP-8). Returns the length
-/// rounded up to pages.
+/// The checks of `madvise_should_skip` (mm/madvise.c) for the range of
+/// `len` bytes at `offset` of the mapping of `map_len` bytes at `addr`, in
+/// their order: an unaligned start or a range whose end wraps is EINVAL, a
+/// length of 0 does nothing (`None`); then gmem refuses a range leaving the
+/// mapping with ENOMEM, the kernel's errno for an unmapped range, before the
+/// call could reach memory the mapping does not own (MMAP-8). Returns the
+/// length rounded up to pages.
 pub(crate) fn check(
     addr: u64,
     map_len: u64,
