@@ -282,7 +282,7 @@ impl Vm for KvmVm {
         }
         fd.set_cpuid2(&self.cpuid)
             .map_err(|e| kernel(e, format_args!("KVM_SET_CPUID2 vcpu={id}")))?;
-        Ok(Box::new(KvmVcpu::new(
+        let mut vcpu = KvmVcpu::new(
             fd,
             Arc::clone(&self.pins),
             id,
@@ -290,7 +290,9 @@ impl Vm for KvmVm {
             Arc::clone(&self.setup),
             Arc::clone(&self.code),
             self.phys_bits,
-        )?))
+        )?;
+        vcpu.pre_fault = self.check_extension(crate::uapi::KVM_CAP_PRE_FAULT_MEMORY) > 0;
+        Ok(Box::new(vcpu))
     }
 }
 
