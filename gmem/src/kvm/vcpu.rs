@@ -405,6 +405,10 @@ impl KvmVcpu {
     /// Completes a pending exit whose completion would undo the next run's
     /// registers (see the module comment), without running the guest.
     fn complete_pending(&mut self) {
+        // The completion may write guest memory: not while the setup
+        // memslot is being re-created.
+        let setup = Arc::clone(&self.setup);
+        let _run = setup.runs.read();
         self.fd.set_kvm_immediate_exit(1);
         let _ = self.fd.run();
         self.fd.set_kvm_immediate_exit(0);
