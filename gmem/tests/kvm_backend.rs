@@ -844,9 +844,10 @@ fn a_verify_loop_into_an_mmio_gap_stops_at_its_first_word_fault_2() {
     assert_eq!(next, VcpuExit::Done(GuestLoop::pattern(0x10_0008, SEED)));
 }
 
-/// gmem-loop: the page tables give one page directory to each GiB, and a
-/// loop takes one run per directory: a loop over more than one adds up its
-/// counts and bytes done across them, and stops in the second at a gap.
+/// gmem-loop: the page tables map guest memory a GiB (one page directory,
+/// or one 1 GiB page) at a time, and a loop takes one run per GiB: a loop
+/// over two adds up its counts and bytes done across them, and stops in the
+/// second at a gap.
 #[test]
 fn a_loop_over_two_page_directories_adds_up_across_them_gmem_loop() {
     let Some((_l, h)) = kvm() else { return };

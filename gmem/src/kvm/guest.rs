@@ -18,8 +18,9 @@
 //!
 //! # Paging
 //!
-//! 4-level paging with 2 MiB pages (KVM offers no `pdpe1gb` on our hosts,
-//! and 2 MiB pages exist on every x86-64 CPU). Guest physical address `gpa`
+//! 4-level paging with 1 GiB pages where the guest's CPUID offers them
+//! (`pdpe1gb`), else 2 MiB pages, which exist on every x86-64 CPU (KVM
+//! offers no `pdpe1gb` on our hosts). Guest physical address `gpa`
 //! is at guest virtual [`va`]`(gpa)`: `gpa` itself, sign-extended from bit
 //! 47. So the whole of `[0, 2^48)` has one fixed virtual address, the upper
 //! half of the physical space in the upper canonical half, and nothing is
@@ -27,8 +28,8 @@
 //! code (single operations) and ring-3 code (loops) use the same tables.
 //!
 //! Tables grow on demand: before a run the host adds the entries the run
-//! needs, one page directory per GiB of guest physical space (all 512 of its
-//! 2 MiB entries at once). The host only ever turns a not-present entry into
+//! needs: per GiB of guest physical space one 1 GiB page, or one page
+//! directory with all 512 of its 2 MiB entries. The host only ever turns a not-present entry into
 //! a present one, and only while the vCPU is outside `KVM_RUN`: a processor
 //! caches no not-present translation (Intel SDM vol. 3, 4.10.2.3), and a
 //! shadow MMU (KVM's, and PVM's for ring-3 code) walks the guest's tables
@@ -108,10 +109,10 @@ pub(crate) const GDT_LIMIT: u16 = (GDT_ENTRIES.len() * 8 - 1) as u16;
 
 /// Present, writable, user.
 const PTE_PRW_U: u64 = 0x7;
-/// A 2 MiB page.
+/// A large page: 2 MiB in a page directory, 1 GiB in a PDPT.
 const PTE_PS: u64 = 1 << 7;
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
-/// Bytes one page directory maps.
+/// Bytes one page directory (or one 1 GiB page) maps.
 pub(crate) const GIB: u64 = 1 << 30;
 /// Guest physical addresses this paging reaches: below 2^48.
 pub(crate) const VA_BITS: u32 = 48;
@@ -321,6 +322,8 @@ pub(crate) struct Setup {
     next: Mutex<u64>,
     /// How many times the pool was recycled.
     generation: AtomicU64,
+    /// Map each GiB with one 1 GiB page rather than a page directory.
+    gib_pages: bool,
 }
 
 /// `KVM_SET_USER_MEMORY_REGION` on `vm`.
@@ -351,8 +354,9 @@ unsafe fn set_region(vm: &OwnedFd, region: &kvm_userspace_memory_region) -> Resu
 
 impl Setup {
     /// Maps the setup region, writes the GDT and `code` into it and binds
-    /// it to the VM `vm` (the fd is duplicated, not taken).
-    pub(crate) fn new(vm: &impl AsRawFd, code: &Code) -> Result<Setup> {
+    /// it to the VM `vm` (the fd is duplicated, not taken). `gib_pages`:
+    /// the guest's CPUID offers 1 GiB pages.
+    pub(crate) fn new(vm: &impl AsRawFd, code: &Code, gib_pages: bool) -> Result<Setup> {
         let map = Mmap::anonymous(SETUP_SIZE)?;
         for (i, d) in GDT_ENTRIES.iter().enumerate() {
             put(&map, GDT + 8 * i as u64, *d);
@@ -374,6 +378,7 @@ impl Setup {
             runs: RwLock::new(()),
             next: Mutex::new(POOL),
             generation: AtomicU64::new(0),
+            gib_pages,
         };
         // SAFETY: the slot points at our own mapping, which lives as long as
         // the Setup, and the Setup as long as the VM and its vCPUs.
@@ -479,13 +484,17 @@ impl Tables {
         Ok(())
     }
 
-    /// Maps guest physical GiB `gib` with one page directory.
+    /// Maps guest physical GiB `gib` with a 1 GiB page or a page directory.
     fn map_gib(&mut self, setup: &Setup, gib: u64) -> std::result::Result<(), Exhausted> {
         let gpa = gib * GIB;
         let pml4 = PML4S + self.n * PAGE_SIZE;
         let pdpt = table(setup, pml4 + ((gpa >> 39) & 511) * 8)?;
         let slot = pdpt + ((gpa >> 30) & 511) * 8;
         if get(&setup.map, slot) & PTE_PRW_U != 0 {
+            return Ok(());
+        }
+        if setup.gib_pages {
+            put(&setup.map, slot, gpa | PTE_PRW_U | PTE_PS);
             return Ok(());
         }
         let pd = setup.alloc()?;

@@ -538,9 +538,9 @@ impl Vcpu for KvmVcpu {
         }
     }
 
-    /// One guest loop at ring 3 per GiB of the range (the page tables of a
-    /// run cover one page directory's worth; see [`guest`]), each in one
-    /// `KVM_RUN`.
+    /// One guest loop at ring 3 per GiB of the range, each in one
+    /// `KVM_RUN`: the host adds page tables a GiB at a time (see [`guest`]),
+    /// so a run maps what it walks without ever remapping.
     fn run_loop(&mut self, op: GuestLoop) -> Result<LoopExit> {
         op.check()?;
         let (gpa, len) = op.range();

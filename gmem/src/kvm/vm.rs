@@ -68,7 +68,12 @@ impl KvmVm {
         amd: bool,
     ) -> Result<KvmVm> {
         let code = Arc::new(Code::assemble(amd)?);
-        let setup = Arc::new(Setup::new(&fd, &code)?);
+        // CPUID 0x8000_0001 EDX bit 26: the guest may use 1 GiB pages.
+        let gib_pages = cpuid
+            .as_slice()
+            .iter()
+            .any(|e| e.function == 0x8000_0001 && e.edx & (1 << 26) != 0);
+        let setup = Arc::new(Setup::new(&fd, &code, gib_pages)?);
         // Let KVM_HC_MAP_GPA_RANGE exit to the VMM where the kernel can.
         let mask = 1u64 << KVM_HC_MAP_GPA_RANGE;
         if fd.check_extension_raw(KVM_CAP_EXIT_HYPERCALL.into()) as i64 & mask as i64 != 0 {
