@@ -4,6 +4,8 @@
 //! - [`soft`]: the software backend, the executable specification.
 //! - [`kvm`]: the same contract on the running kernel through `/dev/kvm`.
 //! - [`scenario`]: scenario files and the conformance runner.
+//! - [`memory`]: the memory manager VMMs embed: RAM on guest_memfd, laid
+//!   out, converted, discarded, measured, and vm-memory interop.
 //!
 //! The rules cited in errors and tests (`SLOT-7`, `BIND-4`, ...) are those of
 //! the project's specification, `spec/guest_memfd.md` in the steering repo.
@@ -14,6 +16,7 @@ pub mod error;
 pub mod host;
 pub mod hypervisor;
 pub mod kvm;
+pub mod memory;
 pub mod rules;
 pub mod scenario;
 pub mod soft;
