@@ -214,7 +214,7 @@ impl GmemFile {
     /// # let hv = gmem::Backend::Soft.open().unwrap();
     /// # let vm = hv.create_vm(0).unwrap();
     /// let file = GmemFile::create(&*vm, 4096, FileAccess::GuestOnly).unwrap();
-    /// assert_eq!(file.map().unwrap_err().rule(), "MMAP-1");
+    /// assert_eq!(file.map().err().unwrap().rule(), "MMAP-1");
     /// ```
     pub fn map(&self) -> Result<Box<dyn HostMemory>, Error> {
         if !self.access.can_map() {

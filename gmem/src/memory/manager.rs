@@ -17,7 +17,7 @@ use super::region::{GmemRegion, GuestRegions, HostView};
 use super::Error;
 use crate::hypervisor::{GuestLoop, HostMemory, Hypervisor, Vcpu, VcpuExit, Vm};
 use crate::uapi::{
-    delete_region, guest_memfd_region, kvm_memory_attributes, user_region,
+    delete_region, guest_memfd_region, kvm_memory_attributes, user_region, KVM_CAP_EXIT_HYPERCALL,
     KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_ENCRYPTED, KVM_MEMORY_ATTRIBUTE_PRIVATE,
     KVM_MEMORY_EXIT_FLAG_PRIVATE, PAGE_SIZE,
 };
@@ -225,6 +225,14 @@ impl MemoryManager {
     /// ```
     pub fn new(hv: &dyn Hypervisor, layout: Layout) -> Result<MemoryManager, Error> {
         let (vm, backing) = backing::choose(hv, layout.request())?;
+        if backing.mode.has_private_memory() {
+            // Guest-driven conversions reach the VMM only if the hypercall
+            // exits (x86.c: `kvm->arch.hypercall_exit_enabled`).
+            let mask = 1u64 << KVM_HC_MAP_GPA_RANGE;
+            if vm.check_extension(KVM_CAP_EXIT_HYPERCALL) as u64 & mask != 0 {
+                vm.enable_cap(KVM_CAP_EXIT_HYPERCALL, mask)?;
+            }
+        }
         let files = match backing.mode.file_access() {
             Some(access) => layout
                 .files()
