@@ -67,7 +67,13 @@ fn lives_in(mode: BackingMode, kind: Kind) -> &'static str {
     match (mode, kind) {
         (_, Kind::Hole) => "",
         (BackingMode::Anonymous, _) => "host memory",
-        (BackingMode::Split, Kind::Ram { state: PageState::Shared, .. }) => "host memory",
+        (
+            BackingMode::Split,
+            Kind::Ram {
+                state: PageState::Shared,
+                ..
+            },
+        ) => "host memory",
         _ => "guest_memfd",
     }
 }
@@ -113,12 +119,12 @@ fn text(mm: &MemoryManager, backend: &str) -> String {
                 format!("{state} ({})", lives_in(b.mode, row.kind)),
             ),
         };
-        let _ = writeln!(
-            out,
+        let line = format!(
             "{:<27} {:>8}  {slot:<6} {file:<29} {state}",
             row.range.to_string(),
             human_bytes(row.range.len)
         );
+        let _ = writeln!(out, "{}", line.trim_end());
     }
     out
 }
@@ -217,7 +223,11 @@ fn svg(mm: &MemoryManager, backend: &str) -> String {
             let Kind::Ram { state, .. } = row.kind else {
                 continue;
             };
-            let fill = if state == PageState::Shared { SHARED } else { UNUSED };
+            let fill = if state == PageState::Shared {
+                SHARED
+            } else {
+                UNUSED
+            };
             let _ = writeln!(
                 s,
                 r##"<rect x="{x0:.1}" y="{y_host}" width="{:.1}" height="{lane_h}" fill="{fill}" stroke="#555"/>"##,
@@ -244,7 +254,11 @@ fn svg(mm: &MemoryManager, backend: &str) -> String {
         let (fill, label) = match row.kind {
             Kind::Hole => ("url(#hatch)", "hole".to_string()),
             Kind::Ram { state, .. } => (
-                if state == PageState::Shared { SHARED } else { PRIVATE },
+                if state == PageState::Shared {
+                    SHARED
+                } else {
+                    PRIVATE
+                },
                 state.to_string(),
             ),
         };
@@ -253,18 +267,31 @@ fn svg(mm: &MemoryManager, backend: &str) -> String {
             r##"<rect x="{x0:.1}" y="{y_gpa}" width="{:.1}" height="{lane_h}" fill="{fill}" stroke="#555"/>"##,
             x1 - x0
         );
-        let text_fill = if matches!(row.kind, Kind::Ram { state: PageState::Private, .. }) {
+        let text_fill = if matches!(
+            row.kind,
+            Kind::Ram {
+                state: PageState::Private,
+                ..
+            }
+        ) {
             "white"
         } else {
             "black"
         };
-        if x1 - x0 > 60.0 {
+        // The label, shortened to what fits (about 7 px a character).
+        let size = human_bytes(row.range.len);
+        let long = format!("{label} {size}");
+        let fits = |t: &str| 7.5 * t.len() as f64 + 8.0 < x1 - x0;
+        let shown = [long.as_str(), label.as_str(), size.as_str()]
+            .into_iter()
+            .find(|t| fits(t));
+        if let Some(t) = shown {
             let _ = writeln!(
                 s,
-                r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" fill="{text_fill}">{label} {}</text>"#,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" fill="{text_fill}">{}</text>"#,
                 (x0 + x1) / 2.0,
                 y_gpa + lane_h / 2.0 + 4.0,
-                esc(&human_bytes(row.range.len))
+                esc(t)
             );
         }
         // Address of the row's start below the bar, staggered so that
@@ -311,77 +338,91 @@ fn svg(mm: &MemoryManager, backend: &str) -> String {
         );
     }
 
-    // Each guest_memfd, and every slot drawn to its offsets.
-    for f in 0..nfiles {
-        let size = layout.files()[f];
-        let y = y_file0 + f as f64 * file_pitch;
-        let fx = |off: u64| LEFT + off as f64 / size as f64 * BAR;
+    // Each guest_memfd, on one scale, and every slot drawn to its offsets.
+    // The connectors go first so that each file's bar covers those that
+    // pass behind it on their way to a lower file.
+    let largest = layout.files().iter().copied().max().unwrap_or(1).max(1);
+    let fx = |off: u64| LEFT + off as f64 / largest as f64 * BAR;
+    let file_y = |f: usize| y_file0 + f as f64 * file_pitch;
+    let file_rows = || {
+        rows.iter().zip(&xs).filter_map(|(row, x)| match row.kind {
+            Kind::Ram {
+                file: Some((f, off)),
+                state,
+                ..
+            } if f < nfiles => Some((row, *x, f, off, state)),
+            _ => None,
+        })
+    };
+    for (row, (x0, x1), f, off, _) in file_rows() {
+        let (f0, f1, y) = (fx(off), fx(off + row.range.len), file_y(f));
         let _ = writeln!(
             s,
-            r#"<text x="{LEFT}" y="{:.1}" font-weight="bold">guest_memfd {f} ({}, {}): offsets</text>"#,
+            r##"<polygon points="{x0:.1},{:.1} {x1:.1},{:.1} {f1:.1},{y:.1} {f0:.1},{y:.1}" fill="#90a4ae" fill-opacity="0.25" stroke="#90a4ae"/>"##,
+            y_gpa + lane_h + 34.0,
+            y_gpa + lane_h + 34.0
+        );
+    }
+    for f in 0..nfiles {
+        let size = layout.files()[f];
+        let y = file_y(f);
+        let _ = writeln!(
+            s,
+            r##"<rect x="{LEFT}" y="{y:.1}" width="{:.1}" height="{lane_h}" fill="white"/>"##,
+            fx(size) - LEFT
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="{LEFT}" y="{:.1}" font-weight="bold">guest_memfd {f} ({}, {}): file offsets</text>"#,
             y + lane_h + 34.0,
             esc(&human_bytes(size)),
             esc(&mm.file(f).map_or(String::new(), |g| g.access().to_string()))
         );
-        for (row, (x0, x1)) in rows.iter().zip(&xs) {
-            let Kind::Ram {
-                file: Some((fi, off)),
-                state,
-                slot,
-            } = row.kind
-            else {
-                continue;
-            };
-            if fi != f {
-                continue;
-            }
-            let (f0, f1) = (fx(off), fx(off + row.range.len));
-            let in_file = lives_in(b.mode, row.kind) == "guest_memfd";
-            let fill = match (state, in_file) {
-                (_, false) => UNUSED,
-                (PageState::Shared, true) => SHARED,
-                (PageState::Private, true) => PRIVATE,
-            };
-            let _ = writeln!(
-                s,
-                r##"<polygon points="{x0:.1},{:.1} {x1:.1},{:.1} {f1:.1},{y:.1} {f0:.1},{y:.1}" fill="#90a4ae" fill-opacity="0.25" stroke="#90a4ae"/>"##,
-                y_gpa + lane_h + 34.0,
-                y_gpa + lane_h + 34.0
-            );
-            let _ = writeln!(
-                s,
-                r##"<rect x="{f0:.1}" y="{y:.1}" width="{:.1}" height="{lane_h}" fill="{fill}" stroke="#555"/>"##,
-                f1 - f0
-            );
-            if !in_file && f1 - f0 > 90.0 {
-                let _ = writeln!(
-                    s,
-                    r##"<text x="{:.1}" y="{:.1}" text-anchor="middle" fill="#777">punched (shared)</text>"##,
-                    (f0 + f1) / 2.0,
-                    y + lane_h / 2.0 + 4.0
-                );
-            }
-            let _ = slot;
-        }
-        for slot in layout.slots().iter().filter(|sl| sl.file == f) {
-            let (f0, f1) = (fx(slot.offset.0), fx(slot.offset.0 + slot.range.len));
-            let _ = writeln!(
-                s,
-                r##"<rect x="{f0:.1}" y="{y:.1}" width="{:.1}" height="{lane_h}" fill="none" stroke="#111" stroke-width="3"/><text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="11">slot {} at offset {:#x}</text><text x="{f0:.1}" y="{:.1}" font-size="11" text-anchor="middle">{:#x}</text>"##,
-                f1 - f0,
-                (f0 + f1) / 2.0,
-                y - 6.0,
-                slot.id,
-                slot.offset.0,
-                y + lane_h + 14.0,
-                slot.offset.0
-            );
-        }
         let _ = writeln!(
             s,
             r#"<text x="{:.1}" y="{:.1}" font-size="11" text-anchor="end">{size:#x}</text>"#,
-            LEFT + BAR,
+            fx(size),
             y + lane_h + 14.0
+        );
+    }
+    for (row, _, f, off, state) in file_rows() {
+        let (f0, f1, y) = (fx(off), fx(off + row.range.len), file_y(f));
+        let in_file = lives_in(b.mode, row.kind) == "guest_memfd";
+        let fill = match (state, in_file) {
+            (_, false) => UNUSED,
+            (PageState::Shared, true) => SHARED,
+            (PageState::Private, true) => PRIVATE,
+        };
+        let _ = writeln!(
+            s,
+            r##"<rect x="{f0:.1}" y="{y:.1}" width="{:.1}" height="{lane_h}" fill="{fill}" stroke="#555"/>"##,
+            f1 - f0
+        );
+        if !in_file && f1 - f0 > 110.0 {
+            let _ = writeln!(
+                s,
+                r##"<text x="{:.1}" y="{:.1}" text-anchor="middle" fill="#777">empty (shared)</text>"##,
+                (f0 + f1) / 2.0,
+                y + lane_h / 2.0 + 4.0
+            );
+        }
+    }
+    for slot in layout.slots().iter().filter(|sl| sl.file < nfiles) {
+        let (f0, f1, y) = (
+            fx(slot.offset.0),
+            fx(slot.offset.0 + slot.range.len),
+            file_y(slot.file),
+        );
+        let _ = writeln!(
+            s,
+            r##"<rect x="{f0:.1}" y="{y:.1}" width="{:.1}" height="{lane_h}" fill="none" stroke="#111" stroke-width="3"/><text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="11">slot {} at offset {:#x}</text><text x="{f0:.1}" y="{:.1}" font-size="11" text-anchor="middle">{:#x}</text>"##,
+            f1 - f0,
+            (f0 + f1) / 2.0,
+            y - 6.0,
+            slot.id,
+            slot.offset.0,
+            y + lane_h + 14.0,
+            slot.offset.0
         );
     }
 

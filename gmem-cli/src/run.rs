@@ -161,7 +161,11 @@ fn shares(ranges: &[GuestRange], n: usize) -> Vec<Vec<GuestRange>> {
         let mut at = r.start.0;
         let end = r.start.0 + r.len;
         while at < end {
-            let take = if cpu + 1 == n { end - at } else { (end - at).min(room) };
+            let take = if cpu + 1 == n {
+                end - at
+            } else {
+                (end - at).min(room)
+            };
             out[cpu].push(GuestRange::new(GuestAddress(at), take));
             at += take;
             room -= take.min(room);
@@ -246,7 +250,12 @@ fn on_every_vcpu(
 
 /// Reads `ranges` from the host through the manager and counts the words
 /// that do not hold `pattern(gpa, seed)` (or 0 with `zero`).
-fn host_verify(mm: &MemoryManager, ranges: &[GuestRange], seed: u64, zero: bool) -> Result<u64, String> {
+fn host_verify(
+    mm: &MemoryManager,
+    ranges: &[GuestRange],
+    seed: u64,
+    zero: bool,
+) -> Result<u64, String> {
     const CHUNK: usize = 1 << 20;
     let mut buf = vec![0u8; CHUNK];
     let mut wrong = 0;
@@ -358,9 +367,17 @@ fn run_inner(
             "{:.1} ms: VM, {} guest_memfd file{}, {} memslot{}, {vcpus} vCPU{}",
             setup.as_secs_f64() * 1e3,
             mm.layout().files().len() * usize::from(b.mode != BackingMode::Anonymous),
-            if mm.layout().files().len() == 1 { "" } else { "s" },
+            if mm.layout().files().len() == 1 {
+                ""
+            } else {
+                "s"
+            },
             mm.layout().slots().len(),
-            if mm.layout().slots().len() == 1 { "" } else { "s" },
+            if mm.layout().slots().len() == 1 {
+                ""
+            } else {
+                "s"
+            },
             if vcpus == 1 { "" } else { "s" },
         ),
     );
@@ -398,10 +415,15 @@ fn run_inner(
         ),
     );
     if wrong != 0 {
-        return Err(format!("{wrong} words of RAM do not hold what the guest wrote"));
+        return Err(format!(
+            "{wrong} words of RAM do not hold what the guest wrote"
+        ));
     }
     let populated = mm.held().map_err(|e| e.to_string())?;
-    line("held", format_args!("{} after populating", held_text(&populated)));
+    line(
+        "held",
+        format_args!("{} after populating", held_text(&populated)),
+    );
 
     // Convert: the second half of RAM to private (VMM-driven), the guest
     // fills and checks it, then asks for its last quarter back (guest-driven).
@@ -428,11 +450,12 @@ fn run_inner(
             seed: PRIVATE_SEED,
         })?;
         exits.add(&e);
-        let (wrong, e) = on_every_vcpu(&mm, &mut cpus, &private_work, None, |r| GuestLoop::Verify {
-            gpa: r.start.0,
-            len: r.len,
-            seed: PRIVATE_SEED,
-        })?;
+        let (wrong, e) =
+            on_every_vcpu(&mm, &mut cpus, &private_work, None, |r| GuestLoop::Verify {
+                gpa: r.start.0,
+                len: r.len,
+                seed: PRIVATE_SEED,
+            })?;
         exits.add(&e);
         let filled = mm.held().map_err(|e| e.to_string())?;
         line(
@@ -462,7 +485,10 @@ fn run_inner(
             match mm.handle_exit(&exit).map_err(|e| e.to_string())? {
                 Some(_) => {}
                 None => {
-                    line("", format_args!("the guest's KVM_HC_MAP_GPA_RANGE did not exit ({exit:?})"));
+                    line(
+                        "",
+                        format_args!("the guest's KVM_HC_MAP_GPA_RANGE did not exit ({exit:?})"),
+                    );
                 }
             }
         }

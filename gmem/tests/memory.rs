@@ -11,8 +11,8 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 
 use gmem::memory::{
-    BackingMode, BackingRequest, Error, FileAccess, GmemFile, GmemOffset, GuestAddress,
-    GuestRange, Held, Layout, LayoutBuilder, MemoryManager, PageState,
+    BackingMode, BackingRequest, Error, FileAccess, GmemFile, GmemOffset, GuestAddress, GuestRange,
+    Held, Layout, LayoutBuilder, MemoryManager, PageState,
 };
 use gmem::uapi::*;
 use gmem::{Backend, GuestLoop, GuestOp, Hypervisor, Vcpu, VcpuExit};
@@ -88,7 +88,10 @@ fn guest_touch(mm: &MemoryManager, vcpu: &mut dyn Vcpu, r: GuestRange) {
 }
 
 fn guest_read(vcpu: &mut dyn Vcpu, gpa: u64) -> u64 {
-    match vcpu.run(GuestOp::Read { gpa, size: 8 }).expect("guest read") {
+    match vcpu
+        .run(GuestOp::Read { gpa, size: 8 })
+        .expect("guest read")
+    {
         VcpuExit::Done(v) => v,
         exit => panic!("guest read at {gpa:#x} exited: {exit:?}"),
     }
@@ -198,7 +201,10 @@ fn private_request_gets_private_memory_or_names_what_is_missing(hv: &dyn Hypervi
         let err = got.expect_err("no private memory here");
         assert_eq!(err.rule(), "gmem-backing");
         let msg = err.to_string();
-        assert!(msg.contains(&format!("KVM_CAP_VM_TYPES {types:#x}")), "{msg}");
+        assert!(
+            msg.contains(&format!("KVM_CAP_VM_TYPES {types:#x}")),
+            "{msg}"
+        );
         assert!(msg.contains("in-place"), "{msg}");
     }
 }
@@ -249,7 +255,10 @@ fn file_per_range_starts_each_file_at_offset_0(hv: &dyn Hypervisor) {
 
     assert_eq!(mm.layout().ranges()[1].offset, GmemOffset(0));
     assert_eq!(mm.file(0).unwrap().held().unwrap(), 0);
-    assert_eq!(mm.file(1).unwrap().held_in(GmemOffset(0), 2 * P).unwrap(), 2 * P);
+    assert_eq!(
+        mm.file(1).unwrap().held_in(GmemOffset(0), 2 * P).unwrap(),
+        2 * P
+    );
     assert_eq!(mm.held().unwrap().files, vec![0, 2 * P]);
 }
 
@@ -269,9 +278,21 @@ fn default_layout_leaves_the_32_bit_hole_unbound(hv: &dyn Hypervisor) {
         })
         .unwrap();
 
-    assert!(matches!(exit, VcpuExit::Mmio { gpa: 0xD000_0000, .. }), "{exit:?}");
+    assert!(
+        matches!(
+            exit,
+            VcpuExit::Mmio {
+                gpa: 0xD000_0000,
+                ..
+            }
+        ),
+        "{exit:?}"
+    );
     guest_touch(&mm, &mut *cpu, range(1 << 32, P));
-    assert_eq!(mm.file(0).unwrap().held_in(GmemOffset(3 << 30), P).unwrap(), P);
+    assert_eq!(
+        mm.file(0).unwrap().held_in(GmemOffset(3 << 30), P).unwrap(),
+        P
+    );
 }
 
 // --------------------------------------------------------- device access
@@ -289,7 +310,11 @@ fn guest_and_host_see_the_same_bytes(hv: &dyn Hypervisor) {
         .unwrap();
 
     for gpa in [0x3000, 0x3008, 0x3ff8] {
-        assert_eq!(host_word(&mm, gpa), GuestLoop::pattern(gpa, SEED), "{gpa:#x}");
+        assert_eq!(
+            host_word(&mm, gpa),
+            GuestLoop::pattern(gpa, SEED),
+            "{gpa:#x}"
+        );
     }
     assert_eq!(guest_read(&mut *cpu, 0x5008), 0x1234_5678);
 }
@@ -314,7 +339,10 @@ fn access_spanning_two_ranges_is_split_between_them(hv: &dyn Hypervisor) {
     let mut back = [0u8; 32];
     mm.read(GuestAddress(MIB - 16), &mut back).unwrap();
     assert_eq!(&back[..], &data[..]);
-    assert_eq!(guest_read(&mut *cpu, MIB), u64::from_le_bytes(data[16..24].try_into().unwrap()));
+    assert_eq!(
+        guest_read(&mut *cpu, MIB),
+        u64::from_le_bytes(data[16..24].try_into().unwrap())
+    );
     let err = mm.slice(range(MIB - 16, 32)).unwrap_err();
     assert_eq!(err.rule(), "gmem-range", "{err}");
 }
@@ -338,7 +366,10 @@ fn hole_access_is_unbacked(hv: &dyn Hypervisor) {
         e => panic!("expected an unbacked range: {e}"),
     }
     let err = mm.discard(range(2 * MIB, P)).unwrap_err();
-    assert_eq!((err.rule(), err.errno()), ("gmem-unbacked", gmem::Errno::EFAULT));
+    assert_eq!(
+        (err.rule(), err.errno()),
+        ("gmem-unbacked", gmem::Errno::EFAULT)
+    );
 }
 
 /// gmem-range: atomics are naturally aligned, as on hardware.
@@ -350,7 +381,11 @@ fn atomics_must_be_naturally_aligned(hv: &dyn Hypervisor) {
     mm.store(0xdead_beef_u32, GuestAddress(0x104), Ordering::Release)
         .unwrap();
 
-    assert_eq!(mm.load::<u32>(GuestAddress(0x104), Ordering::Acquire).unwrap(), 0xdead_beef);
+    assert_eq!(
+        mm.load::<u32>(GuestAddress(0x104), Ordering::Acquire)
+            .unwrap(),
+        0xdead_beef
+    );
     let err = mm
         .store(1u64, GuestAddress(0x104), Ordering::Relaxed)
         .unwrap_err();
@@ -372,7 +407,10 @@ fn flags_beyond_the_vms_cap_are_create_1(hv: &dyn Hypervisor) {
     let err = GmemFile::create(&*vm, MIB, FileAccess::Shared).unwrap_err();
 
     assert_eq!((err.rule(), err.errno()), ("CREATE-1", gmem::Errno::EINVAL));
-    assert!(err.to_string().contains(&format!("offers {offered:#x}")), "{err}");
+    assert!(
+        err.to_string().contains(&format!("offers {offered:#x}")),
+        "{err}"
+    );
 }
 
 // ------------------------------------------------------ discard, measured
@@ -434,7 +472,10 @@ fn st_bytes(fd: i32) -> u64 {
 fn madvise(addr: u64, len: u64, advice: i32) {
     // SAFETY: [addr, addr + len) is a live mapping the test owns and no
     // Rust reference points into; dropping its contents is the point.
-    assert_eq!(unsafe { libc::madvise(addr as *mut _, len as usize, advice) }, 0);
+    assert_eq!(
+        unsafe { libc::madvise(addr as *mut _, len as usize, advice) },
+        0
+    );
 }
 
 /// firecracker#6167: MADV_DONTNEED on a shared mapping only drops this
@@ -525,7 +566,11 @@ fn conversion_to_private_frees_the_shared_copy(hv: &dyn Hypervisor) {
     assert_eq!((shared.file_bytes(), shared.host_bytes()), (0, MIB));
     assert_eq!(converted.total(), 0);
     assert_eq!((private.file_bytes(), private.host_bytes()), (MIB, 0));
-    assert_eq!(guest_read(&mut *cpu, MIB + 8), 0, "private memory starts zeroed");
+    assert_eq!(
+        guest_read(&mut *cpu, MIB + 8),
+        0,
+        "private memory starts zeroed"
+    );
 }
 
 /// ATTR-4, FALLOC-4: converting a populated private range back to shared
@@ -571,7 +616,9 @@ fn round_trip_never_holds_a_range_twice(hv: &dyn Hypervisor) {
         seen.push(held(&mm, r).total());
     }
 
-    report(format_args!("round trip of 8 MiB, bytes held at each step: {seen:?}"));
+    report(format_args!(
+        "round trip of 8 MiB, bytes held at each step: {seen:?}"
+    ));
     assert_eq!(seen, vec![8 * MIB, 0, 8 * MIB, 0, 8 * MIB, 0, 8 * MIB]);
     let whole = mm.held().unwrap();
     assert_eq!((whole.file_bytes(), whole.host_bytes()), (8 * MIB, 0));
@@ -592,10 +639,19 @@ fn discard_returns_both_sides_of_split_memory(hv: &dyn Hypervisor) {
     mm.discard(all).unwrap();
 
     let after = held(&mm, all);
-    report(format_args!("discard of split 4 MiB: before {before:?}, after {after:?}"));
-    assert_eq!((before.file_bytes(), before.host_bytes()), (2 * MIB, 2 * MIB));
+    report(format_args!(
+        "discard of split 4 MiB: before {before:?}, after {after:?}"
+    ));
+    assert_eq!(
+        (before.file_bytes(), before.host_bytes()),
+        (2 * MIB, 2 * MIB)
+    );
     assert_eq!(after.total(), 0);
-    assert_eq!(mm.state(GuestAddress(0)), Some(PageState::Private), "discard keeps state");
+    assert_eq!(
+        mm.state(GuestAddress(0)),
+        Some(PageState::Private),
+        "discard keeps state"
+    );
 }
 
 /// ATTR-6: state is kept by range: converting 16 GiB and then a hole in
@@ -634,8 +690,15 @@ fn conversion_without_private_memory_is_refused(hv: &dyn Hypervisor) {
 
     let err = mm.convert(range(0, P), PageState::Private).unwrap_err();
 
-    assert_eq!((err.rule(), err.errno()), ("gmem-backing", gmem::Errno::EOPNOTSUPP));
-    assert!(err.to_string().contains("guest_memfd backing has no private memory"), "{err}");
+    assert_eq!(
+        (err.rule(), err.errno()),
+        ("gmem-backing", gmem::Errno::EOPNOTSUPP)
+    );
+    assert!(
+        err.to_string()
+            .contains("guest_memfd backing has no private memory"),
+        "{err}"
+    );
     let err = mm.convert(range(0x800, P), PageState::Private).unwrap_err();
     assert_eq!(err.rule(), "gmem-range");
 }
@@ -701,7 +764,9 @@ fn private_range_refuses_device_access_with_a_typed_error(hv: &dyn Hypervisor) {
 
     let read = mm.read(GuestAddress(0x3ff0), &mut [0; 32]).unwrap_err();
     let write = mm.write(GuestAddress(0x5000), &[1]).unwrap_err();
-    let load = mm.load::<u64>(GuestAddress(0x4008), Ordering::Relaxed).unwrap_err();
+    let load = mm
+        .load::<u64>(GuestAddress(0x4008), Ordering::Relaxed)
+        .unwrap_err();
     let slice = mm.slice(range(0x3000, 3 * P)).unwrap_err();
 
     match read {
@@ -709,7 +774,11 @@ fn private_range_refuses_device_access_with_a_typed_error(hv: &dyn Hypervisor) {
         e => panic!("expected private: {e}"),
     }
     for e in [write, load, slice] {
-        assert_eq!((e.rule(), e.errno()), ("gmem-private", gmem::Errno::EACCES), "{e}");
+        assert_eq!(
+            (e.rule(), e.errno()),
+            ("gmem-private", gmem::Errno::EACCES),
+            "{e}"
+        );
     }
     mm.write(GuestAddress(0x3ff8), &[1; 8]).unwrap();
 }
@@ -719,7 +788,9 @@ fn private_range_refuses_device_access_with_a_typed_error(hv: &dyn Hypervisor) {
 /// Device code as written for vm-memory: generic over `GuestMemory`, only
 /// vm-memory's API.
 mod device {
-    use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryRegion};
+    use vm_memory::{
+        Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryRegion,
+    };
 
     /// A descriptor a virtio-style device reads.
     #[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
@@ -744,7 +815,11 @@ mod device {
         let mut buf = vec![0u8; desc.len as usize];
         mem.read_slice(&mut buf, GuestAddress(desc.addr))?;
         mem.write_slice(&buf, dst)?;
-        mem.store(1u16, table.unchecked_add(14), std::sync::atomic::Ordering::Release)?;
+        mem.store(
+            1u16,
+            table.unchecked_add(14),
+            std::sync::atomic::Ordering::Release,
+        )?;
         let region = mem.find_region(dst).expect("dst is RAM");
         assert!(region.len() >= buf.len() as u64);
         Ok(buf)
@@ -773,15 +848,30 @@ fn vm_memory_device_code_works_unchanged(hv: &dyn Hypervisor) {
         flags: 0,
         next: 0,
     };
-    mem.write_obj(desc, vm_memory::GuestAddress(0x1000)).unwrap();
-
-    let got = device::serve(mem, vm_memory::GuestAddress(0x1000), vm_memory::GuestAddress((1 << 32) + 0x100))
+    mem.write_obj(desc, vm_memory::GuestAddress(0x1000))
         .unwrap();
 
+    let got = device::serve(
+        mem,
+        vm_memory::GuestAddress(0x1000),
+        vm_memory::GuestAddress((1 << 32) + 0x100),
+    )
+    .unwrap();
+
     assert_eq!(mem.num_regions(), 2);
-    assert_eq!(u64::from_le_bytes(got[8..16].try_into().unwrap()), GuestLoop::pattern(0x2008, SEED));
-    assert_eq!(guest_read(&mut *cpu, (1 << 32) + 0x108), GuestLoop::pattern(0x2008, SEED));
-    assert_eq!(mem.read_obj::<u16>(vm_memory::GuestAddress(0x100e)).unwrap(), 1);
+    assert_eq!(
+        u64::from_le_bytes(got[8..16].try_into().unwrap()),
+        GuestLoop::pattern(0x2008, SEED)
+    );
+    assert_eq!(
+        guest_read(&mut *cpu, (1 << 32) + 0x108),
+        GuestLoop::pattern(0x2008, SEED)
+    );
+    assert_eq!(
+        mem.read_obj::<u16>(vm_memory::GuestAddress(0x100e))
+            .unwrap(),
+        1
+    );
     assert_eq!(mm.file(0).unwrap().held_in(GmemOffset(MIB), P).unwrap(), P);
 }
 
@@ -807,6 +897,13 @@ fn vm_memory_refuses_private_ranges_inside_its_own_error(hv: &dyn Hypervisor) {
     let inner = io.get_ref().and_then(|e| e.downcast_ref::<Error>());
     assert!(matches!(inner, Some(Error::Private { .. })), "{io}");
     assert!(ok.is_ok());
-    assert!(matches!(hole, Err(GuestMemoryError::InvalidGuestAddress(_))));
-    assert!(!mem.check_range(vm_memory::GuestAddress(MIB - 8), 16, vm_memory::Permissions::Read));
+    assert!(matches!(
+        hole,
+        Err(GuestMemoryError::InvalidGuestAddress(_))
+    ));
+    assert!(!mem.check_range(
+        vm_memory::GuestAddress(MIB - 8),
+        16,
+        vm_memory::Permissions::Read
+    ));
 }

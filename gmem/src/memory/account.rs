@@ -144,7 +144,11 @@ pub(crate) fn discard_host(
     if ret != 0 {
         return Err(crate::Error::last_os_error(format_args!(
             "madvise({}) of host range [{addr:#x}, +{len:#x})",
-            if shared { "MADV_REMOVE" } else { "MADV_DONTNEED" }
+            if shared {
+                "MADV_REMOVE"
+            } else {
+                "MADV_DONTNEED"
+            }
         ))
         .into());
     }

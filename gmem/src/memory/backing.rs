@@ -283,7 +283,11 @@ mod tests {
         assert_eq!(vm.vm_type(), KVM_X86_SW_PROTECTED_VM as u64);
         assert_eq!(b.passed_over.len(), 1);
         assert!(b.passed_over[0].1.contains("in-place"));
-        assert!(b.reason.contains("KVM_CAP_MEMORY_ATTRIBUTES 0x8"), "{}", b.reason);
+        assert!(
+            b.reason.contains("KVM_CAP_MEMORY_ATTRIBUTES 0x8"),
+            "{}",
+            b.reason
+        );
     }
 
     /// gmem-backing: asking for what no backend has names the mode and why.
@@ -294,6 +298,9 @@ mod tests {
             panic!("in-place must be refused")
         };
         assert_eq!(err.rule(), "gmem-backing");
-        assert!(err.to_string().contains("KVM_SET_MEMORY_ATTRIBUTES2"), "{err}");
+        assert!(
+            err.to_string().contains("KVM_SET_MEMORY_ATTRIBUTES2"),
+            "{err}"
+        );
     }
 }

@@ -279,7 +279,10 @@ impl LayoutBuilder {
         ranges.sort_by_key(|r| r.start.0);
         for r in &ranges {
             if r.len == 0 {
-                return Err(Error::layout(format!("RAM range at {:#x} is empty", r.start.0)));
+                return Err(Error::layout(format!(
+                    "RAM range at {:#x} is empty",
+                    r.start.0
+                )));
             }
             if !r.is_page_aligned() {
                 return Err(Error::layout(format!(

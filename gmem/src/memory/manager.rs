@@ -772,8 +772,7 @@ impl MemoryManager {
                     PageState::Shared
                 };
                 let range = GuestRange::new(GuestAddress(gpa), size.max(PAGE_SIZE));
-                if self.pieces(range).is_ok()
-                    && self.states_in(range).iter().all(|(_, s)| *s == to)
+                if self.pieces(range).is_ok() && self.states_in(range).iter().all(|(_, s)| *s == to)
                 {
                     return Err(Error::Exit {
                         exit: *exit,

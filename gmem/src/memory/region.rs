@@ -281,12 +281,16 @@ impl Bytes<MemoryRegionAddress> for GmemRegion {
     type E = GuestMemoryError;
 
     fn write(&self, buf: &[u8], addr: MemoryRegionAddress) -> Result<usize, Self::E> {
-        let n = buf.len().min(self.range.len.saturating_sub(addr.0) as usize);
+        let n = buf
+            .len()
+            .min(self.range.len.saturating_sub(addr.0) as usize);
         Ok(self.get_slice(addr, n)?.write(&buf[..n], 0)?)
     }
 
     fn read(&self, buf: &mut [u8], addr: MemoryRegionAddress) -> Result<usize, Self::E> {
-        let n = buf.len().min(self.range.len.saturating_sub(addr.0) as usize);
+        let n = buf
+            .len()
+            .min(self.range.len.saturating_sub(addr.0) as usize);
         Ok(self.get_slice(addr, n)?.read(&mut buf[..n], 0)?)
     }
 
@@ -348,9 +352,7 @@ impl Bytes<MemoryRegionAddress> for GmemRegion {
         addr: MemoryRegionAddress,
         order: Ordering,
     ) -> Result<(), Self::E> {
-        Ok(self
-            .get_slice(addr, size_of::<T>())?
-            .store(val, 0, order)?)
+        Ok(self.get_slice(addr, size_of::<T>())?.store(val, 0, order)?)
     }
 
     fn load<T: AtomicAccess>(
