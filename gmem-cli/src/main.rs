@@ -1,10 +1,11 @@
 //! `gmem`: the command line of the gmem project.
 //!
-//! - `gmem check [PATHS...] [--backend soft|kvm|both] [--json]` runs scenario
-//!   files (the corpus by default) and prints a conformance table.
+//! - `gmem check [PATHS...] [--backend soft|kvm|both] [--profile RELEASE] [--json]`
+//!   runs scenario files (the corpus by default) and prints a conformance
+//!   table; `--profile` runs the software backend as that kernel release.
 //! - `gmem caps [--backend kvm|soft] [--json]` shows what a backend supports
 //!   of guest_memfd and what that means for a VMM.
-//! - `gmem run [--memory 1G] [--vcpus 2] [--backend ...] [--backing ...]`
+//! - `gmem run [--memory 1G] [--vcpus 2] [--backend ...] [--backing ...] [--profile ...]`
 //!   starts a VM whose RAM is on guest_memfd, populates it from every vCPU,
 //!   verifies, converts and discards it, and prints what it cost.
 //! - `gmem map [--memory SIZE | --ram GPA:SIZE ...] [--private GPA:SIZE ...]
@@ -23,7 +24,8 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use gmem::scenario::{collect_files, kernel_release, render, BackendSlot, Checker, Departures};
-use gmem::{Backend, Hypervisor};
+use gmem::soft::SoftHypervisor;
+use gmem::{Backend, Hypervisor, Release};
 
 /// gmem: KVM's guest_memfd system in Rust.
 #[derive(Debug, Parser)]
@@ -48,6 +50,10 @@ enum Command {
         /// Departures file (default: departures.toml in the corpus folder).
         #[arg(long)]
         departures: Option<PathBuf>,
+        /// Run the software backend as this kernel release behaves
+        /// (6.18, 6.19, 7.0, 7.1, 7.2, next; default 6.18).
+        #[arg(long, value_name = "RELEASE")]
+        profile: Option<Release>,
     },
     /// Start a VM whose RAM is on guest_memfd, populate it from every vCPU,
     /// verify, convert and discard it, and summarise.
@@ -64,6 +70,9 @@ enum Command {
         /// Backing mode to ask for (auto: the most capable the host offers).
         #[arg(long, value_enum, default_value_t = run::BackingChoice::Auto)]
         backing: run::BackingChoice,
+        /// Run the software backend as this kernel release (`next`: in-place conversion).
+        #[arg(long, value_name = "RELEASE")]
+        profile: Option<Release>,
     },
     /// Draw a memory layout: ranges, memslots, files and offsets, states, holes.
     Map {
@@ -88,6 +97,9 @@ enum Command {
         /// Also write the picture as SVG to FILE.
         #[arg(long, value_name = "FILE")]
         svg: Option<PathBuf>,
+        /// Run the software backend as this kernel release (`next`: in-place conversion).
+        #[arg(long, value_name = "RELEASE")]
+        profile: Option<Release>,
     },
     /// Show the host's KVM guest_memfd support (or the software backend's).
     Caps {
@@ -133,13 +145,15 @@ fn main() -> ExitCode {
             backend,
             json,
             departures,
-        } => check(paths, backend, json, departures),
+            profile,
+        } => check(paths, backend, json, departures, profile),
         Command::Run {
             memory,
             vcpus,
             backend,
             backing,
-        } => run::run(memory, vcpus, backend, backing),
+            profile,
+        } => run::run(memory, vcpus, (backend, profile), backing),
         Command::Map {
             memory,
             ram,
@@ -148,11 +162,12 @@ fn main() -> ExitCode {
             backing,
             private,
             svg,
+            profile,
         } => map::map(map::MapArgs {
             memory,
             ram,
             file_per_range,
-            backend,
+            backend: (backend, profile),
             backing,
             private,
             svg,
@@ -163,6 +178,7 @@ fn main() -> ExitCode {
                 One::Kvm => Backend::Kvm,
             },
             json,
+            &corpus_dir(),
         ),
     }
 }
@@ -180,7 +196,23 @@ fn corpus_dir() -> PathBuf {
 /// A backend, or why it could not be opened.
 type Opened = Result<Box<dyn Hypervisor>, String>;
 
-fn check(paths: Vec<PathBuf>, which: Which, json: bool, departures: Option<PathBuf>) -> ExitCode {
+/// Opens `backend`; the software backend as `profile` when one is given.
+fn open(backend: Backend, profile: Option<Release>) -> Opened {
+    match (backend, profile) {
+        (Backend::Soft, Some(r)) => SoftHypervisor::with_profile(r)
+            .map(|h| Box::new(h) as Box<dyn Hypervisor>)
+            .map_err(|e| e.to_string()),
+        (b, _) => b.open().map_err(|e| e.to_string()),
+    }
+}
+
+fn check(
+    paths: Vec<PathBuf>,
+    which: Which,
+    json: bool,
+    departures: Option<PathBuf>,
+    profile: Option<Release>,
+) -> ExitCode {
     let corpus = corpus_dir();
     let paths = if paths.is_empty() {
         vec![corpus.clone()]
@@ -221,10 +253,7 @@ fn check(paths: Vec<PathBuf>, which: Which, json: bool, departures: Option<PathB
         Which::Kvm => &[Backend::Kvm],
         Which::Both => &[Backend::Soft, Backend::Kvm],
     };
-    let opened: Vec<(Backend, Opened)> = wanted
-        .iter()
-        .map(|b| (*b, b.open().map_err(|e| e.to_string())))
-        .collect();
+    let opened: Vec<(Backend, Opened)> = wanted.iter().map(|b| (*b, open(*b, profile))).collect();
     if which == Which::Kvm {
         if let Err(why) = &opened[0].1 {
             eprintln!("gmem check: kvm backend not available: {why}");
@@ -235,7 +264,10 @@ fn check(paths: Vec<PathBuf>, which: Which, json: bool, departures: Option<PathB
         backends: opened
             .iter()
             .map(|(b, r)| BackendSlot {
-                name: b.name().to_string(),
+                name: match (b, profile) {
+                    (Backend::Soft, Some(p)) => format!("soft {p}"),
+                    _ => b.name().to_string(),
+                },
                 hv: r.as_ref().map(|h| h.as_ref()).map_err(Clone::clone),
             })
             .collect(),

@@ -9,7 +9,7 @@ use gmem::memory::{
     human_bytes, BackingMode, GuestRange, Layout, LayoutBuilder, MemoryManager, PageState,
 };
 
-use crate::run::{open, wrap, BackendChoice, BackingChoice};
+use crate::run::{open, wrap, BackingChoice, Where};
 
 /// What one row of the map is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -466,7 +466,7 @@ pub struct MapArgs {
     /// One guest_memfd per range.
     pub file_per_range: bool,
     /// Where to build it.
-    pub backend: BackendChoice,
+    pub backend: Where,
     /// Backing to ask for.
     pub backing: BackingChoice,
     /// Ranges converted to private before drawing.
@@ -554,6 +554,7 @@ mod tests {
                 "hole [0xc0000000, 0x100000000)",
                 "1 [0x100000000, 0x120000000) shared 0xc0000000",
                 "1 [0x120000000, 0x140000000) private 0xe0000000",
+                "1 [0x140000000, 0x180000000) shared 0x100000000",
             ]
         );
     }

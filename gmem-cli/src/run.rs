@@ -13,8 +13,9 @@ use gmem::memory::{
     human_bytes, BackingMode, BackingRequest, ExitCounts, GuestAddress, GuestRange, Held, Layout,
     MemoryManager, PageState,
 };
+use gmem::soft::SoftHypervisor;
 use gmem::uapi::{KVM_HC_MAP_GPA_RANGE, PAGE_SIZE};
-use gmem::{Backend, GuestLoop, GuestOp, Hypervisor, Vcpu};
+use gmem::{Backend, GuestLoop, GuestOp, Hypervisor, Release, Vcpu};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Where to run.
@@ -56,13 +57,27 @@ impl BackingChoice {
     }
 }
 
-/// Opens the chosen backend, or says why not.
-pub fn open(choice: BackendChoice) -> Result<Box<dyn Hypervisor>, String> {
-    let backend = match choice {
-        BackendChoice::Soft => Backend::Soft,
-        BackendChoice::Kvm => Backend::Kvm,
-        BackendChoice::Auto if std::path::Path::new("/dev/kvm").exists() => Backend::Kvm,
-        BackendChoice::Auto => Backend::Soft,
+/// A backend and, for the software backend, the kernel release it follows.
+pub type Where = (BackendChoice, Option<Release>);
+
+/// Opens the chosen backend, or says why not. A release profile implies
+/// the software backend.
+pub fn open((choice, profile): Where) -> Result<Box<dyn Hypervisor>, String> {
+    let backend = match (choice, profile) {
+        (BackendChoice::Kvm, Some(r)) => {
+            return Err(format!(
+                "--profile {r} runs the software backend; the kvm backend is the running kernel"
+            ))
+        }
+        (_, Some(r)) => {
+            return SoftHypervisor::with_profile(r)
+                .map(|h| Box::new(h) as Box<dyn Hypervisor>)
+                .map_err(|e| format!("the soft backend cannot be opened: {e}"))
+        }
+        (BackendChoice::Soft, None) => Backend::Soft,
+        (BackendChoice::Kvm, None) => Backend::Kvm,
+        (BackendChoice::Auto, None) if std::path::Path::new("/dev/kvm").exists() => Backend::Kvm,
+        (BackendChoice::Auto, None) => Backend::Soft,
     };
     backend
         .open()
@@ -295,7 +310,7 @@ fn halves(ranges: &[GuestRange]) -> (Vec<GuestRange>, Vec<GuestRange>) {
 }
 
 /// `gmem run`.
-pub fn run(memory: u64, vcpus: usize, backend: BackendChoice, backing: BackingChoice) -> ExitCode {
+pub fn run(memory: u64, vcpus: usize, backend: Where, backing: BackingChoice) -> ExitCode {
     match run_inner(memory, vcpus, backend, backing) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -311,7 +326,7 @@ const PRIVATE_SEED: u64 = 0x7072_6976_0000_0000;
 fn run_inner(
     memory: u64,
     vcpus: usize,
-    backend: BackendChoice,
+    backend: Where,
     backing: BackingChoice,
 ) -> Result<(), String> {
     if vcpus == 0 {

@@ -6,6 +6,7 @@
 //! - [`scenario`]: scenario files and the conformance runner.
 //! - [`memory`]: the memory manager VMMs embed: RAM on guest_memfd, laid
 //!   out, converted, discarded, measured, and vm-memory interop.
+//! - [`release`]: the kernel releases whose guest_memfd behaviour differs.
 //!
 //! The rules cited in errors and tests (`SLOT-7`, `BIND-4`, ...) are those of
 //! the project's specification, `spec/guest_memfd.md` in the steering repo.
@@ -17,6 +18,7 @@ pub mod host;
 pub mod hypervisor;
 pub mod kvm;
 pub mod memory;
+pub mod release;
 pub mod rules;
 pub mod scenario;
 pub mod soft;
@@ -24,9 +26,10 @@ pub mod uapi;
 
 pub use error::{Errno, Error, Result};
 pub use hypervisor::{
-    GuestLoop, GuestMemfd, GuestOp, HostFault, HostMemory, Hypervisor, LoopExit, MapKind, Stat,
-    Vcpu, VcpuExit, Vm,
+    GuestLoop, GuestMemfd, GuestOp, HostFault, HostMemory, Hypervisor, LoopExit, MapKind, Pin,
+    Stat, Vcpu, VcpuExit, Vm,
 };
+pub use release::Release;
 
 /// Which implementation of the contract to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

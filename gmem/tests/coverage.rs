@@ -70,6 +70,14 @@ const SELFTEST_CASES: &[&str] = &[
     "private_mem_conversions_test/odd-pages",
     "private_mem_conversions_test/punch",
     "private_mem_conversions_test/vm-freed",
+    "guest_memfd_conversions_test/init-private",
+    "guest_memfd_conversions_test/init-shared",
+    "guest_memfd_conversions_test/indexing",
+    "guest_memfd_conversions_test/before-allocation",
+    "guest_memfd_conversions_test/unallocated-folios",
+    "guest_memfd_conversions_test/truncate",
+    "guest_memfd_conversions_test/forked-accesses",
+    "guest_memfd_conversions_test/elevated-refcount",
 ];
 
 fn all_rules() -> BTreeSet<String> {

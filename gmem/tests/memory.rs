@@ -14,8 +14,9 @@ use gmem::memory::{
     BackingMode, BackingRequest, Error, FileAccess, GmemFile, GmemOffset, GuestAddress, GuestRange,
     Held, Layout, LayoutBuilder, MemoryManager, PageState,
 };
+use gmem::soft::SoftHypervisor;
 use gmem::uapi::*;
-use gmem::{Backend, GuestLoop, GuestOp, Hypervisor, Vcpu, VcpuExit};
+use gmem::{Backend, GuestLoop, GuestOp, Hypervisor, Release, Vcpu, VcpuExit};
 
 const P: u64 = PAGE_SIZE;
 const MIB: u64 = 1 << 20;
@@ -44,7 +45,8 @@ fn manager(hv: &dyn Hypervisor, layout: LayoutBuilder) -> Option<MemoryManager> 
     }
 }
 
-/// A manager with private memory (the split backing), or a skip line.
+/// A manager with private memory (split or in-place backing), or a skip
+/// line.
 fn private_manager(hv: &dyn Hypervisor, bytes: u64) -> Option<MemoryManager> {
     let mm = manager(
         hv,
@@ -52,8 +54,17 @@ fn private_manager(hv: &dyn Hypervisor, bytes: u64) -> Option<MemoryManager> {
             .memory(bytes)
             .backing(BackingRequest::Private),
     )?;
-    assert_eq!(mm.backing().mode, BackingMode::Split);
+    assert!(mm.backing().mode.has_private_memory());
     Some(mm)
+}
+
+fn in_place(mm: &MemoryManager) -> bool {
+    mm.backing().mode == BackingMode::InPlace
+}
+
+/// (bytes in guest_memfd, bytes in separate host memory).
+fn where_held(h: &Held) -> (u64, u64) {
+    (h.file_bytes(), h.host_bytes())
 }
 
 fn range(start: u64, len: u64) -> GuestRange {
@@ -102,37 +113,48 @@ fn host_word(mm: &MemoryManager, gpa: u64) -> u64 {
         .expect("host load")
 }
 
-/// Runs `test` on `backend`, or says why it cannot run there.
-fn run(backend: Backend, test: fn(&dyn Hypervisor)) {
+/// Runs `test` on `backend` (the software backend as `profile`), or says
+/// why it cannot run there.
+fn run(backend: Backend, profile: Option<Release>, test: fn(&dyn Hypervisor)) {
     if backend == Backend::Kvm && !Path::new("/dev/kvm").exists() {
         skip("/dev/kvm does not exist");
         return;
     }
-    let hv = backend
-        .open()
-        .unwrap_or_else(|e| panic!("opening the {} backend: {e}", backend.name()));
+    let hv: Box<dyn Hypervisor> = match profile {
+        Some(r) => Box::new(SoftHypervisor::with_profile(r).expect("soft backend")),
+        None => backend
+            .open()
+            .unwrap_or_else(|e| panic!("opening the {} backend: {e}", backend.name())),
+    };
     test(&*hv);
 }
 
-/// `both! { test, ... }`: `soft::test` and `kvm::test` for each.
-macro_rules! both {
+/// `each_backend! { test, ... }`: `soft::test` (6.18), `soft_next::test`
+/// (in-place conversion) and `kvm::test` for each.
+macro_rules! each_backend {
     ($($test:ident),* $(,)?) => {
         mod soft {
             $(#[test]
             fn $test() {
-                crate::run(gmem::Backend::Soft, crate::$test);
+                crate::run(gmem::Backend::Soft, None, crate::$test);
+            })*
+        }
+        mod soft_next {
+            $(#[test]
+            fn $test() {
+                crate::run(gmem::Backend::Soft, Some(gmem::Release::Next), crate::$test);
             })*
         }
         mod kvm {
             $(#[test]
             fn $test() {
-                crate::run(gmem::Backend::Kvm, crate::$test);
+                crate::run(gmem::Backend::Kvm, None, crate::$test);
             })*
         }
     };
 }
 
-both! {
+each_backend! {
     default_backing_is_guest_memfd_and_says_why,
     private_request_gets_private_memory_or_names_what_is_missing,
     two_ranges_bind_one_file_at_consecutive_offsets,
@@ -146,8 +168,9 @@ both! {
     discard_returns_guest_memfd_memory,
     discard_returns_anonymous_memory,
     madvise_dontneed_on_a_shared_mapping_frees_nothing,
-    conversion_to_private_frees_the_shared_copy,
-    conversion_to_shared_frees_the_private_copy,
+    conversion_to_private_leaves_one_copy,
+    conversion_to_shared_leaves_one_copy,
+    pinned_page_refuses_going_private_and_names_it,
     round_trip_never_holds_a_range_twice,
     discard_returns_both_sides_of_split_memory,
     conversions_are_kept_by_range,
@@ -194,9 +217,19 @@ fn private_request_gets_private_memory_or_names_what_is_missing(hv: &dyn Hypervi
 
     if types & (1 << KVM_X86_SW_PROTECTED_VM) != 0 {
         let mm = got.expect("private memory");
-        assert_eq!(mm.backing().mode, BackingMode::Split);
         assert_eq!(mm.vm().vm_type(), KVM_X86_SW_PROTECTED_VM as u64);
-        assert_eq!(mm.file(0).unwrap().access(), FileAccess::GuestOnly);
+        let in_place = hv.check_extension(KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES) != 0
+            || mm
+                .vm()
+                .check_extension(KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES)
+                != 0;
+        let (mode, access) = if in_place {
+            (BackingMode::InPlace, FileAccess::Shared)
+        } else {
+            (BackingMode::Split, FileAccess::GuestOnly)
+        };
+        assert_eq!(mm.backing().mode, mode, "{}", mm.backing().reason);
+        assert_eq!(mm.file(0).unwrap().access(), access);
     } else {
         let err = got.expect_err("no private memory here");
         assert_eq!(err.rule(), "gmem-backing");
@@ -205,7 +238,7 @@ fn private_request_gets_private_memory_or_names_what_is_missing(hv: &dyn Hypervi
             msg.contains(&format!("KVM_CAP_VM_TYPES {types:#x}")),
             "{msg}"
         );
-        assert!(msg.contains("in-place"), "{msg}");
+        assert!(msg.contains("in-place") && msg.contains("split"), "{msg}");
     }
 }
 
@@ -396,12 +429,15 @@ fn atomics_must_be_naturally_aligned(hv: &dyn Hypervisor) {
 /// CREATE-1: a file is created only with flags the VM offers, and the
 /// refusal quotes the VM's KVM_CAP_GUEST_MEMFD_FLAGS.
 fn flags_beyond_the_vms_cap_are_create_1(hv: &dyn Hypervisor) {
-    let types = hv.check_extension(KVM_CAP_VM_TYPES) as u64;
-    if types & (1 << KVM_X86_SW_PROTECTED_VM) == 0 {
-        skip("every VM type here offers MMAP | INIT_SHARED (no sw_protected VM type)");
+    let shared = FileAccess::Shared.flags() as i64;
+    let narrower = [KVM_X86_DEFAULT_VM, KVM_X86_SW_PROTECTED_VM]
+        .into_iter()
+        .filter_map(|t| hv.create_vm(t as u64).ok())
+        .find(|vm| vm.check_extension(KVM_CAP_GUEST_MEMFD_FLAGS) & shared != shared);
+    let Some(vm) = narrower else {
+        skip("every VM type here offers MMAP | INIT_SHARED");
         return;
-    }
-    let vm = hv.create_vm(KVM_X86_SW_PROTECTED_VM as u64).unwrap();
+    };
     let offered = vm.check_extension(KVM_CAP_GUEST_MEMFD_FLAGS);
 
     let err = GmemFile::create(&*vm, MIB, FileAccess::Shared).unwrap_err();
@@ -543,10 +579,11 @@ fn report(what: impl std::fmt::Display) {
 
 // ------------------------------------------------------------ conversions
 
-/// ATTR-4, FALLOC-4: converting a populated shared range to private frees
-/// its shared copy (mincore of the host memory drops to 0); what the guest
-/// then writes lands in guest_memfd, and the range is never held twice.
-fn conversion_to_private_frees_the_shared_copy(hv: &dyn Hypervisor) {
+/// ATTR-4, CONV-7: converting a populated shared range to private leaves
+/// one copy. Split: the shared copy is freed (mincore of the host memory
+/// drops to 0) and what the guest then writes lands in guest_memfd. In
+/// place: the file keeps the same pages, and their contents.
+fn conversion_to_private_leaves_one_copy(hv: &dyn Hypervisor) {
     let Some(mm) = private_manager(hv, 4 * MIB) else {
         return;
     };
@@ -557,25 +594,35 @@ fn conversion_to_private_frees_the_shared_copy(hv: &dyn Hypervisor) {
 
     mm.convert(r, PageState::Private).unwrap();
     let converted = held(&mm, r);
+    let first_word = guest_read(&mut *cpu, MIB + 8);
     guest_touch(&mm, &mut *cpu, r);
     let private = held(&mm, r);
 
     report(format_args!(
-        "to private, 1 MiB: shared {shared:?}, just converted {converted:?}, guest wrote {private:?}"
+        "{} to private, 1 MiB: shared {shared:?}, just converted {converted:?}, guest wrote \
+         {private:?}",
+        mm.backing().mode
     ));
-    assert_eq!((shared.file_bytes(), shared.host_bytes()), (0, MIB));
-    assert_eq!(converted.total(), 0);
-    assert_eq!((private.file_bytes(), private.host_bytes()), (MIB, 0));
-    assert_eq!(
-        guest_read(&mut *cpu, MIB + 8),
-        0,
-        "private memory starts zeroed"
-    );
+    if in_place(&mm) {
+        assert_eq!(where_held(&shared), (MIB, 0));
+        assert_eq!(where_held(&converted), (MIB, 0));
+        assert_eq!(
+            first_word,
+            GuestLoop::pattern(MIB + 8, SEED),
+            "CONV-7: contents stay"
+        );
+    } else {
+        assert_eq!(where_held(&shared), (0, MIB));
+        assert_eq!(converted.total(), 0);
+        assert_eq!(first_word, 0, "private memory starts zeroed");
+    }
+    assert_eq!(where_held(&private), (MIB, 0));
 }
 
-/// ATTR-4, FALLOC-4: converting a populated private range back to shared
-/// punches its guest_memfd pages.
-fn conversion_to_shared_frees_the_private_copy(hv: &dyn Hypervisor) {
+/// ATTR-4, CONV-7: converting a populated private range back to shared
+/// leaves one copy. Split: its guest_memfd pages are punched. In place:
+/// the same pages become shared and the host reads what the guest wrote.
+fn conversion_to_shared_leaves_one_copy(hv: &dyn Hypervisor) {
     let Some(mm) = private_manager(hv, 4 * MIB) else {
         return;
     };
@@ -587,15 +634,25 @@ fn conversion_to_shared_frees_the_private_copy(hv: &dyn Hypervisor) {
 
     mm.convert(r, PageState::Shared).unwrap();
     let converted = held(&mm, r);
+    let host_sees = host_word(&mm, 2 * MIB + 16);
     guest_touch(&mm, &mut *cpu, r);
     let shared = held(&mm, r);
 
     report(format_args!(
-        "to shared, 1 MiB: private {private:?}, just converted {converted:?}, guest wrote {shared:?}"
+        "{} to shared, 1 MiB: private {private:?}, just converted {converted:?}, guest wrote \
+         {shared:?}",
+        mm.backing().mode
     ));
-    assert_eq!((private.file_bytes(), private.host_bytes()), (MIB, 0));
-    assert_eq!(converted.total(), 0);
-    assert_eq!((shared.file_bytes(), shared.host_bytes()), (0, MIB));
+    assert_eq!(where_held(&private), (MIB, 0));
+    if in_place(&mm) {
+        assert_eq!(where_held(&converted), (MIB, 0));
+        assert_eq!(where_held(&shared), (MIB, 0));
+        assert_eq!(host_sees, GuestLoop::pattern(2 * MIB + 16, SEED));
+    } else {
+        assert_eq!(converted.total(), 0);
+        assert_eq!(where_held(&shared), (0, MIB));
+        assert_eq!(host_sees, 0);
+    }
 }
 
 /// ATTR-4: through shared -> private -> shared -> private with the guest
@@ -617,15 +674,48 @@ fn round_trip_never_holds_a_range_twice(hv: &dyn Hypervisor) {
     }
 
     report(format_args!(
-        "round trip of 8 MiB, bytes held at each step: {seen:?}"
+        "{} round trip of 8 MiB, bytes held at each step: {seen:?}",
+        mm.backing().mode
     ));
-    assert_eq!(seen, vec![8 * MIB, 0, 8 * MIB, 0, 8 * MIB, 0, 8 * MIB]);
-    let whole = mm.held().unwrap();
-    assert_eq!((whole.file_bytes(), whole.host_bytes()), (8 * MIB, 0));
+    let m = 8 * MIB;
+    if in_place(&mm) {
+        assert_eq!(seen, vec![m; 7]);
+    } else {
+        assert_eq!(seen, vec![m, 0, m, 0, m, 0, m]);
+    }
+    assert_eq!(where_held(&mm.held().unwrap()), (m, 0));
 }
 
-/// FALLOC-4: discarding split memory returns both the private pages (in
-/// the file) and the shared ones (in host memory).
+/// CONV-5: a page still referenced (a pin, as a device doing DMA holds)
+/// refuses going private in place with EAGAIN, the error names its file
+/// offset, and the manager's state does not change.
+fn pinned_page_refuses_going_private_and_names_it(hv: &dyn Hypervisor) {
+    let Some(mm) = private_manager(hv, MIB) else {
+        return;
+    };
+    if !in_place(&mm) {
+        skip("pins matter to in-place conversion only; this backing has two copies");
+        return;
+    }
+    let map = mm.file(0).unwrap().map().unwrap();
+    map.write(0x6000, &[1]).unwrap();
+    let pin = map.pin(0x6000, P).expect("pinning a shared page");
+
+    let err = mm
+        .convert(range(0x4000, 4 * P), PageState::Private)
+        .unwrap_err();
+
+    assert_eq!(err.errno(), gmem::Errno::EAGAIN, "{err}");
+    assert!(err.to_string().contains("offset 0x6000"), "{err}");
+    assert_eq!(mm.state(GuestAddress(0x4000)), Some(PageState::Shared));
+    drop(pin);
+    mm.convert(range(0x4000, 4 * P), PageState::Private)
+        .unwrap();
+}
+
+/// FALLOC-4: discarding memory of a VM with private memory returns the
+/// private pages (in the file) and the shared ones (in host memory, or in
+/// the file in place).
 fn discard_returns_both_sides_of_split_memory(hv: &dyn Hypervisor) {
     let Some(mm) = private_manager(hv, 4 * MIB) else {
         return;
@@ -640,12 +730,14 @@ fn discard_returns_both_sides_of_split_memory(hv: &dyn Hypervisor) {
 
     let after = held(&mm, all);
     report(format_args!(
-        "discard of split 4 MiB: before {before:?}, after {after:?}"
+        "discard of {} 4 MiB: before {before:?}, after {after:?}",
+        mm.backing().mode
     ));
-    assert_eq!(
-        (before.file_bytes(), before.host_bytes()),
-        (2 * MIB, 2 * MIB)
-    );
+    if in_place(&mm) {
+        assert_eq!(where_held(&before), (4 * MIB, 0));
+    } else {
+        assert_eq!(where_held(&before), (2 * MIB, 2 * MIB));
+    }
     assert_eq!(after.total(), 0);
     assert_eq!(
         mm.state(GuestAddress(0)),

@@ -12,9 +12,9 @@ use super::file::FileAccess;
 use super::Error;
 use crate::hypervisor::{Hypervisor, Vm};
 use crate::uapi::{
-    KVM_CAP_GUEST_MEMFD, KVM_CAP_GUEST_MEMFD_FLAGS, KVM_CAP_MEMORY_ATTRIBUTES,
-    KVM_CAP_USER_MEMORY2, KVM_CAP_VM_TYPES, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_X86_DEFAULT_VM,
-    KVM_X86_SW_PROTECTED_VM,
+    KVM_CAP_GUEST_MEMFD, KVM_CAP_GUEST_MEMFD_FLAGS, KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES,
+    KVM_CAP_MEMORY_ATTRIBUTES, KVM_CAP_USER_MEMORY2, KVM_CAP_VM_TYPES,
+    KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_X86_DEFAULT_VM, KVM_X86_SW_PROTECTED_VM,
 };
 
 /// Where guest RAM lives.
@@ -38,10 +38,13 @@ pub enum BackingMode {
     /// conversion moves a range from one to the other and frees the copy
     /// left behind.
     Split,
-    /// A VM with private memory whose guest_memfd holds shared and private
-    /// pages alike, converted in place (`KVM_SET_MEMORY_ATTRIBUTES2` on the
-    /// file, one copy of every page). Designed, not yet offered: no backend
-    /// implements in-place conversion yet.
+    /// A VM with private memory whose guest_memfd (`MMAP | INIT_SHARED`)
+    /// holds shared and private pages alike, converted in place
+    /// (`KVM_SET_MEMORY_ATTRIBUTES2` on the file): one copy of every page,
+    /// so a conversion frees nothing and holds nothing twice. The host maps
+    /// the file; a private page is refused before it is touched. Offered by
+    /// kernels with in-place conversion (kvm-x86, unreleased) and by the
+    /// software backend's `next` profile.
     InPlace,
     /// Plain anonymous host memory, for hosts without guest_memfd.
     Anonymous,
@@ -67,7 +70,7 @@ impl BackingMode {
         match self {
             BackingMode::GuestMemfd => Some(FileAccess::Shared),
             BackingMode::Split => Some(FileAccess::GuestOnly),
-            BackingMode::InPlace => Some(FileAccess::Mappable),
+            BackingMode::InPlace => Some(FileAccess::Shared),
             BackingMode::Anonymous => None,
         }
     }
@@ -209,8 +212,8 @@ fn probe(hv: &dyn Hypervisor, mode: BackingMode) -> Result<(Box<dyn Vm>, String)
             let attrs = vm.check_extension(KVM_CAP_MEMORY_ATTRIBUTES) as u64;
             if attrs & KVM_MEMORY_ATTRIBUTE_PRIVATE as u64 == 0 {
                 return Err(format!(
-                    "a sw_protected VM cannot make memory private (KVM_CAP_MEMORY_ATTRIBUTES \
-                     {attrs:#x})"
+                    "the VM does not track private memory (KVM_CAP_MEMORY_ATTRIBUTES {attrs:#x} \
+                     on a sw_protected VM)"
                 ));
             }
             Ok((
@@ -222,9 +225,36 @@ fn probe(hv: &dyn Hypervisor, mode: BackingMode) -> Result<(Box<dyn Vm>, String)
                 ),
             ))
         }
-        BackingMode::InPlace => Err("in-place conversion (KVM_SET_MEMORY_ATTRIBUTES2 on the \
-             guest_memfd) is offered by no backend yet"
-            .into()),
+        BackingMode::InPlace => {
+            if let Some(why) = no_gmem() {
+                return Err(why);
+            }
+            let types = hv.check_extension(KVM_CAP_VM_TYPES) as u64;
+            if types & (1 << KVM_X86_SW_PROTECTED_VM) == 0 {
+                return Err(format!(
+                    "no VM type with private memory (KVM_CAP_VM_TYPES {types:#x} lacks \
+                     sw_protected)"
+                ));
+            }
+            let vm = create(KVM_X86_SW_PROTECTED_VM)?;
+            let attrs = vm.check_extension(KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES) as u64;
+            let flags = vm.check_extension(KVM_CAP_GUEST_MEMFD_FLAGS) as u64;
+            let want = FileAccess::Shared.flags();
+            if attrs & KVM_MEMORY_ATTRIBUTE_PRIVATE as u64 == 0 || flags & want != want {
+                return Err(format!(
+                    "no in-place conversion (KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES {attrs:#x}, \
+                     KVM_CAP_GUEST_MEMFD_FLAGS {flags:#x} on a sw_protected VM)"
+                ));
+            }
+            Ok((
+                vm,
+                format!(
+                    "KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES {attrs:#x} on a sw_protected VM: \
+                     shared and private pages in one guest_memfd, converted in place \
+                     (KVM_SET_MEMORY_ATTRIBUTES2), one copy of each page"
+                ),
+            ))
+        }
         BackingMode::Anonymous => {
             let vm = create(KVM_X86_DEFAULT_VM)?;
             Ok((
@@ -274,15 +304,20 @@ pub(crate) fn choose(
 mod tests {
     use super::*;
 
-    /// gmem-backing: the software backend offers split private memory.
+    /// gmem-backing: the software backend as 6.18 offers split private
+    /// memory, and says why not in place.
     #[test]
-    fn private_request_on_the_soft_backend_is_split_and_says_why() {
+    fn private_request_on_soft_6_18_is_split_and_says_why() {
         let hv = crate::Backend::Soft.open().unwrap();
         let (vm, b) = choose(&*hv, BackingRequest::Private).unwrap();
         assert_eq!(b.mode, BackingMode::Split);
         assert_eq!(vm.vm_type(), KVM_X86_SW_PROTECTED_VM as u64);
         assert_eq!(b.passed_over.len(), 1);
-        assert!(b.passed_over[0].1.contains("in-place"));
+        let why = &b.passed_over[0].1;
+        assert!(
+            why.contains("KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES 0x0"),
+            "{why}"
+        );
         assert!(
             b.reason.contains("KVM_CAP_MEMORY_ATTRIBUTES 0x8"),
             "{}",
@@ -290,16 +325,20 @@ mod tests {
         );
     }
 
-    /// gmem-backing: asking for what no backend has names the mode and why.
+    /// gmem-backing: the `next` profile converts in place, and refuses the
+    /// split backing because its VMs no longer track private memory.
     #[test]
-    fn in_place_is_refused_with_the_reason() {
-        let hv = crate::Backend::Soft.open().unwrap();
-        let Err(err) = choose(&*hv, BackingRequest::Mode(BackingMode::InPlace)) else {
-            panic!("in-place must be refused")
+    fn private_request_on_soft_next_is_in_place() {
+        let hv = crate::soft::SoftHypervisor::with_profile(crate::Release::Next).unwrap();
+        let (_, b) = choose(&hv, BackingRequest::Private).unwrap();
+        assert_eq!(b.mode, BackingMode::InPlace);
+        assert!(b.passed_over.is_empty());
+        let Err(err) = choose(&hv, BackingRequest::Mode(BackingMode::Split)) else {
+            panic!("split must be refused")
         };
         assert_eq!(err.rule(), "gmem-backing");
         assert!(
-            err.to_string().contains("KVM_SET_MEMORY_ATTRIBUTES2"),
+            err.to_string().contains("KVM_CAP_MEMORY_ATTRIBUTES 0x0"),
             "{err}"
         );
     }

@@ -10,8 +10,8 @@ use super::Error;
 use crate::error::Errno;
 use crate::hypervisor::{GuestMemfd, HostMemory, MapKind, Vm};
 use crate::uapi::{
-    kvm_create_guest_memfd, page_aligned, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
-    GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_CAP_GUEST_MEMFD,
+    kvm_create_guest_memfd, kvm_memory_attributes2, page_aligned, FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE, GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_CAP_GUEST_MEMFD,
     KVM_CAP_GUEST_MEMFD_FLAGS,
 };
 
@@ -204,6 +204,35 @@ impl GmemFile {
             .into());
         };
         Ok(self.file.fallocate(mode, off, n)?)
+    }
+
+    /// `KVM_SET_MEMORY_ATTRIBUTES2` on the file: makes `[offset, offset +
+    /// len)` private or shared in place (CONV-*). The page contents stay;
+    /// a page still referenced (pinned) refuses going private with
+    /// `EAGAIN`, and the error names its offset (CONV-5).
+    ///
+    /// ```
+    /// # use gmem::memory::{FileAccess, GmemFile, GmemOffset};
+    /// let hv = gmem::soft::SoftHypervisor::with_profile(gmem::Release::Next).unwrap();
+    /// let vm = gmem::Hypervisor::create_vm(&hv, gmem::uapi::KVM_X86_SW_PROTECTED_VM as u64).unwrap();
+    /// let file = GmemFile::create(&*vm, 8192, FileAccess::Shared).unwrap();
+    /// file.set_private(GmemOffset(0), 4096, true).unwrap();
+    /// let map = file.map().unwrap();
+    /// assert!(map.read(0, &mut [0]).is_err() && map.read(4096, &mut [0]).is_ok());
+    /// ```
+    pub fn set_private(&self, offset: GmemOffset, len: u64, private: bool) -> Result<(), Error> {
+        let mut attrs = kvm_memory_attributes2::new(offset.0, len, private);
+        self.file
+            .set_memory_attributes2(&mut attrs)
+            .map_err(|mut e| {
+                if e.errno == Errno::EAGAIN {
+                    e.message += &format!(
+                        ": the page at file offset {:#x} is still referenced (pinned)",
+                        attrs.error_offset
+                    );
+                }
+                Error::from(e)
+            })
     }
 
     /// A shared host mapping of the whole file (MMAP-*): unmapped when the

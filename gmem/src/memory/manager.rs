@@ -462,12 +462,14 @@ impl MemoryManager {
         self.pieces(range)
     }
 
-    /// Converts `range` (page aligned, all RAM) to `to` and frees the copy
-    /// that became stale, so the range is never held twice: going private
-    /// drops the shared host pages (`MADV_DONTNEED` on anonymous memory),
-    /// going shared punches the guest_memfd pages. The contents do not
-    /// carry over (the split backing keeps two separate memories). State
-    /// is kept by range: converting 1 TiB costs what 4 KiB costs.
+    /// Converts `range` (page aligned, all RAM) to `to`, so that the range
+    /// is never held twice. In the split backing the copy that became
+    /// stale is freed: going private drops the shared host pages
+    /// (`MADV_DONTNEED` on anonymous memory), going shared punches the
+    /// guest_memfd pages, and the contents do not carry over. In the
+    /// in-place backing the file converts its pages where they are
+    /// (`KVM_SET_MEMORY_ATTRIBUTES2`) and keeps their contents. State is
+    /// kept by range: converting 1 TiB costs what 4 KiB costs.
     ///
     /// ```
     /// # use gmem::memory::{BackingRequest, GuestAddress, GuestRange, Layout, MemoryManager, PageState};
@@ -480,23 +482,28 @@ impl MemoryManager {
     /// ```
     pub fn convert(&self, range: GuestRange, to: PageState) -> Result<(), Error> {
         let pieces = self.page_pieces("converting", range)?;
-        match self.backing.mode {
-            BackingMode::Split => {}
-            mode => {
-                return Err(Error::Unsupported {
-                    what: format!("converting {range} to {to}"),
-                    why: format!(
-                        "the {mode} backing has no private memory{}",
-                        if mode == BackingMode::InPlace {
-                            " conversions yet"
-                        } else {
-                            ""
-                        }
-                    ),
-                })
-            }
+        let mode = self.backing.mode;
+        if !mode.has_private_memory() {
+            return Err(Error::Unsupported {
+                what: format!("converting {range} to {to}"),
+                why: format!("the {mode} backing has no private memory"),
+            });
         }
         let mut private = self.private.write();
+        let mark = |private: &mut RangeSet<u64>, r: &GuestRange| match to {
+            PageState::Private => private.insert(r.start.0..r.bound()),
+            PageState::Shared => private.remove(r.start.0..r.bound()),
+        };
+        if mode == BackingMode::InPlace {
+            // One copy of every page: the file converts it where it is.
+            for (region, piece) in &pieces {
+                if let Some((file, off, len)) = region.file_piece(piece) {
+                    file.set_private(off, len, to == PageState::Private)?;
+                }
+                mark(&mut private, piece);
+            }
+            return Ok(());
+        }
         let attributes = match to {
             PageState::Private => KVM_MEMORY_ATTRIBUTE_PRIVATE as u64,
             PageState::Shared => 0,
@@ -507,11 +514,7 @@ impl MemoryManager {
             attributes,
             flags: 0,
         })?;
-        let r = range.start.0..range.bound();
-        match to {
-            PageState::Private => private.insert(r),
-            PageState::Shared => private.remove(r),
-        }
+        mark(&mut private, &range);
         for (region, piece) in &pieces {
             match to {
                 PageState::Private => region.discard_host(piece)?,

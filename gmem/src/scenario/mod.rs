@@ -10,12 +10,14 @@
 pub mod ast;
 pub mod departures;
 pub mod parse;
+pub mod probe;
 pub mod report;
 pub mod run;
 
 pub use ast::{Line, Op, Outcome, RequireKind, Requirement, Scenario};
 pub use departures::{kernel_release, Departure, Departures};
 pub use parse::{parse, parse_number, parse_outcome, ParseError, ParseErrors};
+pub use probe::{match_release, Probe, ReleaseMatch};
 pub use report::{
     collect_files, render, BackendSlot, CheckReport, Checker, ScenarioReport, Verdict,
 };

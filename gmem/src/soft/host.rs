@@ -10,9 +10,10 @@ use std::sync::{Arc, Weak};
 
 use parking_lot::RwLock;
 
-use super::guest_memfd::{GmemFile, GmemInode};
+use super::guest_memfd::{GmemFile, GmemInode, SoftPin};
 use crate::host::Mmap;
-use crate::hypervisor::{HostFault, HostMemory};
+use crate::hypervisor::{HostFault, HostMemory, Pin};
+use crate::uapi::PAGE_SHIFT;
 
 /// One registered mapping.
 pub(crate) struct Region {
@@ -54,6 +55,18 @@ impl Region {
                     inode.size
                 ),
             });
+        }
+        if inode.in_place {
+            let first = file_off >> PAGE_SHIFT;
+            if let Some(index) = inode.first_private(first..(last >> PAGE_SHIFT) + 1) {
+                let at = (index << PAGE_SHIFT).max(file_off);
+                return Err(HostFault::Sigbus {
+                    offset: at - base,
+                    rule: "CONV-6",
+                    reason: format!("file page {index:#x} is private to the guest"),
+                });
+            }
+            return Ok(());
         }
         if !inode.init_shared() {
             return Err(HostFault::Sigbus {
@@ -157,5 +170,28 @@ impl HostMemory for SoftHostMemory {
 
     fn write(&self, offset: u64, buf: &[u8]) -> Result<(), HostFault> {
         self.region.write(offset, buf)
+    }
+
+    fn pin(&self, offset: u64, len: u64) -> crate::Result<Box<dyn Pin>> {
+        if len == 0 || offset.checked_add(len).is_none_or(|end| end > self.len()) {
+            return Err(crate::Error::new(
+                crate::Errno::EFAULT,
+                "CONV-5",
+                format!(
+                    "pin of {len:#x} bytes at offset {offset:#x}: outside the {:#x}-byte mapping",
+                    self.len()
+                ),
+            ));
+        }
+        let RegionKind::GuestMemfd {
+            inode,
+            offset: base,
+        } = &self.region.kind
+        else {
+            return Ok(Box::new(SoftPin::unrelated()));
+        };
+        let first = (base + offset) >> PAGE_SHIFT;
+        let end = (base + offset + len).div_ceil(crate::uapi::PAGE_SIZE);
+        Ok(Box::new(inode.pin(first..end)?))
     }
 }
