@@ -453,8 +453,13 @@ fn run_inner(
         line(
             "convert",
             format_args!(
-                "second half of RAM to private in {:.1} ms, its shared copy freed: held {}",
+                "second half of RAM to private in {:.1} ms, {}: held {}",
                 t.elapsed().as_secs_f64() * 1e3,
+                if b.mode == BackingMode::InPlace {
+                    "in place (one copy, contents kept)"
+                } else {
+                    "its shared copy freed"
+                },
                 held_text(&converted)
             ),
         );
