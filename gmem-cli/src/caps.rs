@@ -1,4 +1,4 @@
-//! `gmem caps`: what a backend supports of guest_memfd (spec section 8),
+//! `gmem caps`: what a backend supports of guest_memfd (docs/spec.md, section 8),
 //! per VM type, and what that means for a VMM.
 
 use std::process::ExitCode;

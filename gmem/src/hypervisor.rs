@@ -160,10 +160,13 @@ pub trait HostMemory: Send + Sync {
         self.len() == 0
     }
 
-    /// Reads `buf.len()` bytes at `offset` into the mapping.
+    /// Reads `buf.len()` bytes at `offset` into the mapping. On SIGBUS the
+    /// bytes before the first faulting page have been read into `buf`, as a
+    /// CPU's copy would have read them (MMAP-3).
     fn read(&self, offset: u64, buf: &mut [u8]) -> std::result::Result<(), HostFault>;
 
-    /// Writes `buf` at `offset` into the mapping.
+    /// Writes `buf` at `offset` into the mapping. On SIGBUS the bytes before
+    /// the first faulting page have been stored (MMAP-3).
     fn write(&self, offset: u64, buf: &[u8]) -> std::result::Result<(), HostFault>;
 
     /// Takes a long-term reference on the pages of `[offset, offset + len)`

@@ -9,7 +9,8 @@
 //! - [`release`]: the kernel releases whose guest_memfd behaviour differs.
 //!
 //! The rules cited in errors and tests (`SLOT-7`, `BIND-4`, ...) are those of
-//! the project's specification, `spec/guest_memfd.md` in the steering repo.
+//! the project's specification, `docs/spec.md`, which defines each id with
+//! the kernel source it comes from.
 
 #![deny(missing_docs)]
 

@@ -1,9 +1,9 @@
-//! The rule ids of the spec's sections 1-8 (`spec/guest_memfd.md` in the
-//! steering repo), which errors cite and tests name, and of what came after
-//! it: `KVM_PRE_FAULT_MEMORY` (PREFAULT) and in-place conversion (CONV),
-//! described in `docs/releases.md`. When a rule is added, raise its
+//! The rule ids errors cite and tests name: those of sections 1-8 of the
+//! specification (`docs/spec.md`), and those of what came after 6.18:
+//! `KVM_PRE_FAULT_MEMORY` (PREFAULT) and in-place conversion (CONV), whose
+//! releases `docs/releases.md` gives. When a rule is added, raise its
 //! family's count here: the coverage tests then demand a test and a
-//! scenario for it.
+//! scenario for it, and the docs test its definition.
 
 /// Rule families and how many rules each has: `("SLOT", 12)` is SLOT-1..SLOT-12.
 pub const FAMILIES: &[(&str, u32)] = &[

@@ -1,7 +1,7 @@
 //! Scenario files (`.gmem`): parser and runner.
 //!
 //! A scenario is a script of guest_memfd operations, each with the outcome
-//! it must have (the format is `scenarios/README.md`). [`parse()`] reads one,
+//! it must have (the language is `docs/scenarios.md`). [`parse()`] reads one,
 //! [`run()`] performs it on any [`Hypervisor`](crate::Hypervisor), and
 //! [`report`] runs files on one or two backends, applies the departures
 //! recorded for the running kernel ([`departures`]) and renders the table

@@ -1,5 +1,5 @@
 //! guest_memfd files: creation, bindings, fallocate, host mappings and
-//! release (spec sections 1, 2, 4 and 7).
+//! release (docs/spec.md, sections 1, 2, 4 and 7).
 //!
 //! Three objects, as in the kernel:
 //! - [`GmemInode`]: the memory. A tmpfs memfd holds the pages, so they are
@@ -29,6 +29,7 @@ use crate::refuse;
 use crate::uapi::{
     kvm_memory_attributes2, page_aligned, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
     GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_MEMORY_ATTRIBUTE_PRIVATE, PAGE_SHIFT,
+    PAGE_SIZE, TASK_SIZE_MAX,
 };
 
 /// Which memslot a bound file range belongs to.
@@ -486,15 +487,47 @@ impl GuestMemfd for SoftGuestMemfd {
         }
     }
 
+    /// `mmap(2)`: the generic checks of the mmap system call and `do_mmap`
+    /// (mm/mmap.c) in their order, then `kvm_gmem_mmap`'s own (MMAP-1, MMAP-2).
     fn mmap(&self, offset: i64, len: u64, kind: MapKind) -> Result<Box<dyn HostMemory>> {
+        // The offset reaches the kernel as an unsigned long.
+        let off = offset as u64;
+        if !page_aligned(off) {
+            refuse!(EINVAL, "MMAP-2", "mmap offset {off:#x} is not page aligned");
+        }
         if len == 0 {
             refuse!(EINVAL, "MMAP-2", "mmap length 0");
         }
-        if offset < 0 || !page_aligned(offset as u64) {
+        let Some(len_aligned) = len.checked_next_multiple_of(PAGE_SIZE) else {
             refuse!(
-                EINVAL,
+                ENOMEM,
                 "MMAP-2",
-                "mmap offset {offset:#x} is not page aligned"
+                "mmap length {len:#x} overflows when rounded up to a page"
+            );
+        };
+        let pgoff = off >> PAGE_SHIFT;
+        if pgoff.checked_add(len_aligned >> PAGE_SHIFT).is_none() {
+            refuse!(
+                EOVERFLOW,
+                "MMAP-2",
+                "mmap offset {off:#x} + length {len:#x} overflows"
+            );
+        }
+        if len_aligned > TASK_SIZE_MAX {
+            refuse!(
+                ENOMEM,
+                "MMAP-2",
+                "mmap length {len:#x} does not fit the user address space"
+            );
+        }
+        // file_mmap_ok: a regular file maps at most MAX_LFS_FILESIZE bytes
+        // of file offsets.
+        let max_file = i64::MAX as u64;
+        if len_aligned > max_file || pgoff > (max_file - len_aligned) >> PAGE_SHIFT {
+            refuse!(
+                EOVERFLOW,
+                "MMAP-2",
+                "mmap offset {off:#x} + length {len:#x} passes the largest file offset"
             );
         }
         let inode = &self.file.inode;
@@ -516,7 +549,7 @@ impl GuestMemfd for SoftGuestMemfd {
         let mmap = Mmap::shared(inode.store.as_fd(), offset, len)?;
         let kind = RegionKind::GuestMemfd {
             inode: inode.clone(),
-            offset: offset as u64,
+            offset: off,
         };
         Ok(Box::new(SoftHostMemory::new(
             &self.file.vm.host,

@@ -1,4 +1,4 @@
-//! The guest fault path (spec section 6): where a guest access is served
+//! The guest fault path (docs/spec.md, section 6): where a guest access is served
 //! from, and the exits it produces.
 
 use std::sync::atomic::Ordering;

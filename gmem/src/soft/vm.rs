@@ -1,4 +1,4 @@
-//! A software VM: memslots and bindings (spec section 3), memory attributes
+//! A software VM: memslots and bindings (docs/spec.md, section 3), memory attributes
 //! (section 5) and capabilities (section 8).
 //!
 //! Lock order, as in the kernel (INVAL-5):

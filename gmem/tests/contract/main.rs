@@ -1,4 +1,4 @@
-//! The contract test suite: every rule of spec sections 1-8, written once
+//! The contract test suite: every rule of docs/spec.md sections 1-8, written once
 //! against `&dyn Hypervisor` and run on each backend.
 //!
 //! Each test is a function `fn(&dyn Hypervisor)` in the module of its spec
@@ -314,6 +314,12 @@ contract_tests! {
         touched_hole_reads_zero,
         private_mapping_of_a_file_without_mmap_is_enodev,
         mapping_wholly_past_the_end_is_sigbus_on_touch,
+        write_across_the_end_stores_every_byte_before_it,
+        read_across_the_end_reads_every_byte_before_it,
+        write_across_the_end_of_a_mapping_at_an_offset,
+        write_without_init_shared_faults_at_its_first_byte,
+        offset_past_the_largest_file_offset_is_eoverflow,
+        highest_mappable_offset_is_accepted,
     ],
     attributes: [
         nonzero_flags_are_einval,
