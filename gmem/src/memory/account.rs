@@ -1,8 +1,8 @@
 //! Memory held, measured by the kernel rather than by bookkeeping.
 //!
-//! - A guest_memfd file: `st_blocks` is 0 whatever it holds
-//!   (`kvm_gmem_getattr` is absent, the inode's block count is never
-//!   raised), but its pages are page-cache folios of the file's mapping
+//! - A guest_memfd file: `st_blocks` is 0 whatever it holds (the kernel
+//!   never counts its folios in the inode's blocks), but its pages are
+//!   page-cache folios of the file's mapping
 //!   (virt/kvm/guest_memfd.c, `kvm_gmem_get_folio` through
 //!   `filemap_grab_folio`; `kvm_gmem_punch_hole` removes them with
 //!   `truncate_inode_pages_range`). `cachestat(2)` (Linux 6.5,
