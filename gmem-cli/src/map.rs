@@ -105,8 +105,8 @@ fn text(mm: &MemoryManager, backend: &str) -> String {
     );
     let _ = writeln!(
         out,
-        "{:<27} {:>8}  {:<6} {:<29} {}",
-        "guest physical", "size", "slot", "guest_memfd [offsets)", "state (where it lives)"
+        "{:<27} {:>8}  {:<6} {:<29} state (where it lives)",
+        "guest physical", "size", "slot", "guest_memfd [offsets)"
     );
     for row in rows(mm) {
         let (slot, file, state) = match row.kind {
