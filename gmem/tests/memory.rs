@@ -6,9 +6,11 @@
 //! test that needs what a host lacks (private memory for conversions)
 //! prints one `skip:` line naming it.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::Ordering;
+use std::sync::{Mutex, Once};
 
 use gmem::memory::{
     BackingMode, BackingRequest, Error, FileAccess, GmemFile, GmemOffset, GuestAddress, GuestRange,
@@ -22,11 +24,30 @@ const P: u64 = PAGE_SIZE;
 const MIB: u64 = 1 << 20;
 const SEED: u64 = 0x6d65_6d00_0000_0000;
 
-/// Prints one skip line naming the test.
+/// Skip reason -> how many tests skipped for it; printed once, when the
+/// test binary exits, instead of a line per test.
+static SKIPPED: Mutex<BTreeMap<String, usize>> = Mutex::new(BTreeMap::new());
+static AT_EXIT: Once = Once::new();
+
+extern "C" fn print_skips() {
+    let skipped = SKIPPED.lock().unwrap_or_else(|e| e.into_inner());
+    let n: usize = skipped.values().sum();
+    let mut out = format!("memory: {n} tests skipped:\n");
+    for (why, count) in skipped.iter() {
+        out += &format!("  {count:>4}  {why}\n");
+    }
+    let _ = std::io::stderr().write_all(out.as_bytes());
+}
+
+/// Records that the running test skipped, and why.
 fn skip(why: impl std::fmt::Display) {
-    let thread = std::thread::current();
-    let line = format!("skip: {why} ({})\n", thread.name().unwrap_or("?"));
-    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    AT_EXIT.call_once(|| {
+        // SAFETY: registers a plain extern "C" function without arguments;
+        // it runs once, at exit, after the test harness has finished.
+        unsafe { libc::atexit(print_skips) };
+    });
+    let mut skipped = SKIPPED.lock().unwrap_or_else(|e| e.into_inner());
+    *skipped.entry(why.to_string()).or_default() += 1;
 }
 
 /// The manager for `layout`, or `None` after a skip line when the host
