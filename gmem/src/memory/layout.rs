@@ -12,13 +12,37 @@ use super::Error;
 use crate::uapi::{KVM_MEM_MAX_NR_PAGES, KVM_USER_MEM_SLOTS, PAGE_SIZE};
 
 /// End of RAM below the 32-bit hole in the default layout (3 GiB).
+///
+/// ```
+/// use gmem::memory::{Layout, LOW_RAM_END};
+/// let layout = Layout::builder().memory(4 << 30).build().unwrap();
+/// assert_eq!(layout.ranges()[0].range.len, LOW_RAM_END);
+/// ```
 pub const LOW_RAM_END: u64 = 0xC000_0000;
 /// Start of RAM above the 32-bit hole in the default layout (4 GiB).
+///
+/// ```
+/// use gmem::memory::{Layout, HIGH_RAM_START};
+/// let layout = Layout::builder().memory(4 << 30).build().unwrap();
+/// assert_eq!(layout.ranges()[1].range.start.0, HIGH_RAM_START);
+/// ```
 pub const HIGH_RAM_START: u64 = 1 << 32;
 /// The most bytes one memslot may hold (`KVM_MEM_MAX_NR_PAGES` pages).
+///
+/// ```
+/// use gmem::memory::{GuestAddress, Layout, MAX_SLOT_BYTES};
+/// let layout = Layout::builder().ram(GuestAddress(0), 2 * MAX_SLOT_BYTES).build().unwrap();
+/// assert_eq!(layout.slots().len(), 2);
+/// ```
 pub const MAX_SLOT_BYTES: u64 = KVM_MEM_MAX_NR_PAGES * PAGE_SIZE;
 
-/// How many guest_memfd files back the RAM ranges.
+/// How many guest_memfd files back the RAM ranges
+/// ([`LayoutBuilder::file_per_range`] chooses).
+///
+/// ```
+/// use gmem::memory::FilePolicy;
+/// assert_eq!(FilePolicy::default(), FilePolicy::PerVm);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FilePolicy {
     /// One file for the whole VM; each range at the next offset (the way
