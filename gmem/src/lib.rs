@@ -7,6 +7,7 @@
 //! - [`memory`]: the memory manager VMMs embed: RAM on guest_memfd, laid
 //!   out, converted, discarded, measured, and vm-memory interop.
 //! - [`release`]: the kernel releases whose guest_memfd behaviour differs.
+//! - [`mempolicy`]: NUMA memory policy of host mappings (`mbind`).
 //!
 //! The rules cited in errors and tests (`SLOT-7`, `BIND-4`, ...) are those of
 //! the project's specification, `docs/spec.md`, which defines each id with
@@ -19,6 +20,7 @@ pub mod host;
 pub mod hypervisor;
 pub mod kvm;
 pub mod memory;
+pub mod mempolicy;
 pub mod release;
 pub mod rules;
 pub mod scenario;
@@ -30,6 +32,7 @@ pub use hypervisor::{
     GuestLoop, GuestMemfd, GuestOp, HostFault, HostMemory, Hypervisor, LoopExit, MapKind, Pin,
     Stat, Vcpu, VcpuExit, Vm,
 };
+pub use mempolicy::{MbindFlags, MemPolicy, ModeFlags, MpolMode, NodeMask};
 pub use release::Release;
 
 /// Which implementation of the contract to use.
