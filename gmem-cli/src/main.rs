@@ -5,10 +5,17 @@
 //!   table; `--profile` runs the software backend as that kernel release.
 //! - `gmem caps [--backend kvm|soft] [--json]` shows what a backend supports
 //!   of guest_memfd and what that means for a VMM.
+//! - `gmem run [--memory 1G] [--vcpus 2] [--backend ...] [--backing ...] [--profile ...]`
+//!   starts a VM whose RAM is on guest_memfd, populates it from every vCPU,
+//!   verifies, converts and discards it, and prints what it cost.
+//! - `gmem map [--memory SIZE | --ram GPA:SIZE ...] [--private GPA:SIZE ...]
+//!   [--svg FILE]` draws a memory layout.
 
 #![deny(missing_docs)]
 
 mod caps;
+mod map;
+mod run;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -45,6 +52,52 @@ enum Command {
         departures: Option<PathBuf>,
         /// Run the software backend as this kernel release behaves
         /// (6.18, 6.19, 7.0, 7.1, 7.2, next; default 6.18).
+        #[arg(long, value_name = "RELEASE")]
+        profile: Option<Release>,
+    },
+    /// Start a VM whose RAM is on guest_memfd, populate it from every vCPU,
+    /// verify, convert and discard it, and summarise.
+    Run {
+        /// RAM size (K, M, G suffixes).
+        #[arg(long, default_value = "1G", value_parser = run::parse_size)]
+        memory: u64,
+        /// vCPUs, each filling its share of RAM.
+        #[arg(long, default_value_t = 2)]
+        vcpus: usize,
+        /// Where to run: the kernel where /dev/kvm exists, else the software backend.
+        #[arg(long, value_enum, default_value_t = run::BackendChoice::Auto)]
+        backend: run::BackendChoice,
+        /// Backing mode to ask for (auto: the most capable the host offers).
+        #[arg(long, value_enum, default_value_t = run::BackingChoice::Auto)]
+        backing: run::BackingChoice,
+        /// Run the software backend as this kernel release (`next`: in-place conversion).
+        #[arg(long, value_name = "RELEASE")]
+        profile: Option<Release>,
+    },
+    /// Draw a memory layout: ranges, memslots, files and offsets, states, holes.
+    Map {
+        /// RAM size placed around the 32-bit hole (ignored with --ram).
+        #[arg(long, default_value = "6G", value_parser = run::parse_size)]
+        memory: u64,
+        /// An explicit RAM range GPA:SIZE (repeat for more).
+        #[arg(long, value_parser = run::parse_range)]
+        ram: Vec<gmem::memory::GuestRange>,
+        /// One guest_memfd per RAM range instead of one per VM.
+        #[arg(long)]
+        file_per_range: bool,
+        /// Where to build the layout.
+        #[arg(long, value_enum, default_value_t = run::BackendChoice::Soft)]
+        backend: run::BackendChoice,
+        /// Backing mode to ask for.
+        #[arg(long, value_enum, default_value_t = run::BackingChoice::Auto)]
+        backing: run::BackingChoice,
+        /// Convert GPA:SIZE to private before drawing (repeat for more).
+        #[arg(long, value_parser = run::parse_range)]
+        private: Vec<gmem::memory::GuestRange>,
+        /// Also write the picture as SVG to FILE.
+        #[arg(long, value_name = "FILE")]
+        svg: Option<PathBuf>,
+        /// Run the software backend as this kernel release (`next`: in-place conversion).
         #[arg(long, value_name = "RELEASE")]
         profile: Option<Release>,
     },
@@ -94,6 +147,31 @@ fn main() -> ExitCode {
             departures,
             profile,
         } => check(paths, backend, json, departures, profile),
+        Command::Run {
+            memory,
+            vcpus,
+            backend,
+            backing,
+            profile,
+        } => run::run(memory, vcpus, (backend, profile), backing),
+        Command::Map {
+            memory,
+            ram,
+            file_per_range,
+            backend,
+            backing,
+            private,
+            svg,
+            profile,
+        } => map::map(map::MapArgs {
+            memory,
+            ram,
+            file_per_range,
+            backend: (backend, profile),
+            backing,
+            private,
+            svg,
+        }),
         Command::Caps { backend, json } => caps::caps(
             match backend {
                 One::Soft => Backend::Soft,
