@@ -93,7 +93,11 @@ impl SoftVcpu {
                 format!("gpa {gpa:#x} is served from hva {hva:#x}, where no host memory is mapped"),
             )
         };
-        let (region, off) = self.vm.host.lookup(hva, buf.len() as u64).ok_or_else(unmapped)?;
+        let (region, off) = self
+            .vm
+            .host
+            .lookup(hva, buf.len() as u64)
+            .ok_or_else(unmapped)?;
         let done = if write {
             region.write(off, buf)
         } else {
