@@ -357,7 +357,14 @@ pub fn caps(backend: Backend, json: bool) -> ExitCode {
                     })
                 );
             } else {
-                println!("{} backend not available: {e}", backend.name());
+                print!(
+                    "{}",
+                    wrap(
+                        "",
+                        &format!("{} backend not available: {e}", backend.name()),
+                        2
+                    )
+                );
                 println!("kernel: {}", KernelId::running());
                 if backend == Backend::Kvm {
                     print!(

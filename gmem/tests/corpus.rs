@@ -127,3 +127,98 @@ fn a_terabyte_fallocate_is_over_budget_on_kvm_and_the_machine_keeps_its_memory()
     }
     over_budget_keeps_memory(Backend::Kvm);
 }
+
+/// The selftest test_guest_memfd_guest (guest_memfd_test.c) as a user would
+/// write it: a MMAP | INIT_SHARED file bound with userspace_addr 0, the
+/// host fills it, the guest reads it and writes it back. The corpus has no
+/// such file; then a slot whose file is released.
+const USER_SCENARIOS: [(&str, &str, &str); 2] = [
+    (
+        "test_guest_memfd_guest.gmem",
+        "FAULT-3",
+        "\
+vm = create_vm
+g = create_guest_memfd vm size=4K flags=mmap|init_shared
+set_memory_region vm slot=1 gpa=0x1_0000_0000 size=4K flags=guest_memfd userspace=0 guest_memfd=g
+m = mmap g
+host_write m offset=0 byte=0xaa len=4K
+close m
+guest_read vm gpa=0x1_0000_0000 => 0xaa
+guest_write vm gpa=0x1_0000_0fff byte=0xff
+m2 = mmap g
+host_read m2 offset=0xfff => 0xff
+",
+    ),
+    (
+        "released.gmem",
+        "FAULT-6",
+        "\
+vm = create_vm
+h = host_memory size=8K
+g = create_guest_memfd vm size=8K flags=mmap|init_shared
+set_memory_region vm slot=7 gpa=0x2_0000_0000 size=8K flags=guest_memfd userspace=h guest_memfd=g
+close g
+guest_write vm gpa=0x2_0000_1000 byte=3 => exit memory_fault gpa=0x2_0000_1000 size=4096 flags=shared
+",
+    ),
+];
+
+#[test]
+fn a_user_scenario_that_hits_a_probed_behaviour_departs_as_that_behaviour() {
+    if skips::no_kvm("user scenarios on the kvm backend") {
+        return;
+    }
+    let hv = Backend::Kvm.open().unwrap();
+    let checker = Checker::new(
+        vec![BackendSlot {
+            name: "kvm".into(),
+            hv: Ok(hv.as_ref()),
+        }],
+        Departures::builtin(),
+        Limits::new(BUDGET),
+    );
+    let shown = checker.probes(0).unwrap().shown();
+    for (name, behaviour, text) in USER_SCENARIOS {
+        let report = checker.check_sources(
+            &[Source {
+                name: name.into(),
+                text: Ok(text.into()),
+            }],
+            |_, _, _| {},
+        );
+        let result = &report.scenarios[0].results[0];
+        if shown.contains(&behaviour) {
+            match &result.verdict {
+                gmem::scenario::Verdict::Departs(ids) => {
+                    assert!(ids.iter().any(|i| i == behaviour), "{name}: {ids:?}")
+                }
+                v => panic!("{name}: {v:?}\n{}", render(&report)),
+            }
+        } else {
+            assert!(!report.failed(), "{name}:\n{}", render(&report));
+        }
+    }
+}
+
+#[test]
+fn the_user_scenarios_pass_on_the_soft_backend() {
+    let hv = Backend::Soft.open().unwrap();
+    let checker = Checker::new(
+        vec![BackendSlot {
+            name: "soft".into(),
+            hv: Ok(hv.as_ref()),
+        }],
+        Departures::builtin(),
+        Limits::new(BUDGET),
+    );
+    for (name, _, text) in USER_SCENARIOS {
+        let report = checker.check_sources(
+            &[Source {
+                name: name.into(),
+                text: Ok(text.into()),
+            }],
+            |_, _, _| {},
+        );
+        assert!(!report.failed(), "{name}:\n{}", render(&report));
+    }
+}

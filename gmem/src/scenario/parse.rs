@@ -79,6 +79,8 @@ const RESERVED: &[&str] = &[
 pub const MAX_SCENARIO_BYTES: usize = 16 << 20;
 /// The most operation lines a scenario may have.
 pub const MAX_OPERATIONS: usize = 100_000;
+/// The most bytes one `host_write` may write.
+pub const MAX_HOST_WRITE: u64 = 1 << 30;
 /// Tokens longer than this are shortened in messages.
 const MAX_TOKEN_SHOWN: usize = 40;
 
@@ -741,12 +743,18 @@ impl Parser<'_> {
                 let offset = number(cx, need(cx, &mut a, "offset", name, usage)?, "offset")?;
                 let byte = byte_arg(cx, need(cx, &mut a, "byte", name, usage)?)?;
                 let len = opt_num(cx, &mut a, "len")?.unwrap_or(1);
-                if len > 1 << 30 {
+                if len > MAX_HOST_WRITE {
+                    let at = a
+                        .keyed
+                        .iter()
+                        .find(|(k, _)| k.text == "len")
+                        .map_or(cx.end(), |(_, v)| v.at);
                     return Err(cx.err(
-                        cx.end(),
-                        "len of at most 1G",
+                        at,
+                        "a host_write len of at most 1G",
                         &len.to_string(),
-                        "host_write fills len bytes in memory; keep it small",
+                        "one host_write touches at most 1 GiB of memory; write a larger range \
+                         with several lines (the memory budget counts every page they touch)",
                     ));
                 }
                 Op::HostWrite {
@@ -1358,6 +1366,19 @@ guest_read vm gpa=0x100000 => 0x00
             let e = err(text);
             assert_eq!(e.expected, "at least one operation", "{text:?}");
         }
+    }
+
+    #[test]
+    fn what_one_scenario_can_make_the_runner_hold_is_bounded() {
+        let e = err("h = host_memory size=4G\nhost_write h offset=0 byte=1 len=2G\n");
+        assert_eq!((e.line, e.column), (2, 34));
+        assert!(e.expected.contains("at most 1G"), "{}", e.expected);
+        let many = "check_extension guest_memfd\n".repeat(MAX_OPERATIONS + 1);
+        let e = err(&many);
+        assert_eq!(e.line, MAX_OPERATIONS + 1);
+        assert!(e.expected.contains("100000 operations"), "{}", e.expected);
+        let huge = "#".repeat(MAX_SCENARIO_BYTES + 1);
+        assert!(err(&huge).expected.contains("16 MiB"));
     }
 
     #[test]

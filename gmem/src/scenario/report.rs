@@ -355,11 +355,12 @@ impl<'a> Checker<'a> {
         let mut runs: Vec<Option<ScenarioRun>> = Vec::new();
         for (i, b) in self.backends.iter().enumerate() {
             match &b.hv {
-                Err(why) => {
+                Err(_) => {
                     runs.push(None);
                     report.results.push(BackendResult {
                         backend: b.name.clone(),
-                        verdict: Verdict::Skip(format!("{} backend not available: {why}", b.name)),
+                        // Why is said once, in the report's backends.
+                        verdict: Verdict::Skip(format!("the {} backend is not available", b.name)),
                         problems: vec![],
                         departures: vec![],
                         max_held: 0,
@@ -592,7 +593,8 @@ pub fn render(report: &CheckReport) -> String {
     );
     for b in &report.backends {
         if let Some(why) = &b.unavailable {
-            let _ = writeln!(out, "{} backend not available: {why}", b.name);
+            let line = format!("{} backend not available: {why}", b.name);
+            let _ = writeln!(out, "{}", shorten(&line, WIDTH));
         }
     }
     out.push('\n');
