@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use gmem::error::errno_name;
 use gmem::scenario::departures::{KernelId, ProbeOutcome};
-use gmem::scenario::{Departures, Limits};
+use gmem::scenario::{match_release_in, Departures, Limits, ReleaseMatch};
 use gmem::uapi::{
     kvm_memory_attributes, vm_type_name, CAPS, GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP,
     KVM_CAP_GUEST_MEMFD, KVM_CAP_GUEST_MEMFD_FLAGS, KVM_CAP_MEMORY_ATTRIBUTES,
@@ -70,13 +70,16 @@ struct Caps {
     departures: BTreeMap<String, DepartureCap>,
     /// What it means for a VMM, keyed by topic.
     meaning: Vec<(String, String)>,
+    /// Which release's guest_memfd behaviour the backend follows, measured
+    /// by the corpus lines whose outcome differs between releases.
+    release: ReleaseMatch,
 }
 
 fn cap(caps: &CapMap, name: &str) -> i64 {
     caps.get(name).copied().unwrap_or(0)
 }
 
-fn gather(hv: &dyn Hypervisor) -> Caps {
+fn gather(hv: &dyn Hypervisor, corpus: &[(&str, &str)]) -> Caps {
     let capabilities: CapMap = CAPS
         .iter()
         .map(|(n, c)| (*n, hv.check_extension(*c)))
@@ -137,7 +140,12 @@ fn gather(hv: &dyn Hypervisor) -> Caps {
         })
         .collect();
     let meaning = meaning(&capabilities, &vm_types, &set_memory_attributes);
+    let files: Vec<(String, String)> = corpus
+        .iter()
+        .map(|(n, t)| ((*n).to_string(), (*t).to_string()))
+        .collect();
     Caps {
+        release: match_release_in(hv, &files),
         backend: hv.name(),
         kernel: probes.kernel,
         capabilities,
@@ -338,11 +346,32 @@ fn render(c: &Caps) -> String {
     for (k, v) in &c.meaning {
         out.push_str(&wrap(&format!("  {k}:"), v, 4));
     }
+    let m = &c.release;
+    out.push_str(&format!(
+        "\nguest_memfd behaviour follows release: {}\n",
+        m.summary()
+    ));
+    out.push_str("  decided by (scenario line: observed -> releases with that outcome):\n");
+    for p in &m.probes {
+        let rels: Vec<String> = p.releases.iter().map(|r| r.to_string()).collect();
+        out.push_str(&wrap(
+            &format!("    {}:", p.at),
+            &format!("{} -> {}", p.observed, rels.join(" ")),
+            6,
+        ));
+    }
+    for (file, why) in &m.skipped {
+        out.push_str(&wrap(
+            &format!("    {file}:"),
+            &format!("not run, {why}"),
+            6,
+        ));
+    }
     out
 }
 
 /// `gmem caps`: exits 0 even when the backend cannot be opened (it says so).
-pub fn caps(backend: Backend, json: bool) -> ExitCode {
+pub fn caps(backend: Backend, json: bool, corpus: &[(&str, &str)]) -> ExitCode {
     let hv = match backend.open() {
         Ok(hv) => hv,
         Err(e) => {
@@ -382,7 +411,7 @@ pub fn caps(backend: Backend, json: bool) -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
-    let c = gather(hv.as_ref());
+    let c = gather(hv.as_ref(), corpus);
     if json {
         match serde_json::to_string_pretty(&c) {
             Ok(s) => println!("{s}"),

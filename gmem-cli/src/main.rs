@@ -1,8 +1,9 @@
 //! `gmem`: the command line of the gmem project.
 //!
-//! - `gmem check [PATHS...] [--backend soft|kvm|both] [--json]
-//!   [--departures FILE] [--max-memory SIZE]` runs scenario files (the
-//!   built-in corpus by default) and prints a conformance table.
+//! - `gmem check [PATHS...] [--backend soft|kvm|both] [--profile RELEASE]
+//!   [--json] [--departures FILE] [--max-memory SIZE]` runs scenario files
+//!   (the built-in corpus by default) and prints a conformance table;
+//!   `--profile` runs the software backend as that kernel release.
 //! - `gmem caps [--backend kvm|soft] [--json]` shows what a backend supports
 //!   of guest_memfd, which known departures its probes find, and what that
 //!   means for a VMM.
@@ -25,7 +26,8 @@ use gmem::scenario::budget::{mem_available, Bytes, DEFAULT_SHARE};
 use gmem::scenario::{
     collect_paths, parse_number, render, BackendSlot, Checker, Departures, Limits, Source,
 };
-use gmem::{Backend, Hypervisor};
+use gmem::soft::SoftHypervisor;
+use gmem::{Backend, Hypervisor, Release};
 
 /// The corpus, built in (see build.rs).
 mod corpus {
@@ -65,6 +67,10 @@ enum Command {
         /// stated at run time).
         #[arg(long, value_name = "SIZE", value_parser = parse_size)]
         max_memory: Option<u64>,
+        /// Run the software backend as this kernel release behaves
+        /// (6.18, 6.19, 7.0, 7.1, 7.2, next; default 6.18).
+        #[arg(long, value_name = "RELEASE")]
+        profile: Option<Release>,
     },
     /// Show the host's KVM guest_memfd support (or the software backend's),
     /// and the known departures from upstream its probes find.
@@ -141,13 +147,15 @@ fn main() -> ExitCode {
             json,
             departures,
             max_memory,
-        } => check(paths, backend, json, departures, max_memory),
+            profile,
+        } => check(paths, backend, json, departures, max_memory, profile),
         Command::Caps { backend, json } => caps::caps(
             match backend {
                 One::Soft => Backend::Soft,
                 One::Kvm => Backend::Kvm,
             },
             json,
+            corpus::FILES,
         ),
     }
 }
@@ -188,12 +196,23 @@ fn sources(paths: &[PathBuf]) -> Result<Vec<Source>, String> {
 /// A backend, or why it could not be opened.
 type Opened = Result<Box<dyn Hypervisor>, String>;
 
+/// Opens `backend`; the software backend as `profile` when one is given.
+fn open(backend: Backend, profile: Option<Release>) -> Opened {
+    match (backend, profile) {
+        (Backend::Soft, Some(r)) => SoftHypervisor::with_profile(r)
+            .map(|h| Box::new(h) as Box<dyn Hypervisor>)
+            .map_err(|e| e.to_string()),
+        (b, _) => b.open().map_err(|e| e.to_string()),
+    }
+}
+
 fn check(
     paths: Vec<PathBuf>,
     which: Which,
     json: bool,
     departures: Option<PathBuf>,
     max_memory: Option<u64>,
+    profile: Option<Release>,
 ) -> ExitCode {
     let input_error = |msg: String| {
         eprintln!("gmem check: {msg}");
@@ -219,10 +238,7 @@ fn check(
         Which::Kvm => &[Backend::Kvm],
         Which::Both => &[Backend::Soft, Backend::Kvm],
     };
-    let opened: Vec<(Backend, Opened)> = wanted
-        .iter()
-        .map(|b| (*b, b.open().map_err(|e| e.to_string())))
-        .collect();
+    let opened: Vec<(Backend, Opened)> = wanted.iter().map(|b| (*b, open(*b, profile))).collect();
     if which == Which::Kvm {
         if let Err(why) = &opened[0].1 {
             return input_error(format!("kvm backend not available: {why}"));
@@ -232,7 +248,10 @@ fn check(
         opened
             .iter()
             .map(|(b, r)| BackendSlot {
-                name: b.name().to_string(),
+                name: match (b, profile) {
+                    (Backend::Soft, Some(p)) => format!("soft {p}"),
+                    _ => b.name().to_string(),
+                },
                 hv: r.as_ref().map(|h| h.as_ref()).map_err(Clone::clone),
             })
             .collect(),

@@ -54,6 +54,26 @@ fn corpus_passes_on_the_soft_backend() {
     check_corpus_on(Backend::Soft);
 }
 
+/// Each release profile passes the corpus as that release behaves: lines
+/// with an outcome per release (`=> EINVAL | 7.2: EEXIST`) are held to the
+/// profile's release.
+#[test]
+fn corpus_passes_on_every_release_profile() {
+    for release in gmem::Release::ALL {
+        let hv = gmem::soft::SoftHypervisor::with_profile(release).unwrap();
+        let checker = Checker::new(
+            vec![BackendSlot {
+                name: format!("soft {release}"),
+                hv: Ok(&hv),
+            }],
+            Departures::default(),
+            Limits::new(BUDGET),
+        );
+        let report = checker.check_sources(&sources(), |_, _, _| {});
+        assert!(!report.failed(), "profile {release}:\n{}", render(&report));
+    }
+}
+
 #[test]
 fn corpus_passes_on_kvm_or_departs_by_a_probed_behaviour() {
     if skips::no_kvm("the corpus on the kvm backend") {

@@ -25,12 +25,12 @@ use parking_lot::Mutex;
 
 use crate::error::{Errno, Error, Result};
 use crate::hypervisor::{
-    GuestMemfd, GuestOp, HostFault, HostMemory, Hypervisor, MapKind, Stat, Vcpu, VcpuExit, Vm,
+    GuestMemfd, GuestOp, HostFault, HostMemory, Hypervisor, MapKind, Pin, Stat, Vcpu, VcpuExit, Vm,
 };
 use crate::uapi::{
-    kvm_create_guest_memfd, kvm_memory_attributes, kvm_userspace_memory_region,
-    kvm_userspace_memory_region2, GUEST_MEMFD_FLAG_MMAP, KVM_MEM_GUEST_MEMFD, KVM_MEM_READONLY,
-    KVM_X86_DEFAULT_VM, PAGE_SHIFT, PAGE_SIZE,
+    kvm_create_guest_memfd, kvm_memory_attributes, kvm_memory_attributes2, kvm_pre_fault_memory,
+    kvm_userspace_memory_region, kvm_userspace_memory_region2, GUEST_MEMFD_FLAG_MMAP,
+    KVM_MEM_GUEST_MEMFD, KVM_MEM_READONLY, KVM_X86_DEFAULT_VM, PAGE_SHIFT, PAGE_SIZE,
 };
 
 /// One change to the fault path that a departing kernel makes.
@@ -217,6 +217,10 @@ impl Hypervisor for Emulated {
         self.inner.check_extension(cap)
     }
 
+    fn release(&self) -> Option<crate::Release> {
+        self.inner.release()
+    }
+
     fn create_vm(&self, vm_type: u64) -> Result<Box<dyn Vm>> {
         let vm = self.inner.create_vm(vm_type)?;
         Ok(Box::new(EmVm {
@@ -253,6 +257,9 @@ impl HostMemory for EmMem {
     }
     fn write(&self, offset: u64, buf: &[u8]) -> std::result::Result<(), HostFault> {
         self.mem.write(offset, buf)
+    }
+    fn pin(&self, offset: u64, len: u64) -> Result<Box<dyn Pin>> {
+        self.mem.pin(offset, len)
     }
 }
 
@@ -430,6 +437,9 @@ impl GuestMemfd for EmFile {
     fn ioctl(&self, request: u64) -> Result<i32> {
         self.inner.ioctl(request)
     }
+    fn set_memory_attributes2(&self, attrs: &mut kvm_memory_attributes2) -> Result<()> {
+        self.inner.set_memory_attributes2(attrs)
+    }
 }
 
 struct EmVcpu {
@@ -550,6 +560,10 @@ impl Vcpu for EmVcpu {
             }
             _ => self.inner.run(op),
         }
+    }
+
+    fn pre_fault_memory(&mut self, range: &mut kvm_pre_fault_memory) -> Result<()> {
+        self.inner.pre_fault_memory(range)
     }
 }
 

@@ -1,7 +1,7 @@
 //! Scenario files (`.gmem`): parser, runner, departures and reports.
 //!
 //! A scenario is a script of guest_memfd operations, each with the outcome
-//! it must have (the format is `scenarios/README.md`). [`parse()`] reads one,
+//! it must have (the language is `docs/scenarios.md`). [`parse()`] reads one,
 //! [`run()`] performs it on any [`Hypervisor`](crate::Hypervisor) under a
 //! memory budget ([`budget`]), and [`report`] runs files on one or two
 //! backends, recognises the departures of the running kernel by behaviour
@@ -13,6 +13,7 @@ pub mod behaviour;
 pub mod budget;
 pub mod departures;
 pub mod parse;
+pub mod probe;
 pub mod report;
 pub mod run;
 
@@ -20,6 +21,7 @@ pub use ast::{Line, Op, Outcome, RequireKind, Requirement, Scenario};
 pub use budget::Limits;
 pub use departures::{kernel_release, Behaviour, Departures, Explainer, KernelId, Probes};
 pub use parse::{parse, parse_number, parse_outcome, ParseError, ParseErrors};
+pub use probe::{match_release, match_release_in, Probe, ReleaseMatch};
 pub use report::{
     collect_files, collect_paths, render, BackendSlot, CheckReport, Checker, ScenarioReport,
     Source, Verdict,

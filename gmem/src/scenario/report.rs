@@ -370,7 +370,7 @@ impl<'a> Checker<'a> {
                 Ok(hv) => {
                     let r = run_limited(*hv, &scenario, &self.limits);
                     let explanations = match self.probes(i) {
-                        Some(p) if b.name != "soft" => {
+                        Some(p) if !is_reference(&b.name) => {
                             Explainer::new(&self.departures, &p.shown(), self.limits)
                                 .explain(&scenario, &r)
                         }
@@ -413,7 +413,7 @@ impl<'a> Checker<'a> {
             .collect();
         let stale: Vec<Stale> = backends
             .iter()
-            .filter(|b| b.name != "soft")
+            .filter(|b| !is_reference(&b.name))
             .filter_map(|b| b.probes.as_ref().map(|p| (b, p)))
             .flat_map(|(b, p)| {
                 p.results.iter().filter(|r| r.stale()).map(|r| Stale {
@@ -463,6 +463,13 @@ impl<'a> Checker<'a> {
             summary,
         }
     }
+}
+
+/// Is `backend` the software backend (`soft`, or `soft 7.2` with a
+/// profile)? It is the reference: its failures are never departures and it
+/// has no departure records.
+fn is_reference(backend: &str) -> bool {
+    backend == "soft" || backend.starts_with("soft ")
 }
 
 /// The verdict of one run, with `explanations` (one per line) applied.
@@ -762,7 +769,7 @@ fn render_departures(out: &mut String, report: &CheckReport) {
     let shown: Vec<(&str, Vec<&str>)> = report
         .backends
         .iter()
-        .filter(|b| b.name != "soft")
+        .filter(|b| !is_reference(&b.name))
         .filter_map(|b| b.probes.as_ref().map(|p| (b.name.as_str(), p.shown())))
         .filter(|(_, ids)| !ids.is_empty())
         .collect();
