@@ -174,7 +174,7 @@ pub fn parse(path: &str, text: &str) -> Result<Scenario, ParseErrors> {
             } else {
                 "only comments and require lines".to_string()
             },
-            "a scenario is operation lines such as `vm = create_vm`; see scenarios/README.md",
+            "a scenario is operation lines such as `vm = create_vm` (docs/scenarios.md)",
         ));
     }
     if p.errors.is_empty() {

@@ -566,6 +566,30 @@ fn compare(results: &[BackendResult], runs: &[Option<ScenarioRun>]) -> Vec<Disag
         .collect()
 }
 
+/// `first` then `text`, wrapped at [`WIDTH`] columns; continuation lines
+/// are indented by `indent` spaces. A word longer than a line is shortened.
+pub fn wrap(first: &str, text: &str, indent: usize) -> String {
+    let mut out = String::new();
+    let mut line = first.to_string();
+    let mut fresh = true;
+    for word in text.split_whitespace() {
+        let word = shorten(word, WIDTH - indent - 1);
+        let len = line.chars().count();
+        if !fresh && len + 1 + word.chars().count() > WIDTH {
+            out.push_str(line.trim_end());
+            out.push('\n');
+            line = " ".repeat(indent);
+        } else if !line.is_empty() && !line.ends_with(' ') {
+            line.push(' ');
+        }
+        line.push_str(&word);
+        fresh = false;
+    }
+    out.push_str(line.trim_end());
+    out.push('\n');
+    out
+}
+
 /// The operation part of a line (without `=> outcome`).
 fn op_text(text: &str) -> &str {
     text.split("=>").next().unwrap_or(text).trim()
@@ -707,12 +731,15 @@ fn render_failures(out: &mut String, report: &CheckReport) {
     };
     for st in &report.stale {
         header(out);
-        let _ = writeln!(
-            out,
-            "  [{}] {}: recorded for kernel {}, but its probe does not show it: {}\n      \
-             remove the kernel from its seen_on in departures.toml, or fix the probe",
-            st.backend, st.id, report.kernel, st.probe
-        );
+        out.push_str(&wrap(
+            &format!("  [{}] {}:", st.backend, st.id),
+            &format!(
+                "recorded for kernel {}, but its probe does not show it: {}; remove the kernel \
+                 from its seen_on in departures.toml, or fix the probe",
+                report.kernel, st.probe
+            ),
+            6,
+        ));
     }
     for s in &report.scenarios {
         for e in &s.parse_errors {
@@ -722,11 +749,12 @@ fn render_failures(out: &mut String, report: &CheckReport) {
             } else {
                 format!("{}:{}:{}", e.file, e.line, e.column)
             };
-            let _ = writeln!(
-                out,
-                "  {at}: parse error: expected {}, found {}\n      hint: {}",
-                e.expected, e.found, e.hint
-            );
+            out.push_str(&wrap(
+                &format!("  {at}: parse error:"),
+                &format!("expected {}, found {}", e.expected, e.found),
+                6,
+            ));
+            out.push_str(&wrap("      hint:", &e.hint, 8));
         }
         for r in &s.results {
             for p in &r.problems {
@@ -746,7 +774,7 @@ fn render_failures(out: &mut String, report: &CheckReport) {
                 );
                 if let Some(d) = &p.detail {
                     for l in d.lines() {
-                        let _ = writeln!(out, "      {l}");
+                        out.push_str(&wrap("     ", l, 8));
                     }
                 }
             }
