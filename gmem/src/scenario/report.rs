@@ -774,7 +774,7 @@ fn render_failures(out: &mut String, report: &CheckReport) {
                 );
                 if let Some(d) = &p.detail {
                     for l in d.lines() {
-                        out.push_str(&wrap("     ", l, 8));
+                        out.push_str(&wrap("      ", l, 8));
                     }
                 }
             }
