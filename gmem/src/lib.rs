@@ -5,6 +5,7 @@
 //! - [`kvm`]: the same contract on the running kernel through `/dev/kvm`.
 //! - [`scenario`]: scenario files and the conformance runner.
 //! - [`release`]: the kernel releases whose guest_memfd behaviour differs.
+//! - [`mempolicy`]: NUMA memory policy of host mappings (`mbind`).
 //!
 //! The rules cited in errors and tests (`SLOT-7`, `BIND-4`, ...) are those of
 //! the project's specification, `docs/spec.md`, which defines each id with
@@ -16,6 +17,7 @@ pub mod error;
 pub mod host;
 pub mod hypervisor;
 pub mod kvm;
+pub mod mempolicy;
 pub mod release;
 pub mod rules;
 pub mod scenario;
@@ -27,6 +29,7 @@ pub use hypervisor::{
     GuestLoop, GuestMemfd, GuestOp, HostFault, HostMemory, Hypervisor, LoopExit, MapKind, Pin,
     Stat, Vcpu, VcpuExit, Vm,
 };
+pub use mempolicy::{MbindFlags, MemPolicy, ModeFlags, MpolMode, NodeMask};
 pub use release::Release;
 
 /// Which implementation of the contract to use.

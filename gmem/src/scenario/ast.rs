@@ -6,6 +6,7 @@ use std::fmt;
 use serde::Serialize;
 
 use crate::error::{errno_name, Errno};
+use crate::mempolicy::{MbindFlags, MemPolicy};
 use crate::uapi::{KVM_MAP_GPA_RANGE_ENCRYPTED, KVM_MEMORY_EXIT_FLAG_PRIVATE};
 use crate::Release;
 
@@ -280,6 +281,28 @@ pub enum Op {
         /// Bytes.
         len: u64,
     },
+    /// `mbind M [offset=N] [size=N] policy=MODE[|FLAG].. [nodes=LIST]
+    /// [flags=strict|move|move_all]`; the size defaults to the rest of the
+    /// mapping (NUMA-*).
+    Mbind {
+        /// Host memory or mapping handle.
+        mem: String,
+        /// Offset into it.
+        offset: u64,
+        /// Bytes.
+        size: Option<u64>,
+        /// The policy.
+        policy: MemPolicy,
+        /// `MPOL_MF_*`.
+        flags: MbindFlags,
+    },
+    /// `get_mempolicy M [offset=N] => POLICY` (NUMA-*).
+    GetMempolicy {
+        /// Host memory or mapping handle.
+        mem: String,
+        /// Offset into it.
+        offset: u64,
+    },
     /// `close X`: drops the handle.
     Close {
         /// The handle.
@@ -428,6 +451,12 @@ pub enum Outcome {
     /// scenario past its memory budget. Never the outcome of a kernel, and
     /// no expectation accepts it.
     OverBudget,
+    /// `bind|static nodes=0-1`: a NUMA policy, as `get_mempolicy` reports it.
+    Policy {
+        /// The policy.
+        #[serde(serialize_with = "ser_display")]
+        policy: MemPolicy,
+    },
 }
 
 /// The hypercall error codes of `include/uapi/linux/kvm_para.h`, negated
@@ -460,6 +489,13 @@ fn hypercall_return_name(value: u64) -> String {
     }
 }
 
+fn ser_display<S: serde::Serializer>(
+    v: &impl fmt::Display,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
 fn ser_errno<S: serde::Serializer>(e: &Errno, s: S) -> std::result::Result<S::Ok, S::Error> {
     s.serialize_str(&errno_name(*e))
 }
@@ -470,7 +506,7 @@ impl Outcome {
         use Outcome::*;
         match (self, actual) {
             (_, OverBudget) | (OverBudget, _) => false,
-            (Ok, Ok | Value { .. } | Stat { .. } | HypercallReturn { .. }) => true,
+            (Ok, Ok | Value { .. } | Stat { .. } | HypercallReturn { .. } | Policy { .. }) => true,
             (
                 Value { value: a, .. } | HypercallReturn { value: a },
                 Value { value: b, .. } | HypercallReturn { value: b },
@@ -509,6 +545,7 @@ impl Outcome {
                 | Outcome::Value { .. }
                 | Outcome::Stat { .. }
                 | Outcome::HypercallReturn { .. }
+                | Outcome::Policy { .. }
         )
     }
 }
@@ -573,6 +610,7 @@ impl fmt::Display for Outcome {
             Outcome::Timeout => f.write_str("timeout"),
             Outcome::HypercallReturn { value } => f.write_str(&hypercall_return_name(*value)),
             Outcome::OverBudget => f.write_str("over budget"),
+            Outcome::Policy { policy } => write!(f, "{policy}"),
         }
     }
 }

@@ -27,6 +27,7 @@ use crate::error::{Errno, Error, Result};
 use crate::hypervisor::{
     GuestMemfd, GuestOp, HostFault, HostMemory, Hypervisor, MapKind, Pin, Stat, Vcpu, VcpuExit, Vm,
 };
+use crate::mempolicy::{MbindFlags, MemPolicy};
 use crate::uapi::{
     kvm_create_guest_memfd, kvm_memory_attributes, kvm_memory_attributes2, kvm_pre_fault_memory,
     kvm_userspace_memory_region, kvm_userspace_memory_region2, GUEST_MEMFD_FLAG_MMAP,
@@ -260,6 +261,12 @@ impl HostMemory for EmMem {
     }
     fn pin(&self, offset: u64, len: u64) -> Result<Box<dyn Pin>> {
         self.mem.pin(offset, len)
+    }
+    fn mbind(&self, offset: u64, len: u64, policy: MemPolicy, flags: MbindFlags) -> Result<()> {
+        self.mem.mbind(offset, len, policy, flags)
+    }
+    fn get_mempolicy(&self, offset: u64) -> Result<MemPolicy> {
+        self.mem.get_mempolicy(offset)
     }
 }
 

@@ -755,6 +755,22 @@ impl State<'_> {
                     Outcome::is_success,
                 )
             }
+            Op::Mbind {
+                mem,
+                offset,
+                size,
+                policy,
+                flags,
+            } => {
+                let (m, _) = self.mem(mem)?;
+                let len = size.unwrap_or_else(|| m.len().saturating_sub(*offset));
+                Ok(m.mbind(*offset, len, *policy, *flags)
+                    .map_or_else(fail, |()| ok()))
+            }
+            Op::GetMempolicy { mem, offset } => Ok(match self.mem(mem)?.0.get_mempolicy(*offset) {
+                Ok(policy) => (Outcome::Policy { policy }, None),
+                Err(e) => fail(e),
+            }),
             Op::Close { handle } => match self.handles.remove(handle) {
                 Some(h) => {
                     self.dropped(h);
