@@ -566,7 +566,7 @@ fn compare(results: &[BackendResult], runs: &[Option<ScenarioRun>]) -> Vec<Disag
         .collect()
 }
 
-/// `first` then `text`, wrapped at [`WIDTH`] columns; continuation lines
+/// `first` then `text`, wrapped at 100 columns; continuation lines
 /// are indented by `indent` spaces. A word longer than a line is shortened.
 pub fn wrap(first: &str, text: &str, indent: usize) -> String {
     let mut out = String::new();
