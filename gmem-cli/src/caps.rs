@@ -68,11 +68,22 @@ struct Caps {
     set_memory_attributes: String,
     /// Known departures from upstream, keyed by behaviour id.
     departures: BTreeMap<String, DepartureCap>,
-    /// What it means for a VMM, keyed by topic.
+    /// What it means for a VMM, keyed by topic (in this order).
+    #[serde(serialize_with = "ser_pairs")]
     meaning: Vec<(String, String)>,
     /// Which release's guest_memfd behaviour the backend follows, measured
     /// by the corpus lines whose outcome differs between releases.
     release: ReleaseMatch,
+}
+
+/// `[(k, v), ...]` as a JSON object, in order.
+fn ser_pairs<S: serde::Serializer>(pairs: &[(String, String)], s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut m = s.serialize_map(Some(pairs.len()))?;
+    for (k, v) in pairs {
+        m.serialize_entry(k, v)?;
+    }
+    m.end()
 }
 
 fn cap(caps: &CapMap, name: &str) -> i64 {

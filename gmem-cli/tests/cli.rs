@@ -291,6 +291,10 @@ fn caps_json_is_keyed_by_capability_name() {
     // The software backend is upstream: no probe shows a departure.
     assert_eq!(v["departures"]["FAULT-3"]["probe"], "not_shown");
     assert!(v["kernel"]["kvm"].is_string());
+    assert!(v["meaning"]["guest_memfd"]
+        .as_str()
+        .unwrap()
+        .starts_with("available"));
 }
 
 #[test]
