@@ -804,11 +804,10 @@ impl State<'_> {
                     },
                     Outcome::is_success,
                 )?;
-                let frees = match (advice, owner) {
-                    (Advice::Remove, _) => true,
-                    (Advice::DontNeed, MemOwner::Anon(_)) => true,
-                    _ => false,
-                };
+                let frees = matches!(
+                    (advice, owner),
+                    (Advice::Remove, _) | (Advice::DontNeed, MemOwner::Anon(_))
+                );
                 if frees && r.0.is_success() {
                     for (owner, range) in self.host_charge(owner, mem_len, *offset, len).ranges() {
                         self.budget.release_pages(owner, range);
