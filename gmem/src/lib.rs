@@ -4,10 +4,16 @@
 //! - [`soft`]: the software backend, the executable specification.
 //! - [`kvm`]: the same contract on the running kernel through `/dev/kvm`.
 //! - [`scenario`]: scenario files and the conformance runner.
+//! - [`memory`]: the memory manager VMMs embed: RAM on guest_memfd, laid
+//!   out, converted, discarded, measured, and vm-memory interop.
+//! - [`release`]: the kernel releases whose guest_memfd behaviour differs.
+//! - [`mempolicy`]: NUMA memory policy of host mappings (`mbind`).
+//! - [`madvise`]: advice on host mappings (`madvise`).
 //! - [`bench`]: performance figures, each against a baseline in the same run.
 //!
 //! The rules cited in errors and tests (`SLOT-7`, `BIND-4`, ...) are those of
-//! the project's specification, `spec/guest_memfd.md` in the steering repo.
+//! the project's specification, `docs/spec.md`, which defines each id with
+//! the kernel source it comes from.
 
 #![deny(missing_docs)]
 
@@ -16,6 +22,10 @@ pub mod error;
 pub mod host;
 pub mod hypervisor;
 pub mod kvm;
+pub mod madvise;
+pub mod memory;
+pub mod mempolicy;
+pub mod release;
 pub mod rules;
 pub mod scenario;
 pub mod soft;
@@ -23,9 +33,12 @@ pub mod uapi;
 
 pub use error::{Errno, Error, Result};
 pub use hypervisor::{
-    GuestLoop, GuestMemfd, GuestOp, HostFault, HostMemory, Hypervisor, LoopExit, MapKind, Stat,
-    Vcpu, VcpuExit, Vm,
+    GuestLoop, GuestMemfd, GuestOp, HostFault, HostMemory, Hypervisor, LoopExit, MapKind, Pin,
+    Stat, Vcpu, VcpuExit, Vm,
 };
+pub use madvise::Advice;
+pub use mempolicy::{MbindFlags, MemPolicy, ModeFlags, MpolMode, NodeMask};
+pub use release::Release;
 
 /// Which implementation of the contract to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

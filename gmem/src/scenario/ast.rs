@@ -6,7 +6,10 @@ use std::fmt;
 use serde::Serialize;
 
 use crate::error::{errno_name, Errno};
+use crate::madvise::Advice;
+use crate::mempolicy::{MbindFlags, MemPolicy};
 use crate::uapi::{KVM_MAP_GPA_RANGE_ENCRYPTED, KVM_MEMORY_EXIT_FLAG_PRIVATE};
+use crate::Release;
 
 /// One `.gmem` file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +44,8 @@ pub enum RequireKind {
     ExitHypercall,
     /// `address_spaces:N`: `KVM_CAP_MULTI_ADDRESS_SPACE` (0 means 1) is at least N.
     AddressSpaces(u64),
+    /// Any capability by name (`pre_fault_memory`): not 0.
+    Cap(u32),
 }
 
 impl fmt::Display for RequireKind {
@@ -53,6 +58,10 @@ impl fmt::Display for RequireKind {
             RequireKind::GuestMemfdFlag(n) => write!(f, "guest_memfd_flag:{n:#x}"),
             RequireKind::ExitHypercall => f.write_str("exit_hypercall"),
             RequireKind::AddressSpaces(n) => write!(f, "address_spaces:{n}"),
+            RequireKind::Cap(c) => match crate::uapi::CAPS.iter().find(|(_, n)| n == c) {
+                Some((name, _)) => f.write_str(name),
+                None => write!(f, "capability {c}"),
+            },
         }
     }
 }
@@ -68,8 +77,41 @@ pub struct Line {
     pub bind: Option<String>,
     /// What to do.
     pub op: Op,
-    /// What must happen (`ok` when the line gives no outcome).
+    /// What must happen (`ok` when the line gives no outcome): on the
+    /// oldest release, and on every release when `since` is empty.
     pub expect: Outcome,
+    /// `=> OLD | 7.2: NEW`: the outcome from each release on that differs
+    /// from the one before, in release order.
+    pub since: Vec<(Release, Outcome)>,
+}
+
+impl Line {
+    /// The outcome this line expects on `release`.
+    pub fn expect_on(&self, release: Release) -> Outcome {
+        self.since
+            .iter()
+            .rev()
+            .find(|(r, _)| *r <= release)
+            .map_or(self.expect, |(_, o)| *o)
+    }
+
+    /// Does `actual` meet the line's expectation? On a backend that follows
+    /// a known release, that release's outcome; on a running kernel, whose
+    /// release is measured rather than known, any release's.
+    pub fn accepts(&self, release: Option<Release>, actual: &Outcome) -> bool {
+        match release {
+            Some(r) => self.expect_on(r).accepts(actual),
+            None => !self.releases_matching(actual).is_empty(),
+        }
+    }
+
+    /// The releases whose outcome `actual` meets.
+    pub fn releases_matching(&self, actual: &Outcome) -> Vec<Release> {
+        Release::ALL
+            .into_iter()
+            .filter(|r| self.expect_on(*r).accepts(actual))
+            .collect()
+    }
 }
 
 /// An operation and its arguments, numbers already parsed.
@@ -203,6 +245,76 @@ pub enum Op {
         vm: Option<String>,
         /// Capability number.
         cap: u32,
+    },
+    /// `pre_fault VM gpa=N size=N [flags=N]`: `KVM_PRE_FAULT_MEMORY`; the
+    /// outcome is the size left (PREFAULT-*).
+    PreFault {
+        /// The VM handle (its vCPU 0 makes the call).
+        vm: String,
+        /// First guest physical address.
+        gpa: u64,
+        /// Bytes.
+        size: u64,
+        /// Flags word (must be 0).
+        flags: u64,
+    },
+    /// `set_memory_attributes2 G offset=N size=N attributes=private|shared
+    /// [flags=N]`: `KVM_SET_MEMORY_ATTRIBUTES2` on a guest_memfd (CONV-*).
+    SetMemoryAttributes2 {
+        /// The guest_memfd handle.
+        gmem: String,
+        /// File offset.
+        offset: u64,
+        /// Bytes.
+        size: u64,
+        /// Attribute word.
+        attributes: u64,
+        /// Flags word (must be 0).
+        flags: u64,
+    },
+    /// `P = pin M offset=N len=N`: a long-term reference on the pages,
+    /// dropped by `close P` (CONV-5).
+    Pin {
+        /// Host memory or mapping handle.
+        mem: String,
+        /// Offset into it.
+        offset: u64,
+        /// Bytes.
+        len: u64,
+    },
+    /// `mbind M [offset=N] [size=N] policy=MODE[|FLAG].. [nodes=LIST]
+    /// [flags=strict|move|move_all]`; the size defaults to the rest of the
+    /// mapping (NUMA-*).
+    Mbind {
+        /// Host memory or mapping handle.
+        mem: String,
+        /// Offset into it.
+        offset: u64,
+        /// Bytes.
+        size: Option<u64>,
+        /// The policy.
+        policy: MemPolicy,
+        /// `MPOL_MF_*`.
+        flags: MbindFlags,
+    },
+    /// `get_mempolicy M [offset=N] => POLICY` (NUMA-*).
+    GetMempolicy {
+        /// Host memory or mapping handle.
+        mem: String,
+        /// Offset into it.
+        offset: u64,
+    },
+    /// `madvise M [offset=N] [size=N] advice=ADVICE`; the size defaults to
+    /// the rest of the mapping (MMAP-6..MMAP-9).
+    Madvise {
+        /// Host memory or mapping handle.
+        mem: String,
+        /// Offset into it.
+        offset: u64,
+        /// Bytes.
+        size: Option<u64>,
+        /// The advice.
+        advice: Advice,
     },
     /// `close X`: drops the handle.
     Close {
@@ -342,6 +454,59 @@ pub enum Outcome {
     },
     /// The guest never exited within the run's bound (extension: `timeout`).
     Timeout,
+    /// What a hypercall returned to the guest without exiting:
+    /// `-KVM_ENOSYS`, `-KVM_EINVAL`, `0` (as `kvm_para.h` names them).
+    HypercallReturn {
+        /// The value in the guest's rax.
+        value: u64,
+    },
+    /// The runner did not perform the operation: it could have taken the
+    /// scenario past its memory budget. Never the outcome of a kernel, and
+    /// no expectation accepts it.
+    OverBudget,
+    /// `bind|static nodes=0-1`: a NUMA policy, as `get_mempolicy` reports it.
+    Policy {
+        /// The policy.
+        #[serde(serialize_with = "ser_display")]
+        policy: MemPolicy,
+    },
+}
+
+/// The hypercall error codes of `include/uapi/linux/kvm_para.h`, negated
+/// in a hypercall's return value.
+const KVM_HC_ERRNOS: &[(&str, u64)] = &[
+    ("KVM_ENOSYS", 1000),
+    ("KVM_EFAULT", 14),
+    ("KVM_EINVAL", 22),
+    ("KVM_E2BIG", 7),
+    ("KVM_EPERM", 1),
+    ("KVM_EOPNOTSUPP", 95),
+];
+
+/// The value of `-KVM_ENOSYS` and the like, as a hypercall returns it.
+pub fn hypercall_return_from_name(name: &str) -> Option<u64> {
+    let bare = name.strip_prefix('-')?;
+    KVM_HC_ERRNOS
+        .iter()
+        .find(|(n, _)| *n == bare)
+        .map(|(_, v)| v.wrapping_neg())
+}
+
+fn hypercall_return_name(value: u64) -> String {
+    match KVM_HC_ERRNOS
+        .iter()
+        .find(|(_, v)| v.wrapping_neg() == value)
+    {
+        Some((n, _)) => format!("-{n}"),
+        None => (value as i64).to_string(),
+    }
+}
+
+fn ser_display<S: serde::Serializer>(
+    v: &impl fmt::Display,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    s.collect_str(v)
 }
 
 fn ser_errno<S: serde::Serializer>(e: &Errno, s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -353,8 +518,12 @@ impl Outcome {
     pub fn accepts(&self, actual: &Outcome) -> bool {
         use Outcome::*;
         match (self, actual) {
-            (Ok, Ok | Value { .. } | Stat { .. }) => true,
-            (Value { value: a, .. }, Value { value: b, .. }) => a == b,
+            (_, OverBudget) | (OverBudget, _) => false,
+            (Ok, Ok | Value { .. } | Stat { .. } | HypercallReturn { .. } | Policy { .. }) => true,
+            (
+                Value { value: a, .. } | HypercallReturn { value: a },
+                Value { value: b, .. } | HypercallReturn { value: b },
+            ) => a == b,
             (Mmio { gpa: a, write: w }, Mmio { gpa: b, write: v }) => {
                 a == b && (w.is_none() || w == v)
             }
@@ -385,7 +554,11 @@ impl Outcome {
     pub fn is_success(&self) -> bool {
         matches!(
             self,
-            Outcome::Ok | Outcome::Value { .. } | Outcome::Stat { .. }
+            Outcome::Ok
+                | Outcome::Value { .. }
+                | Outcome::Stat { .. }
+                | Outcome::HypercallReturn { .. }
+                | Outcome::Policy { .. }
         )
     }
 }
@@ -448,6 +621,9 @@ impl fmt::Display for Outcome {
                 f.write_str(&parts.join(" "))
             }
             Outcome::Timeout => f.write_str("timeout"),
+            Outcome::HypercallReturn { value } => f.write_str(&hypercall_return_name(*value)),
+            Outcome::OverBudget => f.write_str("over budget"),
+            Outcome::Policy { policy } => write!(f, "{policy}"),
         }
     }
 }

@@ -1,21 +1,24 @@
 //! The `.gmem` parser. Every error names the file, line and column, what was
 //! expected there and a hint; no input makes it panic.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 
 use serde::Serialize;
 
 use super::ast::{
-    FdRef, FileOp, Line, Op, Outcome, Region, RequireKind, Requirement, Scenario, Userspace,
+    hypercall_return_from_name, FdRef, FileOp, Line, Op, Outcome, Region, RequireKind, Requirement,
+    Scenario, Userspace,
 };
 use crate::error::errno_from_name;
+use crate::mempolicy::{MbindFlags, MemPolicy, NodeMask};
 use crate::uapi::{
     cap_from_name, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, GUEST_MEMFD_FLAG_INIT_SHARED,
     GUEST_MEMFD_FLAG_MMAP, KVM_MAP_GPA_RANGE_ENCRYPTED, KVM_MEMORY_ATTRIBUTE_PRIVATE,
     KVM_MEMORY_EXIT_FLAG_PRIVATE, KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY,
     KVM_X86_DEFAULT_VM, KVM_X86_SW_PROTECTED_VM,
 };
+use crate::Release;
 
 /// A syntax error: `file:line:column: expected ..., found ...` and a hint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -66,7 +69,7 @@ impl std::error::Error for ParseErrors {}
 
 const OPS: &str = "create_vm, create_guest_memfd, host_memory, mmap, set_memory_region, \
 delete_memory_region, set_memory_attributes, fallocate, host_write, host_read, guest_write, \
-guest_read, guest_map_gpa_range, file_read, file_write, file_pread, file_pwrite, file_lseek, \
+guest_read, guest_map_gpa_range, pre_fault, set_memory_attributes2, pin, mbind, get_mempolicy, madvise, file_read, file_write, file_pread, file_pwrite, file_lseek, \
 file_ftruncate, file_ioctl, stat, same_inode, check_extension, close, require";
 const NUMBER_HINT: &str =
     "numbers are decimal or 0x hex (0o octal), optionally negative, with an optional K, M, G or T suffix: 16K, 0x1000, 0x1_0000_0000";
@@ -74,13 +77,55 @@ const RESERVED: &[&str] = &[
     "kvm", "closed", "memfd", "private", "shared", "ok", "require",
 ];
 
+/// The largest scenario file the runner reads.
+pub const MAX_SCENARIO_BYTES: usize = 16 << 20;
+/// The most operation lines a scenario may have.
+pub const MAX_OPERATIONS: usize = 100_000;
+/// The most bytes one `host_write` may write.
+pub const MAX_HOST_WRITE: u64 = 1 << 30;
+/// Tokens longer than this are shortened in messages.
+const MAX_TOKEN_SHOWN: usize = 40;
+
+/// `s` if it has at most `max` characters, else its start and end around
+/// `…`, with `max` characters in all.
+pub fn shorten(s: &str, max: usize) -> String {
+    let n = s.chars().count();
+    if n <= max || max < 5 {
+        return s.to_string();
+    }
+    let tail = (max - 1) / 3;
+    let head = max - 1 - tail;
+    let start: String = s.chars().take(head).collect();
+    let end: String = s.chars().skip(n - tail).collect();
+    format!("{start}…{end}")
+}
+
 /// Parses the text of a scenario file; `path` is used in messages.
 pub fn parse(path: &str, text: &str) -> Result<Scenario, ParseErrors> {
     let mut p = Parser {
         file: path,
-        bound: HashSet::new(),
+        bound: HashMap::new(),
         errors: Vec::new(),
     };
+    let whole = |expected: &str, found: String, hint: &str| {
+        ParseErrors(vec![ParseError {
+            file: path.to_string(),
+            line: 1,
+            column: 1,
+            expected: expected.to_string(),
+            found,
+            hint: hint.to_string(),
+        }])
+    };
+    if text.len() > MAX_SCENARIO_BYTES {
+        return Err(whole(
+            &format!("a scenario of at most {} MiB", MAX_SCENARIO_BYTES >> 20),
+            format!("{} bytes", text.len()),
+            "split the scenario into several files",
+        ));
+    }
+    // A UTF-8 byte order mark is not part of the first line.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut requires = Vec::new();
     let mut lines = Vec::new();
     for (i, raw) in text.lines().enumerate() {
@@ -98,18 +143,40 @@ pub fn parse(path: &str, text: &str) -> Result<Scenario, ParseErrors> {
             raw: content,
         };
         match p.line(&mut cx, &mut requires) {
-            Ok(Some(l)) => lines.push(l),
+            Ok(Some(l)) => {
+                if lines.len() == MAX_OPERATIONS {
+                    p.errors.push(*cx.err(
+                        0,
+                        &format!("at most {MAX_OPERATIONS} operations"),
+                        "",
+                        "split the scenario into several files",
+                    ));
+                    break;
+                }
+                lines.push(l)
+            }
             Ok(None) => {}
             Err(e) => {
                 // Keep the name a failed line binds, so that later lines
                 // using it do not each report it as unbound.
                 let toks = words(content, 0);
                 if toks.len() >= 2 && toks[1].text == "=" && is_ident(toks[0].text) {
-                    p.bound.insert(toks[0].text.to_string());
+                    p.bound.entry(toks[0].text.to_string()).or_insert(line_no);
                 }
                 p.errors.push(*e)
             }
         }
+    }
+    if p.errors.is_empty() && lines.is_empty() {
+        return Err(whole(
+            "at least one operation",
+            if text.trim().is_empty() {
+                "an empty file".to_string()
+            } else {
+                "only comments and require lines".to_string()
+            },
+            "a scenario is operation lines such as `vm = create_vm` (docs/scenarios.md)",
+        ));
     }
     if p.errors.is_empty() {
         Ok(Scenario {
@@ -127,7 +194,8 @@ type PResult<T> = Result<T, Box<ParseError>>;
 struct Parser<'a> {
     #[allow(dead_code)]
     file: &'a str,
-    bound: HashSet<String>,
+    /// Handle names and the line that binds each.
+    bound: HashMap<String, usize>,
     errors: Vec<ParseError>,
 }
 
@@ -162,7 +230,7 @@ impl LineCx<'_> {
             found: if found.is_empty() {
                 "end of line".to_string()
             } else {
-                format!("`{found}`")
+                format!("`{}`", shorten(found, MAX_TOKEN_SHOWN))
             },
             hint: hint.to_string(),
         })
@@ -206,6 +274,19 @@ fn is_ident(s: &str) -> bool {
 /// Parses a number: decimal, `0x` hex or `0o` octal, `_` separators, an
 /// optional leading `-` (two's complement) and a K/M/G/T suffix.
 pub fn parse_number(s: &str) -> Option<u64> {
+    number_value(s).ok()
+}
+
+/// Why a word is not a number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NumberError {
+    /// Not written as a number.
+    Malformed,
+    /// Written as one, but more than 64 bits hold.
+    TooBig,
+}
+
+fn number_value(s: &str) -> Result<u64, NumberError> {
     let (neg, s) = match s.strip_prefix('-') {
         Some(r) => (true, r),
         None => (false, s),
@@ -226,12 +307,12 @@ pub fn parse_number(s: &str) -> Option<u64> {
         _ => (digits, 0),
     };
     let clean: String = digits.chars().filter(|c| *c != '_').collect();
-    if clean.is_empty() || digits.starts_with('_') || clean.starts_with('+') {
-        return None;
+    if clean.is_empty() || digits.starts_with('_') || !clean.chars().all(|c| c.is_digit(radix)) {
+        return Err(NumberError::Malformed);
     }
-    let v = u64::from_str_radix(&clean, radix).ok()?;
-    let v = v.checked_mul(1u64 << shift)?;
-    Some(if neg { v.wrapping_neg() } else { v })
+    let v = u64::from_str_radix(&clean, radix).map_err(|_| NumberError::TooBig)?;
+    let v = v.checked_mul(1u64 << shift).ok_or(NumberError::TooBig)?;
+    Ok(if neg { v.wrapping_neg() } else { v })
 }
 
 /// The arguments after the operation name: positional words and `key=value`.
@@ -331,8 +412,17 @@ impl<'a> Args<'a> {
 }
 
 fn number(cx: &LineCx, t: Tok, what: &str) -> PResult<u64> {
-    parse_number(t.text)
-        .ok_or_else(|| cx.err(t.at, &format!("a number for {what}"), t.text, NUMBER_HINT))
+    number_value(t.text).map_err(|e| match e {
+        NumberError::Malformed => {
+            cx.err(t.at, &format!("a number for {what}"), t.text, NUMBER_HINT)
+        }
+        NumberError::TooBig => cx.err(
+            t.at,
+            &format!("a number for {what} that fits in 64 bits"),
+            t.text,
+            "numbers are 64-bit: at most 0xffff_ffff_ffff_ffff (18446744073709551615)",
+        ),
+    })
 }
 
 /// A value made of `|`-joined names from `names` and numbers.
@@ -389,7 +479,7 @@ impl Parser<'_> {
                 "handles are names bound earlier with `NAME = ...`",
             ));
         }
-        if !self.bound.contains(t.text) {
+        if !self.bound.contains_key(t.text) {
             return Err(cx.err(
                 t.at,
                 what,
@@ -456,6 +546,17 @@ impl Parser<'_> {
                     &format!("`{}` is a reserved word; pick another name", name.text),
                 ));
             }
+            if let Some(first) = self.bound.get(name.text) {
+                return Err(cx.err(
+                    name.at,
+                    "a handle name not bound before",
+                    name.text,
+                    &format!(
+                        "`{}` is already bound on line {first}; a name is bound once, pick another",
+                        name.text
+                    ),
+                ));
+            }
             (Some(name), &toks[2..])
         } else if first.text.contains('=') && first.text.find('=') == Some(first.text.len() - 1) {
             return Err(cx.err(
@@ -477,16 +578,26 @@ impl Parser<'_> {
                 | Op::CreateGuestMemfd { .. }
                 | Op::HostMemory { .. }
                 | Op::Mmap { .. }
+                | Op::Pin { .. }
         );
         if let (Some(b), false) = (bind, binds) {
-            return Err(cx.err(b.at, "an operation without `NAME =`", b.text, &format!("{} gives no handle; only create_vm, create_guest_memfd, host_memory and mmap do", op_tok.text)));
+            return Err(cx.err(b.at, "an operation without `NAME =`", b.text, &format!("{} gives no handle; only create_vm, create_guest_memfd, host_memory, mmap and pin do", op_tok.text)));
         }
-        let expect = match outcome_part {
-            Some((text, at)) => outcome(cx, text, at)?,
-            None => Outcome::Ok,
+        let (expect, since) = match outcome_part {
+            Some((text, at)) => release_outcomes(cx, text, at)?,
+            None => (Outcome::Ok, Vec::new()),
         };
+        // A hypercall's return value is named as kvm_para.h names it.
+        let hc = |o: Outcome| match (o, &op) {
+            (Outcome::Value { value, .. }, Op::GuestMapGpaRange { .. }) => {
+                Outcome::HypercallReturn { value }
+            }
+            (o, _) => o,
+        };
+        let expect = hc(expect);
+        let since = since.into_iter().map(|(r, o)| (r, hc(o))).collect();
         if let Some(b) = bind {
-            self.bound.insert(b.text.to_string());
+            self.bound.insert(b.text.to_string(), cx.line);
         }
         Ok(Some(Line {
             line: cx.line,
@@ -494,6 +605,7 @@ impl Parser<'_> {
             bind: bind.map(|b| b.text.to_string()),
             op,
             expect,
+            since,
         }))
     }
 
@@ -639,12 +751,18 @@ impl Parser<'_> {
                 let offset = number(cx, need(cx, &mut a, "offset", name, usage)?, "offset")?;
                 let byte = byte_arg(cx, need(cx, &mut a, "byte", name, usage)?)?;
                 let len = opt_num(cx, &mut a, "len")?.unwrap_or(1);
-                if len > 1 << 30 {
+                if len > MAX_HOST_WRITE {
+                    let at = a
+                        .keyed
+                        .iter()
+                        .find(|(k, _)| k.text == "len")
+                        .map_or(cx.end(), |(_, v)| v.at);
                     return Err(cx.err(
-                        cx.end(),
-                        "len of at most 1G",
+                        at,
+                        "a host_write len of at most 1G",
                         &len.to_string(),
-                        "host_write fills len bytes in memory; keep it small",
+                        "one host_write touches at most 1 GiB of memory; write a larger range \
+                         with several lines (the memory budget counts every page they touch)",
                     ));
                 }
                 Op::HostWrite {
@@ -672,6 +790,101 @@ impl Parser<'_> {
                 let vm = self.handle(cx, a.pos(), "a VM handle", usage)?;
                 let gpa = number(cx, need(cx, &mut a, "gpa", name, usage)?, "gpa")?;
                 Op::GuestRead { vm, gpa }
+            }
+            "pre_fault" => {
+                usage = "pre_fault VM gpa=N size=N [flags=N]";
+                let vm = self.handle(cx, a.pos(), "a VM handle", usage)?;
+                let gpa = number(cx, need(cx, &mut a, "gpa", name, usage)?, "gpa")?;
+                let size = number(cx, need(cx, &mut a, "size", name, usage)?, "size")?;
+                let flags = opt_num(cx, &mut a, "flags")?.unwrap_or(0);
+                Op::PreFault {
+                    vm,
+                    gpa,
+                    size,
+                    flags,
+                }
+            }
+            "set_memory_attributes2" => {
+                usage =
+                    "set_memory_attributes2 G offset=N size=N attributes=private|shared [flags=N]";
+                let gmem = self.handle(cx, a.pos(), "a guest_memfd handle", usage)?;
+                let offset = number(cx, need(cx, &mut a, "offset", name, usage)?, "offset")?;
+                let size = number(cx, need(cx, &mut a, "size", name, usage)?, "size")?;
+                let t = need(cx, &mut a, "attributes", name, usage)?;
+                let attributes = flags(
+                    cx,
+                    t,
+                    "attributes",
+                    &[
+                        ("private", KVM_MEMORY_ATTRIBUTE_PRIVATE as u64),
+                        ("shared", 0),
+                    ],
+                )?;
+                let flags = opt_num(cx, &mut a, "flags")?.unwrap_or(0);
+                Op::SetMemoryAttributes2 {
+                    gmem,
+                    offset,
+                    size,
+                    attributes,
+                    flags,
+                }
+            }
+            "pin" => {
+                usage = "P = pin M offset=N len=N";
+                let mem = self.handle(cx, a.pos(), "host memory or a mapping", usage)?;
+                let offset = number(cx, need(cx, &mut a, "offset", name, usage)?, "offset")?;
+                let len = number(cx, need(cx, &mut a, "len", name, usage)?, "len")?;
+                Op::Pin { mem, offset, len }
+            }
+            "mbind" => {
+                usage = "mbind M [offset=N] [size=N] policy=MODE[|static|relative|balancing] [nodes=LIST] [flags=strict|move|move_all]";
+                let mem = self.handle(cx, a.pos(), "host memory or a mapping", usage)?;
+                let offset = opt_num(cx, &mut a, "offset")?.unwrap_or(0);
+                let size = opt_num(cx, &mut a, "size")?;
+                let t = need(cx, &mut a, "policy", name, usage)?;
+                let (mode, mode_flags) = MemPolicy::parse_mode(t.text)
+                    .map_err(|e| cx.err(t.at, "a policy mode", t.text, &e))?;
+                let nodes = match a.key("nodes") {
+                    Some(t) => node_list(cx, t)?,
+                    None => NodeMask::NONE,
+                };
+                let flags = match a.key("flags") {
+                    Some(t) => {
+                        MbindFlags::from_bits_retain(flags(cx, t, "flags", MBIND_FLAGS)? as u32)
+                    }
+                    None => MbindFlags::empty(),
+                };
+                let policy = MemPolicy::new(mode, nodes).with_flags(mode_flags);
+                Op::Mbind {
+                    mem,
+                    offset,
+                    size,
+                    policy,
+                    flags,
+                }
+            }
+            "get_mempolicy" => {
+                usage = "get_mempolicy M [offset=N] => MODE[|FLAG]... [nodes=LIST]";
+                let mem = self.handle(cx, a.pos(), "host memory or a mapping", usage)?;
+                let offset = opt_num(cx, &mut a, "offset")?.unwrap_or(0);
+                Op::GetMempolicy { mem, offset }
+            }
+            "madvise" => {
+                usage = "madvise M [offset=N] [size=N] advice=collapse|remove|dontneed|populate_write|...";
+                let mem = self.handle(cx, a.pos(), "host memory or a mapping", usage)?;
+                let offset = opt_num(cx, &mut a, "offset")?.unwrap_or(0);
+                let size = opt_num(cx, &mut a, "size")?;
+                let t = need(cx, &mut a, "advice", name, usage)?;
+                let advice = t
+                    .text
+                    .parse()
+                    .map_err(|e: String| cx.err(t.at, "an advice", t.text, &e))?;
+                Op::Madvise {
+                    mem,
+                    offset,
+                    size,
+                    advice,
+                }
             }
             "guest_map_gpa_range" => {
                 usage = "guest_map_gpa_range VM gpa=N pages=N private|shared";
@@ -867,7 +1080,39 @@ const SLOT_FLAGS: &[(&str, u64)] = &[
     ("readonly", KVM_MEM_READONLY as u64),
     ("log_dirty", KVM_MEM_LOG_DIRTY_PAGES as u64),
 ];
-const REQUIRE_HINT: &str = "require takes vm_type:default|sw_protected, memory_attributes, guest_memfd_flag:mmap|init_shared, exit_hypercall, address_spaces:N";
+const MBIND_FLAGS: &[(&str, u64)] = &[("strict", 1), ("move", 2), ("move_all", 4)];
+
+fn node_list(cx: &LineCx, t: Tok) -> PResult<NodeMask> {
+    t.text.parse().map_err(|e: String| {
+        cx.err(
+            t.at,
+            "a node list",
+            t.text,
+            &format!("{e}; write nodes as 0, 0,2 or 0-3"),
+        )
+    })
+}
+
+/// `MODE[|FLAG]... [nodes=LIST]`: a policy as `get_mempolicy` reports it.
+fn policy_outcome(cx: &LineCx, first: &Tok, rest: &[Tok]) -> PResult<Outcome> {
+    let (mode, flags) = MemPolicy::parse_mode(first.text)
+        .map_err(|e| cx.err(first.at, "an outcome", first.text, &e))?;
+    let mut a = Args::new(cx, rest, "a policy outcome")?;
+    let nodes = match a.key("nodes") {
+        Some(t) => node_list(cx, t)?,
+        None => NodeMask::NONE,
+    };
+    a.finish(
+        cx,
+        "a policy outcome",
+        "=> MODE[|static|relative|balancing] [nodes=LIST]",
+    )?;
+    Ok(Outcome::Policy {
+        policy: MemPolicy::new(mode, nodes).with_flags(flags),
+    })
+}
+
+const REQUIRE_HINT: &str = "require takes vm_type:default|sw_protected, memory_attributes, guest_memfd_flag:mmap|init_shared, exit_hypercall, address_spaces:N, or any capability name (pre_fault_memory, guest_memfd_memory_attributes)";
 
 fn cap_names() -> String {
     crate::uapi::CAPS
@@ -945,6 +1190,9 @@ fn require(cx: &LineCx, t: Tok) -> PResult<RequireKind> {
         ("address_spaces", Some((a, at))) => parse_number(a)
             .map(RequireKind::AddressSpaces)
             .ok_or_else(|| bad_arg("a number of address spaces", a, at)),
+        (n, None) if cap_from_name(n).is_some() => {
+            Ok(RequireKind::Cap(cap_from_name(n).unwrap_or_default()))
+        }
         _ => Err(cx.err(t.at, "a capability to require", t.text, REQUIRE_HINT)),
     }
 }
@@ -967,6 +1215,23 @@ fn outcome(cx: &LineCx, text: &str, base: usize) -> PResult<Outcome> {
         "sigbus" => only(Outcome::Sigbus),
         "timeout" => only(Outcome::Timeout),
         "exit" => exit_outcome(cx, first, rest),
+        "over" => Err(cx.err(
+            first.at,
+            "an outcome a kernel gives",
+            "over budget",
+            "`over budget` is the runner's report of an operation it did not perform; write \
+             the kernel's outcome",
+        )),
+        s if s.starts_with("-KVM_") => match hypercall_return_from_name(s) {
+            Some(value) => only(Outcome::HypercallReturn { value }),
+            None => Err(cx.err(
+                first.at,
+                "a hypercall error code",
+                s,
+                "hypercalls return -KVM_ENOSYS, -KVM_EINVAL, -KVM_EFAULT, -KVM_E2BIG, -KVM_EPERM \
+                 or -KVM_EOPNOTSUPP",
+            )),
+        },
         s if s.starts_with('E') && s.len() > 1 && s.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit()) => {
             match errno_from_name(s) {
                 Some(errno) => only(Outcome::Errno { errno }),
@@ -983,6 +1248,7 @@ fn outcome(cx: &LineCx, text: &str, base: usize) -> PResult<Outcome> {
             a.finish(cx, "a stat outcome", "=> size=N blksize=N [blocks=N] [mode=N]")?;
             Ok(Outcome::Stat { size, blksize, blocks, mode })
         }
+        s if MemPolicy::parse_mode(s).is_ok() => policy_outcome(cx, first, rest),
         s => match parse_number(s) {
             Some(value) => only(Outcome::Value { value, hex: s.starts_with("0x") }),
             None => Err(cx.err(first.at, "an outcome", s, OUTCOME_HINT)),
@@ -990,7 +1256,44 @@ fn outcome(cx: &LineCx, text: &str, base: usize) -> PResult<Outcome> {
     }
 }
 
-const OUTCOME_HINT: &str = "outcomes: ok, an errno (EINVAL), a number (0x42), sigbus, timeout, size=N blksize=N, exit memory_fault gpa=N size=N flags=private|shared, exit mmio gpa=N [read|write], exit hypercall gpa=N pages=N attributes=private|shared";
+/// `OUTCOME [| RELEASE: OUTCOME]...`: the outcome of the oldest release,
+/// then each release from which the outcome differs, in release order.
+fn release_outcomes(
+    cx: &LineCx,
+    text: &str,
+    base: usize,
+) -> PResult<(Outcome, Vec<(Release, Outcome)>)> {
+    let mut parts = text.split(" | ");
+    let first = parts.next().unwrap_or_default();
+    let expect = outcome(cx, first, base)?;
+    let mut since: Vec<(Release, Outcome)> = Vec::new();
+    let mut at = base + first.len() + 3;
+    for part in parts {
+        let Some((rel, out)) = part.split_once(':') else {
+            return Err(cx.err(
+                at,
+                "`RELEASE: OUTCOME` after `|`",
+                part.trim(),
+                RELEASE_HINT,
+            ));
+        };
+        let rel_at = at + (rel.len() - rel.trim_start().len());
+        let release: Release = rel
+            .trim()
+            .parse()
+            .map_err(|e: String| cx.err(rel_at, "a release", rel.trim(), &e))?;
+        if release == Release::ALL[0] || since.last().is_some_and(|(r, _)| *r >= release) {
+            return Err(cx.err(rel_at, "a later release", rel.trim(), RELEASE_HINT));
+        }
+        since.push((release, outcome(cx, out, at + rel.len() + 1)?));
+        at += part.len() + 3;
+    }
+    Ok((expect, since))
+}
+
+const RELEASE_HINT: &str = "an outcome that changed is written `=> OLD | 7.2: NEW`: the first outcome is the oldest release's (6.18), each `| RELEASE: OUTCOME` holds from that release on, in release order";
+
+const OUTCOME_HINT: &str = "outcomes: ok, an errno (EINVAL), a number (0x42), sigbus, timeout, size=N blksize=N, a policy (bind nodes=0), exit memory_fault gpa=N size=N flags=private|shared, exit mmio gpa=N [read|write], exit hypercall gpa=N pages=N attributes=private|shared";
 
 fn exit_outcome(cx: &LineCx, exit: &Tok, rest: &[Tok]) -> PResult<Outcome> {
     let Some(kind) = rest.first() else {
@@ -1130,6 +1433,8 @@ guest_read vm gpa=0x100000 => 0x00
             "size=4096 blksize=4096",
             "32764",
             "timeout",
+            "default",
+            "bind|static nodes=0-1,63",
         ] {
             parse_outcome(o).unwrap_or_else(|e| panic!("{o}: {e}"));
         }
@@ -1211,7 +1516,7 @@ guest_read vm gpa=0x100000 => 0x00
     fn require_lines_are_checked() {
         let sc = parse(
             "t",
-            "require vm_type:sw_protected memory_attributes address_spaces:2\n",
+            "require vm_type:sw_protected memory_attributes address_spaces:2\nvm = create_vm\n",
         )
         .unwrap();
         assert_eq!(sc.requires.len(), 3);
@@ -1229,10 +1534,158 @@ guest_read vm gpa=0x100000 => 0x00
     }
 
     #[test]
+    fn an_empty_scenario_is_an_error() {
+        for text in [
+            "",
+            "\n  \n",
+            "# only a comment\n",
+            "require memory_attributes\n",
+        ] {
+            let e = err(text);
+            assert_eq!(e.expected, "at least one operation", "{text:?}");
+        }
+    }
+
+    #[test]
+    fn what_one_scenario_can_make_the_runner_hold_is_bounded() {
+        let e = err("h = host_memory size=4G\nhost_write h offset=0 byte=1 len=2G\n");
+        assert_eq!((e.line, e.column), (2, 34));
+        assert!(e.expected.contains("at most 1G"), "{}", e.expected);
+        let many = "check_extension guest_memfd\n".repeat(MAX_OPERATIONS + 1);
+        let e = err(&many);
+        assert_eq!(e.line, MAX_OPERATIONS + 1);
+        assert!(e.expected.contains("100000 operations"), "{}", e.expected);
+        let huge = "#".repeat(MAX_SCENARIO_BYTES + 1);
+        assert!(err(&huge).expected.contains("16 MiB"));
+    }
+
+    #[test]
+    fn a_utf8_bom_is_ignored() {
+        let sc = parse("t", "\u{feff}vm = create_vm\n").unwrap();
+        assert_eq!(sc.lines[0].bind.as_deref(), Some("vm"));
+    }
+
+    #[test]
+    fn binding_a_name_twice_is_an_error_naming_the_first_line() {
+        let e = err("vm = create_vm\nh = host_memory size=4K\nclose h\nh = host_memory size=4K\n");
+        assert_eq!((e.line, e.column), (4, 1));
+        assert!(e.hint.contains("already bound on line 2"), "{}", e.hint);
+    }
+
+    #[test]
+    fn numbers_beyond_64_bits_say_so() {
+        for n in [
+            "0x1_0000_0000_0000_0000",
+            "18446744073709551616",
+            "17000000T",
+        ] {
+            let e = err(&format!("h = host_memory size={n}"));
+            assert!(
+                e.expected.contains("fits in 64 bits"),
+                "{n}: {}",
+                e.expected
+            );
+        }
+        let e = err("h = host_memory size=0xfoo");
+        assert_eq!(e.expected, "a number for size");
+    }
+
+    #[test]
+    fn very_long_tokens_are_shortened_in_messages() {
+        let long = "x".repeat(10_000);
+        let e = err(&format!("vm = create_vm\n{long} vm\n"));
+        assert!(e.found.chars().count() <= 42, "{}", e.found);
+        assert!(e.found.contains('…'));
+        assert_eq!(shorten("abcdefghij", 7), "abcd…ij");
+        assert_eq!(shorten("short", 7), "short");
+    }
+
+    #[test]
+    fn hypercall_returns_are_written_and_printed_as_errno_names() {
+        let sc = parse(
+            "t",
+            "vm = create_vm\nguest_map_gpa_range vm gpa=0 pages=1 shared => -KVM_ENOSYS\nguest_map_gpa_range vm gpa=1 pages=1 shared => 0\n",
+        )
+        .unwrap();
+        assert_eq!(sc.lines[1].expect.to_string(), "-KVM_ENOSYS");
+        assert_eq!(sc.lines[2].expect, Outcome::HypercallReturn { value: 0 });
+        assert_eq!(
+            Outcome::HypercallReturn {
+                value: 22u64.wrapping_neg()
+            }
+            .to_string(),
+            "-KVM_EINVAL"
+        );
+        let e = err("vm = create_vm\nguest_map_gpa_range vm gpa=0 pages=1 shared => -KVM_EWHAT\n");
+        assert!(e.hint.contains("-KVM_ENOSYS"), "{}", e.hint);
+    }
+
+    #[test]
+    fn over_budget_is_not_an_expectation() {
+        let e = err("vm = create_vm => over budget\n");
+        assert!(e.hint.contains("runner"), "{}", e.hint);
+    }
+
+    #[test]
     fn comments_may_follow_a_line() {
         let sc = parse("t", "vm = create_vm # the VM\n  # only a comment\n").unwrap();
         assert_eq!(sc.lines.len(), 1);
         assert_eq!(sc.lines[0].text, "vm = create_vm");
+    }
+
+    #[test]
+    fn an_outcome_may_change_from_a_release_on() {
+        let sc = parse(
+            "t",
+            "vm = create_vm\ncheck_extension vm 10 => 1 | 7.2: EEXIST | next: 3\n",
+        )
+        .unwrap();
+        let l = &sc.lines[1];
+        assert_eq!(
+            l.expect_on(Release::V6_18),
+            Outcome::Value {
+                value: 1,
+                hex: false
+            }
+        );
+        assert_eq!(
+            l.expect_on(Release::V7_1),
+            Outcome::Value {
+                value: 1,
+                hex: false
+            }
+        );
+        assert_eq!(l.expect_on(Release::V7_2), parse_outcome("EEXIST").unwrap());
+        assert_eq!(
+            l.expect_on(Release::Next),
+            Outcome::Value {
+                value: 3,
+                hex: false
+            }
+        );
+        let eexist = parse_outcome("EEXIST").unwrap();
+        assert_eq!(l.releases_matching(&eexist), vec![Release::V7_2]);
+        assert!(l.accepts(None, &eexist));
+        assert!(!l.accepts(Some(Release::V6_18), &eexist));
+    }
+
+    #[test]
+    fn release_outcomes_must_name_later_releases_in_order() {
+        for (text, expected) in [
+            ("vm = create_vm => ok | 7.3: EINVAL", "a release"),
+            (
+                "vm = create_vm => ok | 7.2: EINVAL | 7.0: ok",
+                "a later release",
+            ),
+            ("vm = create_vm => ok | 6.18: EINVAL", "a later release"),
+            (
+                "vm = create_vm => ok | EINVAL",
+                "`RELEASE: OUTCOME` after `|`",
+            ),
+        ] {
+            let e = parse("t", text).unwrap_err();
+            assert_eq!(e.0[0].expected, expected, "{text}");
+        }
     }
 
     fn vocabulary() -> impl Strategy<Value = String> {
@@ -1318,6 +1771,9 @@ guest_read vm gpa=0x100000 => 0x00
                     attributes,
                 }
             }),
+            (0usize..7, 0u16..8, any::<u64>()).prop_map(|(m, f, n)| Outcome::Policy {
+                policy: gmem_policy(m, f, n)
+            }),
             (any::<i64>(), any::<i64>()).prop_map(|(s, b)| Outcome::Stat {
                 size: Some(s),
                 blksize: Some(b),
@@ -1325,6 +1781,93 @@ guest_read vm gpa=0x100000 => 0x00
                 mode: None
             }),
         ]
+    }
+
+    fn gmem_policy(mode: usize, flags: u16, nodes: u64) -> MemPolicy {
+        use crate::mempolicy::{ModeFlags, MpolMode};
+        MemPolicy::new(MpolMode::ALL[mode], NodeMask(nodes))
+            .with_flags(ModeFlags::from_bits_truncate(flags << 13))
+    }
+
+    #[test]
+    fn madvise_parses() {
+        let sc = parse(
+            "t",
+            "vm = create_vm\ng = create_guest_memfd vm size=4M flags=mmap|init_shared\nm = mmap g\n\
+             madvise m offset=2M size=2M advice=collapse => EINVAL\nmadvise m advice=populate_write\n",
+        )
+        .unwrap();
+        assert_eq!(
+            sc.lines[3].op,
+            Op::Madvise {
+                mem: "m".into(),
+                offset: 2 << 20,
+                size: Some(2 << 20),
+                advice: crate::madvise::Advice::Collapse,
+            }
+        );
+        assert!(matches!(
+            sc.lines[4].op,
+            Op::Madvise {
+                size: None,
+                offset: 0,
+                ..
+            }
+        ));
+        for (text, expected) in [
+            ("madvise m advice=squash", "an advice"),
+            ("madvise m size=4K", "`advice=` for madvise"),
+            ("madvise advice=remove", "host memory or a mapping"),
+        ] {
+            let e = parse(
+                "t",
+                &format!("vm = create_vm\ng = create_guest_memfd vm size=8K\nm = mmap g\n{text}\n"),
+            )
+            .unwrap_err();
+            assert_eq!(e.0[0].expected, expected, "{text}");
+        }
+    }
+
+    #[test]
+    fn mbind_and_get_mempolicy_parse() {
+        let sc = parse(
+            "t",
+            "vm = create_vm\ng = create_guest_memfd vm size=8K flags=mmap|init_shared\nm = mmap g\n\
+             mbind m offset=4K size=4K policy=bind|static nodes=0,2-3 flags=strict|move\n\
+             get_mempolicy m offset=4K => bind|static nodes=0,2-3 | 6.19: default\n",
+        )
+        .unwrap();
+        let Op::Mbind {
+            policy,
+            flags,
+            size,
+            ..
+        } = &sc.lines[3].op
+        else {
+            panic!("{:?}", sc.lines[3].op)
+        };
+        assert_eq!(policy.to_string(), "bind|static nodes=0,2-3");
+        assert_eq!(flags.bits(), 3);
+        assert_eq!(*size, Some(4096));
+        assert_eq!(sc.lines[4].expect.to_string(), "bind|static nodes=0,2-3");
+        assert_eq!(sc.lines[4].since[0].1.to_string(), "default");
+        for (text, expected) in [
+            ("mbind m policy=firsttouch", "a policy mode"),
+            ("mbind m policy=bind nodes=64", "a node list"),
+            ("mbind m policy=bind flags=lazy", "a flag of flags"),
+            ("mbind m nodes=0", "`policy=` for mbind"),
+            (
+                "get_mempolicy m => bind nodes=0 colour=red",
+                "an argument of a policy outcome",
+            ),
+        ] {
+            let e = parse(
+                "t",
+                &format!("vm = create_vm\ng = create_guest_memfd vm size=8K\nm = mmap g\n{text}\n"),
+            )
+            .unwrap_err();
+            assert_eq!(e.0[0].expected, expected, "{text}");
+        }
     }
 
     proptest! {

@@ -13,10 +13,15 @@ use std::sync::{Arc, Weak};
 
 use parking_lot::{Mutex, RwLock};
 
-use super::guest_memfd::{GmemFile, GmemInode};
+use super::guest_memfd::{GmemFile, GmemInode, SoftPin};
+use super::mempolicy::{self as soft_mempolicy, Policies};
 use super::vm::VmInner;
 use crate::host::Mmap;
-use crate::hypervisor::{HostFault, HostMemory};
+use crate::hypervisor::{HostFault, HostMemory, Pin};
+use crate::madvise::{self, Advice};
+use crate::mempolicy::{self, MbindFlags, MemPolicy};
+use crate::refuse;
+use crate::uapi::PAGE_SHIFT;
 
 /// One registered mapping.
 pub(crate) struct Region {
@@ -30,66 +35,118 @@ pub(crate) enum RegionKind {
     /// A `MAP_SHARED` mapping of a guest_memfd from file offset `offset`.
     /// Holds the inode (the memory), not the file: dropping the last
     /// reference from a fault path must never run the file's release.
-    GuestMemfd { inode: Arc<GmemInode>, offset: u64 },
+    /// `vm_policy` is the mapping's own NUMA policy by page of the mapping
+    /// (`vma->vm_policy`), which is what it reports before 6.19.
+    GuestMemfd {
+        inode: Arc<GmemInode>,
+        offset: u64,
+        vm_policy: Mutex<Policies>,
+    },
 }
 
 impl Region {
-    /// Checks that the host may touch `[offset, offset + len)` of the
-    /// mapping: for a guest_memfd mapping, the pages must lie inside the
-    /// file (MMAP-3) and be shared with the host (MMAP-4).
-    pub(crate) fn check_access(&self, offset: u64, len: usize) -> Result<(), HostFault> {
-        self.mmap.check_range(offset, len)?;
+    /// The first byte of `[offset, offset + len)` the host may not touch,
+    /// if any: for a guest_memfd mapping, a page past the end of the file
+    /// (MMAP-3) or a page not shared with the host (MMAP-4). The fault
+    /// comes from `kvm_gmem_fault_user_mapping`, which checks the end of
+    /// the file first, page by page as the access reaches each page.
+    pub(crate) fn first_fault(&self, offset: u64, len: usize) -> Option<HostFault> {
         let RegionKind::GuestMemfd {
             inode,
             offset: base,
+            ..
         } = &self.kind
         else {
-            return Ok(());
+            return None;
         };
+        if len == 0 {
+            return None;
+        }
         let file_off = base + offset;
-        let last = file_off + len.max(1) as u64 - 1;
-        if last >= inode.size {
-            let first_bad = file_off.max(inode.size);
-            return Err(HostFault::Sigbus {
-                offset: first_bad - base,
-                rule: "MMAP-3",
-                reason: format!(
-                    "file offset {first_bad:#x} is past the end of the {:#x}-byte guest_memfd",
-                    inode.size
-                ),
-            });
+        let past_end = |at: u64| HostFault::Sigbus {
+            offset: at - base,
+            rule: "MMAP-3",
+            reason: format!(
+                "file offset {at:#x} is past the end of the {:#x}-byte guest_memfd",
+                inode.size
+            ),
+        };
+        if file_off >= inode.size {
+            return Some(past_end(file_off));
+        }
+        let end = file_off + len as u64;
+        if inode.in_place {
+            // Pages fault in order: a private page before the end of the
+            // file faults first (CONV-6), else the end of the file does.
+            let last = end.min(inode.size) - 1;
+            let pages = file_off >> PAGE_SHIFT..(last >> PAGE_SHIFT) + 1;
+            if let Some(index) = inode.first_private(pages) {
+                let at = (index << PAGE_SHIFT).max(file_off);
+                return Some(HostFault::Sigbus {
+                    offset: at - base,
+                    rule: "CONV-6",
+                    reason: format!("file page {index:#x} is private to the guest"),
+                });
+            }
+            return (end > inode.size).then(|| past_end(inode.size));
         }
         if !inode.init_shared() {
-            return Err(HostFault::Sigbus {
+            return Some(HostFault::Sigbus {
                 offset,
                 rule: "MMAP-4",
                 reason: "the guest_memfd was created without INIT_SHARED: its memory is private to the guest".into(),
             });
         }
-        Ok(())
+        (end > inode.size).then(|| past_end(inode.size))
     }
 
-    /// Bytes from the start of the mapping that the host may touch: all of
-    /// it, or for a guest_memfd mapping the part inside the file (MMAP-3),
-    /// or none when the file's memory is not shared (MMAP-4).
-    pub(crate) fn accessible_len(&self) -> u64 {
+    /// Bytes from the start of the mapping that a vCPU may cache a
+    /// translation for: all of anonymous memory; none of a guest_memfd
+    /// mapping, whose pages can turn private or go with the file without
+    /// an invalidation of the slots that point at the mapping, so every
+    /// access through one takes the fault path and its checks.
+    pub(crate) fn cacheable_len(&self) -> u64 {
         match &self.kind {
             RegionKind::Anonymous => self.mmap.len(),
-            RegionKind::GuestMemfd { inode, .. } if !inode.init_shared() => 0,
-            RegionKind::GuestMemfd { inode, offset } => {
-                self.mmap.len().min(inode.size.saturating_sub(*offset))
+            RegionKind::GuestMemfd { .. } => 0,
+        }
+    }
+
+    /// Reads `buf` at `offset`. On a fault, the bytes before the first
+    /// faulting byte are read, as a copy by the CPU would have read them.
+    pub(crate) fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), HostFault> {
+        self.mmap.check_range(offset, buf.len())?;
+        match self.first_fault(offset, buf.len()) {
+            None => self.mmap.read(offset, buf),
+            Some(fault) => {
+                let done = Self::done_before(&fault, offset);
+                self.mmap.read(offset, &mut buf[..done])?;
+                Err(fault)
             }
         }
     }
 
-    pub(crate) fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), HostFault> {
-        self.check_access(offset, buf.len())?;
-        self.mmap.read(offset, buf)
+    /// Writes `buf` at `offset`. On a fault, every byte before the first
+    /// faulting byte is stored first, as `memset` in the kernel selftest
+    /// `test_fault_overflow` stores them before its SIGBUS.
+    pub(crate) fn write(&self, offset: u64, buf: &[u8]) -> Result<(), HostFault> {
+        self.mmap.check_range(offset, buf.len())?;
+        match self.first_fault(offset, buf.len()) {
+            None => self.mmap.write(offset, buf),
+            Some(fault) => {
+                let done = Self::done_before(&fault, offset);
+                self.mmap.write(offset, &buf[..done])?;
+                Err(fault)
+            }
+        }
     }
 
-    pub(crate) fn write(&self, offset: u64, buf: &[u8]) -> Result<(), HostFault> {
-        self.check_access(offset, buf.len())?;
-        self.mmap.write(offset, buf)
+    /// Bytes of an access at `offset` that precede `fault`.
+    fn done_before(fault: &HostFault, offset: u64) -> usize {
+        match fault {
+            HostFault::Sigbus { offset: at, .. } => (at - offset) as usize,
+            HostFault::OutOfRange { .. } => 0,
+        }
     }
 }
 
@@ -145,7 +202,7 @@ impl HostRegistry {
 pub struct SoftHostMemory {
     region: Arc<Region>,
     registry: Arc<HostRegistry>,
-    _file: Option<Arc<GmemFile>>,
+    file: Option<Arc<GmemFile>>,
 }
 
 impl SoftHostMemory {
@@ -160,7 +217,7 @@ impl SoftHostMemory {
         SoftHostMemory {
             region,
             registry: registry.clone(),
-            _file: file,
+            file,
         }
     }
 
@@ -199,5 +256,142 @@ impl HostMemory for SoftHostMemory {
 
     fn write(&self, offset: u64, buf: &[u8]) -> Result<(), HostFault> {
         self.region.write(offset, buf)
+    }
+
+    fn pin(&self, offset: u64, len: u64) -> crate::Result<Box<dyn Pin>> {
+        if len == 0 || offset.checked_add(len).is_none_or(|end| end > self.len()) {
+            return Err(crate::Error::new(
+                crate::Errno::EFAULT,
+                "CONV-5",
+                format!(
+                    "pin of {len:#x} bytes at offset {offset:#x}: outside the {:#x}-byte mapping",
+                    self.len()
+                ),
+            ));
+        }
+        let RegionKind::GuestMemfd {
+            inode,
+            offset: base,
+            ..
+        } = &self.region.kind
+        else {
+            return Ok(Box::new(SoftPin::unrelated()));
+        };
+        let first = (base + offset) >> PAGE_SHIFT;
+        let end = (base + offset + len).div_ceil(crate::uapi::PAGE_SIZE);
+        Ok(Box::new(inode.pin(first..end)?))
+    }
+
+    /// Anonymous memory: the kernel's per-mapping policy. A guest_memfd
+    /// mapping: as the profile's release keeps it (NUMA-2); since 6.19 the
+    /// store's mapping takes the policy too, so that its pages follow it.
+    fn mbind(
+        &self,
+        offset: u64,
+        len: u64,
+        policy: MemPolicy,
+        flags: MbindFlags,
+    ) -> crate::Result<()> {
+        let RegionKind::GuestMemfd {
+            inode,
+            offset: base,
+            vm_policy,
+        } = &self.region.kind
+        else {
+            return mempolicy::mbind(self.addr(), self.len(), offset, len, policy, flags);
+        };
+        mempolicy::check_range(self.len(), offset, len, "mbind")?;
+        let Some(request) = soft_mempolicy::check(offset, len, policy, flags)? else {
+            return Ok(());
+        };
+        let mut vma = vm_policy.lock();
+        let mut shared = inode.policy.as_ref().map(|p| p.lock());
+        if shared.is_some() {
+            // shmem keeps it by file offset, as guest_memfd does since 6.19;
+            // page checks (STRICT, MOVE) are not modelled.
+            mempolicy::mbind(
+                self.addr(),
+                self.len(),
+                offset,
+                len,
+                policy,
+                MbindFlags::empty(),
+            )?;
+        }
+        request.apply(&mut vma, shared.as_deref_mut(), base >> PAGE_SHIFT);
+        Ok(())
+    }
+
+    fn get_mempolicy(&self, offset: u64) -> crate::Result<MemPolicy> {
+        let RegionKind::GuestMemfd {
+            inode,
+            offset: base,
+            vm_policy,
+        } = &self.region.kind
+        else {
+            return mempolicy::get_mempolicy(self.addr(), self.len(), offset);
+        };
+        mempolicy::check_range(self.len(), offset, 1, "get_mempolicy")?;
+        let index = offset >> PAGE_SHIFT;
+        Ok(match &inode.policy {
+            Some(shared) => soft_mempolicy::report(&shared.lock(), (base >> PAGE_SHIFT) + index),
+            None => soft_mempolicy::report(&vm_policy.lock(), index),
+        })
+    }
+
+    /// Anonymous memory: the kernel's answer. A guest_memfd mapping: as
+    /// the kernel treats guest_memfd, never the page store's own answer (a
+    /// tmpfs memfd, which collapses into huge pages and would punch without
+    /// invalidating the guest).
+    fn madvise(&self, offset: u64, len: u64, advice: Advice) -> crate::Result<()> {
+        let (RegionKind::GuestMemfd { offset: base, .. }, Some(file)) =
+            (&self.region.kind, &self.file)
+        else {
+            return madvise::madvise(self.addr(), self.len(), offset, len, advice);
+        };
+        let Some(len) = madvise::check(self.addr(), self.len(), offset, len, advice)? else {
+            return Ok(());
+        };
+        match advice {
+            Advice::Collapse => refuse!(
+                EINVAL,
+                "MMAP-6",
+                "MADV_COLLAPSE of {len:#x} bytes at offset {offset:#x}: guest_memfd pages are never huge (file_thp_enabled)"
+            ),
+            Advice::Free => refuse!(
+                EINVAL,
+                "MMAP-8",
+                "MADV_FREE at offset {offset:#x}: only private anonymous memory is freed lazily"
+            ),
+            Advice::Remove => file.punch_hole((base + offset) as i64, len as i64),
+            Advice::DontNeed => madvise::raw(self.addr() + offset, len, advice),
+            Advice::PopulateRead | Advice::PopulateWrite => {
+                // Pages are faulted in order up to the first that would
+                // raise SIGBUS (faultin_page_range); that one is EFAULT.
+                let fault = self.region.first_fault(offset, len as usize);
+                let done = match &fault {
+                    Some(HostFault::Sigbus { offset: at, .. }) => at - offset,
+                    _ => len,
+                };
+                if done > 0 {
+                    madvise::raw(self.addr() + offset, done, advice)?;
+                }
+                match fault {
+                    None => Ok(()),
+                    Some(f) => Err(crate::Error::new(
+                        crate::Errno::EFAULT,
+                        "MMAP-9",
+                        format!("madvise({advice}) at offset {offset:#x}: {f}"),
+                    )),
+                }
+            }
+            // Huge-page advice only marks the mapping; guest_memfd pages are
+            // unevictable (cold, pageout) and its inode has no readahead.
+            Advice::Hugepage
+            | Advice::NoHugepage
+            | Advice::WillNeed
+            | Advice::Cold
+            | Advice::Pageout => Ok(()),
+        }
     }
 }

@@ -1,5 +1,5 @@
-//! The guest fault path: where a guest access is served from, and the exits
-//! it produces.
+//! The guest fault path (docs/spec.md, section 6): where a guest access is
+//! served from, and the exits it produces.
 //!
 //! An access first tries the vCPU's translation cache ([`super::tlb`]),
 //! which takes no lock. A miss takes [`SoftVcpu::fault_in`], the
@@ -14,14 +14,14 @@ use std::sync::Arc;
 
 use super::tlb::{self, Reader, Share, Tlb, Translation};
 use super::vm::VmInner;
-use crate::error::Result;
+use crate::error::{Errno, Error, Result};
 use crate::hypervisor::{GuestLoop, GuestOp, LoopExit, Vcpu, VcpuExit};
 use crate::refuse;
 
 /// What a hypercall with bad arguments returns to the guest (negated).
 const KVM_EINVAL: u64 = 22;
 use crate::uapi::{
-    KVM_ENOSYS, KVM_HC_MAP_GPA_RANGE, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEMORY_EXIT_FLAG_PRIVATE,
+    kvm_pre_fault_memory, KVM_ENOSYS, KVM_HC_MAP_GPA_RANGE, KVM_MEMORY_EXIT_FLAG_PRIVATE,
     KVM_MEM_READONLY, PAGE_SHIFT, PAGE_SIZE,
 };
 
@@ -81,8 +81,7 @@ impl SoftVcpu {
         // after this leaves the entry stale (mmu_invalidate_seq snapshot).
         let seq = self.vm.invalidations.seq();
         // FAULT-1: private iff the VM has private memory and the gfn is PRIVATE.
-        let private = self.vm.has_private_mem
-            && state.attributes(gfn) & KVM_MEMORY_ATTRIBUTE_PRIVATE as u64 != 0;
+        let private = self.vm.is_private(&state, gfn);
         let memory_fault = |private: bool| {
             Some(VcpuExit::MemoryFault {
                 flags: if private {
@@ -110,8 +109,18 @@ impl SoftVcpu {
         let Some(slot) = state.memslots[0].find(gfn) else {
             return Ok(if private { memory_fault(true) } else { mmio() });
         };
-        // The gfns that share this one's slot and attributes.
-        let run = state.attribute_run(gfn, slot.base_gfn..slot.end_gfn());
+        // The gfns that share this one's slot and attributes; with in-place
+        // conversion, the file's private/shared state of their pages too.
+        let mut run = state.attribute_run(gfn, slot.base_gfn..slot.end_gfn());
+        if let Some((inode, pgoff)) = slot
+            .gmem
+            .as_ref()
+            .and_then(|g| Some((g.file.as_ref()?, g.pgoff)))
+        {
+            let to_index = |gfn: u64| gfn - slot.base_gfn + pgoff;
+            let indices = inode.private_run(to_index(gfn), to_index(run.start)..to_index(run.end));
+            run = indices.start - pgoff + slot.base_gfn..indices.end - pgoff + slot.base_gfn;
+        }
         let gmem_only = slot.gmem.as_ref().is_some_and(|g| g.gmem_only);
         if private || gmem_only {
             // FAULT-3: served from the file. FAULT-4: no binding; FAULT-6:
@@ -153,24 +162,34 @@ impl SoftVcpu {
             return Ok(mmio());
         }
         let hva = slot.userspace_addr + ((gfn - slot.base_gfn) << PAGE_SHIFT) + offset;
-        let Some((region, off)) = self.vm.host.lookup(hva, buf.len() as u64) else {
-            // No host memory there: KVM fails KVM_RUN with EFAULT and a
-            // memory fault exit for the gfn.
-            return Ok(memory_fault(false));
+        // No host memory at the hva (or memory the host may not touch): as
+        // __kvm_mmu_faultin_pfn (arch/x86/kvm/mmu/mmu.c), whose
+        // __kvm_faultin_pfn -> hva_to_pfn (virt/kvm/kvm_main.c) gives
+        // KVM_PFN_ERR_FAULT, and kvm_handle_error_pfn returns a bare -EFAULT:
+        // KVM_RUN fails with EFAULT and no memory-fault exit is prepared.
+        let unmapped = || {
+            Error::new(
+                Errno::EFAULT,
+                "FAULT-3",
+                format!("gpa {gpa:#x} is served from hva {hva:#x}, where no host memory is mapped"),
+            )
         };
+        let (region, off) = self
+            .vm
+            .host
+            .lookup(hva, buf.len() as u64)
+            .ok_or_else(unmapped)?;
         let done = if write {
             region.write(off, buf)
         } else {
             region.read(off, buf)
         };
-        if done.is_err() {
-            return Ok(memory_fault(false));
-        }
+        done.map_err(|_| unmapped())?;
         // Cache the whole pages of the mapping around this one. The pointer
         // outlives `region`: unmapping invalidates first (`soft::host`).
         let page_off = off - offset;
         let before = page_off >> PAGE_SHIFT;
-        let after = (region.accessible_len() - page_off) >> PAGE_SHIFT;
+        let after = (region.cacheable_len().max(page_off) - page_off) >> PAGE_SHIFT;
         let lo = run.start.max(gfn.saturating_sub(before));
         let hi = run.end.min(gfn.saturating_add(after));
         if hi > gfn {
@@ -354,6 +373,54 @@ impl Drop for SoftVcpu {
 }
 
 impl Vcpu for SoftVcpu {
+    /// `kvm_vcpu_pre_fault_memory` and `kvm_arch_vcpu_pre_fault_memory`:
+    /// each page is faulted in as a guest read would fault it.
+    fn pre_fault_memory(&mut self, range: &mut kvm_pre_fault_memory) -> Result<()> {
+        if range.flags != 0 {
+            refuse!(
+                EINVAL,
+                "PREFAULT-1",
+                "KVM_PRE_FAULT_MEMORY flags {:#x} must be 0",
+                range.flags
+            );
+        }
+        let (gpa, size) = (range.gpa, range.size);
+        if gpa & (PAGE_SIZE - 1) != 0
+            || size & (PAGE_SIZE - 1) != 0
+            || gpa.checked_add(size).is_none_or(|end| end <= gpa)
+        {
+            refuse!(
+                EINVAL,
+                "PREFAULT-1",
+                "gpa {gpa:#x} size {size:#x}: both must be page aligned, size not 0, the range not wrapping"
+            );
+        }
+        let full = range.size;
+        while range.size > 0 {
+            let mut byte = [0u8];
+            let failed = match self.fault_in(range.gpa, &mut byte, false)? {
+                None => None,
+                Some(VcpuExit::Mmio { .. }) => Some(Error::new(
+                    Errno::ENOENT,
+                    "PREFAULT-4",
+                    format!("gpa {:#x} is outside every memslot", range.gpa),
+                )),
+                Some(exit) => Some(Error::new(
+                    Errno::EFAULT,
+                    "PREFAULT-5",
+                    format!("gpa {:#x} cannot be mapped: {exit:?}", range.gpa),
+                )),
+            };
+            if let Some(e) = failed {
+                // PREFAULT-3: success once any page was processed.
+                return if range.size == full { Err(e) } else { Ok(()) };
+            }
+            range.gpa += PAGE_SIZE;
+            range.size -= PAGE_SIZE;
+        }
+        Ok(())
+    }
+
     // Inlined into callers that hold the concrete type, so that an access
     // of a known width folds down to the cache check and one load or store.
     #[inline(always)]

@@ -1,23 +1,29 @@
-//! The contract test suite: every rule of spec sections 1-8, written once
+//! The contract test suite: every rule of docs/spec.md sections 1-8, written once
 //! against `&dyn Hypervisor` and run on each backend.
 //!
 //! Each test is a function `fn(&dyn Hypervisor)` in the module of its spec
 //! section; [`contract_tests!`] instantiates it as `soft::<section>::<test>`
 //! and `kvm::<section>::<test>`. A test that needs something a backend lacks
 //! (a VM type, memory attributes, a creation flag) checks the capability
-//! first and prints one `skip:` line naming it; no test passes silently.
+//! first and records a skip naming it; no test passes silently. The binary
+//! prints one summary of the skips, and of the tests that depart from
+//! upstream on this kernel, when it exits.
 
 use std::panic::{self, AssertUnwindSafe};
-use std::path::Path;
+use std::sync::OnceLock;
 
-use gmem::scenario::departures::{kernel_release, Departures, TestDeparture};
+use gmem::scenario::departures::{Departures, Probes};
+use gmem::scenario::Limits;
 use gmem::{Backend, Hypervisor};
 
+#[path = "../common/skips.rs"]
+mod skips;
 mod support;
 
 mod attributes;
 mod bind;
 mod caps;
+mod conversion;
 mod create;
 mod fallocate;
 mod faults;
@@ -25,38 +31,47 @@ mod file_ops;
 mod invalidation;
 mod lifetimes;
 mod loops;
+mod madvise;
 mod memslots;
 mod mmap;
+mod numa;
+mod prefault;
 
 /// The KVM backend is a stub on this branch: while this is false the `kvm`
-/// instances print a skip line. Flip it when the KVM backend lands; from
-/// then on failing to open `/dev/kvm` (when it exists) is a test failure.
+/// instances record a skip. Flip it when the KVM backend lands; from then
+/// on failing to open `/dev/kvm` (when it exists) is a test failure.
 const KVM_INSTANCE: bool = true;
 
-/// The departures file: where a running kernel departs from the spec, by
-/// kernel release, for scenario lines and for the contract tests here.
+/// The departures file: the known behaviours of kernels that depart from
+/// upstream, and the contract tests each makes fail.
 const DEPARTURES: &str = include_str!("../../../scenarios/departures.toml");
 
-/// The contract tests that depart on the running kernel: the kvm instance
-/// of each must fail. It prints one `departure:` line naming the rule and
-/// what the kernel does instead; if it passes, the departure is gone and
-/// the test fails until its record is removed. The expectation itself is
-/// never weakened.
-fn kvm_departures() -> Vec<TestDeparture> {
-    let departures = Departures::parse(DEPARTURES).expect("scenarios/departures.toml parses");
-    departures.contract_tests(&kernel_release()).to_vec()
+fn departures() -> &'static Departures {
+    static D: OnceLock<Departures> = OnceLock::new();
+    D.get_or_init(|| Departures::parse(DEPARTURES).expect("scenarios/departures.toml parses"))
 }
 
-/// Runs `test` (named `section::test`) on `backend`, or prints why it
+/// The probes of every behaviour on the running kernel, run once per binary.
+fn kvm_probes(hv: &dyn Hypervisor) -> &'static Probes {
+    static P: OnceLock<Probes> = OnceLock::new();
+    P.get_or_init(|| departures().probe(hv, &Limits::new(64 << 20)))
+}
+
+/// Runs `test` (named `section::test`) on `backend`, or records why it
 /// cannot run there.
+///
+/// A kvm test listed in departures.toml must fail exactly when the
+/// kernel's probes show the behaviours listed for it: it is then recorded
+/// as departing; if it passes, the record or the probe is wrong and the test
+/// fails. On a kernel whose probes do not show them it must pass. The
+/// expectation itself is never weakened.
 fn run(backend: Backend, name: &str, test: fn(&dyn Hypervisor)) {
     if backend == Backend::Kvm {
         if !KVM_INSTANCE {
-            support::skip("kvm backend not merged yet");
+            skips::skip("kvm backend not merged yet");
             return;
         }
-        if !Path::new("/dev/kvm").exists() {
-            support::skip("/dev/kvm does not exist");
+        if skips::no_kvm(name) {
             return;
         }
     }
@@ -64,36 +79,81 @@ fn run(backend: Backend, name: &str, test: fn(&dyn Hypervisor)) {
         Ok(hv) => hv,
         Err(e) => panic!("opening the {} backend: {e}", backend.name()),
     };
-    let departures = kvm_departures();
-    let departure = departures.iter().find(|d| d.contract_test == name);
-    let (
-        Backend::Kvm,
-        Some(TestDeparture {
-            rule,
-            explanation: what,
-            ..
-        }),
-    ) = (backend, departure)
-    else {
+    let listed = match backend {
+        Backend::Kvm => departures().contract_test(name),
+        Backend::Soft => None,
+    };
+    let Some(behaviours) = listed else {
         test(&*hv);
         return;
     };
-    match panic::catch_unwind(AssertUnwindSafe(|| test(&*hv))) {
-        Err(payload) => {
-            let why = payload
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| payload.downcast_ref::<&str>().copied())
-                .unwrap_or("?");
-            support::report(format!(
-                "departure: {rule}: {what}; the test found: {}",
-                why.lines().map(str::trim).collect::<Vec<_>>().join(" ")
-            ));
-        }
-        Ok(()) => {
-            panic!("recorded in scenarios/departures.toml ({rule}: {what}) but conforms now: remove the record")
-        }
+    let probes = kvm_probes(&*hv);
+    let ids: Vec<&str> = behaviours.iter().map(|b| b.id.as_str()).collect();
+    if !ids.iter().all(|id| probes.shows(id)) {
+        test(&*hv);
+        return;
     }
+    match panic::catch_unwind(AssertUnwindSafe(|| test(&*hv))) {
+        Err(_) => skips::departs(ids.join(", ")),
+        Ok(()) => panic!(
+            "this kernel's probes show {} (scenarios/departures.toml), listed as making this \
+             test fail, but it passes: fix the listing or the probe",
+            ids.join(", ")
+        ),
+    }
+}
+
+/// Runs `test` on the software backend as `release` behaves.
+fn run_release(release: gmem::Release, test: fn(&dyn Hypervisor)) {
+    match gmem::soft::SoftHypervisor::with_profile(release) {
+        Ok(hv) => test(&hv),
+        Err(e) => panic!("opening the soft backend as {release}: {e}"),
+    }
+}
+
+/// `release_tests! { section: [test, ...] }` makes `next::soft::section::test`
+/// (the software backend as `next`) and `next::kvm::section::test`.
+macro_rules! release_tests {
+    ($($section:ident: [$($test:ident),* $(,)?]),* $(,)?) => {
+        mod next {
+            mod soft {
+                $(mod $section {
+                    $(#[test]
+                    fn $test() {
+                        crate::run_release(gmem::Release::Next, crate::$section::$test);
+                    })*
+                })*
+            }
+            mod kvm {
+                $(mod $section {
+                    $(#[test]
+                    fn $test() {
+                        crate::run(
+                            gmem::Backend::Kvm,
+                            concat!(stringify!($section), "::", stringify!($test)),
+                            crate::$section::$test,
+                        );
+                    })*
+                })*
+            }
+        }
+    };
+}
+
+release_tests! {
+    conversion: [
+        file_starts_private_and_the_host_faults,
+        conversion_keeps_contents_both_ways,
+        conversion_touches_only_its_range,
+        bad_requests_are_einval,
+        pinned_page_is_eagain_with_its_offset,
+        guest_access_follows_the_file_page,
+        bound_range_errno_follows_the_release,
+    ],
+    numa: [
+        policy_belongs_to_the_mapping_before_6_19_and_to_the_file_since,
+        default_through_a_new_mapping_keeps_the_files_policy,
+    ],
 }
 
 /// `contract_tests! { section: [test, ...], ... }` makes
@@ -263,6 +323,12 @@ contract_tests! {
         touched_hole_reads_zero,
         private_mapping_of_a_file_without_mmap_is_enodev,
         mapping_wholly_past_the_end_is_sigbus_on_touch,
+        write_across_the_end_stores_every_byte_before_it,
+        read_across_the_end_reads_every_byte_before_it,
+        write_across_the_end_of_a_mapping_at_an_offset,
+        write_without_init_shared_faults_at_its_first_byte,
+        offset_past_the_largest_file_offset_is_eoverflow,
+        highest_mappable_offset_is_accepted,
     ],
     attributes: [
         nonzero_flags_are_einval,
@@ -322,6 +388,25 @@ contract_tests! {
         loop_stops_at_an_mmio_gap_and_resumes_after_it,
         unaligned_loops_are_einval,
     ],
+    prefault: [
+        bad_ranges_are_einval,
+        whole_range_is_mapped_and_consumed,
+        range_past_the_slot_stops_there_and_no_slot_is_enoent,
+        private_gfn_without_guest_memfd_is_efault,
+    ],
+    madvise: [
+        collapse_is_einval_and_huge_page_advice_changes_nothing,
+        remove_punches_the_file_under_the_range,
+        dontneed_keeps_the_files_pages,
+        madvise_arguments_are_checked_before_the_range,
+        populate_faults_pages_in_up_to_the_first_sigbus,
+    ],
+    numa: [
+        policy_belongs_to_the_mapping_before_6_19_and_to_the_file_since,
+        default_through_a_new_mapping_keeps_the_files_policy,
+        mbind_arguments_are_checked_as_for_any_memory,
+        get_mempolicy_reports_what_mbind_installed,
+    ],
     caps: [
         guest_memfd_capabilities_are_reported,
         nr_memslots_is_32764,
@@ -341,6 +426,8 @@ const SOURCES: &[(&str, &str)] = &[
     ("attributes", include_str!("attributes.rs")),
     ("bind", include_str!("bind.rs")),
     ("caps", include_str!("caps.rs")),
+    ("conversion", include_str!("conversion.rs")),
+    ("prefault", include_str!("prefault.rs")),
     ("create", include_str!("create.rs")),
     ("fallocate", include_str!("fallocate.rs")),
     ("faults", include_str!("faults.rs")),
@@ -348,8 +435,10 @@ const SOURCES: &[(&str, &str)] = &[
     ("invalidation", include_str!("invalidation.rs")),
     ("lifetimes", include_str!("lifetimes.rs")),
     ("loops", include_str!("loops.rs")),
+    ("madvise", include_str!("madvise.rs")),
     ("memslots", include_str!("memslots.rs")),
     ("mmap", include_str!("mmap.rs")),
+    ("numa", include_str!("numa.rs")),
 ];
 
 /// Does `text` name `id` as a whole id (`SLOT-1` but not inside `SLOT-12`)?
@@ -371,14 +460,8 @@ fn every_rule_id_of_sections_1_to_8_is_named_by_a_contract_test() {
 }
 
 #[test]
-fn every_recorded_contract_test_departure_names_a_contract_test() {
-    let departures = Departures::parse(DEPARTURES).unwrap();
-    for test in departures
-        .tests_by_release
-        .values()
-        .flatten()
-        .map(|d| &d.contract_test)
-    {
+fn every_contract_test_in_departures_toml_exists() {
+    for test in departures().contract_tests.iter().map(|t| &t.test) {
         let (section, name) = test.split_once("::").expect("section::test");
         let listed = SOURCES
             .iter()
