@@ -232,7 +232,7 @@ fn access_plot(report: &Report, path: &Path) -> PlotResult {
         .collect();
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            "Guest access (8 bytes): time per access by pattern and threads",
+            "Guest loads of 8 bytes: time per access by pattern and threads",
             ("sans-serif", 22),
         )
         .margin(16)
@@ -251,7 +251,7 @@ fn access_plot(report: &Report, path: &Path) -> PlotResult {
                 String::new()
             }
         })
-        .y_desc("time per access (per thread)")
+        .y_desc("wall time per access (all threads)")
         .y_label_formatter(&|y| seconds(*y))
         .draw()?;
     let ours = RGBColor(0x1f, 0x77, 0xb4);

@@ -154,14 +154,15 @@ pub fn run(scale: Scale) -> Result<(Vec<Row>, Vec<Series>)> {
         "soft.convert.per_page",
         &format!("conversion of {} against a per-page map", bytes(TOP)),
         top,
-        Some((modelled_top, "per-page map, extended linearly")),
+        Some((modelled_top, "per-page map")),
         Some(top / modelled_top),
         Unit::Seconds,
         Target::None,
     );
+    let last_measured = base.points.last().map_or(0, |p| p.x as u64);
     per_page_row.note = Some(format!(
         "the per-page map was measured up to {} and extended linearly",
-        bytes(measured_up_to)
+        bytes(last_measured)
     ));
     // Each iteration of `Flat` is a round trip: two conversions.
     Ok((

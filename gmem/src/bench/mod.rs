@@ -236,7 +236,8 @@ pub struct Report {
     pub rows: Vec<Row>,
     /// Conversion cost against range size: ours, and the per-page map.
     pub conversion: Vec<Series>,
-    /// Access cost by pattern and thread count, ours and raw.
+    /// Access cost by pattern and thread count, ours and raw: wall time
+    /// divided by the accesses of all threads.
     pub access: Vec<AccessCell>,
     /// Rows that met their target, missed it, and had none or were skipped.
     pub summary: Summary,
