@@ -227,6 +227,36 @@ fn raw_loads(base: *const u8, pattern: Pattern, mut at: u64, size: u64, iters: u
     }
 }
 
+/// Hot guest loads through `&mut dyn Vcpu` (what a VMM holding
+/// `Box<dyn Vcpu>` pays: no inlining across the call) against the same
+/// loads through the concrete [`SoftVcpu`].
+pub struct DynPair<'a>(pub &'a mut Access);
+
+impl Pair for DynPair<'_> {
+    fn ours(&mut self, iters: u64) -> Duration {
+        let at = self.0.start(Pattern::Hot, 0, 1);
+        let vcpu: &mut dyn Vcpu = &mut self.0.vcpus[0];
+        let vcpu = black_box(vcpu);
+        super::time(|| {
+            for _ in 0..iters {
+                match vcpu.run(GuestOp::Read {
+                    gpa: black_box(at),
+                    size: 8,
+                }) {
+                    Ok(VcpuExit::Done(v)) => {
+                        black_box(v);
+                    }
+                    other => failed(at, other),
+                }
+            }
+        })
+    }
+
+    fn baseline(&mut self, iters: u64) -> Duration {
+        self.0.time(true, Pattern::Hot, 1, iters)
+    }
+}
+
 /// One pattern and thread count of an [`Access`], as a [`Pair`].
 pub struct AccessPair<'a> {
     /// The memories.
@@ -283,6 +313,11 @@ pub fn run(scale: Scale, cells: &mut Vec<AccessCell>) -> Result<Vec<Row>> {
             got.push((pattern, threads, c));
         }
     }
+    let dyn_hot = compare(
+        &mut DynPair(&mut access),
+        iters_for(Pattern::Hot, scale),
+        scale.rounds(),
+    );
     drop(access);
     let find = |p: Pattern, t: usize| {
         got.iter()
@@ -319,6 +354,22 @@ pub fn run(scale: Scale, cells: &mut Vec<AccessCell>) -> Result<Vec<Row>> {
             Unit::Seconds,
             Target::AtMost(5.0),
         ),
+        {
+            let mut row = Row::new(
+                "soft.access.hot_dyn",
+                "soft guest access, hot, through dyn Vcpu",
+                dyn_hot.ours,
+                Some((hot.baseline, "raw load from a slice")),
+                Some(dyn_hot.ratio * hot.ratio),
+                Unit::Seconds,
+                Target::None,
+            );
+            row.note = Some(format!(
+                "{:.2}x the same loads through SoftVcpu",
+                dyn_hot.ratio
+            ));
+            row
+        },
         Row::new(
             "soft.access.random",
             &format!(

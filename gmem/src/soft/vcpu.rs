@@ -70,6 +70,58 @@ impl SoftVcpu {
         Some(v)
     }
 
+    /// A guest load or store through the cache, if it can serve it: a valid
+    /// width, inside one page, a cached translation. The first thing
+    /// [`Vcpu::run`] tries, small enough to stay cheap behind `dyn Vcpu`.
+    #[inline(always)]
+    fn cached_op(&mut self, op: &GuestOp) -> Option<u64> {
+        let (gpa, size, value) = match *op {
+            GuestOp::Read { gpa, size } => (gpa, size, None),
+            GuestOp::Write { gpa, size, value } => (gpa, size, Some(value)),
+            GuestOp::MapGpaRange { .. } => return None,
+        };
+        // A page crossing (or wrapping) access and a bad width take the
+        // full path, which splits or refuses them.
+        if !matches!(size, 1 | 2 | 4 | 8) || (gpa & (PAGE_SIZE - 1)) + size as u64 > PAGE_SIZE {
+            return None;
+        }
+        self.cached(gpa, size as usize, value)
+    }
+
+    /// Everything [`Vcpu::run`] does that the cache did not: the checks,
+    /// the fault path, hypercalls.
+    #[inline(never)]
+    fn run_slow(&mut self, op: GuestOp) -> Result<VcpuExit> {
+        match op {
+            GuestOp::Read { gpa, size } => self.access(gpa, size, None),
+            GuestOp::Write { gpa, size, value } => self.access(gpa, size, Some(value)),
+            GuestOp::MapGpaRange {
+                gpa,
+                npages,
+                attributes,
+            } => {
+                // FAULT-8: exits only when userspace asked for it; x86.c
+                // checks that before the arguments.
+                let mask = self.vm.exit_hypercall.load(Ordering::Acquire);
+                if mask & (1 << KVM_HC_MAP_GPA_RANGE) == 0 {
+                    return Ok(VcpuExit::Done(KVM_ENOSYS.wrapping_neg()));
+                }
+                // Then the range: unaligned, empty or wrapping is
+                // -KVM_EINVAL to the guest; any other range exits.
+                let wraps = (gpa >> PAGE_SHIFT).checked_add(npages).is_none();
+                if gpa & (PAGE_SIZE - 1) != 0 || npages == 0 || wraps {
+                    return Ok(VcpuExit::Done(KVM_EINVAL.wrapping_neg()));
+                }
+                Ok(VcpuExit::Hypercall {
+                    nr: KVM_HC_MAP_GPA_RANGE,
+                    gpa,
+                    npages,
+                    attributes,
+                })
+            }
+        }
+    }
+
     /// The fault path for an access that stays inside one page: performs it
     /// under the VM's locks and caches the translation. `None` means it
     /// completed.
@@ -209,7 +261,6 @@ impl SoftVcpu {
         Ok(None)
     }
 
-    #[inline(always)]
     fn access(&mut self, gpa: u64, size: u8, value: Option<u64>) -> Result<VcpuExit> {
         if !matches!(size, 1 | 2 | 4 | 8) {
             refuse!(
@@ -425,33 +476,9 @@ impl Vcpu for SoftVcpu {
     // of a known width folds down to the cache check and one load or store.
     #[inline(always)]
     fn run(&mut self, op: GuestOp) -> Result<VcpuExit> {
-        match op {
-            GuestOp::Read { gpa, size } => self.access(gpa, size, None),
-            GuestOp::Write { gpa, size, value } => self.access(gpa, size, Some(value)),
-            GuestOp::MapGpaRange {
-                gpa,
-                npages,
-                attributes,
-            } => {
-                // FAULT-8: exits only when userspace asked for it; x86.c
-                // checks that before the arguments.
-                let mask = self.vm.exit_hypercall.load(Ordering::Acquire);
-                if mask & (1 << KVM_HC_MAP_GPA_RANGE) == 0 {
-                    return Ok(VcpuExit::Done(KVM_ENOSYS.wrapping_neg()));
-                }
-                // Then the range: unaligned, empty or wrapping is
-                // -KVM_EINVAL to the guest; any other range exits.
-                let wraps = (gpa >> PAGE_SHIFT).checked_add(npages).is_none();
-                if gpa & (PAGE_SIZE - 1) != 0 || npages == 0 || wraps {
-                    return Ok(VcpuExit::Done(KVM_EINVAL.wrapping_neg()));
-                }
-                Ok(VcpuExit::Hypercall {
-                    nr: KVM_HC_MAP_GPA_RANGE,
-                    gpa,
-                    npages,
-                    attributes,
-                })
-            }
+        match self.cached_op(&op) {
+            Some(v) => Ok(VcpuExit::Done(v)),
+            None => self.run_slow(op),
         }
     }
 
