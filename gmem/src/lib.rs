@@ -4,6 +4,7 @@
 //! - [`soft`]: the software backend, the executable specification.
 //! - [`kvm`]: the same contract on the running kernel through `/dev/kvm`.
 //! - [`scenario`]: scenario files and the conformance runner.
+//! - [`fuzz`]: random scenarios run on both backends, differences minimized.
 //!
 //! The rules cited in errors and tests (`SLOT-7`, `BIND-4`, ...) are those of
 //! the project's specification, `spec/guest_memfd.md` in the steering repo.
@@ -11,6 +12,7 @@
 #![deny(missing_docs)]
 
 pub mod error;
+pub mod fuzz;
 pub mod host;
 pub mod hypervisor;
 pub mod kvm;
