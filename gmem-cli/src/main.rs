@@ -4,10 +4,13 @@
 //!   files (the corpus by default) and prints a conformance table.
 //! - `gmem caps [--backend kvm|soft] [--json]` shows what a backend supports
 //!   of guest_memfd and what that means for a VMM.
+//! - `gmem fuzz [--seed N] [--time 60s|--runs N] [--backend soft|kvm|both]
+//!   [--out DIR]` runs random scenarios and minimizes what differs.
 
 #![deny(missing_docs)]
 
 mod caps;
+mod fuzz;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -50,6 +53,39 @@ enum Command {
         /// Print the capabilities as JSON on stdout.
         #[arg(long)]
         json: bool,
+    },
+    /// Run random scenarios on the software backend and the kernel; minimize
+    /// each difference (and each panic, hang or leak) into a scenario file.
+    Fuzz {
+        /// Seed of the first program; program i uses SEED + i (default: from the clock).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Stop after this long: 60s, 5m, 1h (default 60s unless --runs is given).
+        #[arg(long, value_parser = fuzz::parse_duration)]
+        time: Option<Duration>,
+        /// Stop after this many programs.
+        #[arg(long)]
+        runs: Option<u64>,
+        /// soft: the software backend against a simple model; kvm: the kernel
+        /// alone (panics, hangs, leaks); both: the two compared line by line.
+        #[arg(long, value_enum, default_value_t = Which::Both)]
+        backend: Which,
+        /// Write each minimized finding here as a .gmem file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Count every difference, even one the running kernel's known
+        /// departures explain (to rediscover them).
+        #[arg(long)]
+        ignore_departures: bool,
+        /// Memory one program may make the host commit (file pages, host writes).
+        #[arg(long, default_value = "32M", value_parser = fuzz::parse_size)]
+        max_memory: u64,
+        /// Operation lines per program at most.
+        #[arg(long, default_value_t = 40)]
+        max_lines: usize,
+        /// Time to minimize one finding at most.
+        #[arg(long, default_value = "30s", value_parser = fuzz::parse_duration)]
+        minimize_time: Duration,
     },
 }
 
@@ -94,6 +130,31 @@ fn main() -> ExitCode {
             },
             json,
         ),
+        Command::Fuzz {
+            seed,
+            time,
+            runs,
+            backend,
+            out,
+            ignore_departures,
+            max_memory,
+            max_lines,
+            minimize_time,
+        } => fuzz::fuzz(fuzz::Args {
+            seed,
+            time,
+            runs,
+            mode: match backend {
+                Which::Soft => gmem::fuzz::Mode::Soft,
+                Which::Kvm => gmem::fuzz::Mode::Kvm,
+                Which::Both => gmem::fuzz::Mode::Both,
+            },
+            out,
+            ignore_departures,
+            max_memory,
+            max_lines,
+            minimize_time,
+        }),
     }
 }
 

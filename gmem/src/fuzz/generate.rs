@@ -261,9 +261,21 @@ const GPAS: &[u64] = &[
 const SLOTS: &[u32] = &[0, 1, 1, 2, 2, 3, 4, 5];
 const EDGE_SLOTS: &[u32] = &[32763, 32764, 0x7fff, 0xffff];
 
-/// Generic and unknown ioctl requests on a guest_memfd: the VFS answers
-/// FIOCLEX/FIONCLEX/FIONREAD itself, guest_memfd knows none of the others.
-const IOCTLS: &[u64] = &[0xAEFF, 0xAE00, 0x5451, 0x5450, 0x541B];
+/// Ioctl requests on a guest_memfd: unknown ones, and those the VFS answers
+/// for every file (FIOCLEX, FIONCLEX, FIONBIO, FIOASYNC, FIGETBSZ,
+/// FIONREAD, FIOQSIZE), one with bits above 31.
+const IOCTLS: &[u64] = &[
+    0xAEFF,
+    0xAE00,
+    0x5451,
+    0x5450,
+    0x5421,
+    0x5452,
+    0x2,
+    0x541B,
+    0x5460,
+    0x1_0000_5451,
+];
 
 impl Gen<'_> {
     fn chance(&mut self, p: f64) -> bool {

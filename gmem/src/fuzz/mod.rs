@@ -19,8 +19,11 @@
 //!   software backend's.
 //! - [`model`] checks the software backend alone against a simple model of
 //!   files, mappings and host memory, for `gmem fuzz --backend soft`.
+//! - [`campaign`] runs programs from consecutive seeds and keeps the
+//!   counts, the coverage and the first finding of each kind.
 //! - [`coverage`] counts the operations and rule ids the runs reached.
 
+pub mod campaign;
 pub mod coverage;
 pub mod exec;
 pub mod generate;
@@ -28,6 +31,7 @@ pub mod minimize;
 pub mod model;
 pub mod print;
 
+pub use campaign::{Campaign, Config, Mode};
 pub use coverage::Coverage;
 pub use exec::{Comparison, Executor, Finding, FindingKind, LineDiff, Verdict};
 pub use generate::{generate, Limits, Profile};

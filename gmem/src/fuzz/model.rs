@@ -195,16 +195,20 @@ impl State {
                     }
                     FileOp::Ftruncate(_) => (err(Errno::EINVAL), "FILE-2"),
                     // do_vfs_ioctl (fs/ioctl.c) answers these for every
-                    // file before the file's own ioctl is asked.
-                    FileOp::Ioctl(0x5451 | 0x5450) => (
+                    // file before the file's own ioctl is asked (the
+                    // request is an unsigned int): FIOCLEX and FIONCLEX
+                    // succeed; FIONBIO, FIOASYNC and FIGETBSZ use the
+                    // argument, 0 here.
+                    FileOp::Ioctl(r) if matches!(*r as u32, 0x5450 | 0x5451) => (
                         Outcome::Value {
                             value: 0,
                             hex: false,
                         },
                         "FILE-1",
                     ),
-                    // FIONREAD on a regular file stores to the (null) argument.
-                    FileOp::Ioctl(0x541B) => (err(Errno::EFAULT), "FILE-1"),
+                    FileOp::Ioctl(r) if matches!(*r as u32, 0x5421 | 0x5452 | 0x2) => {
+                        (err(Errno::EFAULT), "FILE-1")
+                    }
                     FileOp::Ioctl(_) => (err(Errno::ENOTTY), "FILE-1"),
                 })
             }
