@@ -384,7 +384,7 @@ impl Campaign {
             }
             _ => None,
         };
-        let program = with_requirements(&f.program);
+        let program = f.program.clone();
         if matches!(f.kind, FindingKind::Hang { .. }) {
             return Minimized {
                 program,
@@ -402,7 +402,7 @@ impl Campaign {
     /// and what each backend gave, then the program with the software
     /// backend's outcomes as expectations (upstream's).
     pub fn corpus_file(&mut self, f: &Finding, m: &Minimized, original_lines: usize) -> String {
-        let sc = Arc::new(m.program.clone());
+        let sc = Arc::new(with_requirements(&m.program));
         let soft = self
             .roles
             .soft

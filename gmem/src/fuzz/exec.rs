@@ -379,14 +379,144 @@ pub fn outcome_kind(o: &Option<Outcome>) -> String {
     }
 }
 
-/// The signature of a difference on a line running `op`.
-pub fn signature(op: &Op, reference: &Option<Outcome>, subject: &Option<Outcome>) -> String {
+/// The signature of a difference on line `index` of `sc`: the operation,
+/// for a guest access what it reaches (see [`access_context`]), and the
+/// kind of each outcome.
+pub fn signature(
+    sc: &Scenario,
+    reference_run: &ScenarioRun,
+    index: usize,
+    reference: &Option<Outcome>,
+    subject: &Option<Outcome>,
+) -> String {
+    let op = &sc.lines[index].op;
+    let context = access_context(sc, reference_run, index)
+        .map(|c| format!(" [{c}]"))
+        .unwrap_or_default();
     format!(
-        "{}: {} | {}",
+        "{}{context}: {} | {}",
         op_name(op),
         outcome_kind(reference),
         outcome_kind(subject)
     )
+}
+
+/// What a guest access on line `index` reaches, as the program built it
+/// (following the reference run's outcomes): no slot, or a slot and its
+/// backing, `gmem-only slot, file released, userspace 0`. `None` for a line
+/// that is not a guest access.
+pub fn access_context(sc: &Scenario, reference: &ScenarioRun, index: usize) -> Option<String> {
+    use crate::scenario::ast::{FdRef, Userspace};
+    use std::collections::HashMap;
+    let (vm, gpa) = match &sc.lines.get(index)?.op {
+        Op::GuestRead { vm, gpa } | Op::GuestWrite { vm, gpa, .. } => (vm.clone(), *gpa),
+        _ => return None,
+    };
+    struct File {
+        mmap: bool,
+        fd_open: bool,
+        maps: usize,
+        released: bool,
+    }
+    // name -> file index; mapping name -> Some(file) / host memory -> None.
+    let mut files: Vec<File> = Vec::new();
+    let mut fds: HashMap<&str, usize> = HashMap::new();
+    let mut mems: HashMap<&str, Option<usize>> = HashMap::new();
+    let mut closed_mems: Vec<&str> = Vec::new();
+    // (vm, as, slot) -> (gpa, size, file, userspace handle or address)
+    let mut slots: HashMap<(&str, u32, u32), (u64, u64, Option<usize>, Result<&str, u64>)> =
+        HashMap::new();
+    for (line, res) in sc.lines.iter().zip(&reference.lines).take(index) {
+        if !res.actual.is_some_and(|a| a.is_success()) {
+            continue;
+        }
+        match &line.op {
+            Op::CreateGuestMemfd { flags, .. } => {
+                if let Some(b) = &line.bind {
+                    fds.insert(b, files.len());
+                    files.push(File {
+                        mmap: flags & crate::uapi::GUEST_MEMFD_FLAG_MMAP != 0,
+                        fd_open: true,
+                        maps: 0,
+                        released: false,
+                    });
+                }
+            }
+            Op::HostMemory { .. } => {
+                if let Some(b) = &line.bind {
+                    mems.insert(b, None);
+                }
+            }
+            Op::Mmap { gmem, .. } => {
+                if let (Some(b), Some(&f)) = (&line.bind, fds.get(gmem.as_str())) {
+                    files[f].maps += 1;
+                    mems.insert(b, Some(f));
+                }
+            }
+            Op::SetMemoryRegion(r) => {
+                let key = (r.vm.as_str(), r.as_id, r.slot);
+                if r.size == 0 {
+                    slots.remove(&key);
+                    continue;
+                }
+                let file = match &r.guest_memfd {
+                    FdRef::Handle(h) if r.flags & crate::uapi::KVM_MEM_GUEST_MEMFD != 0 => {
+                        fds.get(h.as_str()).copied()
+                    }
+                    _ => None,
+                };
+                let user = match &r.userspace {
+                    Userspace::Handle(h) => Ok(h.as_str()),
+                    Userspace::Addr(a) => Err(a.wrapping_add(r.userspace_offset)),
+                };
+                slots.insert(key, (r.gpa, r.size, file, user));
+            }
+            Op::Close { handle } => {
+                let h = handle.as_str();
+                if let Some(f) = fds.remove(h) {
+                    files[f].fd_open = false;
+                    files[f].released = files[f].maps == 0;
+                }
+                if let Some(m) = mems.remove(h) {
+                    closed_mems.push(h);
+                    if let Some(f) = m {
+                        files[f].maps -= 1;
+                        files[f].released = !files[f].fd_open && files[f].maps == 0;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let slot = slots
+        .iter()
+        .find(|((v, a, _), (base, size, _, _))| {
+            *v == vm && *a == 0 && gpa >= *base && gpa - base < *size
+        })
+        .map(|(_, s)| *s);
+    let Some((_, _, file, user)) = slot else {
+        return Some("no slot".into());
+    };
+    let mut parts = Vec::new();
+    match file {
+        Some(f) if files[f].mmap => parts.push("gmem-only slot"),
+        Some(_) => parts.push("gmem slot"),
+        None => parts.push("plain slot"),
+    }
+    if file.is_some_and(|f| files[f].released) {
+        parts.push("file released");
+    }
+    parts.push(match user {
+        Err(0) => "userspace 0",
+        Err(_) => "userspace address",
+        Ok(h) if closed_mems.contains(&h) => "userspace unmapped",
+        Ok(h) => match mems.get(h) {
+            Some(Some(m)) if file == Some(*m) => "userspace own mapping",
+            Some(Some(_)) => "userspace other mapping",
+            _ => "userspace host memory",
+        },
+    });
+    Some(parts.join(", "))
 }
 
 /// Compares the reference's run (the software backend) with the subject's
@@ -439,7 +569,7 @@ pub fn compare(
             subject: b.actual,
             details: (a.detail.clone(), b.detail.clone()),
             class,
-            signature: signature(&line.op, &a.actual, &b.actual),
+            signature: signature(sc, reference, i, &a.actual, &b.actual),
         });
         if stop {
             break;

@@ -102,7 +102,7 @@ impl Profile {
 }
 
 /// Bounds on one program.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Limits {
     /// Operation lines at most.
     pub max_lines: usize,
@@ -112,6 +112,8 @@ pub struct Limits {
     /// `guest_map_gpa_range` lines at most (a hypercall that never exits
     /// costs the KVM backend its whole run bound).
     pub max_hypercalls: usize,
+    /// The share of programs that may have a `guest_map_gpa_range` line.
+    pub hypercall_share: f64,
 }
 
 impl Default for Limits {
@@ -120,6 +122,7 @@ impl Default for Limits {
             max_lines: 40,
             memory: 32 << 20,
             max_hypercalls: 1,
+            hypercall_share: 0.03,
         }
     }
 }
@@ -139,6 +142,7 @@ pub fn generate(seed: u64, profile: &Profile, limits: &Limits) -> Scenario {
         names: 0,
         committed: 0,
         hypercalls: 0,
+        hypercall_weight: 0,
     };
     g.program();
     let lines = g
@@ -240,6 +244,7 @@ struct Gen<'a> {
     names: usize,
     committed: u64,
     hypercalls: usize,
+    hypercall_weight: u32,
 }
 
 /// Base gpas the programs play in: page boundaries, the 1 MiB and 4 GiB
@@ -324,6 +329,9 @@ impl Gen<'_> {
 
     fn program(&mut self) {
         // Most programs start with a VM and a file: that is where the rules are.
+        if self.chance(self.limits.hypercall_share.clamp(0.0, 1.0)) {
+            self.hypercall_weight = 8;
+        }
         self.create_vm(true);
         if self.chance(0.85) {
             self.create_file(true);
@@ -371,7 +379,7 @@ impl Gen<'_> {
             (6, K::HostR),
             (9, K::GuestW),
             (11, K::GuestR),
-            (1, K::Hyper),
+            (self.hypercall_weight, K::Hyper),
             (2, K::FileOp),
             (2, K::Stat),
             (1, K::Same),
