@@ -1,9 +1,10 @@
-//! `gmem caps`: what a backend supports of guest_memfd (spec section 8),
+//! `gmem caps`: what a backend supports of guest_memfd (docs/spec.md, section 8),
 //! per VM type, and what that means for a VMM.
 
 use std::process::ExitCode;
 
 use gmem::error::errno_name;
+use gmem::scenario::{match_release, ReleaseMatch};
 use gmem::uapi::{
     kvm_memory_attributes, vm_type_name, CAPS, GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP,
     KVM_CAP_GUEST_MEMFD, KVM_CAP_GUEST_MEMFD_FLAGS, KVM_CAP_MEMORY_ATTRIBUTES,
@@ -12,6 +13,7 @@ use gmem::uapi::{
 };
 use gmem::{Backend, Errno, Hypervisor};
 use serde::Serialize;
+use std::path::Path;
 
 /// Per-VM capabilities `gmem caps` asks every VM type for.
 const VM_CAPS: &[(&str, u32)] = &[
@@ -40,13 +42,16 @@ struct Caps {
     /// `present`, `absent`, or why it could not be probed.
     set_memory_attributes: String,
     meaning: Vec<(String, String)>,
+    /// Which release's guest_memfd behaviour the backend follows, measured
+    /// by the corpus lines whose outcome differs between releases.
+    release: Option<ReleaseMatch>,
 }
 
 fn cap(caps: &[(&'static str, i64)], name: &str) -> i64 {
     caps.iter().find(|(n, _)| *n == name).map_or(0, |(_, v)| *v)
 }
 
-fn gather(hv: &dyn Hypervisor) -> Caps {
+fn gather(hv: &dyn Hypervisor, corpus: &Path) -> Caps {
     let system: Vec<(&'static str, i64)> = CAPS
         .iter()
         .map(|(n, c)| (*n, hv.check_extension(*c)))
@@ -88,6 +93,7 @@ fn gather(hv: &dyn Hypervisor) -> Caps {
         vm_types,
         set_memory_attributes,
         meaning,
+        release: match_release(hv, corpus).ok(),
     }
 }
 
@@ -228,11 +234,30 @@ fn render(c: &Caps) -> String {
     for (k, v) in &c.meaning {
         out.push_str(&format!("  {k}: {v}\n"));
     }
+    if let Some(m) = &c.release {
+        out.push_str(&format!(
+            "\nguest_memfd behaviour follows release: {}\n",
+            m.summary()
+        ));
+        out.push_str("  decided by (scenario line: observed -> releases with that outcome):\n");
+        for p in &m.probes {
+            let rels: Vec<String> = p.releases.iter().map(|r| r.to_string()).collect();
+            out.push_str(&format!(
+                "    {}: {} -> {}\n",
+                p.at,
+                p.observed,
+                rels.join(" ")
+            ));
+        }
+        for (file, why) in &m.skipped {
+            out.push_str(&format!("    {file}: not run, {why}\n"));
+        }
+    }
     out
 }
 
 /// `gmem caps`: exits 0 even when the backend cannot be opened (it says so).
-pub fn caps(backend: Backend, json: bool) -> ExitCode {
+pub fn caps(backend: Backend, json: bool, corpus: &Path) -> ExitCode {
     let hv = match backend.open() {
         Ok(hv) => hv,
         Err(e) => {
@@ -251,7 +276,7 @@ pub fn caps(backend: Backend, json: bool) -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
-    let c = gather(hv.as_ref());
+    let c = gather(hv.as_ref(), corpus);
     if json {
         match serde_json::to_string_pretty(&c) {
             Ok(s) => println!("{s}"),

@@ -32,6 +32,8 @@ pub struct Args {
     pub max_lines: usize,
     /// Time to minimize one finding at most.
     pub minimize_time: Duration,
+    /// The kernel release the software backend follows.
+    pub profile: Option<gmem::Release>,
 }
 
 /// Parses `60s`, `2m`, `1h`, `500ms` or plain seconds.
@@ -88,6 +90,7 @@ pub fn fuzz(a: Args) -> ExitCode {
             time: a.minimize_time,
             ..Budget::default()
         },
+        soft_release: a.profile.unwrap_or(gmem::Release::DEFAULT),
         // The departures model is applied unless told otherwise; none is
         // available yet, so every difference counts either way.
         departures: None,

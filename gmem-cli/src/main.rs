@@ -1,7 +1,8 @@
 //! `gmem`: the command line of the gmem project.
 //!
-//! - `gmem check [PATHS...] [--backend soft|kvm|both] [--json]` runs scenario
-//!   files (the corpus by default) and prints a conformance table.
+//! - `gmem check [PATHS...] [--backend soft|kvm|both] [--profile RELEASE] [--json]`
+//!   runs scenario files (the corpus by default) and prints a conformance
+//!   table; `--profile` runs the software backend as that kernel release.
 //! - `gmem caps [--backend kvm|soft] [--json]` shows what a backend supports
 //!   of guest_memfd and what that means for a VMM.
 //! - `gmem fuzz [--seed N] [--time 60s|--runs N] [--backend soft|kvm|both]
@@ -19,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use gmem::scenario::{collect_files, kernel_release, render, BackendSlot, Checker, Departures};
-use gmem::{Backend, Hypervisor};
+use gmem::soft::SoftHypervisor;
+use gmem::{Backend, Hypervisor, Release};
 
 /// gmem: KVM's guest_memfd system in Rust.
 #[derive(Debug, Parser)]
@@ -44,6 +46,10 @@ enum Command {
         /// Departures file (default: departures.toml in the corpus folder).
         #[arg(long)]
         departures: Option<PathBuf>,
+        /// Run the software backend as this kernel release behaves
+        /// (6.18, 6.19, 7.0, 7.1, 7.2, next; default 6.18).
+        #[arg(long, value_name = "RELEASE")]
+        profile: Option<Release>,
     },
     /// Show the host's KVM guest_memfd support (or the software backend's).
     Caps {
@@ -86,6 +92,10 @@ enum Command {
         /// Time to minimize one finding at most.
         #[arg(long, default_value = "30s", value_parser = fuzz::parse_duration)]
         minimize_time: Duration,
+        /// Run the software backend as this kernel release behaves
+        /// (6.18, 6.19, 7.0, 7.1, 7.2, next; default 6.18).
+        #[arg(long, value_name = "RELEASE")]
+        profile: Option<Release>,
     },
 }
 
@@ -122,13 +132,15 @@ fn main() -> ExitCode {
             backend,
             json,
             departures,
-        } => check(paths, backend, json, departures),
+            profile,
+        } => check(paths, backend, json, departures, profile),
         Command::Caps { backend, json } => caps::caps(
             match backend {
                 One::Soft => Backend::Soft,
                 One::Kvm => Backend::Kvm,
             },
             json,
+            &corpus_dir(),
         ),
         Command::Fuzz {
             seed,
@@ -140,6 +152,7 @@ fn main() -> ExitCode {
             max_memory,
             max_lines,
             minimize_time,
+            profile,
         } => fuzz::fuzz(fuzz::Args {
             seed,
             time,
@@ -154,6 +167,7 @@ fn main() -> ExitCode {
             max_memory,
             max_lines,
             minimize_time,
+            profile,
         }),
     }
 }
@@ -171,7 +185,23 @@ fn corpus_dir() -> PathBuf {
 /// A backend, or why it could not be opened.
 type Opened = Result<Box<dyn Hypervisor>, String>;
 
-fn check(paths: Vec<PathBuf>, which: Which, json: bool, departures: Option<PathBuf>) -> ExitCode {
+/// Opens `backend`; the software backend as `profile` when one is given.
+fn open(backend: Backend, profile: Option<Release>) -> Opened {
+    match (backend, profile) {
+        (Backend::Soft, Some(r)) => SoftHypervisor::with_profile(r)
+            .map(|h| Box::new(h) as Box<dyn Hypervisor>)
+            .map_err(|e| e.to_string()),
+        (b, _) => b.open().map_err(|e| e.to_string()),
+    }
+}
+
+fn check(
+    paths: Vec<PathBuf>,
+    which: Which,
+    json: bool,
+    departures: Option<PathBuf>,
+    profile: Option<Release>,
+) -> ExitCode {
     let corpus = corpus_dir();
     let paths = if paths.is_empty() {
         vec![corpus.clone()]
@@ -212,10 +242,7 @@ fn check(paths: Vec<PathBuf>, which: Which, json: bool, departures: Option<PathB
         Which::Kvm => &[Backend::Kvm],
         Which::Both => &[Backend::Soft, Backend::Kvm],
     };
-    let opened: Vec<(Backend, Opened)> = wanted
-        .iter()
-        .map(|b| (*b, b.open().map_err(|e| e.to_string())))
-        .collect();
+    let opened: Vec<(Backend, Opened)> = wanted.iter().map(|b| (*b, open(*b, profile))).collect();
     if which == Which::Kvm {
         if let Err(why) = &opened[0].1 {
             eprintln!("gmem check: kvm backend not available: {why}");
@@ -226,7 +253,10 @@ fn check(paths: Vec<PathBuf>, which: Which, json: bool, departures: Option<PathB
         backends: opened
             .iter()
             .map(|(b, r)| BackendSlot {
-                name: b.name().to_string(),
+                name: match (b, profile) {
+                    (Backend::Soft, Some(p)) => format!("soft {p}"),
+                    _ => b.name().to_string(),
+                },
                 hv: r.as_ref().map(|h| h.as_ref()).map_err(Clone::clone),
             })
             .collect(),

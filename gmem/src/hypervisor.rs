@@ -13,9 +13,10 @@
 use std::os::fd::AsRawFd;
 
 use crate::error::Result;
+use crate::error::{Errno, Error};
 use crate::uapi::{
-    kvm_create_guest_memfd, kvm_memory_attributes, kvm_userspace_memory_region,
-    kvm_userspace_memory_region2,
+    kvm_create_guest_memfd, kvm_memory_attributes, kvm_memory_attributes2, kvm_pre_fault_memory,
+    kvm_userspace_memory_region, kvm_userspace_memory_region2,
 };
 
 /// `/dev/kvm`: capabilities and VM creation.
@@ -25,6 +26,13 @@ pub trait Hypervisor: AsRawFd + Send + Sync {
 
     /// `KVM_CHECK_EXTENSION` on the system fd: 0 when unsupported.
     fn check_extension(&self, cap: u32) -> i64;
+
+    /// The kernel release whose behaviour this backend follows, when it is
+    /// known by construction (a software profile). A running kernel says
+    /// `None`: which release it follows is measured, not assumed.
+    fn release(&self) -> Option<crate::Release> {
+        None
+    }
 
     /// `KVM_CREATE_VM` with a machine type (`KVM_X86_DEFAULT_VM`, ...).
     fn create_vm(&self, vm_type: u64) -> Result<Box<dyn Vm>>;
@@ -96,6 +104,20 @@ pub trait GuestMemfd: AsRawFd + Send + Sync {
     fn ftruncate(&self, len: i64) -> Result<()>;
     /// An ioctl guest_memfd does not know: refused (FILE-1).
     fn ioctl(&self, request: u64) -> Result<i32>;
+
+    /// `KVM_SET_MEMORY_ATTRIBUTES2` on the file (in-place conversion,
+    /// CONV-*): make `[offset, offset + size)` private or shared. On
+    /// `EAGAIN` the kernel writes the offset of a page that is still
+    /// referenced to `attrs.error_offset`. Backends without in-place
+    /// conversion refuse with `ENOTTY`, as a kernel without the ioctl does.
+    fn set_memory_attributes2(&self, attrs: &mut kvm_memory_attributes2) -> Result<()> {
+        let _ = attrs;
+        Err(Error::new(
+            Errno::ENOTTY,
+            "CONV-1",
+            "KVM_SET_MEMORY_ATTRIBUTES2 on a guest_memfd: not supported by this backend (KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES)",
+        ))
+    }
 }
 
 /// `MAP_SHARED` or `MAP_PRIVATE`.
@@ -138,12 +160,31 @@ pub trait HostMemory: Send + Sync {
         self.len() == 0
     }
 
-    /// Reads `buf.len()` bytes at `offset` into the mapping.
+    /// Reads `buf.len()` bytes at `offset` into the mapping. On SIGBUS the
+    /// bytes before the first faulting page have been read into `buf`, as a
+    /// CPU's copy would have read them (MMAP-3).
     fn read(&self, offset: u64, buf: &mut [u8]) -> std::result::Result<(), HostFault>;
 
-    /// Writes `buf` at `offset` into the mapping.
+    /// Writes `buf` at `offset` into the mapping. On SIGBUS the bytes before
+    /// the first faulting page have been stored (MMAP-3).
     fn write(&self, offset: u64, buf: &[u8]) -> std::result::Result<(), HostFault>;
+
+    /// Takes a long-term reference on the pages of `[offset, offset + len)`
+    /// (what `get_user_pages(FOLL_LONGTERM)` does for a device or an
+    /// IOMMU), held until the returned handle is dropped. A page made
+    /// private while referenced is refused with `EAGAIN` (CONV-5).
+    fn pin(&self, offset: u64, len: u64) -> Result<Box<dyn Pin>> {
+        let _ = (offset, len);
+        Err(Error::new(
+            Errno::ENOTTY,
+            "CONV-5",
+            "pinning host pages is not supported by this backend",
+        ))
+    }
 }
+
+/// A long-term reference on host pages; dropping it releases them.
+pub trait Pin: Send + Sync {}
 
 /// A host access the kernel would answer with a signal, as a typed error.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -178,6 +219,19 @@ pub enum HostFault {
 pub trait Vcpu: Send {
     /// `KVM_RUN` until the guest completes `op` or exits to the VMM.
     fn run(&mut self, op: GuestOp) -> Result<VcpuExit>;
+
+    /// `KVM_PRE_FAULT_MEMORY` (PREFAULT-*): map `range` as a guest read
+    /// fault would, allocating guest_memfd pages. `range` is updated to
+    /// what remains; the call fails only when no page was processed.
+    /// Backends without it refuse with `ENOTTY`.
+    fn pre_fault_memory(&mut self, range: &mut kvm_pre_fault_memory) -> Result<()> {
+        let _ = range;
+        Err(Error::new(
+            Errno::ENOTTY,
+            "PREFAULT-1",
+            "KVM_PRE_FAULT_MEMORY: not supported by this backend (KVM_CAP_PRE_FAULT_MEMORY)",
+        ))
+    }
 
     /// Runs `op` as one guest loop: the guest walks the whole range in one
     /// run and exits to the VMM only when it is done or when an access

@@ -4,10 +4,12 @@
 //! - [`soft`]: the software backend, the executable specification.
 //! - [`kvm`]: the same contract on the running kernel through `/dev/kvm`.
 //! - [`scenario`]: scenario files and the conformance runner.
+//! - [`release`]: the kernel releases whose guest_memfd behaviour differs.
 //! - [`fuzz`]: random scenarios run on both backends, differences minimized.
 //!
 //! The rules cited in errors and tests (`SLOT-7`, `BIND-4`, ...) are those of
-//! the project's specification, `spec/guest_memfd.md` in the steering repo.
+//! the project's specification, `docs/spec.md`, which defines each id with
+//! the kernel source it comes from.
 
 #![deny(missing_docs)]
 
@@ -16,6 +18,7 @@ pub mod fuzz;
 pub mod host;
 pub mod hypervisor;
 pub mod kvm;
+pub mod release;
 pub mod rules;
 pub mod scenario;
 pub mod soft;
@@ -23,9 +26,10 @@ pub mod uapi;
 
 pub use error::{Errno, Error, Result};
 pub use hypervisor::{
-    GuestLoop, GuestMemfd, GuestOp, HostFault, HostMemory, Hypervisor, LoopExit, MapKind, Stat,
-    Vcpu, VcpuExit, Vm,
+    GuestLoop, GuestMemfd, GuestOp, HostFault, HostMemory, Hypervisor, LoopExit, MapKind, Pin,
+    Stat, Vcpu, VcpuExit, Vm,
 };
+pub use release::Release;
 
 /// Which implementation of the contract to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,14 +2,14 @@
 //! plus, in this one place, what kvm-bindings 0.14 lacks.
 
 pub use kvm_bindings::{
-    kvm_create_guest_memfd, kvm_memory_attributes, kvm_userspace_memory_region,
-    kvm_userspace_memory_region2, KVM_CAP_EXIT_HYPERCALL, KVM_CAP_GUEST_MEMFD,
-    KVM_CAP_MEMORY_ATTRIBUTES, KVM_CAP_MEMORY_FAULT_INFO, KVM_CAP_MULTI_ADDRESS_SPACE,
-    KVM_CAP_NR_MEMSLOTS, KVM_CAP_PRE_FAULT_MEMORY, KVM_CAP_USER_MEMORY2, KVM_CAP_VM_TYPES,
-    KVM_EXIT_HYPERCALL, KVM_EXIT_MEMORY_FAULT, KVM_MEMORY_ATTRIBUTE_PRIVATE,
-    KVM_MEMORY_EXIT_FLAG_PRIVATE, KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY,
-    KVM_X86_DEFAULT_VM, KVM_X86_SEV_ES_VM, KVM_X86_SEV_VM, KVM_X86_SNP_VM, KVM_X86_SW_PROTECTED_VM,
-    KVM_X86_TDX_VM,
+    kvm_create_guest_memfd, kvm_memory_attributes, kvm_pre_fault_memory,
+    kvm_userspace_memory_region, kvm_userspace_memory_region2, KVM_CAP_EXIT_HYPERCALL,
+    KVM_CAP_GUEST_MEMFD, KVM_CAP_MEMORY_ATTRIBUTES, KVM_CAP_MEMORY_FAULT_INFO,
+    KVM_CAP_MULTI_ADDRESS_SPACE, KVM_CAP_NR_MEMSLOTS, KVM_CAP_PRE_FAULT_MEMORY,
+    KVM_CAP_USER_MEMORY2, KVM_CAP_VM_TYPES, KVM_EXIT_HYPERCALL, KVM_EXIT_MEMORY_FAULT,
+    KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEMORY_EXIT_FLAG_PRIVATE, KVM_MEM_GUEST_MEMFD,
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_X86_DEFAULT_VM, KVM_X86_SEV_ES_VM,
+    KVM_X86_SEV_VM, KVM_X86_SNP_VM, KVM_X86_SW_PROTECTED_VM, KVM_X86_TDX_VM,
 };
 
 /// Page size: every size and offset of the guest_memfd ABI is counted in these.
@@ -23,6 +23,55 @@ pub const GUEST_MEMFD_FLAG_MMAP: u64 = 1 << 0;
 pub const GUEST_MEMFD_FLAG_INIT_SHARED: u64 = 1 << 1;
 /// `KVM_CHECK_EXTENSION`: the guest_memfd flags this VM (or host) accepts.
 pub const KVM_CAP_GUEST_MEMFD_FLAGS: u32 = 244;
+
+/// `KVM_CHECK_EXTENSION`: the attributes `KVM_SET_MEMORY_ATTRIBUTES2` accepts
+/// on a guest_memfd (in-place conversion, kvm-x86 series v8; not released).
+pub const KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES: u32 = 250;
+
+/// `KVM_SET_MEMORY_ATTRIBUTES2`, a guest_memfd ioctl: set attributes of a
+/// range of file offsets (in-place conversion, CONV-*).
+pub const KVM_SET_MEMORY_ATTRIBUTES2: u64 =
+    iowr(0xd2, std::mem::size_of::<kvm_memory_attributes2>());
+
+/// `_IOWR(KVMIO, nr, size)`.
+const fn iowr(nr: u64, size: usize) -> u64 {
+    const KVMIO: u64 = 0xAE;
+    (3 << 30) | ((size as u64) << 16) | (KVMIO << 8) | nr
+}
+
+/// The argument of `KVM_SET_MEMORY_ATTRIBUTES2` (in/out).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct kvm_memory_attributes2 {
+    /// File offset of the range (the `address` of the VM ioctl's layout).
+    pub offset: u64,
+    /// Bytes.
+    pub size: u64,
+    /// `KVM_MEMORY_ATTRIBUTE_PRIVATE` or 0.
+    pub attributes: u64,
+    /// Must be 0.
+    pub flags: u64,
+    /// Out: on `EAGAIN`, the offset of the page that is still referenced.
+    pub error_offset: u64,
+    /// Must be 0.
+    pub reserved: [u64; 11],
+}
+
+impl kvm_memory_attributes2 {
+    /// `size` bytes at file `offset` made private (or shared).
+    pub fn new(offset: u64, size: u64, private: bool) -> Self {
+        kvm_memory_attributes2 {
+            offset,
+            size,
+            attributes: if private {
+                KVM_MEMORY_ATTRIBUTE_PRIVATE as u64
+            } else {
+                0
+            },
+            ..Default::default()
+        }
+    }
+}
 
 /// The hypercall a guest makes to ask for a private/shared conversion.
 pub const KVM_HC_MAP_GPA_RANGE: u64 = 12;
@@ -68,6 +117,10 @@ pub const CAPS: &[(&str, u32)] = &[
     ("guest_memfd", KVM_CAP_GUEST_MEMFD),
     ("vm_types", KVM_CAP_VM_TYPES),
     ("pre_fault_memory", KVM_CAP_PRE_FAULT_MEMORY),
+    (
+        "guest_memfd_memory_attributes",
+        KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES,
+    ),
     ("guest_memfd_flags", KVM_CAP_GUEST_MEMFD_FLAGS),
     ("exit_hypercall", KVM_CAP_EXIT_HYPERCALL),
     ("nr_memslots", KVM_CAP_NR_MEMSLOTS),
@@ -142,6 +195,9 @@ mod tests {
         assert_eq!(std::mem::size_of::<kvm_memory_attributes>(), 32);
         assert_eq!(KVM_MEMORY_ATTRIBUTE_PRIVATE, 1 << 3);
         assert_eq!(KVM_MEM_GUEST_MEMFD, 1 << 2);
+        assert_eq!(std::mem::size_of::<kvm_memory_attributes2>(), 128);
+        assert_eq!(std::mem::size_of::<kvm_pre_fault_memory>(), 64);
+        assert_eq!(KVM_SET_MEMORY_ATTRIBUTES2, 0xC080_AED2);
     }
 
     #[test]

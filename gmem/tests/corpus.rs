@@ -38,6 +38,27 @@ fn corpus_passes_on_the_soft_backend() {
     check_corpus_on(Backend::Soft).unwrap();
 }
 
+/// Each release profile passes the corpus as that release behaves: lines
+/// with an outcome per release (`=> EINVAL | 7.2: EEXIST`) are held to the
+/// profile's release.
+#[test]
+fn corpus_passes_on_every_release_profile() {
+    for release in gmem::Release::ALL {
+        let hv = gmem::soft::SoftHypervisor::with_profile(release).unwrap();
+        let checker = Checker {
+            backends: vec![BackendSlot {
+                name: format!("soft {release}"),
+                hv: Ok(&hv),
+            }],
+            departures: Departures::default(),
+            release: kernel_release(),
+            corpus: Some(corpus()),
+        };
+        let report = checker.check_files(&collect_files(&corpus()).unwrap(), |_, _, _| {});
+        assert!(!report.failed(), "profile {release}:\n{}", render(&report));
+    }
+}
+
 #[test]
 fn corpus_passes_on_kvm_or_departs_as_recorded() {
     if !std::path::Path::new("/dev/kvm").exists() {

@@ -176,7 +176,7 @@ fn timed_map_gpa_range(cpu: &mut Box<dyn Vcpu>, gpa: u64, npages: u64) -> (VcpuE
 
 /// Asserts that a MAP_GPA_RANGE run of `[gpa, gpa + npages pages)` came
 /// back within the run bound: as its hypercall exit, or, on a kernel that
-/// never exits for it (spec section 10), as a timeout in the guest code.
+/// never exits for it (docs/spec.md, section 10), as a timeout in the guest code.
 #[track_caller]
 fn assert_bounded_map_gpa_range(exit: VcpuExit, elapsed: Duration, gpa: u64, npages: u64) {
     assert!(

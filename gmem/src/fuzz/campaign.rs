@@ -40,6 +40,8 @@ pub struct Config {
     pub leak_check: bool,
     /// Work allowed to minimize one finding.
     pub minimize: Budget,
+    /// The kernel release the software backend follows (`docs/releases.md`).
+    pub soft_release: crate::Release,
     /// The software backend with the running kernel's known departures
     /// applied: a difference it predicts is not a finding. `None`: every
     /// difference counts.
@@ -53,6 +55,7 @@ impl Default for Config {
             limits: Limits::default(),
             leak_check: true,
             minimize: Budget::default(),
+            soft_release: crate::Release::DEFAULT,
             departures: None,
         }
     }
@@ -76,7 +79,7 @@ pub struct Campaign {
     pub limits: Limits,
     leak_check: bool,
     budget: Budget,
-    soft_flags: u64,
+    soft_flags: Vec<(u64, u64)>,
     /// Counts.
     pub tally: Tally,
     /// Operations and rule ids reached (on the first backend).
@@ -85,9 +88,19 @@ pub struct Campaign {
     pub findings: Vec<Finding>,
 }
 
-fn open_profile(b: Backend) -> crate::Result<Profile> {
-    let hv: Box<dyn Hypervisor> = b.open()?;
+fn open_profile(t: &Target) -> crate::Result<Profile> {
+    let hv: Box<dyn Hypervisor> = t.open()?;
     Ok(Profile::of(hv.as_ref()))
+}
+
+/// The software backend as kernel `release`, as a worker target.
+fn soft_target(release: crate::Release) -> Target {
+    Target::Custom(
+        "soft".into(),
+        Box::new(move || {
+            Ok(Box::new(crate::soft::SoftHypervisor::with_profile(release)?) as Box<dyn Hypervisor>)
+        }),
+    )
 }
 
 impl Campaign {
@@ -100,18 +113,20 @@ impl Campaign {
             departures: None,
         };
         let mut profile: Option<Profile> = None;
-        let mut soft_flags = 0;
+        let mut soft_flags = Vec::new();
         if config.mode != Mode::Kvm {
             roles.soft = Some(targets.len());
-            targets.push(Target::Backend(Backend::Soft));
-            let p = open_profile(Backend::Soft)?;
-            soft_flags = p.gmem_flags;
+            let soft = soft_target(config.soft_release);
+            let p = open_profile(&soft)?;
+            soft_flags = model::flags_by_type(soft.open()?.as_ref());
+            targets.push(soft);
             profile = Some(p);
         }
         if config.mode != Mode::Soft {
             roles.kvm = Some(targets.len());
-            targets.push(Target::Backend(Backend::Kvm));
-            let p = open_profile(Backend::Kvm)?;
+            let kvm = Target::Backend(Backend::Kvm);
+            let p = open_profile(&kvm)?;
+            targets.push(kvm);
             profile = Some(match profile {
                 Some(s) => s.intersect(&p),
                 None => p,
@@ -275,7 +290,7 @@ impl Campaign {
     }
 
     fn model_mismatch(&self, seed: u64, sc: &Arc<Scenario>, soft: &ScenarioRun) -> Option<Verdict> {
-        let m = model::check(sc, soft, self.soft_flags)?;
+        let m = model::check(sc, soft, &self.soft_flags)?;
         let op = op_name(&sc.lines[m.index].op);
         let signature = format!(
             "model {}: {op}: {} | {}",
@@ -346,7 +361,7 @@ impl Campaign {
                 };
                 r.run
                     .as_ref()
-                    .and_then(|run| model::check(&sc, run, self.soft_flags))
+                    .and_then(|run| model::check(&sc, run, &self.soft_flags))
                     .is_some_and(|m| {
                         m.index == t
                             && m.rule == rule
@@ -501,6 +516,10 @@ pub fn with_requirements(sc: &Scenario) -> Scenario {
             }
             Op::SetMemoryAttributes { .. } => add(RequireKind::MemoryAttributes),
             Op::GuestMapGpaRange { .. } => add(RequireKind::ExitHypercall),
+            Op::PreFault { .. } => add(RequireKind::Cap(crate::uapi::KVM_CAP_PRE_FAULT_MEMORY)),
+            Op::SetMemoryAttributes2 { .. } | Op::Pin { .. } => add(RequireKind::Cap(
+                crate::uapi::KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES,
+            )),
             Op::SetMemoryRegion(r) if r.as_id > 0 && r.as_id < 0x7fff => {
                 add(RequireKind::AddressSpaces(u64::from(r.as_id) + 1))
             }

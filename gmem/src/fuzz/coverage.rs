@@ -34,6 +34,9 @@ pub const OPERATIONS: &[&str] = &[
     "stat",
     "same_inode",
     "check_extension",
+    "pre_fault",
+    "set_memory_attributes2",
+    "pin",
     "close",
 ];
 
@@ -66,6 +69,9 @@ pub fn op_name(op: &Op) -> &'static str {
         Op::Stat { .. } => "stat",
         Op::SameInode { .. } => "same_inode",
         Op::CheckExtension { .. } => "check_extension",
+        Op::PreFault { .. } => "pre_fault",
+        Op::SetMemoryAttributes2 { .. } => "set_memory_attributes2",
+        Op::Pin { .. } => "pin",
         Op::Close { .. } => "close",
     }
 }
@@ -123,6 +129,9 @@ fn exercised(op: &Op, outcome: &Outcome) -> &'static [&'static str] {
             &["CAP-1", "CAP-3"]
         }
         (Op::CheckExtension { .. }, _) => &["CAP-1"],
+        (Op::PreFault { .. }, O::Value { .. }) => &["PREFAULT-1"],
+        (Op::SetMemoryAttributes2 { .. }, O::Ok) => &["CONV-1"],
+        (Op::Pin { .. }, O::Ok) => &["CONV-5"],
         _ => &[],
     }
 }

@@ -69,14 +69,16 @@ pub enum Target {
 }
 
 impl Target {
-    fn name(&self) -> String {
+    /// The worker's name: the backend's, or the one given.
+    pub fn name(&self) -> String {
         match self {
             Target::Backend(b) => b.name().to_string(),
             Target::Custom(n, _) => n.clone(),
         }
     }
 
-    fn open(&self) -> crate::Result<Box<dyn Hypervisor>> {
+    /// Opens the hypervisor.
+    pub fn open(&self) -> crate::Result<Box<dyn Hypervisor>> {
         match self {
             Target::Backend(b) => b.open(),
             Target::Custom(_, f) => f(),
@@ -550,8 +552,8 @@ pub fn compare(
             LineClass::Capability("check_extension answers per host".into())
         } else if matches!(rule_of(&detail_b), Some("KVM-SETUP" | "gmem-safety")) {
             LineClass::BackendRule(detail_b.clone())
-        } else if detail_b.contains("not supported by this host")
-            || detail_a.contains("not supported by this host")
+        } else if detail_b.contains("not supported by this")
+            || detail_a.contains("not supported by this")
         {
             LineClass::Capability(format!("{detail_a}{detail_b}"))
         } else if model

@@ -25,7 +25,7 @@ use rand::{RngExt, SeedableRng};
 use crate::hypervisor::Hypervisor;
 use crate::scenario::ast::{FdRef, FileOp, Line, Op, Outcome, Region, Scenario, Userspace};
 use crate::uapi::{
-    CAPS, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, GUEST_MEMFD_FLAG_INIT_SHARED,
+    CAPS, FALLOC_FL_KEEP_SIZE, KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES, KVM_CAP_PRE_FAULT_MEMORY, FALLOC_FL_PUNCH_HOLE, GUEST_MEMFD_FLAG_INIT_SHARED,
     GUEST_MEMFD_FLAG_MMAP, KVM_CAP_EXIT_HYPERCALL, KVM_CAP_GUEST_MEMFD_FLAGS,
     KVM_CAP_MEMORY_ATTRIBUTES, KVM_CAP_MULTI_ADDRESS_SPACE, KVM_CAP_VM_TYPES,
     KVM_HC_MAP_GPA_RANGE, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEM_GUEST_MEMFD,
@@ -57,6 +57,11 @@ pub struct Profile {
     pub exit_hypercall: bool,
     /// Address spaces per VM (at least 1).
     pub address_spaces: u32,
+    /// `KVM_PRE_FAULT_MEMORY` exists.
+    pub pre_fault: bool,
+    /// `KVM_SET_MEMORY_ATTRIBUTES2` on a guest_memfd (in-place conversion)
+    /// exists, and with it pinning.
+    pub gmem_attributes: bool,
     /// Stay within the KVM backend's rules (setup range and slot, guest
     /// gpa limit, userspace ranges inside the memory they name).
     pub kvm_rules: bool,
@@ -79,6 +84,8 @@ impl Profile {
                 & (1 << KVM_HC_MAP_GPA_RANGE)
                 != 0,
             address_spaces: hv.check_extension(KVM_CAP_MULTI_ADDRESS_SPACE).max(1) as u32,
+            pre_fault: hv.check_extension(KVM_CAP_PRE_FAULT_MEMORY) != 0,
+            gmem_attributes: hv.check_extension(KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES) != 0,
             kvm_rules: hv.name() == "kvm",
         }
     }
@@ -96,6 +103,8 @@ impl Profile {
             memory_attributes: self.memory_attributes && other.memory_attributes,
             exit_hypercall: self.exit_hypercall && other.exit_hypercall,
             address_spaces: self.address_spaces.min(other.address_spaces),
+            pre_fault: self.pre_fault && other.pre_fault,
+            gmem_attributes: self.gmem_attributes && other.gmem_attributes,
             kvm_rules: self.kvm_rules || other.kvm_rules,
         }
     }
@@ -139,6 +148,7 @@ pub fn generate(seed: u64, profile: &Profile, limits: &Limits) -> Scenario {
         vms: Vec::new(),
         files: Vec::new(),
         mems: Vec::new(),
+        pins: Vec::new(),
         names: 0,
         committed: 0,
         hypercalls: 0,
@@ -155,6 +165,7 @@ pub fn generate(seed: u64, profile: &Profile, limits: &Limits) -> Scenario {
             bind,
             op,
             expect: Outcome::Ok,
+            since: Vec::new(),
         })
         .collect();
     renumber(Scenario {
@@ -241,6 +252,8 @@ struct Gen<'a> {
     vms: Vec<VmG>,
     files: Vec<FileG>,
     mems: Vec<MemG>,
+    /// Pin handles not yet closed.
+    pins: Vec<String>,
     names: usize,
     committed: u64,
     hypercalls: usize,
@@ -364,8 +377,18 @@ impl Gen<'_> {
             Same,
             Cap,
             Close,
+            PreFault,
+            Attr2,
+            Pin,
         }
+        let (pf, conv) = (
+            u32::from(self.profile.pre_fault) * 2,
+            u32::from(self.profile.gmem_attributes) * 3,
+        );
         let k = self.weighted(&[
+            (pf, K::PreFault),
+            (conv, K::Attr2),
+            (conv, K::Pin),
             (2, K::Vm),
             (5, K::File),
             (3, K::Host),
@@ -409,7 +432,76 @@ impl Gen<'_> {
             K::Same => self.same_inode(),
             K::Cap => self.check_extension(),
             K::Close => self.close(),
+            K::PreFault => self.pre_fault(),
+            K::Attr2 => self.attributes2(),
+            K::Pin => self.pin(),
         }
+    }
+
+    fn pre_fault(&mut self) {
+        let Some(vm) = self.vm_or_create() else {
+            return;
+        };
+        let gpa = self.guest_gpa(vm) & !(P - 1);
+        let size = self.weighted(&[(4, P), (2, 2 * P), (1, 0), (1, 2 << 20)]);
+        if self.committed + size > self.limits.memory {
+            return;
+        }
+        self.committed += size;
+        let flags = if self.chance(0.05) { 1 } else { 0 };
+        let vm = self.vms[vm].name.clone();
+        self.push(
+            None,
+            Op::PreFault {
+                vm,
+                gpa,
+                size,
+                flags,
+            },
+        );
+    }
+
+    fn attributes2(&mut self) {
+        let files = self.live_files();
+        if files.is_empty() {
+            return;
+        }
+        let f = self.pick(&files);
+        let fsize = self.files[f].size;
+        let offset = self.weighted(&[(4, 0), (2, P), (1, fsize.saturating_sub(P)), (1, 1)]);
+        let size = self.weighted(&[(4, P), (2, 2 * P), (1, 0), (1, fsize)]);
+        let attributes = if self.chance(0.6) {
+            KVM_MEMORY_ATTRIBUTE_PRIVATE as u64
+        } else {
+            0
+        };
+        let flags = if self.chance(0.05) { 1 } else { 0 };
+        let gmem = self.files[f].name.clone();
+        self.push(
+            None,
+            Op::SetMemoryAttributes2 {
+                gmem,
+                offset,
+                size,
+                attributes,
+                flags,
+            },
+        );
+    }
+
+    fn pin(&mut self) {
+        let mems = self.live_mems();
+        if mems.is_empty() {
+            return;
+        }
+        let m = self.pick(&mems);
+        let size = self.mems[m].size;
+        let offset = self.pick(&[0, P]).min(size - 1) & !(P - 1);
+        let len = P.min(size - offset);
+        let name = self.name("p");
+        self.pins.push(name.clone());
+        let mem = self.mems[m].name.clone();
+        self.push(Some(name), Op::Pin { mem, offset, len });
     }
 
     fn create_vm(&mut self, bound: bool) {
@@ -1079,8 +1171,13 @@ impl Gen<'_> {
     fn close(&mut self) {
         // Files and host memory most: that is what slots and mappings
         // outlive; VMs sometimes (their files keep them alive).
-        let which = self.weighted(&[(4, 0), (4, 1), (1, 2)]);
+        let pins = u32::from(!self.pins.is_empty()) * 2;
+        let which = self.weighted(&[(4, 0), (4, 1), (1, 2), (pins, 3)]);
         let handle = match which {
+            3 => {
+                let i = self.rng.random_range(0..self.pins.len());
+                self.pins.swap_remove(i)
+            }
             0 => {
                 let fs = self.live_files();
                 if fs.is_empty() {
@@ -1126,6 +1223,8 @@ mod tests {
             memory_attributes: true,
             exit_hypercall: true,
             address_spaces: 2,
+            pre_fault: true,
+            gmem_attributes: true,
             kvm_rules: false,
         }
     }
@@ -1137,6 +1236,8 @@ mod tests {
             memory_attributes: false,
             exit_hypercall: true,
             address_spaces: 1,
+            pre_fault: false,
+            gmem_attributes: false,
             kvm_rules: true,
         }
     }

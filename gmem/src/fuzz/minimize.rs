@@ -63,12 +63,16 @@ pub fn uses(op: &Op) -> Vec<&str> {
         | Op::SetMemoryAttributes { vm, .. }
         | Op::GuestWrite { vm, .. }
         | Op::GuestRead { vm, .. }
-        | Op::GuestMapGpaRange { vm, .. } => vec![vm],
+        | Op::GuestMapGpaRange { vm, .. }
+        | Op::PreFault { vm, .. } => vec![vm],
         Op::Mmap { gmem, .. }
+        | Op::SetMemoryAttributes2 { gmem, .. }
         | Op::Fallocate { gmem, .. }
         | Op::File { gmem, .. }
         | Op::Stat { gmem } => vec![gmem],
-        Op::HostWrite { mem, .. } | Op::HostRead { mem, .. } => vec![mem],
+        Op::HostWrite { mem, .. } | Op::HostRead { mem, .. } | Op::Pin { mem, .. } => {
+            vec![mem]
+        }
         Op::SetMemoryRegion(r) => {
             let mut v = vec![r.vm.as_str()];
             if let Userspace::Handle(h) = &r.userspace {
@@ -94,12 +98,14 @@ fn rename_uses(op: &mut Op, f: &dyn Fn(&str) -> String) {
         | Op::SetMemoryAttributes { vm, .. }
         | Op::GuestWrite { vm, .. }
         | Op::GuestRead { vm, .. }
-        | Op::GuestMapGpaRange { vm, .. } => r(vm),
+        | Op::GuestMapGpaRange { vm, .. }
+        | Op::PreFault { vm, .. } => r(vm),
         Op::Mmap { gmem, .. }
+        | Op::SetMemoryAttributes2 { gmem, .. }
         | Op::Fallocate { gmem, .. }
         | Op::File { gmem, .. }
         | Op::Stat { gmem } => r(gmem),
-        Op::HostWrite { mem, .. } | Op::HostRead { mem, .. } => r(mem),
+        Op::HostWrite { mem, .. } | Op::HostRead { mem, .. } | Op::Pin { mem, .. } => r(mem),
         Op::SetMemoryRegion(reg) => {
             r(&mut reg.vm);
             if let Userspace::Handle(h) = &mut reg.userspace {
@@ -421,6 +427,7 @@ fn canonical_names(lines: &[Line]) -> Vec<Line> {
             Op::CreateVm { .. } => "vm",
             Op::CreateGuestMemfd { .. } => "g",
             Op::Mmap { .. } => "m",
+            Op::Pin { .. } => "p",
             _ => "h",
         };
         let n = counts.entry(prefix).or_default();
@@ -513,6 +520,7 @@ pub fn with_expectations(program: &Scenario, outcomes: &[Option<Outcome>]) -> Sc
     let mut sc = program.clone();
     for (l, o) in sc.lines.iter_mut().zip(outcomes) {
         l.expect = o.unwrap_or(Outcome::Ok);
+        l.since.clear();
     }
     renumber(sc)
 }

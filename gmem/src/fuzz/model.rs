@@ -22,7 +22,7 @@ use crate::scenario::ast::{FdRef, FileOp, Op, Outcome, Scenario, Userspace};
 use crate::scenario::run::ScenarioRun;
 use crate::uapi::{
     FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, GUEST_MEMFD_FLAG_INIT_SHARED,
-    GUEST_MEMFD_FLAG_MMAP, KVM_X86_SW_PROTECTED_VM, PAGE_SIZE,
+    GUEST_MEMFD_FLAG_MMAP, PAGE_SIZE,
 };
 
 const P: u64 = PAGE_SIZE;
@@ -48,6 +48,9 @@ struct FileM {
     /// Bytes written through host mappings, by file offset; `None` once a
     /// guest may have written the file (it was bound to a slot).
     data: Option<BTreeMap<u64, u8>>,
+    /// Its pages were converted in place: the model says nothing of host
+    /// accesses to it any more.
+    converted: bool,
     ino: usize,
 }
 
@@ -82,10 +85,21 @@ fn byte(v: u8) -> Outcome {
     }
 }
 
+/// The guest_memfd flags a VM of each type accepts: `KVM_CAP_GUEST_MEMFD_FLAGS`
+/// on a VM of that type (CAP-3), for every type `hv` creates.
+pub fn flags_by_type(hv: &dyn crate::Hypervisor) -> Vec<(u64, u64)> {
+    (0..8u64)
+        .filter_map(|t| {
+            let vm = hv.create_vm(t).ok()?;
+            Some((t, vm.check_extension(crate::uapi::KVM_CAP_GUEST_MEMFD_FLAGS) as u64))
+        })
+        .collect()
+}
+
 /// Where the soft backend's run of `sc` departs from the model: the first
-/// line whose outcome the model predicts differently. `gmem_flags` is the
-/// backend's `KVM_CAP_GUEST_MEMFD_FLAGS` (CAP-3).
-pub fn check(sc: &Scenario, run: &ScenarioRun, gmem_flags: u64) -> Option<Mismatch> {
+/// line whose outcome the model predicts differently. `gmem_flags` is what
+/// [`flags_by_type`] gives for the backend (CAP-3).
+pub fn check(sc: &Scenario, run: &ScenarioRun, gmem_flags: &[(u64, u64)]) -> Option<Mismatch> {
     if run.skipped.is_some() {
         return None;
     }
@@ -112,17 +126,13 @@ impl State {
         self.fds.get(name).map(|i| &self.files[*i])
     }
 
-    fn predict(&self, op: &Op, gmem_flags: u64) -> Option<(Outcome, &'static str)> {
+    fn predict(&self, op: &Op, gmem_flags: &[(u64, u64)]) -> Option<(Outcome, &'static str)> {
         match op {
             Op::CreateGuestMemfd {
                 vm, size, flags, ..
             } => {
                 let vm_type = *self.vms.get(vm)?;
-                let supported = if vm_type == KVM_X86_SW_PROTECTED_VM as u64 {
-                    gmem_flags & !GUEST_MEMFD_FLAG_INIT_SHARED
-                } else {
-                    gmem_flags
-                };
+                let supported = gmem_flags.iter().find(|(t, _)| *t == vm_type)?.1;
                 if flags & !supported != 0 {
                     return Some((err(Errno::EINVAL), "CREATE-1"));
                 }
@@ -274,6 +284,9 @@ impl State {
                     return None;
                 }
                 let f = &self.files[*file];
+                if f.converted {
+                    return None;
+                }
                 if f.flags & GUEST_MEMFD_FLAG_INIT_SHARED == 0 {
                     return Some((Outcome::Sigbus, "MMAP-4"));
                 }
@@ -315,6 +328,7 @@ impl State {
                         fd_open: true,
                         maps: 0,
                         data: Some(BTreeMap::new()),
+                        converted: false,
                         ino,
                     });
                     self.fds.insert(b.to_string(), ino);
@@ -404,6 +418,11 @@ impl State {
                 }
                 _ => {}
             },
+            Op::SetMemoryAttributes2 { gmem, .. } if ok => {
+                if let Some(&f) = self.fds.get(gmem) {
+                    self.files[f].converted = true;
+                }
+            }
             Op::Close { handle } if ok => {
                 self.vms.remove(handle);
                 if let Some(f) = self.fds.remove(handle) {
@@ -447,7 +466,7 @@ mod tests {
 
     fn mismatch(text: &str) -> Option<Mismatch> {
         let sc = parse("t", text).unwrap();
-        check(&sc, &as_expected(&sc), 3)
+        check(&sc, &as_expected(&sc), &[(0, 3), (1, 1)])
     }
 
     #[test]

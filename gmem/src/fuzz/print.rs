@@ -40,8 +40,11 @@ pub fn print_line(line: &Line) -> String {
         let _ = write!(s, "{b} = ");
     }
     s.push_str(&print_op(&line.op));
-    if line.expect != Outcome::Ok {
+    if line.expect != Outcome::Ok || !line.since.is_empty() {
         let _ = write!(s, " => {}", line.expect);
+        for (release, outcome) in &line.since {
+            let _ = write!(s, " | {release}: {outcome}");
+        }
     }
     s
 }
@@ -103,15 +106,11 @@ pub fn print_op(op: &Op) -> String {
             attributes,
             flags,
         } => {
-            let attributes = match *attributes {
-                0 => "shared".to_string(),
-                a if a == KVM_MEMORY_ATTRIBUTE_PRIVATE as u64 => "private".to_string(),
-                a => format!("{a:#x}"),
-            };
             let _ = write!(
                 w,
-                "set_memory_attributes {vm} gpa={gpa:#x} size={} attributes={attributes}",
-                size_text(*size)
+                "set_memory_attributes {vm} gpa={gpa:#x} size={} attributes={}",
+                size_text(*size),
+                attributes_text(*attributes)
             );
             if *flags != 0 {
                 let _ = write!(w, " flags={flags:#x}");
@@ -196,11 +195,50 @@ pub fn print_op(op: &Op) -> String {
                 }
             }
         }
+        Op::PreFault {
+            vm,
+            gpa,
+            size,
+            flags,
+        } => {
+            let _ = write!(w, "pre_fault {vm} gpa={gpa:#x} size={}", size_text(*size));
+            if *flags != 0 {
+                let _ = write!(w, " flags={flags:#x}");
+            }
+        }
+        Op::SetMemoryAttributes2 {
+            gmem,
+            offset,
+            size,
+            attributes,
+            flags,
+        } => {
+            let _ = write!(
+                w,
+                "set_memory_attributes2 {gmem} offset={offset:#x} size={} attributes={}",
+                size_text(*size),
+                attributes_text(*attributes)
+            );
+            if *flags != 0 {
+                let _ = write!(w, " flags={flags:#x}");
+            }
+        }
+        Op::Pin { mem, offset, len } => {
+            let _ = write!(w, "pin {mem} offset={offset:#x} len={}", size_text(*len));
+        }
         Op::Close { handle } => {
             let _ = write!(w, "close {handle}");
         }
     }
     s
+}
+
+fn attributes_text(a: u64) -> String {
+    match a {
+        0 => "shared".to_string(),
+        a if a == KVM_MEMORY_ATTRIBUTE_PRIVATE as u64 => "private".to_string(),
+        a => format!("{a:#x}"),
+    }
 }
 
 fn region(w: &mut String, r: &Region) {
@@ -345,6 +383,10 @@ check_extension guest_memfd_flags => 3
 check_extension vm 999 => 0
 h2 = host_memory size=0x1001 => sigbus
 guest_read vm gpa=0x0 => timeout
+pre_fault vm gpa=0x100000 size=8K flags=0x1 => EINVAL
+set_memory_attributes2 g offset=0x1000 size=4K attributes=private => EINVAL | 7.2: EEXIST | next: ok
+p = pin m offset=0x0 len=4K
+close p
 close g
 ";
         let once = round_trip(text);

@@ -301,7 +301,7 @@ impl Vm for KvmVm {
         }
         fd.set_cpuid2(&self.cpuid)
             .map_err(|e| kernel(e, format_args!("KVM_SET_CPUID2 vcpu={id}")))?;
-        Ok(Box::new(KvmVcpu::new(
+        let mut vcpu = KvmVcpu::new(
             fd,
             Arc::clone(&self.pins),
             id,
@@ -309,7 +309,9 @@ impl Vm for KvmVm {
             Arc::clone(&self.setup),
             self.code.clone(),
             self.phys_bits,
-        )?))
+        )?;
+        vcpu.pre_fault = self.check_extension(crate::uapi::KVM_CAP_PRE_FAULT_MEMORY) > 0;
+        Ok(Box::new(vcpu))
     }
 }
 

@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::error::{errno_name, Errno};
 use crate::uapi::{KVM_MAP_GPA_RANGE_ENCRYPTED, KVM_MEMORY_EXIT_FLAG_PRIVATE};
+use crate::Release;
 
 /// One `.gmem` file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +42,8 @@ pub enum RequireKind {
     ExitHypercall,
     /// `address_spaces:N`: `KVM_CAP_MULTI_ADDRESS_SPACE` (0 means 1) is at least N.
     AddressSpaces(u64),
+    /// Any capability by name (`pre_fault_memory`): not 0.
+    Cap(u32),
 }
 
 impl fmt::Display for RequireKind {
@@ -53,6 +56,10 @@ impl fmt::Display for RequireKind {
             RequireKind::GuestMemfdFlag(n) => write!(f, "guest_memfd_flag:{n:#x}"),
             RequireKind::ExitHypercall => f.write_str("exit_hypercall"),
             RequireKind::AddressSpaces(n) => write!(f, "address_spaces:{n}"),
+            RequireKind::Cap(c) => match crate::uapi::CAPS.iter().find(|(_, n)| n == c) {
+                Some((name, _)) => f.write_str(name),
+                None => write!(f, "capability {c}"),
+            },
         }
     }
 }
@@ -68,8 +75,41 @@ pub struct Line {
     pub bind: Option<String>,
     /// What to do.
     pub op: Op,
-    /// What must happen (`ok` when the line gives no outcome).
+    /// What must happen (`ok` when the line gives no outcome): on the
+    /// oldest release, and on every release when `since` is empty.
     pub expect: Outcome,
+    /// `=> OLD | 7.2: NEW`: the outcome from each release on that differs
+    /// from the one before, in release order.
+    pub since: Vec<(Release, Outcome)>,
+}
+
+impl Line {
+    /// The outcome this line expects on `release`.
+    pub fn expect_on(&self, release: Release) -> Outcome {
+        self.since
+            .iter()
+            .rev()
+            .find(|(r, _)| *r <= release)
+            .map_or(self.expect, |(_, o)| *o)
+    }
+
+    /// Does `actual` meet the line's expectation? On a backend that follows
+    /// a known release, that release's outcome; on a running kernel, whose
+    /// release is measured rather than known, any release's.
+    pub fn accepts(&self, release: Option<Release>, actual: &Outcome) -> bool {
+        match release {
+            Some(r) => self.expect_on(r).accepts(actual),
+            None => !self.releases_matching(actual).is_empty(),
+        }
+    }
+
+    /// The releases whose outcome `actual` meets.
+    pub fn releases_matching(&self, actual: &Outcome) -> Vec<Release> {
+        Release::ALL
+            .into_iter()
+            .filter(|r| self.expect_on(*r).accepts(actual))
+            .collect()
+    }
 }
 
 /// An operation and its arguments, numbers already parsed.
@@ -203,6 +243,42 @@ pub enum Op {
         vm: Option<String>,
         /// Capability number.
         cap: u32,
+    },
+    /// `pre_fault VM gpa=N size=N [flags=N]`: `KVM_PRE_FAULT_MEMORY`; the
+    /// outcome is the size left (PREFAULT-*).
+    PreFault {
+        /// The VM handle (its vCPU 0 makes the call).
+        vm: String,
+        /// First guest physical address.
+        gpa: u64,
+        /// Bytes.
+        size: u64,
+        /// Flags word (must be 0).
+        flags: u64,
+    },
+    /// `set_memory_attributes2 G offset=N size=N attributes=private|shared
+    /// [flags=N]`: `KVM_SET_MEMORY_ATTRIBUTES2` on a guest_memfd (CONV-*).
+    SetMemoryAttributes2 {
+        /// The guest_memfd handle.
+        gmem: String,
+        /// File offset.
+        offset: u64,
+        /// Bytes.
+        size: u64,
+        /// Attribute word.
+        attributes: u64,
+        /// Flags word (must be 0).
+        flags: u64,
+    },
+    /// `P = pin M offset=N len=N`: a long-term reference on the pages,
+    /// dropped by `close P` (CONV-5).
+    Pin {
+        /// Host memory or mapping handle.
+        mem: String,
+        /// Offset into it.
+        offset: u64,
+        /// Bytes.
+        len: u64,
     },
     /// `close X`: drops the handle.
     Close {

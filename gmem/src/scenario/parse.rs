@@ -16,6 +16,7 @@ use crate::uapi::{
     KVM_MEMORY_EXIT_FLAG_PRIVATE, KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY,
     KVM_X86_DEFAULT_VM, KVM_X86_SW_PROTECTED_VM,
 };
+use crate::Release;
 
 /// A syntax error: `file:line:column: expected ..., found ...` and a hint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -66,7 +67,7 @@ impl std::error::Error for ParseErrors {}
 
 const OPS: &str = "create_vm, create_guest_memfd, host_memory, mmap, set_memory_region, \
 delete_memory_region, set_memory_attributes, fallocate, host_write, host_read, guest_write, \
-guest_read, guest_map_gpa_range, file_read, file_write, file_pread, file_pwrite, file_lseek, \
+guest_read, guest_map_gpa_range, pre_fault, set_memory_attributes2, pin, file_read, file_write, file_pread, file_pwrite, file_lseek, \
 file_ftruncate, file_ioctl, stat, same_inode, check_extension, close, require";
 const NUMBER_HINT: &str =
     "numbers are decimal or 0x hex (0o octal), optionally negative, with an optional K, M, G or T suffix: 16K, 0x1000, 0x1_0000_0000";
@@ -477,13 +478,14 @@ impl Parser<'_> {
                 | Op::CreateGuestMemfd { .. }
                 | Op::HostMemory { .. }
                 | Op::Mmap { .. }
+                | Op::Pin { .. }
         );
         if let (Some(b), false) = (bind, binds) {
-            return Err(cx.err(b.at, "an operation without `NAME =`", b.text, &format!("{} gives no handle; only create_vm, create_guest_memfd, host_memory and mmap do", op_tok.text)));
+            return Err(cx.err(b.at, "an operation without `NAME =`", b.text, &format!("{} gives no handle; only create_vm, create_guest_memfd, host_memory, mmap and pin do", op_tok.text)));
         }
-        let expect = match outcome_part {
-            Some((text, at)) => outcome(cx, text, at)?,
-            None => Outcome::Ok,
+        let (expect, since) = match outcome_part {
+            Some((text, at)) => release_outcomes(cx, text, at)?,
+            None => (Outcome::Ok, Vec::new()),
         };
         if let Some(b) = bind {
             self.bound.insert(b.text.to_string());
@@ -494,6 +496,7 @@ impl Parser<'_> {
             bind: bind.map(|b| b.text.to_string()),
             op,
             expect,
+            since,
         }))
     }
 
@@ -672,6 +675,51 @@ impl Parser<'_> {
                 let vm = self.handle(cx, a.pos(), "a VM handle", usage)?;
                 let gpa = number(cx, need(cx, &mut a, "gpa", name, usage)?, "gpa")?;
                 Op::GuestRead { vm, gpa }
+            }
+            "pre_fault" => {
+                usage = "pre_fault VM gpa=N size=N [flags=N]";
+                let vm = self.handle(cx, a.pos(), "a VM handle", usage)?;
+                let gpa = number(cx, need(cx, &mut a, "gpa", name, usage)?, "gpa")?;
+                let size = number(cx, need(cx, &mut a, "size", name, usage)?, "size")?;
+                let flags = opt_num(cx, &mut a, "flags")?.unwrap_or(0);
+                Op::PreFault {
+                    vm,
+                    gpa,
+                    size,
+                    flags,
+                }
+            }
+            "set_memory_attributes2" => {
+                usage =
+                    "set_memory_attributes2 G offset=N size=N attributes=private|shared [flags=N]";
+                let gmem = self.handle(cx, a.pos(), "a guest_memfd handle", usage)?;
+                let offset = number(cx, need(cx, &mut a, "offset", name, usage)?, "offset")?;
+                let size = number(cx, need(cx, &mut a, "size", name, usage)?, "size")?;
+                let t = need(cx, &mut a, "attributes", name, usage)?;
+                let attributes = flags(
+                    cx,
+                    t,
+                    "attributes",
+                    &[
+                        ("private", KVM_MEMORY_ATTRIBUTE_PRIVATE as u64),
+                        ("shared", 0),
+                    ],
+                )?;
+                let flags = opt_num(cx, &mut a, "flags")?.unwrap_or(0);
+                Op::SetMemoryAttributes2 {
+                    gmem,
+                    offset,
+                    size,
+                    attributes,
+                    flags,
+                }
+            }
+            "pin" => {
+                usage = "P = pin M offset=N len=N";
+                let mem = self.handle(cx, a.pos(), "host memory or a mapping", usage)?;
+                let offset = number(cx, need(cx, &mut a, "offset", name, usage)?, "offset")?;
+                let len = number(cx, need(cx, &mut a, "len", name, usage)?, "len")?;
+                Op::Pin { mem, offset, len }
             }
             "guest_map_gpa_range" => {
                 usage = "guest_map_gpa_range VM gpa=N pages=N private|shared";
@@ -867,7 +915,7 @@ const SLOT_FLAGS: &[(&str, u64)] = &[
     ("readonly", KVM_MEM_READONLY as u64),
     ("log_dirty", KVM_MEM_LOG_DIRTY_PAGES as u64),
 ];
-const REQUIRE_HINT: &str = "require takes vm_type:default|sw_protected, memory_attributes, guest_memfd_flag:mmap|init_shared, exit_hypercall, address_spaces:N";
+const REQUIRE_HINT: &str = "require takes vm_type:default|sw_protected, memory_attributes, guest_memfd_flag:mmap|init_shared, exit_hypercall, address_spaces:N, or any capability name (pre_fault_memory, guest_memfd_memory_attributes)";
 
 fn cap_names() -> String {
     crate::uapi::CAPS
@@ -945,6 +993,9 @@ fn require(cx: &LineCx, t: Tok) -> PResult<RequireKind> {
         ("address_spaces", Some((a, at))) => parse_number(a)
             .map(RequireKind::AddressSpaces)
             .ok_or_else(|| bad_arg("a number of address spaces", a, at)),
+        (n, None) if cap_from_name(n).is_some() => {
+            Ok(RequireKind::Cap(cap_from_name(n).unwrap_or_default()))
+        }
         _ => Err(cx.err(t.at, "a capability to require", t.text, REQUIRE_HINT)),
     }
 }
@@ -989,6 +1040,43 @@ fn outcome(cx: &LineCx, text: &str, base: usize) -> PResult<Outcome> {
         },
     }
 }
+
+/// `OUTCOME [| RELEASE: OUTCOME]...`: the outcome of the oldest release,
+/// then each release from which the outcome differs, in release order.
+fn release_outcomes(
+    cx: &LineCx,
+    text: &str,
+    base: usize,
+) -> PResult<(Outcome, Vec<(Release, Outcome)>)> {
+    let mut parts = text.split(" | ");
+    let first = parts.next().unwrap_or_default();
+    let expect = outcome(cx, first, base)?;
+    let mut since: Vec<(Release, Outcome)> = Vec::new();
+    let mut at = base + first.len() + 3;
+    for part in parts {
+        let Some((rel, out)) = part.split_once(':') else {
+            return Err(cx.err(
+                at,
+                "`RELEASE: OUTCOME` after `|`",
+                part.trim(),
+                RELEASE_HINT,
+            ));
+        };
+        let rel_at = at + (rel.len() - rel.trim_start().len());
+        let release: Release = rel
+            .trim()
+            .parse()
+            .map_err(|e: String| cx.err(rel_at, "a release", rel.trim(), &e))?;
+        if release == Release::ALL[0] || since.last().is_some_and(|(r, _)| *r >= release) {
+            return Err(cx.err(rel_at, "a later release", rel.trim(), RELEASE_HINT));
+        }
+        since.push((release, outcome(cx, out, at + rel.len() + 1)?));
+        at += part.len() + 3;
+    }
+    Ok((expect, since))
+}
+
+const RELEASE_HINT: &str = "an outcome that changed is written `=> OLD | 7.2: NEW`: the first outcome is the oldest release's (6.18), each `| RELEASE: OUTCOME` holds from that release on, in release order";
 
 const OUTCOME_HINT: &str = "outcomes: ok, an errno (EINVAL), a number (0x42), sigbus, timeout, size=N blksize=N, exit memory_fault gpa=N size=N flags=private|shared, exit mmio gpa=N [read|write], exit hypercall gpa=N pages=N attributes=private|shared";
 
@@ -1233,6 +1321,61 @@ guest_read vm gpa=0x100000 => 0x00
         let sc = parse("t", "vm = create_vm # the VM\n  # only a comment\n").unwrap();
         assert_eq!(sc.lines.len(), 1);
         assert_eq!(sc.lines[0].text, "vm = create_vm");
+    }
+
+    #[test]
+    fn an_outcome_may_change_from_a_release_on() {
+        let sc = parse(
+            "t",
+            "vm = create_vm\ncheck_extension vm 10 => 1 | 7.2: EEXIST | next: 3\n",
+        )
+        .unwrap();
+        let l = &sc.lines[1];
+        assert_eq!(
+            l.expect_on(Release::V6_18),
+            Outcome::Value {
+                value: 1,
+                hex: false
+            }
+        );
+        assert_eq!(
+            l.expect_on(Release::V7_1),
+            Outcome::Value {
+                value: 1,
+                hex: false
+            }
+        );
+        assert_eq!(l.expect_on(Release::V7_2), parse_outcome("EEXIST").unwrap());
+        assert_eq!(
+            l.expect_on(Release::Next),
+            Outcome::Value {
+                value: 3,
+                hex: false
+            }
+        );
+        let eexist = parse_outcome("EEXIST").unwrap();
+        assert_eq!(l.releases_matching(&eexist), vec![Release::V7_2]);
+        assert!(l.accepts(None, &eexist));
+        assert!(!l.accepts(Some(Release::V6_18), &eexist));
+    }
+
+    #[test]
+    fn release_outcomes_must_name_later_releases_in_order() {
+        for (text, expected) in [
+            ("vm = create_vm => ok | 7.3: EINVAL", "a release"),
+            (
+                "vm = create_vm => ok | 7.2: EINVAL | 7.0: ok",
+                "a later release",
+            ),
+            ("vm = create_vm => ok | 6.18: EINVAL", "a later release"),
+            (
+                "vm = create_vm => ok | EINVAL",
+                "`RELEASE: OUTCOME` after `|`",
+            ),
+        ] {
+            let e = parse("t", text).unwrap_err();
+            assert_eq!(e.0[0].expected, expected, "{text}");
+        }
     }
 
     fn vocabulary() -> impl Strategy<Value = String> {

@@ -11,13 +11,13 @@ use super::ast::{
 };
 use crate::error::Error;
 use crate::hypervisor::{
-    GuestMemfd, GuestOp, HostFault, HostMemory, Hypervisor, MapKind, Vcpu, VcpuExit, Vm,
+    GuestMemfd, GuestOp, HostFault, HostMemory, Hypervisor, MapKind, Pin, Vcpu, VcpuExit, Vm,
 };
 use crate::uapi::{
-    kvm_create_guest_memfd, kvm_memory_attributes, kvm_userspace_memory_region,
-    kvm_userspace_memory_region2, KVM_CAP_EXIT_HYPERCALL, KVM_CAP_GUEST_MEMFD_FLAGS,
-    KVM_CAP_MEMORY_ATTRIBUTES, KVM_CAP_MULTI_ADDRESS_SPACE, KVM_CAP_VM_TYPES, KVM_HC_MAP_GPA_RANGE,
-    KVM_MAP_GPA_RANGE_ENCRYPTED,
+    kvm_create_guest_memfd, kvm_memory_attributes, kvm_memory_attributes2, kvm_pre_fault_memory,
+    kvm_userspace_memory_region, kvm_userspace_memory_region2, KVM_CAP_EXIT_HYPERCALL,
+    KVM_CAP_GUEST_MEMFD_FLAGS, KVM_CAP_MEMORY_ATTRIBUTES, KVM_CAP_MULTI_ADDRESS_SPACE,
+    KVM_CAP_VM_TYPES, KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_ENCRYPTED,
 };
 
 /// `guest_memfd=closed`: a number no process has open (above any fd limit).
@@ -82,6 +82,10 @@ pub fn unmet_requirement(hv: &dyn Hypervisor, requires: &[Requirement]) -> Optio
                 (v as u64 & (1 << KVM_HC_MAP_GPA_RANGE) == 0)
                     .then(|| format!("KVM_CAP_EXIT_HYPERCALL is {v:#x}"))
             }
+            RequireKind::Cap(c) => {
+                let v = hv.check_extension(c);
+                (v == 0).then(|| format!("capability {c} is 0"))
+            }
             RequireKind::AddressSpaces(n) => {
                 let v = hv.check_extension(KVM_CAP_MULTI_ADDRESS_SPACE).max(1);
                 ((v as u64) < n).then(|| format!("{v} address space(s)"))
@@ -113,11 +117,12 @@ pub fn run(hv: &dyn Hypervisor, scenario: &Scenario) -> ScenarioRun {
                 Ok((o, d)) => (Some(o), d),
                 Err(NotRun(why)) => (None, Some(why)),
             };
-            let passed = actual.as_ref().is_some_and(|a| line.expect.accepts(a));
+            let release = hv.release();
+            let passed = actual.as_ref().is_some_and(|a| line.accepts(release, a));
             LineResult {
                 line: line.line,
                 text: line.text.clone(),
-                expected: line.expect,
+                expected: release.map_or(line.expect, |r| line.expect_on(r)),
                 actual,
                 detail,
                 passed,
@@ -147,6 +152,10 @@ enum Handle {
     Vm(VmState),
     Gmem(Box<dyn GuestMemfd>),
     Mem(Box<dyn HostMemory>),
+    /// Held for its `Drop`, which releases the pages.
+    Pin {
+        _held: Box<dyn Pin>,
+    },
 }
 
 struct State<'a> {
@@ -420,6 +429,68 @@ impl State<'_> {
                 };
                 Ok(value(v as u64, false))
             }
+            Op::PreFault {
+                vm,
+                gpa,
+                size,
+                flags,
+            } => {
+                let st = self.vcpu_of(vm)?;
+                let Some(vcpu) = st.vcpu.as_mut() else {
+                    return Err(NotRun("no vCPU".into()));
+                };
+                let mut range = kvm_pre_fault_memory {
+                    gpa: *gpa,
+                    size: *size,
+                    flags: *flags,
+                    ..Default::default()
+                };
+                Ok(match vcpu.pre_fault_memory(&mut range) {
+                    Ok(()) => (
+                        Outcome::Value {
+                            value: range.size,
+                            hex: true,
+                        },
+                        Some(format!(
+                            "{:#x} bytes left at gpa {:#x}",
+                            range.size, range.gpa
+                        )),
+                    ),
+                    Err(e) => fail(e),
+                })
+            }
+            Op::SetMemoryAttributes2 {
+                gmem,
+                offset,
+                size,
+                attributes,
+                flags,
+            } => {
+                let mut a = kvm_memory_attributes2 {
+                    offset: *offset,
+                    size: *size,
+                    attributes: *attributes,
+                    flags: *flags,
+                    ..Default::default()
+                };
+                Ok(match self.gmem(gmem)?.set_memory_attributes2(&mut a) {
+                    Ok(()) => ok(),
+                    Err(e) => {
+                        let (o, d) = fail(e);
+                        (
+                            o,
+                            d.map(|d| format!("{d}; error_offset {:#x}", a.error_offset)),
+                        )
+                    }
+                })
+            }
+            Op::Pin { mem, offset, len } => match self.mem(mem)?.pin(*offset, *len) {
+                Ok(p) => {
+                    self.bind(line, Handle::Pin { _held: p });
+                    Ok(ok())
+                }
+                Err(e) => Ok(fail(e)),
+            },
             Op::Close { handle } => match self.handles.remove(handle) {
                 Some(h) => {
                     drop(h);
@@ -428,6 +499,19 @@ impl State<'_> {
                 None => Err(missing(handle)),
             },
         }
+    }
+
+    /// The VM `vm` with its vCPU 0, created on first use.
+    fn vcpu_of(&mut self, vm: &str) -> Result<&mut VmState, NotRun> {
+        let st = self.vm(vm)?;
+        if st.vcpu.is_none() {
+            let v = st
+                .vm
+                .create_vcpu(0)
+                .map_err(|e| NotRun(format!("KVM_CREATE_VCPU: {e}")))?;
+            st.vcpu = Some(v);
+        }
+        Ok(st)
     }
 
     fn guest(&mut self, vm: &str, op: GuestOp) -> Exec {
@@ -490,7 +574,7 @@ impl State<'_> {
             FdRef::Handle(name) => match self.handles.get(name) {
                 Some(Handle::Gmem(g)) => g.as_raw_fd() as u32,
                 Some(Handle::Vm(v)) => v.vm.as_raw_fd() as u32,
-                Some(Handle::Mem(_)) => {
+                Some(Handle::Mem(_) | Handle::Pin { .. }) => {
                     return Err(NotRun(format!("`{name}` is memory, not an fd")))
                 }
                 None => return Err(missing(name)),

@@ -1,5 +1,5 @@
 //! guest_memfd files: creation, bindings, fallocate, host mappings and
-//! release (spec sections 1, 2, 4 and 7).
+//! release (docs/spec.md, sections 1, 2, 4 and 7).
 //!
 //! Three objects, as in the kernel:
 //! - [`GmemInode`]: the memory. A tmpfs memfd holds the pages, so they are
@@ -11,24 +11,25 @@
 //!   mapping), `release` unbinds every slot and invalidates (LIFE-5, INVAL-2).
 //! - [`SoftGuestMemfd`]: the fd the user holds.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, LazyLock, Weak};
 
 use parking_lot::{Mutex, RwLock};
-use rangemap::RangeMap;
+use rangemap::{RangeMap, RangeSet};
 
 use super::host::{RegionKind, SoftHostMemory};
 use super::invalidate::InvalidateCause;
 use super::vm::VmInner;
 use crate::error::{Errno, Error, Result};
 use crate::host::Mmap;
-use crate::hypervisor::{GuestMemfd, HostMemory, MapKind, Stat};
+use crate::hypervisor::{GuestMemfd, HostMemory, MapKind, Pin, Stat};
 use crate::refuse;
 use crate::uapi::{
-    page_aligned, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, GUEST_MEMFD_FLAG_INIT_SHARED,
-    GUEST_MEMFD_FLAG_MMAP, PAGE_SHIFT,
+    kvm_memory_attributes2, page_aligned, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
+    GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_MEMORY_ATTRIBUTE_PRIVATE, PAGE_SHIFT,
+    PAGE_SIZE, TASK_SIZE_MAX,
 };
 
 /// Which memslot a bound file range belongs to.
@@ -54,6 +55,13 @@ pub(crate) struct GmemInode {
     pub(crate) invalidate_lock: RwLock<Bindings>,
     /// Mappings of the store through which guest accesses go, by window.
     windows: Mutex<HashMap<u64, Arc<Mmap>>>,
+    /// In-place conversion (profile `next`): attributes belong to the file.
+    pub(crate) in_place: bool,
+    /// With `in_place`, the private page indices (CONV-1); taken after the
+    /// invalidate lock.
+    private: RwLock<RangeSet<u64>>,
+    /// Long-term references on pages, by index (CONV-5).
+    pins: Mutex<BTreeMap<u64, u32>>,
 }
 
 /// Bytes of the page store one guest-access window maps.
@@ -62,6 +70,84 @@ const WINDOW_SIZE: u64 = 2 << 20;
 impl GmemInode {
     pub(crate) fn init_shared(&self) -> bool {
         self.flags & GUEST_MEMFD_FLAG_INIT_SHARED != 0
+    }
+
+    /// Is page `index` private to the guest? Only in-place conversion
+    /// tracks this per page (`kvm_gmem_is_private_mem`).
+    pub(crate) fn is_private(&self, index: u64) -> bool {
+        self.in_place && self.private.read().contains(&index)
+    }
+
+    /// The first private page of `indices`, if any.
+    pub(crate) fn first_private(&self, indices: Range<u64>) -> Option<u64> {
+        if !self.in_place || indices.is_empty() {
+            return None;
+        }
+        let private = self.private.read();
+        private
+            .overlapping(&indices)
+            .next()
+            .map(|r| r.start.max(indices.start))
+    }
+
+    /// Takes a long-term reference on `indices`.
+    pub(crate) fn pin(self: &Arc<Self>, indices: Range<u64>) -> Result<SoftPin> {
+        if let Some(index) = self.first_private(indices.clone()) {
+            refuse!(
+                EFAULT,
+                "CONV-6",
+                "page {index:#x} is private: the host cannot reference it"
+            );
+        }
+        let mut pins = self.pins.lock();
+        for i in indices.clone() {
+            *pins.entry(i).or_default() += 1;
+        }
+        Ok(SoftPin {
+            inode: Some(self.clone()),
+            indices,
+        })
+    }
+
+    /// `KVM_SET_MEMORY_ATTRIBUTES2` once the arguments are checked
+    /// (`__kvm_gmem_set_attributes`). The caller holds the file, so its
+    /// bindings can be invalidated.
+    fn set_private(
+        &self,
+        file: &GmemFile,
+        indices: Range<u64>,
+        private: bool,
+    ) -> std::result::Result<(), u64> {
+        let bindings = self.invalidate_lock.write();
+        let mut set = self.private.write();
+        let unchanged = if private {
+            set.gaps(&indices).next().is_none()
+        } else {
+            !set.overlaps(&indices)
+        };
+        if unchanged {
+            return Ok(());
+        }
+        if private {
+            // Host mappings are zapped first, then any page still
+            // referenced stops the conversion before anything changed.
+            let pins = self.pins.lock();
+            if let Some((index, _)) = pins.range(indices.clone()).next() {
+                return Err(*index);
+            }
+        }
+        for (range, b) in bindings.overlapping(indices.clone()) {
+            let gfns = index_to_gfns(range, b, indices.clone());
+            file.vm
+                .invalidations
+                .invalidate(b.as_id, b.slot, gfns, InvalidateCause::Attributes);
+        }
+        if private {
+            set.insert(indices);
+        } else {
+            set.remove(indices);
+        }
+        Ok(())
     }
 
     pub(crate) fn supports_mmap(&self) -> bool {
@@ -81,6 +167,21 @@ impl GmemInode {
         write: bool,
     ) -> Result<()> {
         let pos = (index << PAGE_SHIFT) + offset;
+        // Only a binding accepted before 7.2 (BIND-4, signed offsets) can
+        // name an index past the end; the page store has no page there.
+        if pos
+            .checked_add(buf.len() as u64)
+            .is_none_or(|end| end > self.size)
+        {
+            return Err(Error::new(
+                Errno::EFAULT,
+                "BIND-4",
+                format!(
+                    "guest access to page {index:#x}: past the end of the {:#x}-byte file (a binding only releases before 7.2 accept)",
+                    self.size
+                ),
+            ));
+        }
         let window = self.window(pos / WINDOW_SIZE)?;
         let at = pos % WINDOW_SIZE;
         let done = if write {
@@ -278,7 +379,15 @@ impl SoftGuestMemfd {
             store,
             invalidate_lock: RwLock::new(RangeMap::new()),
             windows: Mutex::default(),
+            in_place: vm.profile.in_place_conversion(),
+            private: RwLock::new(RangeSet::new()),
+            pins: Mutex::default(),
         });
+        // Every page starts private unless the file is INIT_SHARED
+        // (`kvm_gmem_init_inode`).
+        if inode.in_place && flags & GUEST_MEMFD_FLAG_INIT_SHARED == 0 {
+            inode.private.write().insert(0..size >> PAGE_SHIFT);
+        }
         let file = Arc::new(GmemFile {
             inode,
             vm: vm.clone(),
@@ -378,15 +487,47 @@ impl GuestMemfd for SoftGuestMemfd {
         }
     }
 
+    /// `mmap(2)`: the generic checks of the mmap system call and `do_mmap`
+    /// (mm/mmap.c) in their order, then `kvm_gmem_mmap`'s own (MMAP-1, MMAP-2).
     fn mmap(&self, offset: i64, len: u64, kind: MapKind) -> Result<Box<dyn HostMemory>> {
+        // The offset reaches the kernel as an unsigned long.
+        let off = offset as u64;
+        if !page_aligned(off) {
+            refuse!(EINVAL, "MMAP-2", "mmap offset {off:#x} is not page aligned");
+        }
         if len == 0 {
             refuse!(EINVAL, "MMAP-2", "mmap length 0");
         }
-        if offset < 0 || !page_aligned(offset as u64) {
+        let Some(len_aligned) = len.checked_next_multiple_of(PAGE_SIZE) else {
             refuse!(
-                EINVAL,
+                ENOMEM,
                 "MMAP-2",
-                "mmap offset {offset:#x} is not page aligned"
+                "mmap length {len:#x} overflows when rounded up to a page"
+            );
+        };
+        let pgoff = off >> PAGE_SHIFT;
+        if pgoff.checked_add(len_aligned >> PAGE_SHIFT).is_none() {
+            refuse!(
+                EOVERFLOW,
+                "MMAP-2",
+                "mmap offset {off:#x} + length {len:#x} overflows"
+            );
+        }
+        if len_aligned > TASK_SIZE_MAX {
+            refuse!(
+                ENOMEM,
+                "MMAP-2",
+                "mmap length {len:#x} does not fit the user address space"
+            );
+        }
+        // file_mmap_ok: a regular file maps at most MAX_LFS_FILESIZE bytes
+        // of file offsets.
+        let max_file = i64::MAX as u64;
+        if len_aligned > max_file || pgoff > (max_file - len_aligned) >> PAGE_SHIFT {
+            refuse!(
+                EOVERFLOW,
+                "MMAP-2",
+                "mmap offset {off:#x} + length {len:#x} passes the largest file offset"
             );
         }
         let inode = &self.file.inode;
@@ -408,7 +549,7 @@ impl GuestMemfd for SoftGuestMemfd {
         let mmap = Mmap::shared(inode.store.as_fd(), offset, len)?;
         let kind = RegionKind::GuestMemfd {
             inode: inode.clone(),
-            offset: offset as u64,
+            offset: off,
         };
         Ok(Box::new(SoftHostMemory::new(
             &self.file.vm.host,
@@ -476,6 +617,76 @@ impl GuestMemfd for SoftGuestMemfd {
         );
     }
 
+    /// `kvm_gmem_set_attributes`, checks in its order.
+    fn set_memory_attributes2(&self, attrs: &mut kvm_memory_attributes2) -> Result<()> {
+        let inode = &self.file.inode;
+        if !inode.in_place {
+            refuse!(
+                ENOTTY,
+                "CONV-1",
+                "KVM_SET_MEMORY_ATTRIBUTES2 on a guest_memfd: in-place conversion is not in release {} (next, KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES)",
+                self.file.vm.profile.release()
+            );
+        }
+        if attrs.flags != 0 || attrs.reserved.iter().any(|r| *r != 0) {
+            refuse!(
+                EINVAL,
+                "CONV-2",
+                "flags {:#x} and reserved words must be 0",
+                attrs.flags
+            );
+        }
+        let private = KVM_MEMORY_ATTRIBUTE_PRIVATE as u64;
+        if !self.file.vm.has_private_mem {
+            refuse!(EINVAL, "CONV-2", "the VM has no private memory");
+        }
+        if attrs.attributes & !private != 0 {
+            refuse!(
+                EINVAL,
+                "CONV-2",
+                "attributes {:#x}: only PRIVATE ({private:#x}) is supported",
+                attrs.attributes
+            );
+        }
+        let (offset, size) = (attrs.offset, attrs.size);
+        if size == 0 || offset.checked_add(size).is_none() {
+            refuse!(
+                EINVAL,
+                "CONV-3",
+                "offset {offset:#x} size {size:#x}: size is 0 or the range wraps"
+            );
+        }
+        if !page_aligned(offset) || !page_aligned(size) {
+            refuse!(
+                EINVAL,
+                "CONV-3",
+                "offset {offset:#x} size {size:#x} is not page aligned"
+            );
+        }
+        if offset + size > inode.size {
+            refuse!(
+                EINVAL,
+                "CONV-3",
+                "offset {offset:#x} + size {size:#x} reaches past the end of the {:#x}-byte file",
+                inode.size
+            );
+        }
+        let indices = offset >> PAGE_SHIFT..(offset + size) >> PAGE_SHIFT;
+        inode
+            .set_private(&self.file, indices, attrs.attributes != 0)
+            .map_err(|index| {
+                attrs.error_offset = index << PAGE_SHIFT;
+                Error::new(
+                    Errno::EAGAIN,
+                    "CONV-5",
+                    format!(
+                        "page at offset {:#x} is still referenced by the host; release it and retry",
+                        attrs.error_offset
+                    ),
+                )
+            })
+    }
+
     fn ioctl(&self, request: u64) -> Result<i32> {
         // do_vfs_ioctl (fs/ioctl.c) answers a few requests for every file
         // before the file's own ioctl is asked; the request is an unsigned
@@ -511,6 +722,40 @@ impl GuestMemfd for SoftGuestMemfd {
                 "FILE-1",
                 "ioctl {request:#x} is not a guest_memfd ioctl"
             ),
+        }
+    }
+}
+
+/// Pages of a guest_memfd referenced by the host; dropping it releases
+/// them. A pin of anonymous memory holds nothing guest_memfd cares about.
+pub struct SoftPin {
+    inode: Option<Arc<GmemInode>>,
+    indices: Range<u64>,
+}
+
+impl SoftPin {
+    /// A pin of memory that is not guest_memfd's.
+    pub(crate) fn unrelated() -> Self {
+        SoftPin {
+            inode: None,
+            indices: 0..0,
+        }
+    }
+}
+
+impl Pin for SoftPin {}
+
+impl Drop for SoftPin {
+    fn drop(&mut self) {
+        let Some(inode) = &self.inode else { return };
+        let mut pins = inode.pins.lock();
+        for i in self.indices.clone() {
+            if let Some(n) = pins.get_mut(&i) {
+                *n -= 1;
+                if *n == 0 {
+                    pins.remove(&i);
+                }
+            }
         }
     }
 }

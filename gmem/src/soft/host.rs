@@ -10,9 +10,10 @@ use std::sync::{Arc, Weak};
 
 use parking_lot::RwLock;
 
-use super::guest_memfd::{GmemFile, GmemInode};
+use super::guest_memfd::{GmemFile, GmemInode, SoftPin};
 use crate::host::Mmap;
-use crate::hypervisor::{HostFault, HostMemory};
+use crate::hypervisor::{HostFault, HostMemory, Pin};
+use crate::uapi::PAGE_SHIFT;
 
 /// One registered mapping.
 pub(crate) struct Region {
@@ -30,49 +31,95 @@ pub(crate) enum RegionKind {
 }
 
 impl Region {
-    /// Checks that the host may touch `[offset, offset + len)` of the
-    /// mapping: for a guest_memfd mapping, the pages must lie inside the
-    /// file (MMAP-3) and be shared with the host (MMAP-4).
-    pub(crate) fn check_access(&self, offset: u64, len: usize) -> Result<(), HostFault> {
-        self.mmap.check_range(offset, len)?;
+    /// The first byte of `[offset, offset + len)` the host may not touch,
+    /// if any: for a guest_memfd mapping, a page past the end of the file
+    /// (MMAP-3) or a page not shared with the host (MMAP-4). The fault
+    /// comes from `kvm_gmem_fault_user_mapping`, which checks the end of
+    /// the file first, page by page as the access reaches each page.
+    pub(crate) fn first_fault(&self, offset: u64, len: usize) -> Option<HostFault> {
         let RegionKind::GuestMemfd {
             inode,
             offset: base,
         } = &self.kind
         else {
-            return Ok(());
+            return None;
         };
+        if len == 0 {
+            return None;
+        }
         let file_off = base + offset;
-        let last = file_off + len.max(1) as u64 - 1;
-        if last >= inode.size {
-            let first_bad = file_off.max(inode.size);
-            return Err(HostFault::Sigbus {
-                offset: first_bad - base,
-                rule: "MMAP-3",
-                reason: format!(
-                    "file offset {first_bad:#x} is past the end of the {:#x}-byte guest_memfd",
-                    inode.size
-                ),
-            });
+        let past_end = |at: u64| HostFault::Sigbus {
+            offset: at - base,
+            rule: "MMAP-3",
+            reason: format!(
+                "file offset {at:#x} is past the end of the {:#x}-byte guest_memfd",
+                inode.size
+            ),
+        };
+        if file_off >= inode.size {
+            return Some(past_end(file_off));
+        }
+        let end = file_off + len as u64;
+        if inode.in_place {
+            // Pages fault in order: a private page before the end of the
+            // file faults first (CONV-6), else the end of the file does.
+            let last = end.min(inode.size) - 1;
+            let pages = file_off >> PAGE_SHIFT..(last >> PAGE_SHIFT) + 1;
+            if let Some(index) = inode.first_private(pages) {
+                let at = (index << PAGE_SHIFT).max(file_off);
+                return Some(HostFault::Sigbus {
+                    offset: at - base,
+                    rule: "CONV-6",
+                    reason: format!("file page {index:#x} is private to the guest"),
+                });
+            }
+            return (end > inode.size).then(|| past_end(inode.size));
         }
         if !inode.init_shared() {
-            return Err(HostFault::Sigbus {
+            return Some(HostFault::Sigbus {
                 offset,
                 rule: "MMAP-4",
                 reason: "the guest_memfd was created without INIT_SHARED: its memory is private to the guest".into(),
             });
         }
-        Ok(())
+        (end > inode.size).then(|| past_end(inode.size))
     }
 
+    /// Reads `buf` at `offset`. On a fault, the bytes before the first
+    /// faulting byte are read, as a copy by the CPU would have read them.
     pub(crate) fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), HostFault> {
-        self.check_access(offset, buf.len())?;
-        self.mmap.read(offset, buf)
+        self.mmap.check_range(offset, buf.len())?;
+        match self.first_fault(offset, buf.len()) {
+            None => self.mmap.read(offset, buf),
+            Some(fault) => {
+                let done = Self::done_before(&fault, offset);
+                self.mmap.read(offset, &mut buf[..done])?;
+                Err(fault)
+            }
+        }
     }
 
+    /// Writes `buf` at `offset`. On a fault, every byte before the first
+    /// faulting byte is stored first, as `memset` in the kernel selftest
+    /// `test_fault_overflow` stores them before its SIGBUS.
     pub(crate) fn write(&self, offset: u64, buf: &[u8]) -> Result<(), HostFault> {
-        self.check_access(offset, buf.len())?;
-        self.mmap.write(offset, buf)
+        self.mmap.check_range(offset, buf.len())?;
+        match self.first_fault(offset, buf.len()) {
+            None => self.mmap.write(offset, buf),
+            Some(fault) => {
+                let done = Self::done_before(&fault, offset);
+                self.mmap.write(offset, &buf[..done])?;
+                Err(fault)
+            }
+        }
+    }
+
+    /// Bytes of an access at `offset` that precede `fault`.
+    fn done_before(fault: &HostFault, offset: u64) -> usize {
+        match fault {
+            HostFault::Sigbus { offset: at, .. } => (at - offset) as usize,
+            HostFault::OutOfRange { .. } => 0,
+        }
     }
 }
 
@@ -157,5 +204,28 @@ impl HostMemory for SoftHostMemory {
 
     fn write(&self, offset: u64, buf: &[u8]) -> Result<(), HostFault> {
         self.region.write(offset, buf)
+    }
+
+    fn pin(&self, offset: u64, len: u64) -> crate::Result<Box<dyn Pin>> {
+        if len == 0 || offset.checked_add(len).is_none_or(|end| end > self.len()) {
+            return Err(crate::Error::new(
+                crate::Errno::EFAULT,
+                "CONV-5",
+                format!(
+                    "pin of {len:#x} bytes at offset {offset:#x}: outside the {:#x}-byte mapping",
+                    self.len()
+                ),
+            ));
+        }
+        let RegionKind::GuestMemfd {
+            inode,
+            offset: base,
+        } = &self.region.kind
+        else {
+            return Ok(Box::new(SoftPin::unrelated()));
+        };
+        let first = (base + offset) >> PAGE_SHIFT;
+        let end = (base + offset + len).div_ceil(crate::uapi::PAGE_SIZE);
+        Ok(Box::new(inode.pin(first..end)?))
     }
 }

@@ -9,11 +9,13 @@
 //! - [`vcpu`]: the guest fault path.
 //! - [`invalidate`]: the one invalidation path and its observers.
 //! - [`host`]: the host mappings a memslot's `userspace_addr` may name.
+//! - [`profile`]: which kernel release the backend behaves as.
 
 pub mod guest_memfd;
 pub mod host;
 pub mod invalidate;
 mod memslot;
+pub mod profile;
 pub mod vcpu;
 pub mod vm;
 
@@ -23,6 +25,7 @@ use std::sync::Arc;
 pub use guest_memfd::SoftGuestMemfd;
 pub use host::SoftHostMemory;
 pub use invalidate::{InvalidateCause, Invalidation, InvalidationObserver};
+pub use profile::Profile;
 pub use vcpu::SoftVcpu;
 pub use vm::SoftVm;
 
@@ -35,22 +38,35 @@ use crate::refuse;
 pub struct SoftHypervisor {
     host: Arc<host::HostRegistry>,
     fd: OwnedFd,
+    profile: Profile,
 }
 
 impl SoftHypervisor {
     /// A new software hypervisor. Its only host resource is a placeholder
     /// fd, so that "the hypervisor's fd" exists as it does for `/dev/kvm`.
     pub fn new() -> Result<Self> {
+        Self::with_profile(crate::Release::DEFAULT)
+    }
+
+    /// A software hypervisor that behaves as kernel `release` does
+    /// (`docs/releases.md`).
+    pub fn with_profile(release: crate::Release) -> Result<Self> {
         Ok(SoftHypervisor {
             host: Arc::default(),
             fd: guest_memfd::memfd("gmem-soft:kvm", libc::MFD_CLOEXEC)?,
+            profile: Profile::new(release),
         })
+    }
+
+    /// The release profile it runs.
+    pub fn profile(&self) -> Profile {
+        self.profile
     }
 
     /// `KVM_CREATE_VM`, returning the concrete VM (for observers and
     /// introspection).
     pub fn create_soft_vm(&self, vm_type: u64) -> Result<SoftVm> {
-        SoftVm::create(&self.host, vm_type)
+        SoftVm::create(&self.host, self.profile, vm_type)
     }
 
     /// Host memory, returning the concrete handle (with its raw pointer).
@@ -80,7 +96,11 @@ impl Hypervisor for SoftHypervisor {
     }
 
     fn check_extension(&self, cap: u32) -> i64 {
-        vm::check_extension(None, cap)
+        vm::check_extension(self.profile, None, cap)
+    }
+
+    fn release(&self) -> Option<crate::Release> {
+        Some(self.profile.release())
     }
 
     fn create_vm(&self, vm_type: u64) -> Result<Box<dyn Vm>> {

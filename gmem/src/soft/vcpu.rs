@@ -1,18 +1,18 @@
-//! The guest fault path (spec section 6): where a guest access is served
+//! The guest fault path (docs/spec.md, section 6): where a guest access is served
 //! from, and the exits it produces.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::vm::VmInner;
-use crate::error::Result;
+use crate::error::{Errno, Error, Result};
 use crate::hypervisor::{GuestOp, Vcpu, VcpuExit};
 use crate::refuse;
 
 /// What a hypercall with bad arguments returns to the guest (negated).
 const KVM_EINVAL: u64 = 22;
 use crate::uapi::{
-    KVM_ENOSYS, KVM_HC_MAP_GPA_RANGE, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEMORY_EXIT_FLAG_PRIVATE,
+    kvm_pre_fault_memory, KVM_ENOSYS, KVM_HC_MAP_GPA_RANGE, KVM_MEMORY_EXIT_FLAG_PRIVATE,
     KVM_MEM_READONLY, PAGE_SHIFT, PAGE_SIZE,
 };
 
@@ -32,8 +32,7 @@ impl SoftVcpu {
         let offset = gpa & (PAGE_SIZE - 1);
         let state = self.vm.state.read();
         // FAULT-1: private iff the VM has private memory and the gfn is PRIVATE.
-        let private = self.vm.has_private_mem
-            && state.attributes(gfn) & KVM_MEMORY_ATTRIBUTE_PRIVATE as u64 != 0;
+        let private = self.vm.is_private(&state, gfn);
         let memory_fault = |private: bool| {
             Some(VcpuExit::MemoryFault {
                 flags: if private {
@@ -137,6 +136,54 @@ impl SoftVcpu {
 }
 
 impl Vcpu for SoftVcpu {
+    /// `kvm_vcpu_pre_fault_memory` and `kvm_arch_vcpu_pre_fault_memory`:
+    /// each page is faulted in as a guest read would fault it.
+    fn pre_fault_memory(&mut self, range: &mut kvm_pre_fault_memory) -> Result<()> {
+        if range.flags != 0 {
+            refuse!(
+                EINVAL,
+                "PREFAULT-1",
+                "KVM_PRE_FAULT_MEMORY flags {:#x} must be 0",
+                range.flags
+            );
+        }
+        let (gpa, size) = (range.gpa, range.size);
+        if gpa & (PAGE_SIZE - 1) != 0
+            || size & (PAGE_SIZE - 1) != 0
+            || gpa.checked_add(size).is_none_or(|end| end <= gpa)
+        {
+            refuse!(
+                EINVAL,
+                "PREFAULT-1",
+                "gpa {gpa:#x} size {size:#x}: both must be page aligned, size not 0, the range not wrapping"
+            );
+        }
+        let full = range.size;
+        while range.size > 0 {
+            let mut byte = [0u8];
+            let failed = match self.access_page(range.gpa, &mut byte, false)? {
+                None => None,
+                Some(VcpuExit::Mmio { .. }) => Some(Error::new(
+                    Errno::ENOENT,
+                    "PREFAULT-4",
+                    format!("gpa {:#x} is outside every memslot", range.gpa),
+                )),
+                Some(exit) => Some(Error::new(
+                    Errno::EFAULT,
+                    "PREFAULT-5",
+                    format!("gpa {:#x} cannot be mapped: {exit:?}", range.gpa),
+                )),
+            };
+            if let Some(e) = failed {
+                // PREFAULT-3: success once any page was processed.
+                return if range.size == full { Err(e) } else { Ok(()) };
+            }
+            range.gpa += PAGE_SIZE;
+            range.size -= PAGE_SIZE;
+        }
+        Ok(())
+    }
+
     fn run(&mut self, op: GuestOp) -> Result<VcpuExit> {
         match op {
             GuestOp::Read { gpa, size } => self.access(gpa, size, None),

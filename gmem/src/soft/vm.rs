@@ -1,4 +1,4 @@
-//! A software VM: memslots and bindings (spec section 3), memory attributes
+//! A software VM: memslots and bindings (docs/spec.md, section 3), memory attributes
 //! (section 5) and capabilities (section 8).
 //!
 //! Lock order, as in the kernel (INVAL-5):
@@ -24,6 +24,7 @@ use super::guest_memfd::{fget, memfd, GmemFile, SoftGuestMemfd};
 use super::host::HostRegistry;
 use super::invalidate::{InvalidateCause, InvalidationObserver, Invalidations};
 use super::memslot::{GmemBinding, Memslot, Memslots};
+use super::profile::Profile;
 use super::vcpu::SoftVcpu;
 use crate::error::Result;
 use crate::hypervisor::{GuestMemfd, Vcpu, Vm};
@@ -58,10 +59,32 @@ impl VmState {
     }
 }
 
+impl VmInner {
+    /// Is a guest access to `gfn` private (FAULT-1)? The VM's attribute,
+    /// or with in-place conversion the attribute of the file page the gfn
+    /// is bound to (`kvm_gmem_is_private_gfn`, CONV-8).
+    pub(crate) fn is_private(&self, state: &VmState, gfn: u64) -> bool {
+        if !self.has_private_mem {
+            return false;
+        }
+        if !self.profile.in_place_conversion() {
+            return state.attributes(gfn) & KVM_MEMORY_ATTRIBUTE_PRIVATE as u64 != 0;
+        }
+        state.memslots[0].find(gfn).is_some_and(|slot| {
+            slot.gmem.as_ref().is_some_and(|g| {
+                g.file
+                    .as_ref()
+                    .is_some_and(|f| f.is_private(gfn - slot.base_gfn + g.pgoff))
+            })
+        })
+    }
+}
+
 /// The VM object: lives while its handle, a vCPU or a guest_memfd holds it
 /// (LIFE-1).
 pub(crate) struct VmInner {
     pub(crate) vm_type: u64,
+    pub(crate) profile: Profile,
     pub(crate) has_private_mem: bool,
     pub(crate) nr_as: u16,
     pub(crate) state: RwLock<VmState>,
@@ -72,15 +95,24 @@ pub(crate) struct VmInner {
     vcpu_ids: Mutex<HashSet<u64>>,
 }
 
-/// Capability answers, system-wide (`vm` None) or for a VM (CAP-1, CAP-3).
-pub(crate) fn check_extension(vm: Option<&VmInner>, cap: u32) -> i64 {
+/// Capability answers, system-wide (`vm` None) or for a VM (CAP-1, CAP-3),
+/// as `profile`'s release gives them.
+pub(crate) fn check_extension(profile: Profile, vm: Option<&VmInner>, cap: u32) -> i64 {
     let private = vm.is_none_or(|v| v.has_private_mem);
+    // With in-place conversion PRIVATE lives in guest_memfd, not in the VM
+    // (`kvm_supported_vm_mem_attributes`), and private VMs may create
+    // INIT_SHARED files.
+    let in_place = profile.in_place_conversion();
     match cap {
         KVM_CAP_USER_MEMORY2 | KVM_CAP_MEMORY_FAULT_INFO | KVM_CAP_GUEST_MEMFD => 1,
-        KVM_CAP_MEMORY_ATTRIBUTES if private => KVM_MEMORY_ATTRIBUTE_PRIVATE as i64,
+        KVM_CAP_PRE_FAULT_MEMORY => 1,
+        KVM_CAP_MEMORY_ATTRIBUTES if private && !in_place => KVM_MEMORY_ATTRIBUTE_PRIVATE as i64,
+        KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES if private && in_place => {
+            KVM_MEMORY_ATTRIBUTE_PRIVATE as i64
+        }
         KVM_CAP_VM_TYPES => 1 << KVM_X86_DEFAULT_VM | 1 << KVM_X86_SW_PROTECTED_VM,
         KVM_CAP_GUEST_MEMFD_FLAGS => match vm {
-            Some(v) if v.has_private_mem => GUEST_MEMFD_FLAG_MMAP as i64,
+            Some(v) if v.has_private_mem && !in_place => GUEST_MEMFD_FLAG_MMAP as i64,
             _ => (GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED) as i64,
         },
         KVM_CAP_EXIT_HYPERCALL => 1 << KVM_HC_MAP_GPA_RANGE,
@@ -97,7 +129,11 @@ pub struct SoftVm {
 }
 
 impl SoftVm {
-    pub(crate) fn create(host: &Arc<HostRegistry>, vm_type: u64) -> Result<SoftVm> {
+    pub(crate) fn create(
+        host: &Arc<HostRegistry>,
+        profile: Profile,
+        vm_type: u64,
+    ) -> Result<SoftVm> {
         let has_private_mem = match vm_type as u32 {
             _ if vm_type > u32::MAX as u64 => {
                 refuse!(EINVAL, "CAP-2", "VM type {vm_type:#x} is not a VM type")
@@ -118,6 +154,7 @@ impl SoftVm {
         };
         let inner = Arc::new(VmInner {
             vm_type,
+            profile,
             has_private_mem,
             nr_as,
             state: RwLock::new(VmState {
@@ -169,7 +206,11 @@ impl SoftVm {
     /// `KVM_CREATE_GUEST_MEMFD` (CREATE-1, CREATE-2), returning the concrete
     /// file (for [`SoftGuestMemfd::allocated_bytes`]).
     pub fn create_soft_guest_memfd(&self, args: kvm_create_guest_memfd) -> Result<SoftGuestMemfd> {
-        let supported = check_extension(Some(&self.inner), KVM_CAP_GUEST_MEMFD_FLAGS) as u64;
+        let supported = check_extension(
+            self.inner.profile,
+            Some(&self.inner),
+            KVM_CAP_GUEST_MEMFD_FLAGS,
+        ) as u64;
         if args.flags & !supported != 0 {
             refuse!(
                 EINVAL,
@@ -436,28 +477,41 @@ impl SoftVm {
         }
         let size = slot.npages << PAGE_SHIFT;
         let inode = &file.inode;
-        if (offset as i64) < 0 || offset + size > inode.size {
-            refuse!(
-                EINVAL,
-                "BIND-4",
-                "guest_memfd_offset {offset:#x} + memory_size {size:#x} is past the end of the {:#x}-byte file",
-                inode.size
-            );
+        // SLOT-7 ruled out a u64 wrap. Before 7.2 the sum was a signed
+        // loff_t: one that went negative passed the size check.
+        let past_end = if self.inner.profile.unsigned_bind_offsets() {
+            offset + size > inode.size
+        } else {
+            (offset as i64) < 0 || ((offset + size) as i64) > inode.size as i64
+        };
+        if past_end {
+            let rule = if self.inner.profile.unsigned_bind_offsets() {
+                "BIND-4 since 7.2"
+            } else {
+                "BIND-4"
+            };
+            return Err(crate::error::Error::new(
+                crate::error::Errno::EINVAL,
+                rule,
+                format!(
+                    "guest_memfd_offset {offset:#x} + memory_size {size:#x} is past the end of the {:#x}-byte file",
+                    inode.size
+                ),
+            ));
         }
         let start = offset >> PAGE_SHIFT;
         let indices = start..start + slot.npages;
         let mut bindings = inode.invalidate_lock.write();
         if let Some((r, b)) = bindings.overlapping(indices.clone()).next() {
-            refuse!(
-                EINVAL,
-                "BIND-5",
-                "file pages [{:#x}, {:#x}) are already bound: pages [{:#x}, {:#x}) belong to slot {}",
-                indices.start,
-                indices.end,
-                r.start,
-                r.end,
-                b.slot
-            );
+            let (errno, rule) = self.inner.profile.bound_range_errno();
+            return Err(crate::error::Error::new(
+                errno,
+                rule,
+                format!(
+                    "file pages [{:#x}, {:#x}) are already bound: pages [{:#x}, {:#x}) belong to slot {}",
+                    indices.start, indices.end, r.start, r.end, b.slot
+                ),
+            ));
         }
         bindings.insert(
             indices,
@@ -470,7 +524,9 @@ impl SoftVm {
         Ok(GmemBinding {
             file: Some(inode.clone()),
             pgoff: start,
-            gmem_only: inode.supports_mmap(),
+            // With in-place conversion every guest_memfd slot is served
+            // from the file (KVM_MEMSLOT_GMEM_ONLY, CONV-8).
+            gmem_only: inode.supports_mmap() || inode.in_place,
         })
     }
 
@@ -491,7 +547,11 @@ impl SoftVm {
     }
 
     fn set_attributes(&self, attrs: &kvm_memory_attributes) -> Result<()> {
-        let supported = check_extension(Some(&self.inner), KVM_CAP_MEMORY_ATTRIBUTES) as u64;
+        let supported = check_extension(
+            self.inner.profile,
+            Some(&self.inner),
+            KVM_CAP_MEMORY_ATTRIBUTES,
+        ) as u64;
         if attrs.flags != 0 {
             refuse!(
                 EINVAL,
@@ -572,7 +632,7 @@ impl Vm for SoftVm {
     }
 
     fn check_extension(&self, cap: u32) -> i64 {
-        check_extension(Some(&self.inner), cap)
+        check_extension(self.inner.profile, Some(&self.inner), cap)
     }
 
     fn enable_cap(&self, cap: u32, arg0: u64) -> Result<()> {

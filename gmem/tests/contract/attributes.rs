@@ -1,4 +1,4 @@
-//! KVM_SET_MEMORY_ATTRIBUTES (spec section 5, ATTR-*).
+//! KVM_SET_MEMORY_ATTRIBUTES (docs/spec.md, section 5, ATTR-*).
 
 use crate::support::*;
 

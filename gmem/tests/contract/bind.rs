@@ -1,4 +1,4 @@
-//! Binding a memslot to a guest_memfd range (spec section 3, BIND-*).
+//! Binding a memslot to a guest_memfd range (docs/spec.md, section 3, BIND-*).
 
 use std::os::fd::{FromRawFd, OwnedFd};
 

@@ -1,4 +1,4 @@
-//! Capabilities (spec section 8, CAP-*).
+//! Capabilities (docs/spec.md, section 8, CAP-*).
 
 use crate::support::*;
 

@@ -1,4 +1,4 @@
-//! KVM_CREATE_GUEST_MEMFD (spec section 2): flags, sizes, the file it makes.
+//! KVM_CREATE_GUEST_MEMFD (docs/spec.md, section 2): flags, sizes, the file it makes.
 
 use crate::support::*;
 

@@ -1,4 +1,4 @@
-//! fallocate on a guest_memfd (spec section 4, FALLOC-*): modes, alignment,
+//! fallocate on a guest_memfd (docs/spec.md, section 4, FALLOC-*): modes, alignment,
 //! allocation and punching holes (guest_memfd_test's fallocate tables).
 
 use crate::support::*;

@@ -1,4 +1,4 @@
-//! Guest accesses: the fault path (spec section 6, FAULT-*).
+//! Guest accesses: the fault path (docs/spec.md, section 6, FAULT-*).
 
 use crate::support::*;
 

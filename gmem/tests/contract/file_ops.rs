@@ -1,4 +1,4 @@
-//! System calls on a guest_memfd other than fallocate and mmap (spec
+//! System calls on a guest_memfd other than fallocate and mmap (docs/spec.md,
 //! section 4, FILE-*).
 
 use crate::support::*;

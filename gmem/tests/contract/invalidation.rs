@@ -1,4 +1,4 @@
-//! Invalidation as the guest sees it (spec section 7, INVAL-*): after each
+//! Invalidation as the guest sees it (docs/spec.md, section 7, INVAL-*): after each
 //! cause no stale translation is used. The exact ranges invalidated are
 //! checked on the software backend in tests/soft_backend.rs.
 

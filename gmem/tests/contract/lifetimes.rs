@@ -1,4 +1,4 @@
-//! Objects and lifetimes (spec section 1, LIFE-*): what holds what, and
+//! Objects and lifetimes (docs/spec.md, section 1, LIFE-*): what holds what, and
 //! what survives whose release.
 
 use crate::support::*;

@@ -1,4 +1,4 @@
-//! The contract test suite: every rule of spec sections 1-8, written once
+//! The contract test suite: every rule of docs/spec.md sections 1-8, written once
 //! against `&dyn Hypervisor` and run on each backend.
 //!
 //! Each test is a function `fn(&dyn Hypervisor)` in the module of its spec
@@ -18,6 +18,7 @@ mod support;
 mod attributes;
 mod bind;
 mod caps;
+mod conversion;
 mod create;
 mod fallocate;
 mod faults;
@@ -27,6 +28,7 @@ mod lifetimes;
 mod loops;
 mod memslots;
 mod mmap;
+mod prefault;
 
 /// The KVM backend is a stub on this branch: while this is false the `kvm`
 /// instances print a skip line. Flip it when the KVM backend lands; from
@@ -94,6 +96,55 @@ fn run(backend: Backend, name: &str, test: fn(&dyn Hypervisor)) {
             panic!("recorded in scenarios/departures.toml ({rule}: {what}) but conforms now: remove the record")
         }
     }
+}
+
+/// Runs `test` on the software backend as `release` behaves.
+fn run_release(release: gmem::Release, test: fn(&dyn Hypervisor)) {
+    match gmem::soft::SoftHypervisor::with_profile(release) {
+        Ok(hv) => test(&hv),
+        Err(e) => panic!("opening the soft backend as {release}: {e}"),
+    }
+}
+
+/// `release_tests! { section: [test, ...] }` makes `next::soft::section::test`
+/// (the software backend as `next`) and `next::kvm::section::test`.
+macro_rules! release_tests {
+    ($($section:ident: [$($test:ident),* $(,)?]),* $(,)?) => {
+        mod next {
+            mod soft {
+                $(mod $section {
+                    $(#[test]
+                    fn $test() {
+                        crate::run_release(gmem::Release::Next, crate::$section::$test);
+                    })*
+                })*
+            }
+            mod kvm {
+                $(mod $section {
+                    $(#[test]
+                    fn $test() {
+                        crate::run(
+                            gmem::Backend::Kvm,
+                            concat!(stringify!($section), "::", stringify!($test)),
+                            crate::$section::$test,
+                        );
+                    })*
+                })*
+            }
+        }
+    };
+}
+
+release_tests! {
+    conversion: [
+        file_starts_private_and_the_host_faults,
+        conversion_keeps_contents_both_ways,
+        conversion_touches_only_its_range,
+        bad_requests_are_einval,
+        pinned_page_is_eagain_with_its_offset,
+        guest_access_follows_the_file_page,
+        bound_range_errno_follows_the_release,
+    ],
 }
 
 /// `contract_tests! { section: [test, ...], ... }` makes
@@ -263,6 +314,12 @@ contract_tests! {
         touched_hole_reads_zero,
         private_mapping_of_a_file_without_mmap_is_enodev,
         mapping_wholly_past_the_end_is_sigbus_on_touch,
+        write_across_the_end_stores_every_byte_before_it,
+        read_across_the_end_reads_every_byte_before_it,
+        write_across_the_end_of_a_mapping_at_an_offset,
+        write_without_init_shared_faults_at_its_first_byte,
+        offset_past_the_largest_file_offset_is_eoverflow,
+        highest_mappable_offset_is_accepted,
     ],
     attributes: [
         nonzero_flags_are_einval,
@@ -322,6 +379,12 @@ contract_tests! {
         loop_stops_at_an_mmio_gap_and_resumes_after_it,
         unaligned_loops_are_einval,
     ],
+    prefault: [
+        bad_ranges_are_einval,
+        whole_range_is_mapped_and_consumed,
+        range_past_the_slot_stops_there_and_no_slot_is_enoent,
+        private_gfn_without_guest_memfd_is_efault,
+    ],
     caps: [
         guest_memfd_capabilities_are_reported,
         nr_memslots_is_32764,
@@ -341,6 +404,8 @@ const SOURCES: &[(&str, &str)] = &[
     ("attributes", include_str!("attributes.rs")),
     ("bind", include_str!("bind.rs")),
     ("caps", include_str!("caps.rs")),
+    ("conversion", include_str!("conversion.rs")),
+    ("prefault", include_str!("prefault.rs")),
     ("create", include_str!("create.rs")),
     ("fallocate", include_str!("fallocate.rs")),
     ("faults", include_str!("faults.rs")),

@@ -1,4 +1,4 @@
-//! KVM_SET_USER_MEMORY_REGION(2) (spec section 3, SLOT-*): the checks in
+//! KVM_SET_USER_MEMORY_REGION(2) (docs/spec.md, section 3, SLOT-*): the checks in
 //! kernel order, deletes, changes and overlaps.
 
 use crate::support::*;

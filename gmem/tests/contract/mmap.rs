@@ -1,4 +1,4 @@
-//! Host mappings of a guest_memfd (spec section 4, MMAP-*).
+//! Host mappings of a guest_memfd (docs/spec.md, section 4, MMAP-*).
 
 use crate::support::*;
 
@@ -176,4 +176,124 @@ pub fn mapping_wholly_past_the_end_is_sigbus_on_touch(hv: &dyn Hypervisor) {
     let read = mapping.read(0, &mut [0]);
 
     assert_sigbus(read, hv, "MMAP-3");
+}
+
+/// Asserts that `r` is SIGBUS at mapping offset `at` (both backends) and,
+/// on the software backend, that `rule` raised it.
+#[track_caller]
+fn assert_sigbus_at(
+    r: std::result::Result<(), HostFault>,
+    hv: &dyn Hypervisor,
+    rule: &str,
+    at: u64,
+) {
+    match r {
+        Err(HostFault::Sigbus {
+            offset, rule: got, ..
+        }) => {
+            assert_eq!(offset, at, "SIGBUS at the wrong offset ({rule})");
+            if hv.name() == "soft" {
+                assert_eq!(got, rule);
+            }
+        }
+        other => panic!("expected SIGBUS ({rule}) at {at:#x}, got {other:?}"),
+    }
+}
+
+/// MMAP-3: a host write through a mapping that crosses the end of the file
+/// stores every byte before the end, then raises SIGBUS at the first byte
+/// past it, as `memset` does in guest_memfd_test's `test_fault_overflow`.
+pub fn write_across_the_end_stores_every_byte_before_it(hv: &dyn Hypervisor) {
+    let Some((_vm, file)) = file(hv, 2 * P, MMAP_SHARED) else {
+        return;
+    };
+    let mapping = ok(file.mmap(0, 4 * P, MapKind::Shared), "mmap 4 pages of 2");
+
+    let r = mapping.write(P + 100, &[0xaa; 3 * P as usize - 100]);
+
+    assert_sigbus_at(r, hv, "MMAP-3", 2 * P);
+    assert_eq!(
+        host_read(&*mapping, P + 100, P as usize - 100),
+        vec![0xaa; P as usize - 100]
+    );
+    assert_eq!(host_read(&*mapping, 0, 100), vec![0; 100]);
+}
+
+/// MMAP-3: a host read across the end of the file reads every byte before
+/// the end into the buffer, then raises SIGBUS at the first byte past it.
+pub fn read_across_the_end_reads_every_byte_before_it(hv: &dyn Hypervisor) {
+    let Some((_vm, file)) = file(hv, 2 * P, MMAP_SHARED) else {
+        return;
+    };
+    let mapping = ok(file.mmap(0, 4 * P, MapKind::Shared), "mmap 4 pages of 2");
+    host_write(&*mapping, 2 * P - 8, &[0x5c; 8]);
+    let mut buf = vec![0u8; 2 * P as usize];
+
+    let r = mapping.read(P + P / 2, &mut buf);
+
+    assert_sigbus_at(r, hv, "MMAP-3", 2 * P);
+    assert_eq!(&buf[P as usize / 2 - 8..P as usize / 2], &[0x5c; 8]);
+}
+
+/// MMAP-3: the fault is reported at the first byte past the end, counted
+/// from the mapping's start, also for a mapping at a file offset.
+pub fn write_across_the_end_of_a_mapping_at_an_offset(hv: &dyn Hypervisor) {
+    let Some((_vm, file)) = file(hv, 3 * P, MMAP_SHARED) else {
+        return;
+    };
+    let tail = ok(file.mmap(2 * P as i64, 2 * P, MapKind::Shared), "mmap");
+    let whole = ok(file.mmap(0, 3 * P, MapKind::Shared), "mmap whole");
+
+    let r = tail.write(P - 4, &[0x77; 8]);
+
+    assert_sigbus_at(r, hv, "MMAP-3", P);
+    assert_eq!(host_read(&*whole, 3 * P - 4, 4), [0x77; 4]);
+}
+
+/// MMAP-4: without INIT_SHARED the first byte faults: a write stores
+/// nothing, and the fault is at the access's first byte.
+pub fn write_without_init_shared_faults_at_its_first_byte(hv: &dyn Hypervisor) {
+    let Some((_vm, file)) = file(hv, 2 * P, GUEST_MEMFD_FLAG_MMAP) else {
+        return;
+    };
+    let mapping = ok(file.mmap(0, 4 * P, MapKind::Shared), "mmap");
+
+    let write = mapping.write(P + 8, &[1; 2 * P as usize]);
+    let read = mapping.read(100, &mut [0; 16]);
+
+    assert_sigbus_at(write, hv, "MMAP-4", P + 8);
+    assert_sigbus_at(read, hv, "MMAP-4", 100);
+}
+
+/// MMAP-2: an offset whose mapping would pass the largest file offset is
+/// EOVERFLOW (`do_mmap`, `file_mmap_ok`), checked before guest_memfd is
+/// asked: a file without MMAP gives EOVERFLOW there, not ENODEV.
+pub fn offset_past_the_largest_file_offset_is_eoverflow(hv: &dyn Hypervisor) {
+    let vm = default_vm(hv);
+    let plain = gmem(&*vm, P, 0);
+    let last = i64::MAX & !(P as i64 - 1);
+
+    let negative = plain.mmap(-(P as i64), P, MapKind::Shared);
+    let at_the_top = plain.mmap(last, P, MapKind::Shared);
+    let private = plain.mmap(-(P as i64), P, MapKind::Private);
+
+    assert_refused(hv, negative, Errno::EOVERFLOW, "MMAP-2");
+    assert_refused(hv, at_the_top, Errno::EOVERFLOW, "MMAP-2");
+    assert_refused(hv, private, Errno::EOVERFLOW, "MMAP-2");
+}
+
+/// MMAP-2, MMAP-3: the highest offset whose mapping still ends inside the
+/// file offset range is accepted (the mapping lies past the end of the
+/// file, so every touch is SIGBUS); an unaligned negative offset is EINVAL.
+pub fn highest_mappable_offset_is_accepted(hv: &dyn Hypervisor) {
+    let Some((_vm, file)) = file(hv, P, MMAP_SHARED) else {
+        return;
+    };
+    let highest = (i64::MAX & !(P as i64 - 1)) - P as i64;
+
+    let mapping = ok(file.mmap(highest, P, MapKind::Shared), "mmap at the top");
+    let unaligned = file.mmap(-1, P, MapKind::Shared);
+
+    assert_sigbus_at(mapping.read(0, &mut [0]), hv, "MMAP-3", 0);
+    assert_refused(hv, unaligned, Errno::EINVAL, "MMAP-2");
 }

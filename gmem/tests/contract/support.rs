@@ -69,7 +69,10 @@ pub fn assert_refused<T>(hv: &dyn Hypervisor, r: Result<T>, errno: Errno, rule: 
     let err = refused(r);
     assert_eq!(err.errno, errno, "wrong errno: {err}");
     if hv.name() == "soft" {
-        assert_eq!(err.rule, rule, "refused by the wrong rule: {err}");
+        // A rule that changed between releases says which side it is on:
+        // `BIND-5 before 7.2`.
+        let id = err.rule.split(' ').next().unwrap_or_default();
+        assert_eq!(id, rule, "refused by the wrong rule: {err}");
     }
 }
 

@@ -1,0 +1,126 @@
+//! Which release a backend follows, measured: the scenario lines whose
+//! outcome differs between releases (`=> EINVAL | 7.2: EEXIST`) are run, and
+//! the releases every observed outcome allows are kept.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::parse::parse;
+use super::report::collect_files;
+use super::run::run;
+use crate::hypervisor::Hypervisor;
+use crate::Release;
+
+/// One probe: a line whose outcome tells releases apart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Probe {
+    /// `file:line`, the file relative to the corpus.
+    pub at: String,
+    /// The outcome observed, in scenario syntax.
+    pub observed: String,
+    /// The releases whose outcome it is.
+    pub releases: Vec<Release>,
+}
+
+/// What the probes say.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReleaseMatch {
+    /// The releases every probe allows, oldest first (empty: none fits).
+    pub candidates: Vec<Release>,
+    /// The probes that ran, each with what it allowed.
+    pub probes: Vec<Probe>,
+    /// Probe files that did not run on this backend, with the reason.
+    pub skipped: Vec<(String, String)>,
+}
+
+/// Runs every probe line of the corpus at `corpus` on `hv`.
+pub fn match_release(hv: &dyn Hypervisor, corpus: &Path) -> std::io::Result<ReleaseMatch> {
+    let mut m = ReleaseMatch {
+        candidates: Release::ALL.to_vec(),
+        probes: Vec::new(),
+        skipped: Vec::new(),
+    };
+    for file in collect_files(corpus)? {
+        let key = file
+            .strip_prefix(corpus)
+            .unwrap_or(&file)
+            .display()
+            .to_string();
+        let Ok(sc) = parse(&key, &std::fs::read_to_string(&file)?) else {
+            continue;
+        };
+        if sc.lines.iter().all(|l| l.since.is_empty()) {
+            continue;
+        }
+        let r = run(hv, &sc);
+        if let Some(why) = r.skipped {
+            m.skipped.push((key, why));
+            continue;
+        }
+        for (line, result) in sc.lines.iter().zip(&r.lines) {
+            let Some(actual) = result.actual.as_ref().filter(|_| !line.since.is_empty()) else {
+                continue;
+            };
+            let releases = line.releases_matching(actual);
+            m.candidates.retain(|c| releases.contains(c));
+            m.probes.push(Probe {
+                at: format!("{key}:{}", line.line),
+                observed: actual.to_string(),
+                releases,
+            });
+        }
+    }
+    Ok(m)
+}
+
+impl ReleaseMatch {
+    /// `6.18 to 7.1`, `7.2`, or `no release` when the probes disagree.
+    pub fn summary(&self) -> String {
+        match self.candidates.as_slice() {
+            [] => "no release: the probes disagree (a kernel with backports?)".to_string(),
+            [one] => one.to_string(),
+            [first, .., last] => format!("{first} to {last}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::soft::SoftHypervisor;
+
+    fn corpus() -> std::path::PathBuf {
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scenarios")
+    }
+
+    #[test]
+    fn every_profile_is_told_apart_from_the_releases_that_differ() {
+        let old = match_release(
+            &SoftHypervisor::with_profile(Release::V6_18).unwrap(),
+            &corpus(),
+        )
+        .unwrap();
+        assert_eq!(
+            old.candidates,
+            [Release::V6_18, Release::V6_19, Release::V7_0, Release::V7_1]
+        );
+        assert_eq!(old.summary(), "6.18 to 7.1");
+        assert!(old
+            .probes
+            .iter()
+            .any(|p| p.at.contains("bind-bound-range-errno")));
+        let new = match_release(
+            &SoftHypervisor::with_profile(Release::V7_2).unwrap(),
+            &corpus(),
+        )
+        .unwrap();
+        assert_eq!(new.candidates, [Release::V7_2]);
+        let next = match_release(
+            &SoftHypervisor::with_profile(Release::Next).unwrap(),
+            &corpus(),
+        )
+        .unwrap();
+        assert_eq!(next.candidates, [Release::Next]);
+    }
+}
