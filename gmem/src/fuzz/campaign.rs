@@ -5,15 +5,12 @@ use std::sync::Arc;
 
 use crate::scenario::ast::{Op, Outcome, RequireKind, Requirement, Scenario};
 use crate::scenario::run::ScenarioRun;
-use crate::uapi::{
-    GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_X86_DEFAULT_VM,
-};
+use crate::uapi::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_X86_DEFAULT_VM};
 use crate::{Backend, Hypervisor};
 
 use super::coverage::{op_name, Coverage};
 use super::exec::{
-    compare, outcome_kind, show, Executor, Finding, FindingKind, LineClass, Target, Tally,
-    Verdict,
+    compare, outcome_kind, show, Executor, Finding, FindingKind, LineClass, Tally, Target, Verdict,
 };
 use super::generate::{generate, renumber, Limits, Profile};
 use super::minimize::{minimize, with_expectations, Budget, Minimized};
@@ -98,7 +95,10 @@ fn soft_target(release: crate::Release) -> Target {
     Target::Custom(
         "soft".into(),
         Box::new(move || {
-            Ok(Box::new(crate::soft::SoftHypervisor::with_profile(release)?) as Box<dyn Hypervisor>)
+            Ok(
+                Box::new(crate::soft::SoftHypervisor::with_profile(release)?)
+                    as Box<dyn Hypervisor>,
+            )
         }),
     )
 }
@@ -504,7 +504,9 @@ pub fn with_requirements(sc: &Scenario) -> Scenario {
     };
     for l in &sc.lines {
         match &l.op {
-            Op::CreateVm { vm_type } if l.bind.is_some() && *vm_type != KVM_X86_DEFAULT_VM as u64 => {
+            Op::CreateVm { vm_type }
+                if l.bind.is_some() && *vm_type != KVM_X86_DEFAULT_VM as u64 =>
+            {
                 add(RequireKind::VmType(*vm_type))
             }
             Op::CreateGuestMemfd { flags, .. } if l.bind.is_some() => {
@@ -539,7 +541,13 @@ pub fn file_name(f: &Finding) -> String {
     let slug: String = f
         .signature
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
         .collect();
     let mut slug = slug
         .split('-')

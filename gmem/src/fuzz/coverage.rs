@@ -122,9 +122,7 @@ fn exercised(op: &Op, outcome: &Outcome) -> &'static [&'static str] {
             &["FAULT-6", "FAULT-7", "LIFE-5", "INVAL-2"]
         }
         (Op::GuestMapGpaRange { .. }, O::Hypercall { .. }) => &["FAULT-8"],
-        (Op::Stat { .. } | Op::SameInode { .. }, O::Stat { .. } | O::Value { .. }) => {
-            &["CREATE-4"]
-        }
+        (Op::Stat { .. } | Op::SameInode { .. }, O::Stat { .. } | O::Value { .. }) => &["CREATE-4"],
         (Op::CheckExtension { cap, .. }, _) if *cap == KVM_CAP_GUEST_MEMFD_FLAGS => {
             &["CAP-1", "CAP-3"]
         }
@@ -205,7 +203,10 @@ mod tests {
             rule_of("SIGBUS at mapping offset 0x0: past the end (MMAP-3)"),
             Some("MMAP-3")
         );
-        assert_eq!(rule_of("KVM_SET_USER_MEMORY_REGION2 failed (kernel, EINVAL)"), None);
+        assert_eq!(
+            rule_of("KVM_SET_USER_MEMORY_REGION2 failed (kernel, EINVAL)"),
+            None
+        );
         assert_eq!(rule_of("range (gmem-safety, EFAULT)"), Some("gmem-safety"));
         assert_eq!(rule_of("ino 12"), None);
     }

@@ -65,7 +65,10 @@ pub enum Target {
     /// `Backend::open` in the worker, and again after a panic.
     Backend(Backend),
     /// A hypervisor made by this function, again after a panic.
-    Custom(String, Box<dyn Fn() -> crate::Result<Box<dyn Hypervisor>> + Send>),
+    Custom(
+        String,
+        Box<dyn Fn() -> crate::Result<Box<dyn Hypervisor>> + Send>,
+    ),
 }
 
 impl Target {
@@ -146,7 +149,12 @@ pub fn mappings() -> usize {
     std::fs::read_to_string("/proc/self/maps").map_or(0, |m| m.lines().count())
 }
 
-fn worker_main(target: Target, mut hv: Box<dyn Hypervisor>, jobs: Receiver<Job>, out: Sender<BackendRun>) {
+fn worker_main(
+    target: Target,
+    mut hv: Box<dyn Hypervisor>,
+    jobs: Receiver<Job>,
+    out: Sender<BackendRun>,
+) {
     CAUGHT.with(|c| *c.borrow_mut() = Some(None));
     let name = target.name();
     while let Ok(job) = jobs.recv() {
@@ -274,7 +282,9 @@ impl Executor {
     /// Runs `sc` on every target, one after the other (so that fd and
     /// mapping counts belong to one backend).
     pub fn run(&mut self, sc: &Arc<Scenario>) -> Result<Vec<BackendRun>, Hang> {
-        (0..self.workers.len()).map(|i| self.run_on(i, sc)).collect()
+        (0..self.workers.len())
+            .map(|i| self.run_on(i, sc))
+            .collect()
     }
 
     /// Runs `sc` on target `i` `times` more times: is the growth of fds or
@@ -425,9 +435,9 @@ pub fn access_context(sc: &Scenario, reference: &ScenarioRun, index: usize) -> O
     let mut fds: HashMap<&str, usize> = HashMap::new();
     let mut mems: HashMap<&str, Option<usize>> = HashMap::new();
     let mut closed_mems: Vec<&str> = Vec::new();
-    // (vm, as, slot) -> (gpa, size, file, userspace handle or address)
-    let mut slots: HashMap<(&str, u32, u32), (u64, u64, Option<usize>, Result<&str, u64>)> =
-        HashMap::new();
+    /// gpa, size, file, and `userspace=`: a handle or an address.
+    type Slot<'a> = (u64, u64, Option<usize>, Result<&'a str, u64>);
+    let mut slots: HashMap<(&str, u32, u32), Slot> = HashMap::new();
     for (line, res) in sc.lines.iter().zip(&reference.lines).take(index) {
         if !res.actual.is_some_and(|a| a.is_success()) {
             continue;
@@ -671,7 +681,11 @@ impl Finding {
                 subject,
                 ..
             } => {
-                let text = self.program.lines.get(*index).map_or("", |l| l.text.as_str());
+                let text = self
+                    .program
+                    .lines
+                    .get(*index)
+                    .map_or("", |l| l.text.as_str());
                 format!(
                     "line {}: `{}`: soft {}, kvm {}",
                     self.program.lines.get(*index).map_or(0, |l| l.line),
@@ -686,7 +700,11 @@ impl Finding {
                 actual,
                 rule,
             } => {
-                let text = self.program.lines.get(*index).map_or("", |l| l.text.as_str());
+                let text = self
+                    .program
+                    .lines
+                    .get(*index)
+                    .map_or("", |l| l.text.as_str());
                 format!(
                     "line {}: `{}`: the model says {expected} ({rule}), soft gives {}",
                     self.program.lines.get(*index).map_or(0, |l| l.line),

@@ -25,12 +25,12 @@ use rand::{RngExt, SeedableRng};
 use crate::hypervisor::Hypervisor;
 use crate::scenario::ast::{FdRef, FileOp, Line, Op, Outcome, Region, Scenario, Userspace};
 use crate::uapi::{
-    CAPS, FALLOC_FL_KEEP_SIZE, KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES, KVM_CAP_PRE_FAULT_MEMORY, FALLOC_FL_PUNCH_HOLE, GUEST_MEMFD_FLAG_INIT_SHARED,
+    CAPS, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, GUEST_MEMFD_FLAG_INIT_SHARED,
     GUEST_MEMFD_FLAG_MMAP, KVM_CAP_EXIT_HYPERCALL, KVM_CAP_GUEST_MEMFD_FLAGS,
-    KVM_CAP_MEMORY_ATTRIBUTES, KVM_CAP_MULTI_ADDRESS_SPACE, KVM_CAP_VM_TYPES,
-    KVM_HC_MAP_GPA_RANGE, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEM_GUEST_MEMFD,
-    KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_X86_DEFAULT_VM, KVM_X86_SW_PROTECTED_VM,
-    PAGE_SIZE,
+    KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES, KVM_CAP_MEMORY_ATTRIBUTES, KVM_CAP_MULTI_ADDRESS_SPACE,
+    KVM_CAP_PRE_FAULT_MEMORY, KVM_CAP_VM_TYPES, KVM_HC_MAP_GPA_RANGE, KVM_MEMORY_ATTRIBUTE_PRIVATE,
+    KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_X86_DEFAULT_VM,
+    KVM_X86_SW_PROTECTED_VM, PAGE_SIZE,
 };
 
 const P: u64 = PAGE_SIZE;
@@ -209,7 +209,8 @@ pub fn commit_bound(sc: &Scenario) -> u64 {
                 len,
             } if *mode == FALLOC_FL_KEEP_SIZE => {
                 let fsize = sizes.get(gmem).copied().unwrap_or(0);
-                let covered = (*len.max(&0) as u64).min(fsize.saturating_sub(*offset.max(&0) as u64));
+                let covered =
+                    (*len.max(&0) as u64).min(fsize.saturating_sub(*offset.max(&0) as u64));
                 total = total.saturating_add(covered);
             }
             Op::HostWrite { len, .. } => total = total.saturating_add(len + P),
@@ -337,7 +338,9 @@ impl Gen<'_> {
     }
 
     fn live_mems(&self) -> Vec<usize> {
-        (0..self.mems.len()).filter(|i| self.mems[*i].live).collect()
+        (0..self.mems.len())
+            .filter(|i| self.mems[*i].live)
+            .collect()
     }
 
     fn program(&mut self) {
@@ -707,7 +710,7 @@ impl Gen<'_> {
                 (1, g.wrapping_sub(size)),
             ])
         } else if self.chance(0.03) {
-            self.weighted(&[(2, 0x10_0001), (1, u64::MAX & !(P - 1)), (1, 1 << 52)])
+            self.weighted(&[(2, 0x10_0001), (1, !(P - 1)), (1, 1 << 52)])
         } else {
             self.pick(GPAS)
         };
@@ -783,7 +786,10 @@ impl Gen<'_> {
             None
         };
         let (fd, fsize) = match file {
-            Some(f) => (FdRef::Handle(self.files[f].name.clone()), self.files[f].size),
+            Some(f) => (
+                FdRef::Handle(self.files[f].name.clone()),
+                self.files[f].size,
+            ),
             None => {
                 let fd = match self.weighted(&[(2, 0), (1, 1), (1, 2), (1, 3), (1, 4)]) {
                     0 => FdRef::Closed,
@@ -800,7 +806,7 @@ impl Gen<'_> {
             (4, P),
             (3, fsize),
             (2, 2 * P),
-            (1, fsize / 2 & !(P - 1)),
+            (1, (fsize / 2) & !(P - 1)),
             (1, P + 1),
         ]);
         if size == 0 {
@@ -936,9 +942,7 @@ impl Gen<'_> {
         } else {
             self.pick(GPAS) + self.pick(&[0u64, 0x10, P - 1])
         };
-        if self.profile.kvm_rules
-            && (gpa >= KVM_GUEST_GPA_LIMIT || KVM_SETUP_GPA.contains(&gpa))
-        {
+        if self.profile.kvm_rules && (gpa >= KVM_GUEST_GPA_LIMIT || KVM_SETUP_GPA.contains(&gpa)) {
             0x10_0000
         } else {
             gpa
@@ -1083,7 +1087,14 @@ impl Gen<'_> {
         let name = self.vms[vm].name.clone();
         if write {
             let byte = self.rng.random_range(1..=255u8);
-            self.push(None, Op::GuestWrite { vm: name, gpa, byte });
+            self.push(
+                None,
+                Op::GuestWrite {
+                    vm: name,
+                    gpa,
+                    byte,
+                },
+            );
         } else {
             self.push(None, Op::GuestRead { vm: name, gpa });
         }
@@ -1247,7 +1258,10 @@ mod tests {
         let p = soft_profile();
         let l = Limits::default();
         for seed in 0..50 {
-            assert_eq!(print(&generate(seed, &p, &l)), print(&generate(seed, &p, &l)));
+            assert_eq!(
+                print(&generate(seed, &p, &l)),
+                print(&generate(seed, &p, &l))
+            );
         }
         assert_ne!(print(&generate(1, &p, &l)), print(&generate(2, &p, &l)));
     }

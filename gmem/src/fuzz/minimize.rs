@@ -132,7 +132,11 @@ fn rename_uses(op: &mut Op, f: &dyn Fn(&str) -> String) {
 /// line that uses a handle no kept line binds (or that was closed). `None`
 /// when `target` does not survive. Returns the lines and the target's new
 /// index.
-fn closure(lines: &[Line], keep: &[usize], target: Option<usize>) -> Option<(Vec<Line>, Option<usize>)> {
+fn closure(
+    lines: &[Line],
+    keep: &[usize],
+    target: Option<usize>,
+) -> Option<(Vec<Line>, Option<usize>)> {
     let mut bound: HashSet<&str> = HashSet::new();
     let mut out = Vec::new();
     let mut new_target = None;
@@ -239,7 +243,11 @@ impl<F: FnMut(&Scenario, Option<usize>) -> bool> Search<'_, F> {
         Some((sc.lines, t))
     }
 
-    fn ddmin(&mut self, mut lines: Vec<Line>, mut target: Option<usize>) -> (Vec<Line>, Option<usize>) {
+    fn ddmin(
+        &mut self,
+        mut lines: Vec<Line>,
+        mut target: Option<usize>,
+    ) -> (Vec<Line>, Option<usize>) {
         let mut n = 2usize;
         loop {
             let removable: Vec<usize> = (0..lines.len()).filter(|i| Some(*i) != target).collect();
@@ -320,7 +328,7 @@ fn simpler(op: &Op) -> Vec<Op> {
             push(v(*size, *flags, 0));
             if *size > P && size % P == 0 {
                 push(v(P, *flags, *reserved));
-                push(v(size / 2 & !(P - 1), *flags, *reserved));
+                push(v((size / 2) & !(P - 1), *flags, *reserved));
             }
             for bit in 0..64 {
                 if flags >> bit & 1 == 1 {
@@ -554,7 +562,9 @@ file_read g3
         let before = &sc.lines[..t];
         matches!(sc.lines[t].op, Op::GuestRead { .. })
             && before.iter().any(|l| matches!(l.op, Op::GuestWrite { .. }))
-            && before.iter().any(|l| matches!(&l.op, Op::SetMemoryRegion(r) if r.size != 0))
+            && before
+                .iter()
+                .any(|l| matches!(&l.op, Op::SetMemoryRegion(r) if r.size != 0))
     }
 
     #[test]

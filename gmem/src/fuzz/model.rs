@@ -21,8 +21,8 @@ use crate::error::Errno;
 use crate::scenario::ast::{FdRef, FileOp, Op, Outcome, Scenario, Userspace};
 use crate::scenario::run::ScenarioRun;
 use crate::uapi::{
-    FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, GUEST_MEMFD_FLAG_INIT_SHARED,
-    GUEST_MEMFD_FLAG_MMAP, PAGE_SIZE,
+    FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP,
+    PAGE_SIZE,
 };
 
 const P: u64 = PAGE_SIZE;
@@ -91,7 +91,10 @@ pub fn flags_by_type(hv: &dyn crate::Hypervisor) -> Vec<(u64, u64)> {
     (0..8u64)
         .filter_map(|t| {
             let vm = hv.create_vm(t).ok()?;
-            Some((t, vm.check_extension(crate::uapi::KVM_CAP_GUEST_MEMFD_FLAGS) as u64))
+            Some((
+                t,
+                vm.check_extension(crate::uapi::KVM_CAP_GUEST_MEMFD_FLAGS) as u64,
+            ))
         })
         .collect()
 }
@@ -388,7 +391,8 @@ impl State {
             } if ok && mode & FALLOC_FL_PUNCH_HOLE != 0 => {
                 if let Some(&f) = self.fds.get(gmem) {
                     if let Some(d) = &mut self.files[f].data {
-                        let (from, to) = (*offset as u64, (*offset as u64).saturating_add(*len as u64));
+                        let (from, to) =
+                            (*offset as u64, (*offset as u64).saturating_add(*len as u64));
                         d.retain(|at, _| *at < from || *at >= to);
                     }
                 }
@@ -405,9 +409,7 @@ impl State {
                     }
                 }
                 Some(MemM::Map {
-                    file,
-                    offset: base,
-                    ..
+                    file, offset: base, ..
                 }) => {
                     let (f, base) = (*file, *base);
                     if let Some(d) = &mut self.files[f].data {

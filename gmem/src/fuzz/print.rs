@@ -161,7 +161,10 @@ pub fn print_op(op: &Op) -> String {
             private,
         } => {
             let kind = if *private { "private" } else { "shared" };
-            let _ = write!(w, "guest_map_gpa_range {vm} gpa={gpa:#x} pages={pages} {kind}");
+            let _ = write!(
+                w,
+                "guest_map_gpa_range {vm} gpa={gpa:#x} pages={pages} {kind}"
+            );
         }
         Op::File { gmem, op } => {
             let _ = match op {
