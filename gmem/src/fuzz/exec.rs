@@ -101,9 +101,22 @@ struct Worker {
 }
 
 /// Runs programs on a fixed list of backends.
+///
+/// ```
+/// use std::sync::Arc;
+/// use gmem::fuzz::exec::{Executor, Target};
+/// use gmem::Backend;
+///
+/// let mut exec = Executor::new(vec![Target::Backend(Backend::Soft)]).unwrap();
+/// let sc = gmem::scenario::parse("x.gmem", "vm = create_vm\nh = host_memory size=4K\n").unwrap();
+/// let runs = exec.run(&Arc::new(sc)).unwrap();
+/// assert!(runs[0].panic.is_none());
+/// assert_eq!(runs[0].run.as_ref().unwrap().lines.len(), 2);
+/// ```
 pub struct Executor {
     workers: Vec<Worker>,
     hung: Option<Hang>,
+    base: Duration,
 }
 
 thread_local! {
@@ -190,9 +203,9 @@ fn worker_main(
     }
 }
 
-/// How long a program may take on a backend: generous for the lines, and a
-/// guest run's bound (1 s on the KVM backend) for every guest line.
-pub fn deadline(sc: &Scenario) -> Duration {
+/// How long a program may take on a backend: `base`, and a guest run's
+/// bound (1 s on the KVM backend) and some for every guest line.
+pub fn deadline(sc: &Scenario, base: Duration) -> Duration {
     let guest = sc
         .lines
         .iter()
@@ -203,7 +216,7 @@ pub fn deadline(sc: &Scenario) -> Duration {
             )
         })
         .count() as u64;
-    Duration::from_secs(10) + Duration::from_millis(1500) * guest as u32
+    base + Duration::from_millis(1500) * guest as u32
 }
 
 impl Executor {
@@ -237,7 +250,14 @@ impl Executor {
         Ok(Executor {
             workers,
             hung: None,
+            base: Duration::from_secs(10),
         })
+    }
+
+    /// Sets the time every program is given before its guest lines (10 s).
+    pub fn with_base_deadline(mut self, base: Duration) -> Executor {
+        self.base = base;
+        self
     }
 
     /// The targets' names, in order.
@@ -260,7 +280,7 @@ impl Executor {
             backend: w.name.clone(),
             waited,
         };
-        let limit = deadline(sc);
+        let limit = deadline(sc, self.base);
         if w.jobs
             .send(Job {
                 scenario: sc.clone(),

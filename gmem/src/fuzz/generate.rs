@@ -636,7 +636,9 @@ impl Gen<'_> {
             None if fsize > 64 << 20 => Some(16 * P),
             s => s,
         };
-        let private = self.chance(0.05);
+        // A large private mapping meets mm's commit accounting (ENOMEM)
+        // before the file is asked: keep private ones small.
+        let private = self.chance(0.05) && size.unwrap_or(fsize) <= 64 << 20;
         let len = size.unwrap_or(fsize);
         let valid = self.files[f].flags & GUEST_MEMFD_FLAG_MMAP != 0
             && offset >= 0
