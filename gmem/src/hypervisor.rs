@@ -14,6 +14,7 @@ use std::os::fd::AsRawFd;
 
 use crate::error::Result;
 use crate::error::{Errno, Error};
+use crate::mempolicy::{MbindFlags, MemPolicy};
 use crate::uapi::{
     kvm_create_guest_memfd, kvm_memory_attributes, kvm_memory_attributes2, kvm_pre_fault_memory,
     kvm_userspace_memory_region, kvm_userspace_memory_region2,
@@ -180,6 +181,22 @@ pub trait HostMemory: Send + Sync {
             "CONV-5",
             "pinning host pages is not supported by this backend",
         ))
+    }
+
+    /// `mbind(2)` on `[offset, offset + len)`: the NUMA policy of those
+    /// pages (NUMA-1). Through a guest_memfd mapping it is the mapping's own
+    /// before 6.19 and the file's, by file offset, since (NUMA-2). A range
+    /// leaving the mapping is refused with `EFAULT`. The default asks the
+    /// running kernel.
+    fn mbind(&self, offset: u64, len: u64, policy: MemPolicy, flags: MbindFlags) -> Result<()> {
+        crate::mempolicy::mbind(self.addr(), self.len(), offset, len, policy, flags)
+    }
+
+    /// `get_mempolicy(2)` with `MPOL_F_ADDR` at `offset`: the policy of
+    /// that page as the kernel reports it (NUMA-3). The default asks the
+    /// running kernel.
+    fn get_mempolicy(&self, offset: u64) -> Result<MemPolicy> {
+        crate::mempolicy::get_mempolicy(self.addr(), self.len(), offset)
     }
 }
 

@@ -5,6 +5,7 @@
 //! - [`kvm`]: the same contract on the running kernel through `/dev/kvm`.
 //! - [`scenario`]: scenario files and the conformance runner.
 //! - [`release`]: the kernel releases whose guest_memfd behaviour differs.
+//! - [`mempolicy`]: NUMA memory policy of host mappings (`mbind`).
 //! - [`fuzz`]: random scenarios run on both backends, differences minimized.
 //!
 //! The rules cited in errors and tests (`SLOT-7`, `BIND-4`, ...) are those of
@@ -18,6 +19,7 @@ pub mod fuzz;
 pub mod host;
 pub mod hypervisor;
 pub mod kvm;
+pub mod mempolicy;
 pub mod release;
 pub mod rules;
 pub mod scenario;
@@ -29,6 +31,7 @@ pub use hypervisor::{
     GuestLoop, GuestMemfd, GuestOp, HostFault, HostMemory, Hypervisor, LoopExit, MapKind, Pin,
     Stat, Vcpu, VcpuExit, Vm,
 };
+pub use mempolicy::{MbindFlags, MemPolicy, ModeFlags, MpolMode, NodeMask};
 pub use release::Release;
 
 /// Which implementation of the contract to use.

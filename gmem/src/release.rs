@@ -93,6 +93,11 @@ pub struct Change {
 /// Every change after 6.18 that the profiles model, oldest first.
 pub const CHANGES: &[Change] = &[
     Change {
+        rule: "NUMA-2",
+        since: Release::V6_19,
+        what: "NUMA policy set with mbind through a guest_memfd mapping belongs to the file by offset, seen through every mapping (was the mapping's own)",
+    },
+    Change {
         rule: "BIND-5",
         since: Release::V7_2,
         what: "binding a file range that is already bound is EEXIST (was EINVAL)",

@@ -1,7 +1,8 @@
 //! The rule ids errors cite and tests name: those of sections 1-8 of the
 //! specification (`docs/spec.md`), and those of what came after 6.18:
-//! `KVM_PRE_FAULT_MEMORY` (PREFAULT) and in-place conversion (CONV), whose
-//! releases `docs/releases.md` gives. When a rule is added, raise its
+//! `KVM_PRE_FAULT_MEMORY` (PREFAULT), in-place conversion (CONV) and NUMA
+//! policy through guest_memfd mappings (NUMA), whose releases
+//! `docs/releases.md` gives. When a rule is added, raise its
 //! family's count here: the coverage tests then demand a test and a
 //! scenario for it, and the docs test its definition.
 
@@ -20,6 +21,7 @@ pub const FAMILIES: &[(&str, u32)] = &[
     ("CAP", 3),
     ("PREFAULT", 5),
     ("CONV", 8),
+    ("NUMA", 3),
 ];
 
 /// Every rule id, in spec order: `LIFE-1`, ..., `CAP-3`.
@@ -32,8 +34,8 @@ pub fn ids() -> impl Iterator<Item = String> {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn there_are_79_rules() {
-        assert_eq!(super::ids().count(), 79);
+    fn there_are_82_rules() {
+        assert_eq!(super::ids().count(), 82);
         assert_eq!(super::ids().next().as_deref(), Some("LIFE-1"));
     }
 }

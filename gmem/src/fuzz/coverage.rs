@@ -37,6 +37,8 @@ pub const OPERATIONS: &[&str] = &[
     "pre_fault",
     "set_memory_attributes2",
     "pin",
+    "mbind",
+    "get_mempolicy",
     "close",
 ];
 
@@ -72,6 +74,8 @@ pub fn op_name(op: &Op) -> &'static str {
         Op::PreFault { .. } => "pre_fault",
         Op::SetMemoryAttributes2 { .. } => "set_memory_attributes2",
         Op::Pin { .. } => "pin",
+        Op::Mbind { .. } => "mbind",
+        Op::GetMempolicy { .. } => "get_mempolicy",
         Op::Close { .. } => "close",
     }
 }
@@ -130,6 +134,8 @@ fn exercised(op: &Op, outcome: &Outcome) -> &'static [&'static str] {
         (Op::PreFault { .. }, O::Value { .. }) => &["PREFAULT-1"],
         (Op::SetMemoryAttributes2 { .. }, O::Ok) => &["CONV-1"],
         (Op::Pin { .. }, O::Ok) => &["CONV-5"],
+        (Op::Mbind { .. }, O::Ok) => &["NUMA-1"],
+        (Op::GetMempolicy { .. }, O::Policy { .. }) => &["NUMA-2"],
         _ => &[],
     }
 }

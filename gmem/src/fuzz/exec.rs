@@ -408,6 +408,7 @@ pub fn outcome_kind(o: &Option<Outcome>) -> String {
         Some(Outcome::Hypercall { .. }) => "hypercall".into(),
         Some(Outcome::Stat { .. }) => "stat".into(),
         Some(Outcome::Timeout) => "timeout".into(),
+        Some(Outcome::Policy { .. }) => "policy".into(),
     }
 }
 

@@ -383,6 +383,8 @@ impl Gen<'_> {
             PreFault,
             Attr2,
             Pin,
+            Mbind,
+            GetPolicy,
         }
         let (pf, conv) = (
             u32::from(self.profile.pre_fault) * 2,
@@ -392,6 +394,8 @@ impl Gen<'_> {
             (pf, K::PreFault),
             (conv, K::Attr2),
             (conv, K::Pin),
+            (2, K::Mbind),
+            (1, K::GetPolicy),
             (2, K::Vm),
             (5, K::File),
             (3, K::Host),
@@ -438,7 +442,62 @@ impl Gen<'_> {
             K::PreFault => self.pre_fault(),
             K::Attr2 => self.attributes2(),
             K::Pin => self.pin(),
+            K::Mbind => self.mbind(),
+            K::GetPolicy => self.get_mempolicy(),
         }
+    }
+
+    /// A live mapping or host memory and an offset into it (a page
+    /// boundary or the last page).
+    fn mem_offset(&mut self) -> Option<(String, u64, u64)> {
+        let mems = self.live_mems();
+        if mems.is_empty() {
+            return None;
+        }
+        let m = self.pick(&mems);
+        let size = self.mems[m].size;
+        let offset = self.weighted(&[(4, 0), (2, P), (1, size.saturating_sub(P))]) & !(P - 1);
+        Some((self.mems[m].name.clone(), offset.min(size - 1), size))
+    }
+
+    fn mbind(&mut self) {
+        let Some((mem, offset, msize)) = self.mem_offset() else {
+            return;
+        };
+        let size = self.weighted(&[(4, None), (2, Some(P.min(msize - offset))), (1, Some(0))]);
+        let mode = self.pick(&crate::MpolMode::ALL);
+        let nodes = self.weighted(&[
+            (3, crate::NodeMask::node(0)),
+            (2, crate::NodeMask::NONE),
+            (1, crate::NodeMask(0b11)),
+        ]);
+        let mode_flags = self.weighted(&[
+            (6, crate::ModeFlags::empty()),
+            (1, crate::ModeFlags::STATIC_NODES),
+        ]);
+        let flags = self.weighted(&[
+            (6, crate::MbindFlags::empty()),
+            (1, crate::MbindFlags::STRICT),
+            (1, crate::MbindFlags::MOVE),
+        ]);
+        let policy = crate::MemPolicy::new(mode, nodes).with_flags(mode_flags);
+        self.push(
+            None,
+            Op::Mbind {
+                mem,
+                offset,
+                size,
+                policy,
+                flags,
+            },
+        );
+    }
+
+    fn get_mempolicy(&mut self) {
+        let Some((mem, offset, _)) = self.mem_offset() else {
+            return;
+        };
+        self.push(None, Op::GetMempolicy { mem, offset });
     }
 
     fn pre_fault(&mut self) {

@@ -70,9 +70,11 @@ pub fn uses(op: &Op) -> Vec<&str> {
         | Op::Fallocate { gmem, .. }
         | Op::File { gmem, .. }
         | Op::Stat { gmem } => vec![gmem],
-        Op::HostWrite { mem, .. } | Op::HostRead { mem, .. } | Op::Pin { mem, .. } => {
-            vec![mem]
-        }
+        Op::HostWrite { mem, .. }
+        | Op::HostRead { mem, .. }
+        | Op::Pin { mem, .. }
+        | Op::Mbind { mem, .. }
+        | Op::GetMempolicy { mem, .. } => vec![mem],
         Op::SetMemoryRegion(r) => {
             let mut v = vec![r.vm.as_str()];
             if let Userspace::Handle(h) = &r.userspace {
@@ -105,7 +107,11 @@ fn rename_uses(op: &mut Op, f: &dyn Fn(&str) -> String) {
         | Op::Fallocate { gmem, .. }
         | Op::File { gmem, .. }
         | Op::Stat { gmem } => r(gmem),
-        Op::HostWrite { mem, .. } | Op::HostRead { mem, .. } | Op::Pin { mem, .. } => r(mem),
+        Op::HostWrite { mem, .. }
+        | Op::HostRead { mem, .. }
+        | Op::Pin { mem, .. }
+        | Op::Mbind { mem, .. }
+        | Op::GetMempolicy { mem, .. } => r(mem),
         Op::SetMemoryRegion(reg) => {
             r(&mut reg.vm);
             if let Userspace::Handle(h) = &mut reg.userspace {

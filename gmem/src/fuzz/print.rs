@@ -229,12 +229,40 @@ pub fn print_op(op: &Op) -> String {
         Op::Pin { mem, offset, len } => {
             let _ = write!(w, "pin {mem} offset={offset:#x} len={}", size_text(*len));
         }
+        Op::Mbind {
+            mem,
+            offset,
+            size,
+            policy,
+            flags,
+        } => {
+            let _ = write!(w, "mbind {mem}");
+            if *offset != 0 {
+                let _ = write!(w, " offset={offset:#x}");
+            }
+            if let Some(n) = size {
+                let _ = write!(w, " size={}", size_text(*n));
+            }
+            // `bind|static nodes=0-1`: the mode argument, then the nodes.
+            let _ = write!(w, " policy={policy}");
+            if !flags.is_empty() {
+                let _ = write!(w, " flags={}", flag_text(flags.bits().into(), MBIND_FLAGS));
+            }
+        }
+        Op::GetMempolicy { mem, offset } => {
+            let _ = write!(w, "get_mempolicy {mem}");
+            if *offset != 0 {
+                let _ = write!(w, " offset={offset:#x}");
+            }
+        }
         Op::Close { handle } => {
             let _ = write!(w, "close {handle}");
         }
     }
     s
 }
+
+const MBIND_FLAGS: &[(&str, u64)] = &[("strict", 1), ("move", 2), ("move_all", 4)];
 
 fn attributes_text(a: u64) -> String {
     match a {
@@ -390,6 +418,10 @@ pre_fault vm gpa=0x100000 size=8K flags=0x1 => EINVAL
 set_memory_attributes2 g offset=0x1000 size=4K attributes=private => EINVAL | 7.2: EEXIST | next: ok
 p = pin m offset=0x0 len=4K
 close p
+mbind m offset=0x1000 size=4K policy=bind|static nodes=0-1 flags=strict|move|0x8 => EINVAL
+mbind m policy=default
+get_mempolicy m offset=0x1000 => bind|static nodes=0-1
+get_mempolicy m => default
 close g
 ";
         let once = round_trip(text);

@@ -6,6 +6,7 @@ use std::fmt;
 use serde::Serialize;
 
 use crate::error::{errno_name, Errno};
+use crate::mempolicy::{MbindFlags, MemPolicy};
 use crate::uapi::{KVM_MAP_GPA_RANGE_ENCRYPTED, KVM_MEMORY_EXIT_FLAG_PRIVATE};
 use crate::Release;
 
@@ -280,6 +281,28 @@ pub enum Op {
         /// Bytes.
         len: u64,
     },
+    /// `mbind M [offset=N] [size=N] policy=MODE[|FLAG].. [nodes=LIST]
+    /// [flags=strict|move|move_all]`; the size defaults to the rest of the
+    /// mapping (NUMA-*).
+    Mbind {
+        /// Host memory or mapping handle.
+        mem: String,
+        /// Offset into it.
+        offset: u64,
+        /// Bytes.
+        size: Option<u64>,
+        /// The policy.
+        policy: MemPolicy,
+        /// `MPOL_MF_*`.
+        flags: MbindFlags,
+    },
+    /// `get_mempolicy M [offset=N] => POLICY` (NUMA-*).
+    GetMempolicy {
+        /// Host memory or mapping handle.
+        mem: String,
+        /// Offset into it.
+        offset: u64,
+    },
     /// `close X`: drops the handle.
     Close {
         /// The handle.
@@ -418,6 +441,19 @@ pub enum Outcome {
     },
     /// The guest never exited within the run's bound (extension: `timeout`).
     Timeout,
+    /// `bind|static nodes=0-1`: a NUMA policy, as `get_mempolicy` reports it.
+    Policy {
+        /// The policy.
+        #[serde(serialize_with = "ser_display")]
+        policy: MemPolicy,
+    },
+}
+
+fn ser_display<S: serde::Serializer>(
+    v: &impl fmt::Display,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    s.collect_str(v)
 }
 
 fn ser_errno<S: serde::Serializer>(e: &Errno, s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -429,7 +465,7 @@ impl Outcome {
     pub fn accepts(&self, actual: &Outcome) -> bool {
         use Outcome::*;
         match (self, actual) {
-            (Ok, Ok | Value { .. } | Stat { .. }) => true,
+            (Ok, Ok | Value { .. } | Stat { .. } | Policy { .. }) => true,
             (Value { value: a, .. }, Value { value: b, .. }) => a == b,
             (Mmio { gpa: a, write: w }, Mmio { gpa: b, write: v }) => {
                 a == b && (w.is_none() || w == v)
@@ -461,7 +497,7 @@ impl Outcome {
     pub fn is_success(&self) -> bool {
         matches!(
             self,
-            Outcome::Ok | Outcome::Value { .. } | Outcome::Stat { .. }
+            Outcome::Ok | Outcome::Value { .. } | Outcome::Stat { .. } | Outcome::Policy { .. }
         )
     }
 }
@@ -524,6 +560,7 @@ impl fmt::Display for Outcome {
                 f.write_str(&parts.join(" "))
             }
             Outcome::Timeout => f.write_str("timeout"),
+            Outcome::Policy { policy } => write!(f, "{policy}"),
         }
     }
 }

@@ -10,6 +10,7 @@ use super::ast::{
     FdRef, FileOp, Line, Op, Outcome, Region, RequireKind, Requirement, Scenario, Userspace,
 };
 use crate::error::errno_from_name;
+use crate::mempolicy::{MbindFlags, MemPolicy, NodeMask};
 use crate::uapi::{
     cap_from_name, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, GUEST_MEMFD_FLAG_INIT_SHARED,
     GUEST_MEMFD_FLAG_MMAP, KVM_MAP_GPA_RANGE_ENCRYPTED, KVM_MEMORY_ATTRIBUTE_PRIVATE,
@@ -67,7 +68,7 @@ impl std::error::Error for ParseErrors {}
 
 const OPS: &str = "create_vm, create_guest_memfd, host_memory, mmap, set_memory_region, \
 delete_memory_region, set_memory_attributes, fallocate, host_write, host_read, guest_write, \
-guest_read, guest_map_gpa_range, pre_fault, set_memory_attributes2, pin, file_read, file_write, file_pread, file_pwrite, file_lseek, \
+guest_read, guest_map_gpa_range, pre_fault, set_memory_attributes2, pin, mbind, get_mempolicy, file_read, file_write, file_pread, file_pwrite, file_lseek, \
 file_ftruncate, file_ioctl, stat, same_inode, check_extension, close, require";
 const NUMBER_HINT: &str =
     "numbers are decimal or 0x hex (0o octal), optionally negative, with an optional K, M, G or T suffix: 16K, 0x1000, 0x1_0000_0000";
@@ -721,6 +722,39 @@ impl Parser<'_> {
                 let len = number(cx, need(cx, &mut a, "len", name, usage)?, "len")?;
                 Op::Pin { mem, offset, len }
             }
+            "mbind" => {
+                usage = "mbind M [offset=N] [size=N] policy=MODE[|static|relative|balancing] [nodes=LIST] [flags=strict|move|move_all]";
+                let mem = self.handle(cx, a.pos(), "host memory or a mapping", usage)?;
+                let offset = opt_num(cx, &mut a, "offset")?.unwrap_or(0);
+                let size = opt_num(cx, &mut a, "size")?;
+                let t = need(cx, &mut a, "policy", name, usage)?;
+                let (mode, mode_flags) = MemPolicy::parse_mode(t.text)
+                    .map_err(|e| cx.err(t.at, "a policy mode", t.text, &e))?;
+                let nodes = match a.key("nodes") {
+                    Some(t) => node_list(cx, t)?,
+                    None => NodeMask::NONE,
+                };
+                let flags = match a.key("flags") {
+                    Some(t) => {
+                        MbindFlags::from_bits_retain(flags(cx, t, "flags", MBIND_FLAGS)? as u32)
+                    }
+                    None => MbindFlags::empty(),
+                };
+                let policy = MemPolicy::new(mode, nodes).with_flags(mode_flags);
+                Op::Mbind {
+                    mem,
+                    offset,
+                    size,
+                    policy,
+                    flags,
+                }
+            }
+            "get_mempolicy" => {
+                usage = "get_mempolicy M [offset=N] => MODE[|FLAG]... [nodes=LIST]";
+                let mem = self.handle(cx, a.pos(), "host memory or a mapping", usage)?;
+                let offset = opt_num(cx, &mut a, "offset")?.unwrap_or(0);
+                Op::GetMempolicy { mem, offset }
+            }
             "guest_map_gpa_range" => {
                 usage = "guest_map_gpa_range VM gpa=N pages=N private|shared";
                 let vm = self.handle(cx, a.pos(), "a VM handle", usage)?;
@@ -915,6 +949,38 @@ const SLOT_FLAGS: &[(&str, u64)] = &[
     ("readonly", KVM_MEM_READONLY as u64),
     ("log_dirty", KVM_MEM_LOG_DIRTY_PAGES as u64),
 ];
+const MBIND_FLAGS: &[(&str, u64)] = &[("strict", 1), ("move", 2), ("move_all", 4)];
+
+fn node_list(cx: &LineCx, t: Tok) -> PResult<NodeMask> {
+    t.text.parse().map_err(|e: String| {
+        cx.err(
+            t.at,
+            "a node list",
+            t.text,
+            &format!("{e}; write nodes as 0, 0,2 or 0-3"),
+        )
+    })
+}
+
+/// `MODE[|FLAG]... [nodes=LIST]`: a policy as `get_mempolicy` reports it.
+fn policy_outcome(cx: &LineCx, first: &Tok, rest: &[Tok]) -> PResult<Outcome> {
+    let (mode, flags) = MemPolicy::parse_mode(first.text)
+        .map_err(|e| cx.err(first.at, "an outcome", first.text, &e))?;
+    let mut a = Args::new(cx, rest, "a policy outcome")?;
+    let nodes = match a.key("nodes") {
+        Some(t) => node_list(cx, t)?,
+        None => NodeMask::NONE,
+    };
+    a.finish(
+        cx,
+        "a policy outcome",
+        "=> MODE[|static|relative|balancing] [nodes=LIST]",
+    )?;
+    Ok(Outcome::Policy {
+        policy: MemPolicy::new(mode, nodes).with_flags(flags),
+    })
+}
+
 const REQUIRE_HINT: &str = "require takes vm_type:default|sw_protected, memory_attributes, guest_memfd_flag:mmap|init_shared, exit_hypercall, address_spaces:N, or any capability name (pre_fault_memory, guest_memfd_memory_attributes)";
 
 fn cap_names() -> String {
@@ -1034,6 +1100,7 @@ fn outcome(cx: &LineCx, text: &str, base: usize) -> PResult<Outcome> {
             a.finish(cx, "a stat outcome", "=> size=N blksize=N [blocks=N] [mode=N]")?;
             Ok(Outcome::Stat { size, blksize, blocks, mode })
         }
+        s if MemPolicy::parse_mode(s).is_ok() => policy_outcome(cx, first, rest),
         s => match parse_number(s) {
             Some(value) => only(Outcome::Value { value, hex: s.starts_with("0x") }),
             None => Err(cx.err(first.at, "an outcome", s, OUTCOME_HINT)),
@@ -1078,7 +1145,7 @@ fn release_outcomes(
 
 const RELEASE_HINT: &str = "an outcome that changed is written `=> OLD | 7.2: NEW`: the first outcome is the oldest release's (6.18), each `| RELEASE: OUTCOME` holds from that release on, in release order";
 
-const OUTCOME_HINT: &str = "outcomes: ok, an errno (EINVAL), a number (0x42), sigbus, timeout, size=N blksize=N, exit memory_fault gpa=N size=N flags=private|shared, exit mmio gpa=N [read|write], exit hypercall gpa=N pages=N attributes=private|shared";
+const OUTCOME_HINT: &str = "outcomes: ok, an errno (EINVAL), a number (0x42), sigbus, timeout, size=N blksize=N, a policy (bind nodes=0), exit memory_fault gpa=N size=N flags=private|shared, exit mmio gpa=N [read|write], exit hypercall gpa=N pages=N attributes=private|shared";
 
 fn exit_outcome(cx: &LineCx, exit: &Tok, rest: &[Tok]) -> PResult<Outcome> {
     let Some(kind) = rest.first() else {
@@ -1218,6 +1285,8 @@ guest_read vm gpa=0x100000 => 0x00
             "size=4096 blksize=4096",
             "32764",
             "timeout",
+            "default",
+            "bind|static nodes=0-1,63",
         ] {
             parse_outcome(o).unwrap_or_else(|e| panic!("{o}: {e}"));
         }
@@ -1461,6 +1530,9 @@ guest_read vm gpa=0x100000 => 0x00
                     attributes,
                 }
             }),
+            (0usize..7, 0u16..8, any::<u64>()).prop_map(|(m, f, n)| Outcome::Policy {
+                policy: gmem_policy(m, f, n)
+            }),
             (any::<i64>(), any::<i64>()).prop_map(|(s, b)| Outcome::Stat {
                 size: Some(s),
                 blksize: Some(b),
@@ -1468,6 +1540,54 @@ guest_read vm gpa=0x100000 => 0x00
                 mode: None
             }),
         ]
+    }
+
+    fn gmem_policy(mode: usize, flags: u16, nodes: u64) -> MemPolicy {
+        use crate::mempolicy::{ModeFlags, MpolMode};
+        MemPolicy::new(MpolMode::ALL[mode], NodeMask(nodes))
+            .with_flags(ModeFlags::from_bits_truncate(flags << 13))
+    }
+
+    #[test]
+    fn mbind_and_get_mempolicy_parse() {
+        let sc = parse(
+            "t",
+            "vm = create_vm\ng = create_guest_memfd vm size=8K flags=mmap|init_shared\nm = mmap g\n\
+             mbind m offset=4K size=4K policy=bind|static nodes=0,2-3 flags=strict|move\n\
+             get_mempolicy m offset=4K => bind|static nodes=0,2-3 | 6.19: default\n",
+        )
+        .unwrap();
+        let Op::Mbind {
+            policy,
+            flags,
+            size,
+            ..
+        } = &sc.lines[3].op
+        else {
+            panic!("{:?}", sc.lines[3].op)
+        };
+        assert_eq!(policy.to_string(), "bind|static nodes=0,2-3");
+        assert_eq!(flags.bits(), 3);
+        assert_eq!(*size, Some(4096));
+        assert_eq!(sc.lines[4].expect.to_string(), "bind|static nodes=0,2-3");
+        assert_eq!(sc.lines[4].since[0].1.to_string(), "default");
+        for (text, expected) in [
+            ("mbind m policy=firsttouch", "a policy mode"),
+            ("mbind m policy=bind nodes=64", "a node list"),
+            ("mbind m policy=bind flags=lazy", "a flag of flags"),
+            ("mbind m nodes=0", "`policy=` for mbind"),
+            (
+                "get_mempolicy m => bind nodes=0 colour=red",
+                "an argument of a policy outcome",
+            ),
+        ] {
+            let e = parse(
+                "t",
+                &format!("vm = create_vm\ng = create_guest_memfd vm size=8K\nm = mmap g\n{text}\n"),
+            )
+            .unwrap_err();
+            assert_eq!(e.0[0].expected, expected, "{text}");
+        }
     }
 
     proptest! {

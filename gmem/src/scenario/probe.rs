@@ -101,15 +101,17 @@ mod tests {
             &corpus(),
         )
         .unwrap();
-        assert_eq!(
-            old.candidates,
-            [Release::V6_18, Release::V6_19, Release::V7_0, Release::V7_1]
-        );
-        assert_eq!(old.summary(), "6.18 to 7.1");
-        assert!(old
-            .probes
-            .iter()
-            .any(|p| p.at.contains("bind-bound-range-errno")));
+        assert_eq!(old.candidates, [Release::V6_18]);
+        assert_eq!(old.summary(), "6.18");
+        for probe in ["bind-bound-range-errno", "numa-policy-per-file"] {
+            assert!(old.probes.iter().any(|p| p.at.contains(probe)), "{probe}");
+        }
+        let numa = match_release(
+            &SoftHypervisor::with_profile(Release::V6_19).unwrap(),
+            &corpus(),
+        )
+        .unwrap();
+        assert_eq!(numa.summary(), "6.19 to 7.1");
         let new = match_release(
             &SoftHypervisor::with_profile(Release::V7_2).unwrap(),
             &corpus(),

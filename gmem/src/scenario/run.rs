@@ -491,6 +491,22 @@ impl State<'_> {
                 }
                 Err(e) => Ok(fail(e)),
             },
+            Op::Mbind {
+                mem,
+                offset,
+                size,
+                policy,
+                flags,
+            } => {
+                let m = self.mem(mem)?;
+                let len = size.unwrap_or_else(|| m.len().saturating_sub(*offset));
+                Ok(m.mbind(*offset, len, *policy, *flags)
+                    .map_or_else(fail, |()| ok()))
+            }
+            Op::GetMempolicy { mem, offset } => Ok(match self.mem(mem)?.get_mempolicy(*offset) {
+                Ok(policy) => (Outcome::Policy { policy }, None),
+                Err(e) => fail(e),
+            }),
             Op::Close { handle } => match self.handles.remove(handle) {
                 Some(h) => {
                     drop(h);

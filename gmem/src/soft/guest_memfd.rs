@@ -21,6 +21,7 @@ use rangemap::{RangeMap, RangeSet};
 
 use super::host::{RegionKind, SoftHostMemory};
 use super::invalidate::InvalidateCause;
+use super::mempolicy::Policies;
 use super::vm::VmInner;
 use crate::error::{Errno, Error, Result};
 use crate::host::Mmap;
@@ -62,6 +63,9 @@ pub(crate) struct GmemInode {
     private: RwLock<RangeSet<u64>>,
     /// Long-term references on pages, by index (CONV-5).
     pins: Mutex<BTreeMap<u64, u32>>,
+    /// NUMA policies by page index, since 6.19 (`gmem_inode.policy`,
+    /// NUMA-2); taken after a mapping's own.
+    pub(crate) policy: Option<Mutex<Policies>>,
 }
 
 /// Bytes of the page store one guest-access window maps.
@@ -382,6 +386,7 @@ impl SoftGuestMemfd {
             in_place: vm.profile.in_place_conversion(),
             private: RwLock::new(RangeSet::new()),
             pins: Mutex::default(),
+            policy: vm.profile.shared_mempolicy().then(Mutex::default),
         });
         // Every page starts private unless the file is INIT_SHARED
         // (`kvm_gmem_init_inode`).
@@ -550,6 +555,7 @@ impl GuestMemfd for SoftGuestMemfd {
         let kind = RegionKind::GuestMemfd {
             inode: inode.clone(),
             offset: off,
+            vm_policy: Mutex::default(),
         };
         Ok(Box::new(SoftHostMemory::new(
             &self.file.vm.host,

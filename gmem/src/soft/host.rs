@@ -8,11 +8,13 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Weak};
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 use super::guest_memfd::{GmemFile, GmemInode, SoftPin};
+use super::mempolicy::{self as soft_mempolicy, Policies};
 use crate::host::Mmap;
 use crate::hypervisor::{HostFault, HostMemory, Pin};
+use crate::mempolicy::{self, MbindFlags, MemPolicy};
 use crate::uapi::PAGE_SHIFT;
 
 /// One registered mapping.
@@ -27,7 +29,13 @@ pub(crate) enum RegionKind {
     /// A `MAP_SHARED` mapping of a guest_memfd from file offset `offset`.
     /// Holds the inode (the memory), not the file: dropping the last
     /// reference from a fault path must never run the file's release.
-    GuestMemfd { inode: Arc<GmemInode>, offset: u64 },
+    /// `vm_policy` is the mapping's own NUMA policy by page of the mapping
+    /// (`vma->vm_policy`), which is what it reports before 6.19.
+    GuestMemfd {
+        inode: Arc<GmemInode>,
+        offset: u64,
+        vm_policy: Mutex<Policies>,
+    },
 }
 
 impl Region {
@@ -40,6 +48,7 @@ impl Region {
         let RegionKind::GuestMemfd {
             inode,
             offset: base,
+            ..
         } = &self.kind
         else {
             return None;
@@ -220,6 +229,7 @@ impl HostMemory for SoftHostMemory {
         let RegionKind::GuestMemfd {
             inode,
             offset: base,
+            ..
         } = &self.region.kind
         else {
             return Ok(Box::new(SoftPin::unrelated()));
@@ -227,5 +237,62 @@ impl HostMemory for SoftHostMemory {
         let first = (base + offset) >> PAGE_SHIFT;
         let end = (base + offset + len).div_ceil(crate::uapi::PAGE_SIZE);
         Ok(Box::new(inode.pin(first..end)?))
+    }
+
+    /// Anonymous memory: the kernel's per-mapping policy. A guest_memfd
+    /// mapping: as the profile's release keeps it (NUMA-2); since 6.19 the
+    /// store's mapping takes the policy too, so that its pages follow it.
+    fn mbind(
+        &self,
+        offset: u64,
+        len: u64,
+        policy: MemPolicy,
+        flags: MbindFlags,
+    ) -> crate::Result<()> {
+        let RegionKind::GuestMemfd {
+            inode,
+            offset: base,
+            vm_policy,
+        } = &self.region.kind
+        else {
+            return mempolicy::mbind(self.addr(), self.len(), offset, len, policy, flags);
+        };
+        mempolicy::check_range(self.len(), offset, len, "mbind")?;
+        let Some(request) = soft_mempolicy::check(offset, len, policy, flags)? else {
+            return Ok(());
+        };
+        let mut vma = vm_policy.lock();
+        let mut shared = inode.policy.as_ref().map(|p| p.lock());
+        if shared.is_some() {
+            // shmem keeps it by file offset, as guest_memfd does since 6.19;
+            // page checks (STRICT, MOVE) are not modelled.
+            mempolicy::mbind(
+                self.addr(),
+                self.len(),
+                offset,
+                len,
+                policy,
+                MbindFlags::empty(),
+            )?;
+        }
+        request.apply(&mut vma, shared.as_deref_mut(), base >> PAGE_SHIFT);
+        Ok(())
+    }
+
+    fn get_mempolicy(&self, offset: u64) -> crate::Result<MemPolicy> {
+        let RegionKind::GuestMemfd {
+            inode,
+            offset: base,
+            vm_policy,
+        } = &self.region.kind
+        else {
+            return mempolicy::get_mempolicy(self.addr(), self.len(), offset);
+        };
+        mempolicy::check_range(self.len(), offset, 1, "get_mempolicy")?;
+        let index = offset >> PAGE_SHIFT;
+        Ok(match &inode.policy {
+            Some(shared) => soft_mempolicy::report(&shared.lock(), (base >> PAGE_SHIFT) + index),
+            None => soft_mempolicy::report(&vm_policy.lock(), index),
+        })
     }
 }

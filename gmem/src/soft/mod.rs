@@ -10,10 +10,13 @@
 //! - [`invalidate`]: the one invalidation path and its observers.
 //! - [`host`]: the host mappings a memslot's `userspace_addr` may name.
 //! - [`profile`]: which kernel release the backend behaves as.
+//! - `mempolicy`: NUMA policy of guest_memfd mappings, per mapping or per
+//!   file as the release keeps it.
 
 pub mod guest_memfd;
 pub mod host;
 pub mod invalidate;
+mod mempolicy;
 mod memslot;
 pub mod profile;
 pub mod vcpu;

@@ -52,6 +52,13 @@ impl Profile {
         self.since(Release::V7_2)
     }
 
+    /// NUMA-2: guest_memfd keeps NUMA policy in the inode, by file offset,
+    /// since 6.19 (`kvm_gmem_set_policy`, `kvm_gmem_get_policy`); before,
+    /// each mapping keeps its own.
+    pub fn shared_mempolicy(self) -> bool {
+        self.since(Release::V6_19)
+    }
+
     /// In-place conversion (CONV-*): attributes per file offset, set on the
     /// guest_memfd fd; the VM attribute ioctl no longer tracks PRIVATE.
     pub fn in_place_conversion(self) -> bool {
@@ -79,6 +86,8 @@ mod tests {
         );
         assert!(!Profile::new(Release::V6_18).unsigned_bind_offsets());
         assert!(Profile::new(Release::V7_2).unsigned_bind_offsets());
+        assert!(!Profile::new(Release::V6_18).shared_mempolicy());
+        assert!(Profile::new(Release::V6_19).shared_mempolicy());
         assert!(!Profile::new(Release::V7_2).in_place_conversion());
         assert!(Profile::new(Release::Next).in_place_conversion());
         assert_eq!(Profile::default().release(), Release::V6_18);

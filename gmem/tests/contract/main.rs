@@ -28,6 +28,7 @@ mod lifetimes;
 mod loops;
 mod memslots;
 mod mmap;
+mod numa;
 mod prefault;
 
 /// The KVM backend is a stub on this branch: while this is false the `kvm`
@@ -144,6 +145,10 @@ release_tests! {
         pinned_page_is_eagain_with_its_offset,
         guest_access_follows_the_file_page,
         bound_range_errno_follows_the_release,
+    ],
+    numa: [
+        policy_belongs_to_the_mapping_before_6_19_and_to_the_file_since,
+        default_through_a_new_mapping_keeps_the_files_policy,
     ],
 }
 
@@ -385,6 +390,12 @@ contract_tests! {
         range_past_the_slot_stops_there_and_no_slot_is_enoent,
         private_gfn_without_guest_memfd_is_efault,
     ],
+    numa: [
+        policy_belongs_to_the_mapping_before_6_19_and_to_the_file_since,
+        default_through_a_new_mapping_keeps_the_files_policy,
+        mbind_arguments_are_checked_as_for_any_memory,
+        get_mempolicy_reports_what_mbind_installed,
+    ],
     caps: [
         guest_memfd_capabilities_are_reported,
         nr_memslots_is_32764,
@@ -415,6 +426,7 @@ const SOURCES: &[(&str, &str)] = &[
     ("loops", include_str!("loops.rs")),
     ("memslots", include_str!("memslots.rs")),
     ("mmap", include_str!("mmap.rs")),
+    ("numa", include_str!("numa.rs")),
 ];
 
 /// Does `text` name `id` as a whole id (`SLOT-1` but not inside `SLOT-12`)?
