@@ -6,6 +6,10 @@ use std::ptr::NonNull;
 
 use crate::error::{Error, Result};
 use crate::hypervisor::HostFault;
+use crate::uapi::PAGE_SIZE;
+
+/// A PMD-mapped huge page on x86-64.
+const HPAGE_SIZE: u64 = 2 << 20;
 
 /// One `mmap(2)` region, owned: unmapped when dropped.
 #[derive(Debug)]
@@ -31,9 +35,78 @@ impl Mmap {
         )
     }
 
-    /// A `MAP_SHARED` mapping of `len` bytes of `fd` from `offset`.
+    /// A `MAP_SHARED` mapping of `len` bytes of `fd` from `offset`. One of
+    /// at least a huge page from a huge-page-aligned offset starts at a
+    /// huge-page-aligned address, as `thp_get_unmapped_area` places
+    /// anonymous memory: only then can huge-page advice (`MADV_COLLAPSE`,
+    /// MMAP-6) act on the file at all, so only then does refusing it mean
+    /// anything.
     pub fn shared(fd: BorrowedFd<'_>, offset: i64, len: u64) -> Result<Mmap> {
+        if len >= HPAGE_SIZE && offset as u64 % HPAGE_SIZE == 0 {
+            if let Some(m) = Self::map_hpage_aligned(fd, offset, len) {
+                return m;
+            }
+        }
         Self::map(len, libc::MAP_SHARED, Some(fd), offset)
+    }
+
+    /// The mapping of [`Mmap::shared`] inside a reservation of `len` plus a
+    /// huge page, at its first huge-page boundary; `None` when there is no
+    /// room, and the caller maps as usual (and sees the kernel's errors).
+    fn map_hpage_aligned(fd: BorrowedFd<'_>, offset: i64, len: u64) -> Option<Result<Mmap>> {
+        let ulen = usize::try_from(len.checked_next_multiple_of(PAGE_SIZE)?).ok()?;
+        let hpage = HPAGE_SIZE as usize;
+        let Ok(reserved) = Self::map(
+            ulen.checked_add(hpage)? as u64,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            None,
+            0,
+        ) else {
+            return None;
+        };
+        let start = reserved.addr() as usize;
+        let total = reserved.len;
+        // From here on the reservation is unmapped piece by piece.
+        std::mem::forget(reserved);
+        let give_back = |at: usize, n: usize| {
+            if n > 0 {
+                // SAFETY: [at, at + n) lies inside the reservation, which
+                // nothing but this function knows of.
+                unsafe { libc::munmap(at as *mut libc::c_void, n) };
+            }
+        };
+        // Map the file at the first huge-page boundary of the reservation,
+        // into a hole made for it, without replacing whatever might take the
+        // hole first; then give back the slack on both sides.
+        let aligned = start.next_multiple_of(hpage);
+        give_back(aligned, ulen);
+        // SAFETY: MAP_FIXED_NOREPLACE never replaces a mapping: it fails
+        // with EEXIST if the hole is no longer free.
+        let ptr = unsafe {
+            libc::mmap(
+                aligned as *mut libc::c_void,
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED_NOREPLACE,
+                fd.as_raw_fd(),
+                offset,
+            )
+        };
+        let errno = nix::errno::Errno::last();
+        give_back(start, aligned - start);
+        give_back(aligned + ulen, start + total - (aligned + ulen));
+        if ptr == libc::MAP_FAILED {
+            return (errno != nix::errno::Errno::EEXIST).then(|| {
+                Err(Error::kernel(
+                    errno,
+                    format_args!("mmap of {len:#x} bytes at offset {offset:#x}"),
+                ))
+            });
+        }
+        Some(Ok(Mmap {
+            ptr: NonNull::new(ptr.cast()).expect("a mapping at a non-null hint is not NULL"),
+            len: len as usize,
+        }))
     }
 
     fn map(len: u64, flags: i32, fd: Option<BorrowedFd<'_>>, offset: i64) -> Result<Mmap> {
@@ -170,6 +243,8 @@ impl Drop for Mmap {
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::AsFd;
+
     use super::*;
 
     #[test]
@@ -181,6 +256,29 @@ mod tests {
         m.write(4095, &[7, 8]).unwrap();
         m.read(4095, &mut b).unwrap();
         assert_eq!(b, [7, 8]);
+    }
+
+    #[test]
+    fn huge_page_sized_file_mappings_start_on_a_huge_page() {
+        let fd = crate::soft::guest_memfd::memfd("gmem-test", libc::MFD_CLOEXEC).unwrap();
+        // SAFETY: ftruncate on the memfd just made.
+        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), 8 << 20) }, 0);
+        for (offset, len, aligned) in [
+            (0, HPAGE_SIZE, true),
+            (2 << 20, 3 << 20, true),
+            (0, HPAGE_SIZE - 4096, false),
+            (4096, HPAGE_SIZE, false),
+        ] {
+            let maps: Vec<Mmap> = (0..4)
+                .map(|_| Mmap::shared(fd.as_fd(), offset, len).unwrap())
+                .collect();
+            let all = maps.iter().all(|m| m.addr() % HPAGE_SIZE == 0);
+            assert!(!aligned || all, "{offset:#x} {len:#x}");
+            maps[0].write(len - 1, &[7]).unwrap();
+            let mut b = [0];
+            maps[3].read(len - 1, &mut b).unwrap();
+            assert_eq!(b, [7]);
+        }
     }
 
     #[test]

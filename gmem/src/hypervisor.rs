@@ -14,6 +14,7 @@ use std::os::fd::AsRawFd;
 
 use crate::error::Result;
 use crate::error::{Errno, Error};
+use crate::madvise::Advice;
 use crate::mempolicy::{MbindFlags, MemPolicy};
 use crate::uapi::{
     kvm_create_guest_memfd, kvm_memory_attributes, kvm_memory_attributes2, kvm_pre_fault_memory,
@@ -197,6 +198,16 @@ pub trait HostMemory: Send + Sync {
     /// running kernel.
     fn get_mempolicy(&self, offset: u64) -> Result<MemPolicy> {
         crate::mempolicy::get_mempolicy(self.addr(), self.len(), offset)
+    }
+
+    /// `madvise(2)` on `[offset, offset + len)`. Through a guest_memfd
+    /// mapping: `Collapse` is EINVAL (MMAP-6), `Remove` punches a hole in
+    /// the file (MMAP-7), `DontNeed` only unmaps, the file keeps its pages
+    /// (MMAP-8), the populate advice faults pages in as touches would
+    /// (MMAP-9). A range leaving the mapping is refused with `ENOMEM`
+    /// (MMAP-8). The default asks the running kernel.
+    fn madvise(&self, offset: u64, len: u64, advice: Advice) -> Result<()> {
+        crate::madvise::madvise(self.addr(), self.len(), offset, len, advice)
     }
 }
 

@@ -6,6 +6,7 @@
 //! - [`scenario`]: scenario files and the conformance runner.
 //! - [`release`]: the kernel releases whose guest_memfd behaviour differs.
 //! - [`mempolicy`]: NUMA memory policy of host mappings (`mbind`).
+//! - [`madvise`]: advice on host mappings (`madvise`).
 //! - [`fuzz`]: random scenarios run on both backends, differences minimized.
 //!
 //! The rules cited in errors and tests (`SLOT-7`, `BIND-4`, ...) are those of
@@ -19,6 +20,7 @@ pub mod fuzz;
 pub mod host;
 pub mod hypervisor;
 pub mod kvm;
+pub mod madvise;
 pub mod mempolicy;
 pub mod release;
 pub mod rules;
@@ -31,6 +33,7 @@ pub use hypervisor::{
     GuestLoop, GuestMemfd, GuestOp, HostFault, HostMemory, Hypervisor, LoopExit, MapKind, Pin,
     Stat, Vcpu, VcpuExit, Vm,
 };
+pub use madvise::Advice;
 pub use mempolicy::{MbindFlags, MemPolicy, ModeFlags, MpolMode, NodeMask};
 pub use release::Release;
 

@@ -15,7 +15,8 @@ pub enum Release {
     /// 6.19: NUMA memory policy on guest_memfd mappings.
     #[serde(rename = "6.19")]
     V6_19,
-    /// 7.0: `MADV_COLLAPSE` refused on anonymous-inode files.
+    /// 7.0: `MADV_COLLAPSE` refused on anonymous-inode files in every
+    /// build; the default build refused it on guest_memfd before (MMAP-6).
     #[serde(rename = "7.0")]
     V7_0,
     /// 7.1: no guest_memfd uAPI change.

@@ -203,7 +203,7 @@ fn undocumented(ops: &[String], doc: &str) -> Vec<String> {
         .collect()
 }
 
-/// Every id the project uses: the 66 of `gmem::rules` and its own three.
+/// Every id the project uses: the ids of `gmem::rules` and its own three.
 fn project_ids() -> BTreeSet<String> {
     let mut ids: BTreeSet<String> = gmem::rules::ids().collect();
     for own in ["KVM-SETUP", "gmem-safety", "gmem-loop"] {

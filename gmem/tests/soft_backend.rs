@@ -12,7 +12,7 @@ use gmem::soft::{
     InvalidateCause, Invalidation, InvalidationObserver, SoftGuestMemfd, SoftHypervisor, SoftVm,
 };
 use gmem::uapi::*;
-use gmem::{GuestMemfd, GuestOp, Hypervisor, MapKind, Vcpu, VcpuExit, Vm};
+use gmem::{Advice, Errno, GuestMemfd, GuestOp, Hypervisor, MapKind, Vcpu, VcpuExit, Vm};
 
 const P: u64 = PAGE_SIZE;
 const GPA: u64 = 0x1000_0000;
@@ -308,6 +308,55 @@ fn host_touch_allocates_a_page_and_punch_frees_it() {
 
     assert_eq!(touched, P);
     assert_eq!(allocated(&file), 0);
+}
+
+/// MMAP-7, INVAL-1: MADV_REMOVE through a mapping is the file's punch hole:
+/// it invalidates the punched gfns of each binding and frees the pages.
+#[test]
+fn madvise_remove_invalidates_each_binding_and_frees_the_pages() {
+    let vm = hv().create_soft_vm(0).unwrap();
+    let file = two_bindings(&vm);
+    file.fallocate(FALLOC_FL_KEEP_SIZE, 0, 8 * P as i64)
+        .unwrap();
+    let mapping = file.mmap(2 * P as i64, 4 * P, MapKind::Shared).unwrap();
+    let recorder = Recorder::on(&vm);
+
+    mapping.madvise(0, 4 * P, Advice::Remove).unwrap();
+
+    assert_eq!(
+        recorder.take(),
+        [
+            inv(0, GFN + 2..GFN + 4, InvalidateCause::PunchHole),
+            inv(1, GFN + 64..GFN + 66, InvalidateCause::PunchHole),
+        ]
+    );
+    assert_eq!(allocated(&file), 4 * P);
+}
+
+/// MMAP-8, MMAP-9: MADV_DONTNEED frees nothing and invalidates nothing;
+/// MADV_POPULATE_WRITE allocates the pages up to the end of the file before
+/// it fails with EFAULT.
+#[test]
+fn madvise_dontneed_frees_nothing_and_populate_allocates() {
+    let vm = hv().create_soft_vm(0).unwrap();
+    let file = gmem(
+        &vm,
+        4 * P,
+        GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
+    );
+    vm.set_user_memory_region2(guest_memfd_region(0, GPA, 4 * P, file.as_raw_fd(), 0))
+        .unwrap();
+    let mapping = file.mmap(0, 8 * P, MapKind::Shared).unwrap();
+    let recorder = Recorder::on(&vm);
+
+    let populate = mapping.madvise(P, 7 * P, Advice::PopulateWrite);
+    let populated = allocated(&file);
+    mapping.madvise(0, 8 * P, Advice::DontNeed).unwrap();
+
+    assert_eq!(populate.map_err(|e| e.errno), Err(Errno::EFAULT));
+    assert_eq!(populated, 3 * P);
+    assert_eq!(allocated(&file), 3 * P);
+    assert_eq!(recorder.take(), []);
 }
 
 /// FAULT-5: a guest touch of a hole allocates it, reads included.

@@ -39,6 +39,7 @@ pub const OPERATIONS: &[&str] = &[
     "pin",
     "mbind",
     "get_mempolicy",
+    "madvise",
     "close",
 ];
 
@@ -76,6 +77,7 @@ pub fn op_name(op: &Op) -> &'static str {
         Op::Pin { .. } => "pin",
         Op::Mbind { .. } => "mbind",
         Op::GetMempolicy { .. } => "get_mempolicy",
+        Op::Madvise { .. } => "madvise",
         Op::Close { .. } => "close",
     }
 }

@@ -214,6 +214,8 @@ pub fn commit_bound(sc: &Scenario) -> u64 {
                 total = total.saturating_add(covered);
             }
             Op::HostWrite { len, .. } => total = total.saturating_add(len + P),
+            Op::Madvise { size, .. } => total = total.saturating_add(size.unwrap_or(u64::MAX)),
+            Op::PreFault { size, .. } => total = total.saturating_add(*size),
             Op::HostRead { .. } | Op::GuestRead { .. } | Op::GuestWrite { .. } => total += P,
             _ => {}
         }
@@ -385,6 +387,7 @@ impl Gen<'_> {
             Pin,
             Mbind,
             GetPolicy,
+            Madvise,
         }
         let (pf, conv) = (
             u32::from(self.profile.pre_fault) * 2,
@@ -396,6 +399,7 @@ impl Gen<'_> {
             (conv, K::Pin),
             (2, K::Mbind),
             (1, K::GetPolicy),
+            (2, K::Madvise),
             (2, K::Vm),
             (5, K::File),
             (3, K::Host),
@@ -444,7 +448,33 @@ impl Gen<'_> {
             K::Pin => self.pin(),
             K::Mbind => self.mbind(),
             K::GetPolicy => self.get_mempolicy(),
+            K::Madvise => self.madvise(),
         }
+    }
+
+    fn madvise(&mut self) {
+        let Some((mem, offset, msize)) = self.mem_offset() else {
+            return;
+        };
+        // Always a length: populating the rest of a mapping commits it.
+        let room = msize - offset;
+        let size = self
+            .weighted(&[(4, P), (2, 4 * P), (1, room), (1, 0)])
+            .min(room.min(64 << 10));
+        if self.committed + size > self.limits.memory {
+            return;
+        }
+        self.committed += size;
+        let advice = self.pick(&crate::madvise::Advice::ALL);
+        self.push(
+            None,
+            Op::Madvise {
+                mem,
+                offset,
+                size: Some(size),
+                advice,
+            },
+        );
     }
 
     /// A live mapping or host memory and an offset into it (a page
@@ -690,9 +720,10 @@ impl Gen<'_> {
             (1, Some(0)),
         ]);
         // A mapping of a huge file is virtual only; still, bound the part
-        // a program could touch by naming a small length.
+        // a program could touch (madvise populates whole ranges) by naming
+        // a small length.
         let size = match size {
-            None if fsize > 64 << 20 => Some(16 * P),
+            s if s.unwrap_or(fsize) > 64 << 20 => Some(16 * P),
             s => s,
         };
         // A large private mapping meets mm's commit accounting (ENOMEM)

@@ -74,7 +74,8 @@ pub fn uses(op: &Op) -> Vec<&str> {
         | Op::HostRead { mem, .. }
         | Op::Pin { mem, .. }
         | Op::Mbind { mem, .. }
-        | Op::GetMempolicy { mem, .. } => vec![mem],
+        | Op::GetMempolicy { mem, .. }
+        | Op::Madvise { mem, .. } => vec![mem],
         Op::SetMemoryRegion(r) => {
             let mut v = vec![r.vm.as_str()];
             if let Userspace::Handle(h) = &r.userspace {
@@ -111,7 +112,8 @@ fn rename_uses(op: &mut Op, f: &dyn Fn(&str) -> String) {
         | Op::HostRead { mem, .. }
         | Op::Pin { mem, .. }
         | Op::Mbind { mem, .. }
-        | Op::GetMempolicy { mem, .. } => r(mem),
+        | Op::GetMempolicy { mem, .. }
+        | Op::Madvise { mem, .. } => r(mem),
         Op::SetMemoryRegion(reg) => {
             r(&mut reg.vm);
             if let Userspace::Handle(h) = &mut reg.userspace {

@@ -420,6 +420,16 @@ impl State {
                 }
                 _ => {}
             },
+            // Advice may zero (dontneed on private memory), punch (remove)
+            // or populate: the model stops predicting the bytes.
+            Op::Madvise { mem, .. } if ok => match self.mems.get_mut(mem) {
+                Some(MemM::Anon { data, .. }) => *data = None,
+                Some(MemM::Map { file, .. }) => {
+                    let f = *file;
+                    self.files[f].data = None;
+                }
+                None => {}
+            },
             Op::SetMemoryAttributes2 { gmem, .. } if ok => {
                 if let Some(&f) = self.fds.get(gmem) {
                     self.files[f].converted = true;

@@ -255,6 +255,21 @@ pub fn print_op(op: &Op) -> String {
                 let _ = write!(w, " offset={offset:#x}");
             }
         }
+        Op::Madvise {
+            mem,
+            offset,
+            size,
+            advice,
+        } => {
+            let _ = write!(w, "madvise {mem}");
+            if *offset != 0 {
+                let _ = write!(w, " offset={offset:#x}");
+            }
+            if let Some(n) = size {
+                let _ = write!(w, " size={}", size_text(*n));
+            }
+            let _ = write!(w, " advice={advice}");
+        }
         Op::Close { handle } => {
             let _ = write!(w, "close {handle}");
         }
@@ -422,6 +437,8 @@ mbind m offset=0x1000 size=4K policy=bind|static nodes=0-1 flags=strict|move|0x8
 mbind m policy=default
 get_mempolicy m offset=0x1000 => bind|static nodes=0-1
 get_mempolicy m => default
+madvise m offset=0x1000 size=4K advice=remove
+madvise m advice=populate_write => sigbus
 close g
 ";
         let once = round_trip(text);

@@ -6,6 +6,7 @@ use std::fmt;
 use serde::Serialize;
 
 use crate::error::{errno_name, Errno};
+use crate::madvise::Advice;
 use crate::mempolicy::{MbindFlags, MemPolicy};
 use crate::uapi::{KVM_MAP_GPA_RANGE_ENCRYPTED, KVM_MEMORY_EXIT_FLAG_PRIVATE};
 use crate::Release;
@@ -302,6 +303,18 @@ pub enum Op {
         mem: String,
         /// Offset into it.
         offset: u64,
+    },
+    /// `madvise M [offset=N] [size=N] advice=ADVICE`; the size defaults to
+    /// the rest of the mapping (MMAP-6..MMAP-9).
+    Madvise {
+        /// Host memory or mapping handle.
+        mem: String,
+        /// Offset into it.
+        offset: u64,
+        /// Bytes.
+        size: Option<u64>,
+        /// The advice.
+        advice: Advice,
     },
     /// `close X`: drops the handle.
     Close {

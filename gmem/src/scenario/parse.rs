@@ -68,7 +68,7 @@ impl std::error::Error for ParseErrors {}
 
 const OPS: &str = "create_vm, create_guest_memfd, host_memory, mmap, set_memory_region, \
 delete_memory_region, set_memory_attributes, fallocate, host_write, host_read, guest_write, \
-guest_read, guest_map_gpa_range, pre_fault, set_memory_attributes2, pin, mbind, get_mempolicy, file_read, file_write, file_pread, file_pwrite, file_lseek, \
+guest_read, guest_map_gpa_range, pre_fault, set_memory_attributes2, pin, mbind, get_mempolicy, madvise, file_read, file_write, file_pread, file_pwrite, file_lseek, \
 file_ftruncate, file_ioctl, stat, same_inode, check_extension, close, require";
 const NUMBER_HINT: &str =
     "numbers are decimal or 0x hex (0o octal), optionally negative, with an optional K, M, G or T suffix: 16K, 0x1000, 0x1_0000_0000";
@@ -754,6 +754,23 @@ impl Parser<'_> {
                 let mem = self.handle(cx, a.pos(), "host memory or a mapping", usage)?;
                 let offset = opt_num(cx, &mut a, "offset")?.unwrap_or(0);
                 Op::GetMempolicy { mem, offset }
+            }
+            "madvise" => {
+                usage = "madvise M [offset=N] [size=N] advice=collapse|remove|dontneed|populate_write|...";
+                let mem = self.handle(cx, a.pos(), "host memory or a mapping", usage)?;
+                let offset = opt_num(cx, &mut a, "offset")?.unwrap_or(0);
+                let size = opt_num(cx, &mut a, "size")?;
+                let t = need(cx, &mut a, "advice", name, usage)?;
+                let advice = t
+                    .text
+                    .parse()
+                    .map_err(|e: String| cx.err(t.at, "an advice", t.text, &e))?;
+                Op::Madvise {
+                    mem,
+                    offset,
+                    size,
+                    advice,
+                }
             }
             "guest_map_gpa_range" => {
                 usage = "guest_map_gpa_range VM gpa=N pages=N private|shared";
@@ -1546,6 +1563,45 @@ guest_read vm gpa=0x100000 => 0x00
         use crate::mempolicy::{ModeFlags, MpolMode};
         MemPolicy::new(MpolMode::ALL[mode], NodeMask(nodes))
             .with_flags(ModeFlags::from_bits_truncate(flags << 13))
+    }
+
+    #[test]
+    fn madvise_parses() {
+        let sc = parse(
+            "t",
+            "vm = create_vm\ng = create_guest_memfd vm size=4M flags=mmap|init_shared\nm = mmap g\n\
+             madvise m offset=2M size=2M advice=collapse => EINVAL\nmadvise m advice=populate_write\n",
+        )
+        .unwrap();
+        assert_eq!(
+            sc.lines[3].op,
+            Op::Madvise {
+                mem: "m".into(),
+                offset: 2 << 20,
+                size: Some(2 << 20),
+                advice: crate::madvise::Advice::Collapse,
+            }
+        );
+        assert!(matches!(
+            sc.lines[4].op,
+            Op::Madvise {
+                size: None,
+                offset: 0,
+                ..
+            }
+        ));
+        for (text, expected) in [
+            ("madvise m advice=squash", "an advice"),
+            ("madvise m size=4K", "`advice=` for madvise"),
+            ("madvise advice=remove", "host memory or a mapping"),
+        ] {
+            let e = parse(
+                "t",
+                &format!("vm = create_vm\ng = create_guest_memfd vm size=8K\nm = mmap g\n{text}\n"),
+            )
+            .unwrap_err();
+            assert_eq!(e.0[0].expected, expected, "{text}");
+        }
     }
 
     #[test]

@@ -507,6 +507,17 @@ impl State<'_> {
                 Ok(policy) => (Outcome::Policy { policy }, None),
                 Err(e) => fail(e),
             }),
+            Op::Madvise {
+                mem,
+                offset,
+                size,
+                advice,
+            } => {
+                let m = self.mem(mem)?;
+                let len = size.unwrap_or_else(|| m.len().saturating_sub(*offset));
+                Ok(m.madvise(*offset, len, *advice)
+                    .map_or_else(fail, |()| ok()))
+            }
             Op::Close { handle } => match self.handles.remove(handle) {
                 Some(h) => {
                     drop(h);

@@ -239,8 +239,9 @@ pub(crate) struct GmemFile {
 impl GmemFile {
     /// Punch hole: invalidate every binding overlapping the range, then free
     /// the pages (FALLOC-4, INVAL-1). Host mappings of the range lose their
-    /// pages with the store's own punch.
-    fn punch_hole(&self, offset: i64, len: i64) -> Result<()> {
+    /// pages with the store's own punch. `MADV_REMOVE` comes here too
+    /// (MMAP-7).
+    pub(crate) fn punch_hole(&self, offset: i64, len: i64) -> Result<()> {
         let start = offset as u64 >> PAGE_SHIFT;
         let end = (offset as u64).saturating_add(len as u64) >> PAGE_SHIFT;
         let bindings = self.inode.invalidate_lock.write();

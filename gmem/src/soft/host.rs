@@ -14,7 +14,9 @@ use super::guest_memfd::{GmemFile, GmemInode, SoftPin};
 use super::mempolicy::{self as soft_mempolicy, Policies};
 use crate::host::Mmap;
 use crate::hypervisor::{HostFault, HostMemory, Pin};
+use crate::madvise::{self, Advice};
 use crate::mempolicy::{self, MbindFlags, MemPolicy};
+use crate::refuse;
 use crate::uapi::PAGE_SHIFT;
 
 /// One registered mapping.
@@ -165,7 +167,7 @@ impl HostRegistry {
 pub struct SoftHostMemory {
     region: Arc<Region>,
     registry: Arc<HostRegistry>,
-    _file: Option<Arc<GmemFile>>,
+    file: Option<Arc<GmemFile>>,
 }
 
 impl SoftHostMemory {
@@ -180,7 +182,7 @@ impl SoftHostMemory {
         SoftHostMemory {
             region,
             registry: registry.clone(),
-            _file: file,
+            file,
         }
     }
 
@@ -294,5 +296,61 @@ impl HostMemory for SoftHostMemory {
             Some(shared) => soft_mempolicy::report(&shared.lock(), (base >> PAGE_SHIFT) + index),
             None => soft_mempolicy::report(&vm_policy.lock(), index),
         })
+    }
+
+    /// Anonymous memory: the kernel's answer. A guest_memfd mapping: as
+    /// the kernel treats guest_memfd, never the page store's own answer (a
+    /// tmpfs memfd, which collapses into huge pages and would punch without
+    /// invalidating the guest).
+    fn madvise(&self, offset: u64, len: u64, advice: Advice) -> crate::Result<()> {
+        let (RegionKind::GuestMemfd { offset: base, .. }, Some(file)) =
+            (&self.region.kind, &self.file)
+        else {
+            return madvise::madvise(self.addr(), self.len(), offset, len, advice);
+        };
+        let Some(len) = madvise::check(self.addr(), self.len(), offset, len, advice)? else {
+            return Ok(());
+        };
+        match advice {
+            Advice::Collapse => refuse!(
+                EINVAL,
+                "MMAP-6",
+                "MADV_COLLAPSE of {len:#x} bytes at offset {offset:#x}: guest_memfd pages are never huge (file_thp_enabled)"
+            ),
+            Advice::Free => refuse!(
+                EINVAL,
+                "MMAP-8",
+                "MADV_FREE at offset {offset:#x}: only private anonymous memory is freed lazily"
+            ),
+            Advice::Remove => file.punch_hole((base + offset) as i64, len as i64),
+            Advice::DontNeed => madvise::raw(self.addr() + offset, len, advice),
+            Advice::PopulateRead | Advice::PopulateWrite => {
+                // Pages are faulted in order up to the first that would
+                // raise SIGBUS (faultin_page_range); that one is EFAULT.
+                let fault = self.region.first_fault(offset, len as usize);
+                let done = match &fault {
+                    Some(HostFault::Sigbus { offset: at, .. }) => at - offset,
+                    _ => len,
+                };
+                if done > 0 {
+                    madvise::raw(self.addr() + offset, done, advice)?;
+                }
+                match fault {
+                    None => Ok(()),
+                    Some(f) => Err(crate::Error::new(
+                        crate::Errno::EFAULT,
+                        "MMAP-9",
+                        format!("madvise({advice}) at offset {offset:#x}: {f}"),
+                    )),
+                }
+            }
+            // Huge-page advice only marks the mapping; guest_memfd pages are
+            // unevictable (cold, pageout) and its inode has no readahead.
+            Advice::Hugepage
+            | Advice::NoHugepage
+            | Advice::WillNeed
+            | Advice::Cold
+            | Advice::Pageout => Ok(()),
+        }
     }
 }

@@ -26,6 +26,7 @@ mod file_ops;
 mod invalidation;
 mod lifetimes;
 mod loops;
+mod madvise;
 mod memslots;
 mod mmap;
 mod numa;
@@ -390,6 +391,13 @@ contract_tests! {
         range_past_the_slot_stops_there_and_no_slot_is_enoent,
         private_gfn_without_guest_memfd_is_efault,
     ],
+    madvise: [
+        collapse_is_einval_and_huge_page_advice_changes_nothing,
+        remove_punches_the_file_under_the_range,
+        dontneed_keeps_the_files_pages,
+        madvise_arguments_are_checked_before_the_range,
+        populate_faults_pages_in_up_to_the_first_sigbus,
+    ],
     numa: [
         policy_belongs_to_the_mapping_before_6_19_and_to_the_file_since,
         default_through_a_new_mapping_keeps_the_files_policy,
@@ -424,6 +432,7 @@ const SOURCES: &[(&str, &str)] = &[
     ("invalidation", include_str!("invalidation.rs")),
     ("lifetimes", include_str!("lifetimes.rs")),
     ("loops", include_str!("loops.rs")),
+    ("madvise", include_str!("madvise.rs")),
     ("memslots", include_str!("memslots.rs")),
     ("mmap", include_str!("mmap.rs")),
     ("numa", include_str!("numa.rs")),
