@@ -1,10 +1,13 @@
-//! `gmem caps`: what a backend supports of guest_memfd (docs/spec.md, section 8),
-//! per VM type, and what that means for a VMM.
+//! `gmem caps`: what a backend supports of guest_memfd, per VM type, the
+//! known departures from upstream its probes find, and what that means for a
+//! VMM.
 
+use std::collections::BTreeMap;
 use std::process::ExitCode;
 
 use gmem::error::errno_name;
-use gmem::scenario::{match_release, ReleaseMatch};
+use gmem::scenario::departures::{KernelId, ProbeOutcome};
+use gmem::scenario::{match_release_in, Departures, Limits, ReleaseMatch};
 use gmem::uapi::{
     kvm_memory_attributes, vm_type_name, CAPS, GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP,
     KVM_CAP_GUEST_MEMFD, KVM_CAP_GUEST_MEMFD_FLAGS, KVM_CAP_MEMORY_ATTRIBUTES,
@@ -13,7 +16,9 @@ use gmem::uapi::{
 };
 use gmem::{Backend, Errno, Hypervisor};
 use serde::Serialize;
-use std::path::Path;
+
+/// Output lines fit this many columns.
+const WIDTH: usize = 100;
 
 /// Per-VM capabilities `gmem caps` asks every VM type for.
 const VM_CAPS: &[(&str, u32)] = &[
@@ -25,54 +30,89 @@ const VM_CAPS: &[(&str, u32)] = &[
     ("user_memory2", KVM_CAP_USER_MEMORY2),
 ];
 
+/// Capability name → `KVM_CHECK_EXTENSION` value.
+type CapMap = BTreeMap<&'static str, i64>;
+
 #[derive(Debug, Serialize)]
 struct VmTypeCaps {
     vm_type: u64,
-    name: &'static str,
     /// `None` when KVM_CREATE_VM succeeded, else the errno.
     create_error: Option<String>,
-    caps: Vec<(&'static str, i64)>,
+    /// On the VM fd, keyed by capability name (empty when not created).
+    capabilities: CapMap,
+}
+
+/// One known departure and what its probe found here.
+#[derive(Debug, Serialize)]
+struct DepartureCap {
+    rule: String,
+    summary: String,
+    /// `shown`, `not_shown` or `inconclusive`.
+    probe: &'static str,
+    /// Why a probe was inconclusive.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+    /// Recorded for this kernel in departures.toml.
+    recorded: bool,
 }
 
 #[derive(Debug, Serialize)]
 struct Caps {
     backend: &'static str,
-    system: Vec<(&'static str, i64)>,
-    vm_types: Vec<VmTypeCaps>,
+    kernel: KernelId,
+    /// On the system fd, keyed by capability name.
+    capabilities: CapMap,
+    /// Keyed by VM type name.
+    vm_types: BTreeMap<&'static str, VmTypeCaps>,
     /// `present`, `absent`, or why it could not be probed.
     set_memory_attributes: String,
+    /// Known departures from upstream, keyed by behaviour id.
+    departures: BTreeMap<String, DepartureCap>,
+    /// What it means for a VMM, keyed by topic (in this order).
+    #[serde(serialize_with = "ser_pairs")]
     meaning: Vec<(String, String)>,
     /// Which release's guest_memfd behaviour the backend follows, measured
     /// by the corpus lines whose outcome differs between releases.
-    release: Option<ReleaseMatch>,
+    release: ReleaseMatch,
 }
 
-fn cap(caps: &[(&'static str, i64)], name: &str) -> i64 {
-    caps.iter().find(|(n, _)| *n == name).map_or(0, |(_, v)| *v)
+/// `[(k, v), ...]` as a JSON object, in order.
+fn ser_pairs<S: serde::Serializer>(pairs: &[(String, String)], s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut m = s.serialize_map(Some(pairs.len()))?;
+    for (k, v) in pairs {
+        m.serialize_entry(k, v)?;
+    }
+    m.end()
 }
 
-fn gather(hv: &dyn Hypervisor, corpus: &Path) -> Caps {
-    let system: Vec<(&'static str, i64)> = CAPS
+fn cap(caps: &CapMap, name: &str) -> i64 {
+    caps.get(name).copied().unwrap_or(0)
+}
+
+fn gather(hv: &dyn Hypervisor, corpus: &[(&str, &str)]) -> Caps {
+    let capabilities: CapMap = CAPS
         .iter()
         .map(|(n, c)| (*n, hv.check_extension(*c)))
         .collect();
-    let vm_types: Vec<VmTypeCaps> = (0..=5u64)
-        .map(|t| match hv.create_vm(t) {
-            Ok(vm) => VmTypeCaps {
-                vm_type: t,
-                name: vm_type_name(t),
-                create_error: None,
-                caps: VM_CAPS
-                    .iter()
-                    .map(|(n, c)| (*n, vm.check_extension(*c)))
-                    .collect(),
-            },
-            Err(e) => VmTypeCaps {
-                vm_type: t,
-                name: vm_type_name(t),
-                create_error: Some(errno_name(e.errno)),
-                caps: vec![],
-            },
+    let vm_types: BTreeMap<&'static str, VmTypeCaps> = (0..=5u64)
+        .map(|t| {
+            let caps = match hv.create_vm(t) {
+                Ok(vm) => VmTypeCaps {
+                    vm_type: t,
+                    create_error: None,
+                    capabilities: VM_CAPS
+                        .iter()
+                        .map(|(n, c)| (*n, vm.check_extension(*c)))
+                        .collect(),
+                },
+                Err(e) => VmTypeCaps {
+                    vm_type: t,
+                    create_error: Some(errno_name(e.errno)),
+                    capabilities: CapMap::new(),
+                },
+            };
+            (vm_type_name(t), caps)
         })
         .collect();
     // Size 0 is refused by a kernel that has the ioctl (EINVAL) and never
@@ -86,20 +126,50 @@ fn gather(hv: &dyn Hypervisor, corpus: &Path) -> Caps {
         },
         Err(e) => format!("unknown (no default VM: {})", errno_name(e.errno)),
     };
-    let meaning = meaning(&system, &vm_types, &set_memory_attributes);
+    let known = Departures::builtin();
+    let probes = known.probe(hv, &Limits::new(64 << 20));
+    let departures = known
+        .behaviours
+        .iter()
+        .zip(&probes.results)
+        .map(|(b, r)| {
+            let (probe, reason) = match &r.outcome {
+                ProbeOutcome::Shown => ("shown", None),
+                ProbeOutcome::NotShown => ("not_shown", None),
+                ProbeOutcome::Inconclusive(why) => ("inconclusive", Some(why.clone())),
+            };
+            (
+                b.id.clone(),
+                DepartureCap {
+                    rule: b.rule.clone(),
+                    summary: b.summary.clone(),
+                    probe,
+                    reason,
+                    recorded: r.recorded,
+                },
+            )
+        })
+        .collect();
+    let meaning = meaning(&capabilities, &vm_types, &set_memory_attributes);
+    let files: Vec<(String, String)> = corpus
+        .iter()
+        .map(|(n, t)| ((*n).to_string(), (*t).to_string()))
+        .collect();
     Caps {
+        release: match_release_in(hv, &files),
         backend: hv.name(),
-        system,
+        kernel: probes.kernel,
+        capabilities,
         vm_types,
         set_memory_attributes,
+        departures,
         meaning,
-        release: match_release(hv, corpus).ok(),
     }
 }
 
 fn meaning(
-    system: &[(&'static str, i64)],
-    vm_types: &[VmTypeCaps],
+    system: &CapMap,
+    vm_types: &BTreeMap<&'static str, VmTypeCaps>,
     sma: &str,
 ) -> Vec<(String, String)> {
     let mut m = Vec::new();
@@ -138,16 +208,18 @@ fn meaning(
         ),
     ));
     let sw = vm_types
-        .iter()
+        .values()
         .find(|v| v.vm_type == KVM_X86_SW_PROTECTED_VM as u64);
-    let private_types: Vec<&VmTypeCaps> = vm_types
+    let private_types: Vec<&str> = vm_types
         .iter()
-        .filter(|v| {
+        .filter(|(_, v)| {
             v.vm_type != 0
                 && v.create_error.is_none()
-                && cap(&v.caps, "memory_attributes") as u64 & KVM_MEMORY_ATTRIBUTE_PRIVATE as u64
+                && cap(&v.capabilities, "memory_attributes") as u64
+                    & KVM_MEMORY_ATTRIBUTE_PRIVATE as u64
                     != 0
         })
+        .map(|(n, _)| *n)
         .collect();
     let private = if private_types.is_empty() {
         let why = match sw {
@@ -157,16 +229,15 @@ fn meaning(
             }) => format!("VM type sw_protected is not supported (KVM_CREATE_VM: {e})"),
             Some(v) => format!(
                 "VM type sw_protected has KVM_CAP_MEMORY_ATTRIBUTES {:#x}, without PRIVATE",
-                cap(&v.caps, "memory_attributes")
+                cap(&v.capabilities, "memory_attributes")
             ),
             None => "no VM type with private memory".to_string(),
         };
         format!("not available on this host: {why}")
-    } else if sma != "present" && !sma.starts_with("present") {
+    } else if !sma.starts_with("present") {
         format!("not available on this host: KVM_SET_MEMORY_ATTRIBUTES is {sma}")
     } else {
-        let names: Vec<&str> = private_types.iter().map(|v| v.name).collect();
-        format!("available: VM types {}", names.join(", "))
+        format!("available: VM types {}", private_types.join(", "))
     };
     m.push(("private memory".to_string(), private));
     m.push(("KVM_SET_MEMORY_ATTRIBUTES".to_string(), sma.to_string()));
@@ -184,7 +255,9 @@ fn meaning(
         "guest conversion requests".to_string(),
         yes_no(
             hc & (1 << KVM_HC_MAP_GPA_RANGE) != 0,
-            "KVM_CAP_EXIT_HYPERCALL offers KVM_HC_MAP_GPA_RANGE exits (whether a guest's hypercall really exits: `gmem check scenarios/6-faults/hypercall-exit.gmem`)".into(),
+            "KVM_CAP_EXIT_HYPERCALL offers KVM_HC_MAP_GPA_RANGE exits (whether a guest's \
+             hypercall really exits: the FAULT-8 probe above)"
+                .into(),
             format!("KVM_CAP_EXIT_HYPERCALL is {hc:#x}"),
         ),
     ));
@@ -197,80 +270,153 @@ fn meaning(
     m
 }
 
+/// `text` wrapped at [`WIDTH`] columns, continuation lines indented by
+/// `indent` spaces.
+fn wrap(first: &str, text: &str, indent: usize) -> String {
+    let mut out = String::new();
+    let mut line = first.to_string();
+    for word in text.split_whitespace() {
+        if line.chars().count() + 1 + word.chars().count() > WIDTH
+            && line.trim().chars().count() > 0
+        {
+            out.push_str(line.trim_end());
+            out.push('\n');
+            line = " ".repeat(indent);
+        } else if !line.ends_with(' ') && !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    out.push_str(line.trim_end());
+    out.push('\n');
+    out
+}
+
 fn render(c: &Caps) -> String {
-    let mut out = format!(
-        "backend: {}\n\nsystem capabilities (KVM_CHECK_EXTENSION on the system fd):\n",
-        c.backend
-    );
-    for (n, v) in &c.system {
+    let mut out = format!("backend: {}\nkernel:  {}\n", c.backend, c.kernel);
+    out.push_str("\nsystem capabilities (KVM_CHECK_EXTENSION on the system fd):\n");
+    for (n, v) in &c.capabilities {
         out.push_str(&format!("  {n:<22} {v:>8}  ({v:#x})\n"));
     }
+    let created: Vec<(&&str, &VmTypeCaps)> = c
+        .vm_types
+        .iter()
+        .filter(|(_, v)| v.create_error.is_none())
+        .collect();
+    let mut by_type: Vec<(&&str, &VmTypeCaps)> = c.vm_types.iter().collect();
+    by_type.sort_by_key(|(_, v)| v.vm_type);
+    let refused: Vec<String> = by_type
+        .iter()
+        .filter_map(|(n, v)| {
+            v.create_error
+                .as_ref()
+                .map(|e| format!("{n} ({}): {e}", v.vm_type))
+        })
+        .collect();
     out.push_str("\nVM types (KVM_CREATE_VM, then KVM_CHECK_EXTENSION on the VM fd):\n");
-    out.push_str(&format!("  {:<4} {:<13} {:<8}", "type", "name", "create"));
-    for (n, _) in VM_CAPS {
-        out.push_str(&format!(" {n:>19}"));
+    if !refused.is_empty() {
+        out.push_str(&wrap("  refused:", &refused.join(", "), 4));
     }
-    out.push('\n');
-    for v in &c.vm_types {
-        out.push_str(&format!(
-            "  {:<4} {:<13} {:<8}",
-            v.vm_type,
-            v.name,
-            v.create_error.as_deref().unwrap_or("ok")
-        ));
-        for (n, _) in VM_CAPS {
-            match v.caps.iter().find(|(m, _)| m == n) {
-                Some((_, x)) => out.push_str(&format!(" {x:>19}")),
-                None => out.push_str(&format!(" {:>19}", "-")),
-            }
+    if !created.is_empty() {
+        out.push_str(&format!("  {:<22}", "capability"));
+        for (n, v) in &created {
+            out.push_str(&format!(" {:>14}", format!("{n} ({})", v.vm_type)));
         }
         out.push('\n');
+        for (cap, _) in VM_CAPS {
+            out.push_str(&format!("  {cap:<22}"));
+            for (_, v) in &created {
+                let x = v.capabilities.get(cap).copied().unwrap_or(0);
+                out.push_str(&format!(" {x:>14}"));
+            }
+            out.push('\n');
+        }
     }
     out.push_str(&format!(
         "\nKVM_SET_MEMORY_ATTRIBUTES on a default VM: {}\n",
         c.set_memory_attributes
     ));
+    out.push_str("\nknown departures from upstream (probes run on this backend):\n");
+    let w = c.departures.keys().map(String::len).max().unwrap_or(0);
+    for (id, d) in &c.departures {
+        let state = match d.probe {
+            "shown" => "shown",
+            "not_shown" => "not shown",
+            _ => "inconclusive",
+        };
+        out.push_str(&wrap(
+            &format!("  {id:<w$}  {state:<12}"),
+            &d.summary,
+            w + 17,
+        ));
+        if let Some(why) = &d.reason {
+            out.push_str(&wrap(&" ".repeat(w + 16), why, w + 17));
+        }
+    }
     out.push_str("\nwhat it means for a VMM:\n");
     for (k, v) in &c.meaning {
-        out.push_str(&format!("  {k}: {v}\n"));
+        out.push_str(&wrap(&format!("  {k}:"), v, 4));
     }
-    if let Some(m) = &c.release {
-        out.push_str(&format!(
-            "\nguest_memfd behaviour follows release: {}\n",
-            m.summary()
+    let m = &c.release;
+    out.push_str(&format!(
+        "\nguest_memfd behaviour follows release: {}\n",
+        m.summary()
+    ));
+    out.push_str("  decided by (scenario line: observed -> releases with that outcome):\n");
+    for p in &m.probes {
+        let rels: Vec<String> = p.releases.iter().map(|r| r.to_string()).collect();
+        out.push_str(&wrap(
+            &format!("    {}:", p.at),
+            &format!("{} -> {}", p.observed, rels.join(" ")),
+            6,
         ));
-        out.push_str("  decided by (scenario line: observed -> releases with that outcome):\n");
-        for p in &m.probes {
-            let rels: Vec<String> = p.releases.iter().map(|r| r.to_string()).collect();
-            out.push_str(&format!(
-                "    {}: {} -> {}\n",
-                p.at,
-                p.observed,
-                rels.join(" ")
-            ));
-        }
-        for (file, why) in &m.skipped {
-            out.push_str(&format!("    {file}: not run, {why}\n"));
-        }
+    }
+    for (file, why) in &m.skipped {
+        out.push_str(&wrap(
+            &format!("    {file}:"),
+            &format!("not run, {why}"),
+            6,
+        ));
     }
     out
 }
 
 /// `gmem caps`: exits 0 even when the backend cannot be opened (it says so).
-pub fn caps(backend: Backend, json: bool, corpus: &Path) -> ExitCode {
+pub fn caps(backend: Backend, json: bool, corpus: &[(&str, &str)]) -> ExitCode {
     let hv = match backend.open() {
         Ok(hv) => hv,
         Err(e) => {
-            let msg = format!("{} backend not available: {e}", backend.name());
             if json {
                 println!(
                     "{}",
-                    serde_json::json!({ "backend": backend.name(), "available": false, "reason": e.to_string() })
+                    serde_json::json!({
+                        "backend": backend.name(),
+                        "kernel": KernelId::running(),
+                        "available": false,
+                        "reason": e.to_string()
+                    })
                 );
             } else {
-                println!("{msg}");
+                print!(
+                    "{}",
+                    wrap(
+                        "",
+                        &format!("{} backend not available: {e}", backend.name()),
+                        2
+                    )
+                );
+                println!("kernel: {}", KernelId::running());
                 if backend == Backend::Kvm {
-                    println!("(no /dev/kvm on this host, or no permission to open it: KVM guest_memfd support cannot be read; `gmem caps --backend soft` shows the software backend)");
+                    print!(
+                        "{}",
+                        wrap(
+                            "",
+                            "(no /dev/kvm on this host, or no permission to open it: KVM \
+                             guest_memfd support cannot be read; `gmem caps --backend soft` \
+                             shows the software backend)",
+                            1
+                        )
+                    );
                 }
             }
             return ExitCode::SUCCESS;
@@ -289,4 +435,17 @@ pub fn caps(backend: Backend, json: bool, corpus: &Path) -> ExitCode {
         print!("{}", render(&c));
     }
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrapped_lines_fit_100_columns() {
+        let text = "word ".repeat(100);
+        for l in wrap("  topic:", &text, 4).lines() {
+            assert!(l.chars().count() <= WIDTH, "{l:?}");
+        }
+    }
 }

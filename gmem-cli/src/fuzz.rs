@@ -91,11 +91,8 @@ pub fn fuzz(a: Args) -> ExitCode {
             ..Budget::default()
         },
         soft_release: a.profile.unwrap_or(gmem::Release::DEFAULT),
-        // The departures model is applied unless told otherwise; none is
-        // available yet, so every difference counts either way.
-        departures: None,
+        known_departures: !a.ignore_departures,
     };
-    let _ = a.ignore_departures;
     let mut c = match Campaign::new(config) {
         Ok(c) => c,
         Err(e) => {
@@ -204,12 +201,19 @@ pub fn fuzz(a: Args) -> ExitCode {
         }
     );
     if a.mode == Mode::Both {
+        let shown = c.known_departures();
         println!(
             "  known departures: {}",
             if a.ignore_departures {
                 "ignored (--ignore-departures): every difference counts".to_string()
+            } else if shown.is_empty() {
+                "none shown by this kernel's probes".to_string()
             } else {
-                "no model of them yet: every difference counts".to_string()
+                format!(
+                    "{} (shown by this kernel's probes): {} line(s) explained",
+                    shown.join(", "),
+                    t.known
+                )
             }
         );
     }

@@ -1,27 +1,48 @@
 //! `gmem`: the command line of the gmem project.
 //!
-//! - `gmem check [PATHS...] [--backend soft|kvm|both] [--profile RELEASE] [--json]`
-//!   runs scenario files (the corpus by default) and prints a conformance
-//!   table; `--profile` runs the software backend as that kernel release.
+//! - `gmem check [PATHS...] [--backend soft|kvm|both] [--profile RELEASE]
+//!   [--json] [--departures FILE] [--max-memory SIZE]` runs scenario files
+//!   (the built-in corpus by default) and prints a conformance table;
+//!   `--profile` runs the software backend as that kernel release.
 //! - `gmem caps [--backend kvm|soft] [--json]` shows what a backend supports
-//!   of guest_memfd and what that means for a VMM.
+//!   of guest_memfd, which known departures its probes find, and what that
+//!   means for a VMM.
+//! - `gmem run [--memory 1G] [--vcpus 2] [--backend ...] [--backing ...] [--profile ...]`
+//!   starts a VM whose RAM is on guest_memfd, populates it from every vCPU,
+//!   verifies, converts and discards it, and prints what it cost.
+//! - `gmem map [--memory SIZE | --ram GPA:SIZE ...] [--private GPA:SIZE ...]
+//!   [--svg FILE]` draws a memory layout.
 //! - `gmem fuzz [--seed N] [--time 60s|--runs N] [--backend soft|kvm|both]
 //!   [--out DIR]` runs random scenarios and minimizes what differs.
+//!
+//! Exit status: 0 when everything passed or departs as the probes show, 1
+//! when something failed, 2 for bad input (arguments, files that do not
+//! exist or do not parse, a departures file that does not load).
 
 #![deny(missing_docs)]
 
 mod caps;
 mod fuzz;
+mod map;
+mod run;
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand, ValueEnum};
-use gmem::scenario::{collect_files, kernel_release, render, BackendSlot, Checker, Departures};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use gmem::scenario::budget::{mem_available, Bytes, DEFAULT_SHARE};
+use gmem::scenario::{
+    collect_paths, parse_number, render, BackendSlot, Checker, Departures, Limits, Source,
+};
 use gmem::soft::SoftHypervisor;
 use gmem::{Backend, Hypervisor, Release};
+
+/// The corpus, built in (see build.rs).
+mod corpus {
+    include!(concat!(env!("OUT_DIR"), "/corpus.rs"));
+}
 
 /// gmem: KVM's guest_memfd system in Rust.
 #[derive(Debug, Parser)]
@@ -33,30 +54,88 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run scenario files and compare each line's outcome with its expectation.
+    /// Run scenario files and compare each line's outcome with upstream's.
+    ///
+    /// Exit status: 0 all passed (or depart as this kernel's probes show),
+    /// 1 something failed, 2 bad input (a path or departures file that does
+    /// not exist, a scenario that does not parse).
     Check {
-        /// Files or folders of `.gmem` files (default: the project's corpus, scenarios/).
+        /// Files or folders of `.gmem` files (default: the corpus built into
+        /// this binary).
         paths: Vec<PathBuf>,
         /// Which backend(s) to run on; `both` also compares them line by line.
         #[arg(long, value_enum, default_value_t = Which::Both)]
         backend: Which,
-        /// Print the report as JSON on stdout.
+        /// Print the report as JSON on stdout (schema: docs/conformance.md).
         #[arg(long)]
         json: bool,
-        /// Departures file (default: departures.toml in the corpus folder).
-        #[arg(long)]
+        /// Departures file: known kernel behaviours and their probes
+        /// (default: the corpus's departures.toml, built in).
+        #[arg(long, value_name = "FILE")]
         departures: Option<PathBuf>,
+        /// Memory budget of each scenario run: 512M, 2G, ... (the default is
+        /// stated at run time).
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        max_memory: Option<u64>,
         /// Run the software backend as this kernel release behaves
         /// (6.18, 6.19, 7.0, 7.1, 7.2, next; default 6.18).
         #[arg(long, value_name = "RELEASE")]
         profile: Option<Release>,
     },
-    /// Show the host's KVM guest_memfd support (or the software backend's).
+    /// Start a VM whose RAM is on guest_memfd, populate it from every vCPU,
+    /// verify, convert and discard it, and summarise.
+    Run {
+        /// RAM size (K, M, G suffixes).
+        #[arg(long, default_value = "1G", value_parser = run::parse_size)]
+        memory: u64,
+        /// vCPUs, each filling its share of RAM.
+        #[arg(long, default_value_t = 2)]
+        vcpus: usize,
+        /// Where to run: the kernel where /dev/kvm exists, else the software backend.
+        #[arg(long, value_enum, default_value_t = run::BackendChoice::Auto)]
+        backend: run::BackendChoice,
+        /// Backing mode to ask for (auto: the most capable the host offers).
+        #[arg(long, value_enum, default_value_t = run::BackingChoice::Auto)]
+        backing: run::BackingChoice,
+        /// Run the software backend as this kernel release (`next`: in-place conversion).
+        #[arg(long, value_name = "RELEASE")]
+        profile: Option<Release>,
+    },
+    /// Draw a memory layout: ranges, memslots, files and offsets, states, holes.
+    Map {
+        /// RAM size placed around the 32-bit hole (ignored with --ram).
+        #[arg(long, default_value = "6G", value_parser = run::parse_size)]
+        memory: u64,
+        /// An explicit RAM range GPA:SIZE (repeat for more).
+        #[arg(long, value_parser = run::parse_range)]
+        ram: Vec<gmem::memory::GuestRange>,
+        /// One guest_memfd per RAM range instead of one per VM.
+        #[arg(long)]
+        file_per_range: bool,
+        /// Where to build the layout.
+        #[arg(long, value_enum, default_value_t = run::BackendChoice::Soft)]
+        backend: run::BackendChoice,
+        /// Backing mode to ask for.
+        #[arg(long, value_enum, default_value_t = run::BackingChoice::Auto)]
+        backing: run::BackingChoice,
+        /// Convert GPA:SIZE to private before drawing (repeat for more).
+        #[arg(long, value_parser = run::parse_range)]
+        private: Vec<gmem::memory::GuestRange>,
+        /// Also write the picture as SVG to FILE.
+        #[arg(long, value_name = "FILE")]
+        svg: Option<PathBuf>,
+        /// Run the software backend as this kernel release (`next`: in-place conversion).
+        #[arg(long, value_name = "RELEASE")]
+        profile: Option<Release>,
+    },
+    /// Show the host's KVM guest_memfd support (or the software backend's),
+    /// and the known departures from upstream its probes find.
     Caps {
         /// Which backend to ask.
         #[arg(long, value_enum, default_value_t = One::Kvm)]
         backend: One,
-        /// Print the capabilities as JSON on stdout.
+        /// Print the capabilities as JSON on stdout: an object keyed by
+        /// capability name.
         #[arg(long)]
         json: bool,
     },
@@ -119,28 +198,82 @@ enum One {
     Kvm,
 }
 
+fn parse_size(s: &str) -> Result<u64, String> {
+    parse_number(s)
+        .filter(|_| !s.starts_with('-'))
+        .ok_or_else(|| format!("`{s}` is not a size: write bytes, or 512M, 2G, 1T"))
+}
+
+/// The help text of `--max-memory`, with the default on this machine.
+fn max_memory_help() -> String {
+    let now = match mem_available() {
+        Some(m) => format!("now {} of {}", Bytes(m / DEFAULT_SHARE), Bytes(m)),
+        None => "MemAvailable cannot be read here: 256 MiB".to_string(),
+    };
+    format!(
+        "Memory budget of each scenario run: 512M, 2G, ... An operation that could take a \
+         scenario past it is not performed and its line is reported `over budget` \
+         [default: 1/{DEFAULT_SHARE} of MemAvailable at start; {now}]"
+    )
+}
+
 fn main() -> ExitCode {
     // Like any Unix filter: a closed pipe (`gmem check | head`) ends the
     // process quietly instead of making println! panic.
     // SAFETY: restores the default disposition of SIGPIPE before any thread
     // or handler exists; no Rust state depends on it.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
-    let cli = Cli::parse();
+    let help = max_memory_help();
+    let cmd = Cli::command().mut_subcommand("check", |c| {
+        c.mut_arg("max_memory", |a| {
+            a.help(help.clone()).long_help(help.clone())
+        })
+    });
+    let cli = match Cli::from_arg_matches(&cmd.get_matches()) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     match cli.command {
         Command::Check {
             paths,
             backend,
             json,
             departures,
+            max_memory,
             profile,
-        } => check(paths, backend, json, departures, profile),
+        } => check(paths, backend, json, departures, max_memory, profile),
+        Command::Run {
+            memory,
+            vcpus,
+            backend,
+            backing,
+            profile,
+        } => run::run(memory, vcpus, (backend, profile), backing),
+        Command::Map {
+            memory,
+            ram,
+            file_per_range,
+            backend,
+            backing,
+            private,
+            svg,
+            profile,
+        } => map::map(map::MapArgs {
+            memory,
+            ram,
+            file_per_range,
+            backend: (backend, profile),
+            backing,
+            private,
+            svg,
+        }),
         Command::Caps { backend, json } => caps::caps(
             match backend {
                 One::Soft => Backend::Soft,
                 One::Kvm => Backend::Kvm,
             },
             json,
-            &corpus_dir(),
+            corpus::FILES,
         ),
         Command::Fuzz {
             seed,
@@ -172,14 +305,37 @@ fn main() -> ExitCode {
     }
 }
 
-/// The corpus folder: next to the workspace when built from it, else ./scenarios.
-fn corpus_dir() -> PathBuf {
-    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
-    if built.is_dir() {
-        built
-    } else {
-        PathBuf::from("scenarios")
+/// The scenarios to check: the built-in corpus, or the files under `paths`.
+fn sources(paths: &[PathBuf]) -> Result<Vec<Source>, String> {
+    if paths.is_empty() {
+        return Ok(corpus::FILES
+            .iter()
+            .map(|(name, text)| Source {
+                name: (*name).to_string(),
+                text: Ok((*text).to_string()),
+            })
+            .collect());
     }
+    let files = collect_paths(paths).map_err(|e| {
+        let missing: Vec<String> = paths
+            .iter()
+            .filter(|p| !p.exists())
+            .map(|p| p.display().to_string())
+            .collect();
+        if missing.is_empty() {
+            e.to_string()
+        } else {
+            format!("{}: no such file or folder", missing.join(", "))
+        }
+    })?;
+    if files.is_empty() {
+        let shown: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+        return Err(format!("no .gmem files in {}", shown.join(", ")));
+    }
+    Ok(files
+        .iter()
+        .map(|f| Source::read(f, f.display().to_string()))
+        .collect())
 }
 
 /// A backend, or why it could not be opened.
@@ -200,43 +356,28 @@ fn check(
     which: Which,
     json: bool,
     departures: Option<PathBuf>,
+    max_memory: Option<u64>,
     profile: Option<Release>,
 ) -> ExitCode {
-    let corpus = corpus_dir();
-    let paths = if paths.is_empty() {
-        vec![corpus.clone()]
-    } else {
-        paths
+    let input_error = |msg: String| {
+        eprintln!("gmem check: {msg}");
+        ExitCode::from(2)
     };
-    let mut files = Vec::new();
-    for p in &paths {
-        match collect_files(p) {
-            Ok(f) => files.extend(f),
-            Err(e) => {
-                eprintln!("gmem check: {}: {e}", p.display());
-                return ExitCode::from(2);
-            }
-        }
-    }
-    if files.is_empty() {
-        eprintln!(
-            "gmem check: no .gmem files in {}",
-            paths
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        return ExitCode::from(2);
-    }
-    let dep_path = departures.unwrap_or_else(|| corpus.join("departures.toml"));
-    let departures = match Departures::load(&dep_path) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("gmem check: departures: {e}");
-            return ExitCode::from(2);
-        }
+    let sources = match sources(&paths) {
+        Ok(s) => s,
+        Err(e) => return input_error(e),
     };
+    let departures = match departures {
+        Some(path) => match Departures::load(&path) {
+            Ok(d) => d,
+            Err(e) => return input_error(format!("departures: {e}")),
+        },
+        None => match Departures::parse(gmem::scenario::departures::BUILTIN) {
+            Ok(d) => d,
+            Err(e) => return input_error(format!("built-in departures: {e}")),
+        },
+    };
+    let limits = max_memory.map_or_else(Limits::for_this_machine, Limits::new);
     let wanted: &[Backend] = match which {
         Which::Soft => &[Backend::Soft],
         Which::Kvm => &[Backend::Kvm],
@@ -245,12 +386,11 @@ fn check(
     let opened: Vec<(Backend, Opened)> = wanted.iter().map(|b| (*b, open(*b, profile))).collect();
     if which == Which::Kvm {
         if let Err(why) = &opened[0].1 {
-            eprintln!("gmem check: kvm backend not available: {why}");
-            return ExitCode::from(2);
+            return input_error(format!("kvm backend not available: {why}"));
         }
     }
-    let checker = Checker {
-        backends: opened
+    let checker = Checker::new(
+        opened
             .iter()
             .map(|(b, r)| BackendSlot {
                 name: match (b, profile) {
@@ -261,18 +401,17 @@ fn check(
             })
             .collect(),
         departures,
-        release: kernel_release(),
-        corpus: Some(corpus),
-    };
+        limits,
+    );
     let tty = std::io::stderr().is_terminal();
     let start = Instant::now();
     let mut last = start;
-    let report = checker.check_files(&files, |i, n, key| {
+    let report = checker.check_sources(&sources, |i, n, name| {
         if tty {
-            eprint!("\r\x1b[K[{}/{n}] {key}", i + 1);
+            eprint!("\r\x1b[K[{}/{n}] {name}", i + 1);
         } else if last.elapsed() > Duration::from_secs(5) {
             last = Instant::now();
-            eprintln!("gmem check: {i}/{n} scenarios done, now {key}");
+            eprintln!("gmem check: {i}/{n} scenarios done, now {name}");
         }
     });
     if tty {
@@ -281,15 +420,14 @@ fn check(
     if json {
         match serde_json::to_string_pretty(&report) {
             Ok(s) => println!("{s}"),
-            Err(e) => {
-                eprintln!("gmem check: {e}");
-                return ExitCode::from(2);
-            }
+            Err(e) => return input_error(e.to_string()),
         }
     } else {
         print!("{}", render(&report));
     }
-    if report.failed() {
+    if report.input_error() {
+        ExitCode::from(2)
+    } else if report.failed() {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS

@@ -1,45 +1,76 @@
-//! The `gmem` binary: exit codes and what it says.
+//! The `gmem` binary: exit codes, what it says, and what it reads.
 
-use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn gmem(args: &[&str]) -> Output {
+fn gmem_in(dir: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_gmem"))
         .args(args)
+        .current_dir(dir)
         .output()
         .expect("runs gmem")
+}
+
+fn gmem(args: &[&str]) -> Output {
+    gmem_in(Path::new(env!("CARGO_TARGET_TMPDIR")), args)
 }
 
 fn text(o: &[u8]) -> String {
     String::from_utf8_lossy(o).into_owned()
 }
 
-fn scenario(name: &str, body: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("gmem-cli-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join(name);
-    std::fs::write(&p, body).unwrap();
-    p
+fn json(o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&o.stdout)))
 }
+
+/// A folder of its own under cargo's temporary folder for tests (not /tmp),
+/// removed when the test ends.
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(test: &str) -> Dir {
+        let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cli-{test}"));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        Dir(d)
+    }
+
+    fn file(&self, name: &str, body: &str) -> String {
+        let p = self.0.join(name);
+        std::fs::write(&p, body).unwrap();
+        p.to_str().unwrap().to_string()
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+const PASSING: &str = "vm = create_vm\ng = create_guest_memfd vm size=4K\nfile_read g => EINVAL\n";
 
 #[test]
 fn check_of_a_passing_file_exits_zero_and_prints_the_table() {
-    let p = scenario(
-        "pass.gmem",
-        "vm = create_vm\ng = create_guest_memfd vm size=4K\nfile_read g => EINVAL\n",
-    );
-    let o = gmem(&["check", "--backend", "soft", p.to_str().unwrap()]);
+    let d = Dir::new("pass");
+    let p = d.file("pass.gmem", PASSING);
+    let o = gmem(&["check", "--backend", "soft", &p]);
     assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
     assert!(text(&o.stdout).contains("pass"));
 }
 
 #[test]
 fn check_of_a_failing_file_exits_one_with_line_expected_and_actual() {
-    let p = scenario(
+    let d = Dir::new("fail");
+    let p = d.file(
         "fail.gmem",
         "vm = create_vm\ng = create_guest_memfd vm size=4K\nfile_read g => ESPIPE\n",
     );
-    let o = gmem(&["check", "--backend", "soft", p.to_str().unwrap()]);
+    let o = gmem(&["check", "--backend", "soft", &p]);
     assert_eq!(o.status.code(), Some(1));
     let out = text(&o.stdout);
     assert!(out.contains("fail.gmem:3"), "{out}");
@@ -50,38 +81,189 @@ fn check_of_a_failing_file_exits_one_with_line_expected_and_actual() {
 }
 
 #[test]
-fn check_of_a_file_that_does_not_parse_names_line_and_column() {
-    let p = scenario("bad.gmem", "vm = create_vm\nfrob vm\n");
-    let o = gmem(&["check", "--backend", "soft", "--json", p.to_str().unwrap()]);
-    assert_eq!(o.status.code(), Some(1));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let detail = v["scenarios"][0]["results"][0]["problems"][0]["detail"]
-        .as_str()
-        .unwrap();
+fn a_file_that_does_not_parse_is_an_input_error_reported_once() {
+    let d = Dir::new("parse");
+    let p = d.file("bad.gmem", "vm = create_vm\nfrob vm\n");
+    // Text: the header names the real line; exit 2.
+    let o = gmem(&["check", "--backend", "both", &p]);
+    assert_eq!(o.status.code(), Some(2));
+    let out = text(&o.stdout);
+    assert_eq!(out.matches("parse error").count(), 1, "{out}");
     assert!(
-        detail.contains("bad.gmem:2:1: expected an operation"),
-        "{detail}"
+        out.contains("bad.gmem:2:1: parse error: expected an operation"),
+        "{out}"
+    );
+    // JSON: one object per error, counted once for both backends.
+    let o = gmem(&["check", "--backend", "both", "--json", &p]);
+    assert_eq!(o.status.code(), Some(2));
+    let v = json(&o);
+    assert_eq!(v["summary"]["parse_errors"], 1);
+    let e = &v["scenarios"][0]["parse_errors"][0];
+    assert_eq!(
+        (e["line"].as_u64(), e["column"].as_u64()),
+        (Some(2), Some(1))
+    );
+    assert_eq!(e["expected"], "an operation");
+    assert_eq!(e["found"], "`frob`");
+    assert!(e["file"].as_str().unwrap().ends_with("bad.gmem"));
+    assert!(e["hint"].as_str().unwrap().contains("create_guest_memfd"));
+    assert_eq!(v["scenarios"][0]["results"].as_array().unwrap().len(), 0);
+}
+
+#[test]
+fn an_empty_scenario_file_is_an_error() {
+    let d = Dir::new("empty");
+    let p = d.file("empty.gmem", "# nothing\n");
+    let o = gmem(&["check", "--backend", "soft", &p]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o.stdout).contains("expected at least one operation"));
+}
+
+#[test]
+fn a_departures_file_that_does_not_exist_is_an_error() {
+    let d = Dir::new("departures");
+    let p = d.file("pass.gmem", PASSING);
+    let missing = format!("{}/no-such-departures.toml", d.path());
+    let o = gmem(&["check", "--backend", "soft", "--departures", &missing, &p]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        text(&o.stderr).contains("no-such-departures.toml"),
+        "{}",
+        text(&o.stderr)
     );
 }
 
 #[test]
-fn check_on_kvm_alone_without_kvm_is_an_error_that_says_so() {
-    let p = scenario("kvm.gmem", "vm = create_vm\n");
-    let o = gmem(&["check", "--backend", "kvm", p.to_str().unwrap()]);
-    let err = text(&o.stderr);
-    if o.status.success() {
-        let _ = writeln!(
-            std::io::stderr(),
-            "kvm backend available: not-available path skipped"
+fn each_file_runs_once_through_symlink_loops_and_repeated_paths() {
+    let d = Dir::new("loops");
+    let p = d.file("a.gmem", PASSING);
+    std::os::unix::fs::symlink(".", d.0.join("loop")).unwrap();
+    std::os::unix::fs::symlink("a.gmem", d.0.join("b.gmem")).unwrap();
+    let o = gmem(&[
+        "check",
+        "--backend",
+        "soft",
+        "--json",
+        d.path(),
+        &p,
+        d.path(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(json(&o)["summary"]["files"], 1);
+}
+
+#[test]
+fn a_path_that_does_not_exist_is_an_error() {
+    let o = gmem(&["check", "--backend", "soft", "/no/such/scenario.gmem"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        text(&o.stderr).contains("no such file or folder"),
+        "{}",
+        text(&o.stderr)
+    );
+}
+
+#[test]
+fn the_built_in_corpus_runs_from_any_folder() {
+    // The test's own folder has no scenarios/: the corpus is in the binary.
+    let d = Dir::new("anywhere");
+    let o = gmem_in(&d.0, &["check", "--backend", "soft", "--json"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let v = json(&o);
+    assert!(
+        v["summary"]["files"].as_u64().unwrap() > 40,
+        "{}",
+        v["summary"]
+    );
+    assert_eq!(v["summary"]["failed"], 0);
+}
+
+#[test]
+fn check_json_has_the_schema_the_kernel_and_summary_counts() {
+    let d = Dir::new("json");
+    let a = d.file("a.gmem", PASSING);
+    let b = d.file("b.gmem", "require vm_type:5\nvm = create_vm\n");
+    let o = gmem(&["check", "--backend", "soft", "--json", &a, &b]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let v = json(&o);
+    assert_eq!(v["schema"], "gmem-check/1");
+    assert!(v["kernel"]["release"].is_string() && v["kernel"]["kvm"].is_string());
+    let s = &v["summary"];
+    assert_eq!(
+        (
+            s["files"].as_u64(),
+            s["passed"].as_u64(),
+            s["skipped"].as_u64()
+        ),
+        (Some(2), Some(1), Some(1))
+    );
+    assert_eq!(s["failed"], 0);
+    assert!(v["max_memory"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn a_scenario_over_the_memory_budget_fails_with_over_budget() {
+    let d = Dir::new("budget");
+    let p = d.file(
+        "terabyte.gmem",
+        "vm = create_vm\ng = create_guest_memfd vm size=1T\nfallocate g mode=allocate offset=0 len=1T\n",
+    );
+    let o = gmem(&["check", "--backend", "soft", "--max-memory", "64M", &p]);
+    assert_eq!(o.status.code(), Some(1));
+    let out = text(&o.stdout);
+    assert!(out.contains("actual:   over budget"), "{out}");
+    let words = out.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(words.contains("memory budget of 64 MiB"), "{out}");
+    let o = gmem(&[
+        "check",
+        "--backend",
+        "soft",
+        "--max-memory",
+        "64M",
+        "--json",
+        &p,
+    ]);
+    assert_eq!(json(&o)["summary"]["over_budget_lines"], 1);
+}
+
+#[test]
+fn max_memory_help_states_the_default() {
+    let o = gmem(&["check", "--help"]);
+    let out = text(&o.stdout);
+    assert!(out.contains("MemAvailable"), "{out}");
+    let o = gmem(&["check", "--max-memory", "lots"]);
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn check_rows_fit_100_columns() {
+    let o = gmem(&["check", "--backend", "soft"]);
+    assert!(o.status.success());
+    for l in text(&o.stdout).lines() {
+        assert!(
+            l.chars().count() <= 100,
+            "{} columns: {l}",
+            l.chars().count()
         );
+    }
+}
+
+#[test]
+fn check_on_kvm_alone_without_kvm_is_an_error_that_says_so() {
+    let d = Dir::new("kvm");
+    let p = d.file("kvm.gmem", "vm = create_vm\n");
+    let o = gmem(&["check", "--backend", "kvm", &p]);
+    if Path::new("/dev/kvm").exists() {
+        assert!(o.status.success(), "{}", text(&o.stderr));
         return;
     }
     assert_eq!(o.status.code(), Some(2));
+    let err = text(&o.stderr);
     assert!(err.contains("kvm backend not available: "), "{err}");
 }
 
 #[test]
-fn caps_exits_zero_whether_or_not_kvm_works() {
+fn caps_exits_zero_whether_or_not_kvm_works_and_names_the_kernel() {
     let o = gmem(&["caps"]);
     assert!(o.status.success(), "{}", text(&o.stderr));
     let out = text(&o.stdout);
@@ -89,14 +271,38 @@ fn caps_exits_zero_whether_or_not_kvm_works() {
         out.contains("kvm backend not available") || out.contains("what it means for a VMM"),
         "{out}"
     );
+    assert!(out.contains("kernel:"), "{out}");
 }
 
 #[test]
-fn caps_of_the_soft_backend_as_json() {
+fn caps_json_is_keyed_by_capability_name() {
     let o = gmem(&["caps", "--backend", "soft", "--json"]);
     assert!(o.status.success());
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let v = json(&o);
     assert_eq!(v["backend"], "soft");
-    assert_eq!(v["vm_types"][1]["name"], "sw_protected");
+    assert_eq!(v["capabilities"]["guest_memfd"], 1);
+    assert_eq!(v["capabilities"]["nr_memslots"], 32764);
+    assert_eq!(v["vm_types"]["sw_protected"]["vm_type"], 1);
+    assert_eq!(
+        v["vm_types"]["sw_protected"]["capabilities"]["memory_attributes"],
+        8
+    );
     assert_eq!(v["set_memory_attributes"], "present");
+    // The software backend is upstream: no probe shows a departure.
+    assert_eq!(v["departures"]["FAULT-3"]["probe"], "not_shown");
+    assert!(v["kernel"]["kvm"].is_string());
+    assert!(v["meaning"]["guest_memfd"]
+        .as_str()
+        .unwrap()
+        .starts_with("available"));
+}
+
+#[test]
+fn caps_lines_fit_100_columns() {
+    for backend in ["soft", "kvm"] {
+        let o = gmem(&["caps", "--backend", backend]);
+        for l in text(&o.stdout).lines() {
+            assert!(l.chars().count() <= 100, "{backend}: {l}");
+        }
+    }
 }

@@ -4,6 +4,8 @@
 //! - [`soft`]: the software backend, the executable specification.
 //! - [`kvm`]: the same contract on the running kernel through `/dev/kvm`.
 //! - [`scenario`]: scenario files and the conformance runner.
+//! - [`memory`]: the memory manager VMMs embed: RAM on guest_memfd, laid
+//!   out, converted, discarded, measured, and vm-memory interop.
 //! - [`release`]: the kernel releases whose guest_memfd behaviour differs.
 //! - [`mempolicy`]: NUMA memory policy of host mappings (`mbind`).
 //! - [`madvise`]: advice on host mappings (`madvise`).
@@ -21,6 +23,7 @@ pub mod host;
 pub mod hypervisor;
 pub mod kvm;
 pub mod madvise;
+pub mod memory;
 pub mod mempolicy;
 pub mod release;
 pub mod rules;

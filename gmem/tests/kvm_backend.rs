@@ -15,13 +15,15 @@
 //! LIFE-6 after a vCPU has run).
 //!
 //! Every test but the first needs /dev/kvm: when it does not exist the test
-//! prints one `skip:` line and passes; when it exists and does not open, the
-//! test fails.
+//! records a skip and passes (the binary prints one summary of the skips when
+//! it exits); when it exists and does not open, the test fails.
 //!
 //! Tests run one at a time (they share a lock): the fd-leak test counts the
 //! process's open fds, and the machine is small.
 
-use std::io::Write;
+#[path = "common/skips.rs"]
+mod skips;
+
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
@@ -38,7 +40,7 @@ use gmem::{
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
-/// The lock and the hypervisor; `None` (after one skip line) only when
+/// The lock and the hypervisor; `None` (after recording a skip) only when
 /// /dev/kvm does not exist. A /dev/kvm that does not open fails the test.
 fn kvm() -> Option<(MutexGuard<'static, ()>, KvmHypervisor)> {
     if !Path::new("/dev/kvm").exists() {
@@ -52,13 +54,10 @@ fn kvm() -> Option<(MutexGuard<'static, ()>, KvmHypervisor)> {
     }
 }
 
-/// Prints `skip: <reason> (<test>)` straight to stderr: the test harness
-/// captures `eprintln!`, not writes to the stream itself.
+/// Records that the test skips, and why: the binary prints one summary of
+/// the skips when it exits.
 fn skip(reason: &str) {
-    let thread = std::thread::current();
-    let line = format!("skip: {reason} ({})\n", thread.name().unwrap_or("?"));
-    // One write, so the line is not split among the harness's own output.
-    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    skips::skip(reason);
 }
 
 const MMAP_SHARED: u64 = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;

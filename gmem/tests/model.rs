@@ -316,10 +316,9 @@ impl Model {
             }
             Backing::Host { .. } if private => Outcome::MemoryFault { private, gfn },
             Backing::Host { page: hp } => page(&mut self.host, hp + gfn - slot.gfn),
-            Backing::File { .. } => Outcome::MemoryFault {
-                private: false,
-                gfn,
-            }, // userspace_addr 0
+            // Shared access to a file without MMAP: served from
+            // userspace_addr 0, where nothing is mapped (FAULT-3: EFAULT).
+            Backing::File { .. } => Outcome::Errno(Errno::EFAULT),
         }
     }
 }

@@ -8,6 +8,9 @@ use crate::scenario::run::ScenarioRun;
 use crate::uapi::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_X86_DEFAULT_VM};
 use crate::{Backend, Hypervisor};
 
+use crate::scenario::budget::Limits as ScenarioLimits;
+use crate::scenario::{Departures, Explainer};
+
 use super::coverage::{op_name, Coverage};
 use super::exec::{
     compare, outcome_kind, show, Executor, Finding, FindingKind, LineClass, Tally, Target, Verdict,
@@ -39,10 +42,10 @@ pub struct Config {
     pub minimize: Budget,
     /// The kernel release the software backend follows (`docs/releases.md`).
     pub soft_release: crate::Release,
-    /// The software backend with the running kernel's known departures
-    /// applied: a difference it predicts is not a finding. `None`: every
-    /// difference counts.
-    pub departures: Option<Target>,
+    /// Explain differences by the departures (`scenarios/departures.toml`)
+    /// whose probes the running kernel shows: such a line is not a
+    /// finding. `false`: every difference counts (to rediscover them).
+    pub known_departures: bool,
 }
 
 impl Default for Config {
@@ -53,7 +56,7 @@ impl Default for Config {
             leak_check: true,
             minimize: Budget::default(),
             soft_release: crate::Release::DEFAULT,
-            departures: None,
+            known_departures: true,
         }
     }
 }
@@ -63,7 +66,6 @@ impl Default for Config {
 struct Roles {
     soft: Option<usize>,
     kvm: Option<usize>,
-    departures: Option<usize>,
 }
 
 /// A campaign in progress.
@@ -76,6 +78,8 @@ pub struct Campaign {
     pub limits: Limits,
     leak_check: bool,
     budget: Budget,
+    /// The departures and the ids of those the kernel's probes show.
+    known: Option<(Departures, Vec<String>)>,
     soft_flags: Vec<(u64, u64)>,
     /// Counts.
     pub tally: Tally,
@@ -110,8 +114,8 @@ impl Campaign {
         let mut roles = Roles {
             soft: None,
             kvm: None,
-            departures: None,
         };
+        let mut known = None;
         let mut profile: Option<Profile> = None;
         let mut soft_flags = Vec::new();
         if config.mode != Mode::Kvm {
@@ -126,15 +130,17 @@ impl Campaign {
             roles.kvm = Some(targets.len());
             let kvm = Target::Backend(Backend::Kvm);
             let p = open_profile(&kvm)?;
+            if config.mode == Mode::Both && config.known_departures {
+                let departures = Departures::builtin();
+                let probes = departures.probe(kvm.open()?.as_ref(), &ScenarioLimits::default());
+                let shown = probes.shown().into_iter().map(String::from).collect();
+                known = Some((departures, shown));
+            }
             targets.push(kvm);
             profile = Some(match profile {
                 Some(s) => s.intersect(&p),
                 None => p,
             });
-        }
-        if let (Mode::Both, Some(d)) = (config.mode, config.departures) {
-            roles.departures = Some(targets.len());
-            targets.push(d);
         }
         let profile = profile.expect("every mode runs a backend");
         Ok(Campaign {
@@ -144,6 +150,7 @@ impl Campaign {
             limits: config.limits,
             leak_check: config.leak_check,
             budget: config.minimize,
+            known,
             soft_flags,
             tally: Tally::default(),
             coverage: Coverage::default(),
@@ -235,7 +242,7 @@ impl Campaign {
         }
         if self.leak_check {
             for (i, r) in runs.iter().enumerate() {
-                if Some(i) == self.roles.departures || !r.grew() {
+                if !r.grew() {
                     continue;
                 }
                 match self.exec.confirm_leak(i, sc, 3) {
@@ -264,7 +271,7 @@ impl Campaign {
         }
         let run_of = |i: Option<usize>| i.and_then(|i| runs[i].run.as_ref());
         if let (Some(soft), Some(kvm)) = (run_of(self.roles.soft), run_of(self.roles.kvm)) {
-            let cmp = compare(sc, soft, kvm, run_of(self.roles.departures));
+            let cmp = compare(sc, soft, kvm, &self.explain(sc, soft, kvm));
             if let Some(d) = cmp.finding() {
                 return Verdict::Found(Box::new(Finding::difference(seed, (**sc).clone(), d)));
             }
@@ -311,6 +318,45 @@ impl Campaign {
         })))
     }
 
+    /// For each line of `sc` where the kernel's outcome differs from the
+    /// software backend's: the known departures (shown by the kernel's
+    /// probes) that account for it, if any. The software backend's outcomes
+    /// are the expectations, as upstream's are in a corpus file.
+    fn explain(&self, sc: &Scenario, soft: &ScenarioRun, kvm: &ScenarioRun) -> Vec<Option<String>> {
+        let Some((departures, shown)) = &self.known else {
+            return Vec::new();
+        };
+        let differs = soft
+            .lines
+            .iter()
+            .zip(&kvm.lines)
+            .any(|(a, b)| a.actual != b.actual);
+        if !differs || kvm.skipped.is_some() {
+            return Vec::new();
+        }
+        let outcomes: Vec<Option<Outcome>> = soft.lines.iter().map(|l| l.actual).collect();
+        let expected = with_expectations(sc, &outcomes);
+        let mut run = kvm.clone();
+        for (l, s) in run.lines.iter_mut().zip(&soft.lines) {
+            l.passed = l.actual == s.actual;
+        }
+        let ids: Vec<&str> = shown.iter().map(String::as_str).collect();
+        Explainer::new(departures, &ids, ScenarioLimits::default())
+            .explain(&expected, &run)
+            .into_iter()
+            .map(|e| e.map(|e| e.behaviours.join(", ")))
+            .collect()
+    }
+
+    /// The ids of the known departures the kernel's probes show (empty
+    /// when they are not applied).
+    pub fn known_departures(&self) -> Vec<String> {
+        self.known
+            .as_ref()
+            .map(|(_, s)| s.clone())
+            .unwrap_or_default()
+    }
+
     /// Does `sc` still show `f` (at line `target`)?
     fn shows(&mut self, f: &Finding, sc: &Scenario, target: Option<usize>) -> bool {
         let sc = Arc::new(sc.clone());
@@ -341,14 +387,7 @@ impl Campaign {
                 {
                     return false;
                 }
-                let model = match self.roles.departures {
-                    Some(d) => match self.exec.run_on(d, &sc) {
-                        Ok(r) => r.run,
-                        Err(_) => return false,
-                    },
-                    None => None,
-                };
-                compare(&sc, &soft, &kvm, model.as_ref())
+                compare(&sc, &soft, &kvm, &self.explain(&sc, &soft, &kvm))
                     .finding()
                     .is_some_and(|d| d.index == t && d.signature == f.signature)
             }

@@ -339,9 +339,12 @@ pub enum LineClass {
     /// The KVM backend's own rule refused it (`KVM-SETUP`, `gmem-safety`):
     /// a limit of the backend, not of the kernel.
     BackendRule(String),
-    /// The model of the departures recorded for this kernel gives the
-    /// subject's outcome.
+    /// A known departure of the running kernel, shown by its probe,
+    /// explains it (the behaviours' ids).
     Known(String),
+    /// The runner did not perform the line on one backend: it could have
+    /// taken the program past the runner's memory budget.
+    OverBudget,
     /// Nothing explains it: a finding.
     Differs,
 }
@@ -389,6 +392,7 @@ impl Comparison {
         match self.diffs.last().map(|d| &d.class) {
             Some(LineClass::Capability(why)) => Some(format!("capability: {why}")),
             Some(LineClass::BackendRule(why)) => Some(format!("backend rule: {why}")),
+            Some(LineClass::OverBudget) => Some("over budget: the runner's memory budget".into()),
             _ => None,
         }
     }
@@ -409,6 +413,8 @@ pub fn outcome_kind(o: &Option<Outcome>) -> String {
         Some(Outcome::Stat { .. }) => "stat".into(),
         Some(Outcome::Timeout) => "timeout".into(),
         Some(Outcome::Policy { .. }) => "policy".into(),
+        Some(Outcome::HypercallReturn { .. }) => "hypercall return".into(),
+        Some(Outcome::OverBudget) => "over budget".into(),
     }
 }
 
@@ -553,15 +559,15 @@ pub fn access_context(sc: &Scenario, reference: &ScenarioRun, index: usize) -> O
 }
 
 /// Compares the reference's run (the software backend) with the subject's
-/// (the kernel) line by line. With `model` (the software backend with the
-/// kernel's recorded departures applied), a line where the model gives the
-/// subject's outcome is explained. The comparison stops at the first
-/// difference that is not explained.
+/// (the kernel) line by line. `known[i]`, when given, names the known
+/// departures that explain line i (see [`super::campaign`]); such a line
+/// is not a finding. The comparison stops at the first difference that is
+/// not explained.
 pub fn compare(
     sc: &Scenario,
     reference: &ScenarioRun,
     subject: &ScenarioRun,
-    model: Option<&ScenarioRun>,
+    known: &[Option<String>],
 ) -> Comparison {
     if let Some(s) = reference.skipped.as_ref().or(subject.skipped.as_ref()) {
         return Comparison {
@@ -579,22 +585,22 @@ pub fn compare(
         }
         let detail_b = b.detail.clone().unwrap_or_default();
         let detail_a = a.detail.clone().unwrap_or_default();
-        let class = if matches!(line.op, Op::CheckExtension { .. }) {
-            LineClass::Capability("check_extension answers per host".into())
-        } else if matches!(rule_of(&detail_b), Some("KVM-SETUP" | "gmem-safety")) {
-            LineClass::BackendRule(detail_b.clone())
-        } else if detail_b.contains("not supported by this")
-            || detail_a.contains("not supported by this")
-        {
-            LineClass::Capability(format!("{detail_a}{detail_b}"))
-        } else if model
-            .and_then(|m| m.lines.get(i))
-            .is_some_and(|m| m.actual == b.actual)
-        {
-            LineClass::Known("the model of this kernel's recorded departures gives it".into())
-        } else {
-            LineClass::Differs
-        };
+        let class =
+            if a.actual == Some(Outcome::OverBudget) || b.actual == Some(Outcome::OverBudget) {
+                LineClass::OverBudget
+            } else if matches!(line.op, Op::CheckExtension { .. }) {
+                LineClass::Capability("check_extension answers per host".into())
+            } else if matches!(rule_of(&detail_b), Some("KVM-SETUP" | "gmem-safety")) {
+                LineClass::BackendRule(detail_b.clone())
+            } else if detail_b.contains("not supported by this")
+                || detail_a.contains("not supported by this")
+            {
+                LineClass::Capability(format!("{detail_a}{detail_b}"))
+            } else if let Some(Some(why)) = known.get(i) {
+                LineClass::Known(why.clone())
+            } else {
+                LineClass::Differs
+            };
         let stop = !matches!(class, LineClass::Known(_));
         diffs.push(LineDiff {
             index: i,

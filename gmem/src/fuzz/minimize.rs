@@ -244,7 +244,8 @@ impl<F: FnMut(&Scenario, Option<usize>) -> bool> Search<'_, F> {
         target: Option<usize>,
     ) -> Option<(Vec<Line>, Option<usize>)> {
         let (cand, t) = closure(lines, keep, target)?;
-        if cand.len() >= lines.len() {
+        // An empty file is not a scenario.
+        if cand.is_empty() || cand.len() >= lines.len() {
             return None;
         }
         let sc = self.test(cand, t)?;

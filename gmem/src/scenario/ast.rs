@@ -454,12 +454,52 @@ pub enum Outcome {
     },
     /// The guest never exited within the run's bound (extension: `timeout`).
     Timeout,
+    /// What a hypercall returned to the guest without exiting:
+    /// `-KVM_ENOSYS`, `-KVM_EINVAL`, `0` (as `kvm_para.h` names them).
+    HypercallReturn {
+        /// The value in the guest's rax.
+        value: u64,
+    },
+    /// The runner did not perform the operation: it could have taken the
+    /// scenario past its memory budget. Never the outcome of a kernel, and
+    /// no expectation accepts it.
+    OverBudget,
     /// `bind|static nodes=0-1`: a NUMA policy, as `get_mempolicy` reports it.
     Policy {
         /// The policy.
         #[serde(serialize_with = "ser_display")]
         policy: MemPolicy,
     },
+}
+
+/// The hypercall error codes of `include/uapi/linux/kvm_para.h`, negated
+/// in a hypercall's return value.
+const KVM_HC_ERRNOS: &[(&str, u64)] = &[
+    ("KVM_ENOSYS", 1000),
+    ("KVM_EFAULT", 14),
+    ("KVM_EINVAL", 22),
+    ("KVM_E2BIG", 7),
+    ("KVM_EPERM", 1),
+    ("KVM_EOPNOTSUPP", 95),
+];
+
+/// The value of `-KVM_ENOSYS` and the like, as a hypercall returns it.
+pub fn hypercall_return_from_name(name: &str) -> Option<u64> {
+    let bare = name.strip_prefix('-')?;
+    KVM_HC_ERRNOS
+        .iter()
+        .find(|(n, _)| *n == bare)
+        .map(|(_, v)| v.wrapping_neg())
+}
+
+fn hypercall_return_name(value: u64) -> String {
+    match KVM_HC_ERRNOS
+        .iter()
+        .find(|(_, v)| v.wrapping_neg() == value)
+    {
+        Some((n, _)) => format!("-{n}"),
+        None => (value as i64).to_string(),
+    }
 }
 
 fn ser_display<S: serde::Serializer>(
@@ -478,8 +518,12 @@ impl Outcome {
     pub fn accepts(&self, actual: &Outcome) -> bool {
         use Outcome::*;
         match (self, actual) {
-            (Ok, Ok | Value { .. } | Stat { .. } | Policy { .. }) => true,
-            (Value { value: a, .. }, Value { value: b, .. }) => a == b,
+            (_, OverBudget) | (OverBudget, _) => false,
+            (Ok, Ok | Value { .. } | Stat { .. } | HypercallReturn { .. } | Policy { .. }) => true,
+            (
+                Value { value: a, .. } | HypercallReturn { value: a },
+                Value { value: b, .. } | HypercallReturn { value: b },
+            ) => a == b,
             (Mmio { gpa: a, write: w }, Mmio { gpa: b, write: v }) => {
                 a == b && (w.is_none() || w == v)
             }
@@ -510,7 +554,11 @@ impl Outcome {
     pub fn is_success(&self) -> bool {
         matches!(
             self,
-            Outcome::Ok | Outcome::Value { .. } | Outcome::Stat { .. } | Outcome::Policy { .. }
+            Outcome::Ok
+                | Outcome::Value { .. }
+                | Outcome::Stat { .. }
+                | Outcome::HypercallReturn { .. }
+                | Outcome::Policy { .. }
         )
     }
 }
@@ -573,6 +621,8 @@ impl fmt::Display for Outcome {
                 f.write_str(&parts.join(" "))
             }
             Outcome::Timeout => f.write_str("timeout"),
+            Outcome::HypercallReturn { value } => f.write_str(&hypercall_return_name(*value)),
+            Outcome::OverBudget => f.write_str("over budget"),
             Outcome::Policy { policy } => write!(f, "{policy}"),
         }
     }

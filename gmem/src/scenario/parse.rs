@@ -1,13 +1,14 @@
 //! The `.gmem` parser. Every error names the file, line and column, what was
 //! expected there and a hint; no input makes it panic.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 
 use serde::Serialize;
 
 use super::ast::{
-    FdRef, FileOp, Line, Op, Outcome, Region, RequireKind, Requirement, Scenario, Userspace,
+    hypercall_return_from_name, FdRef, FileOp, Line, Op, Outcome, Region, RequireKind, Requirement,
+    Scenario, Userspace,
 };
 use crate::error::errno_from_name;
 use crate::mempolicy::{MbindFlags, MemPolicy, NodeMask};
@@ -76,13 +77,55 @@ const RESERVED: &[&str] = &[
     "kvm", "closed", "memfd", "private", "shared", "ok", "require",
 ];
 
+/// The largest scenario file the runner reads.
+pub const MAX_SCENARIO_BYTES: usize = 16 << 20;
+/// The most operation lines a scenario may have.
+pub const MAX_OPERATIONS: usize = 100_000;
+/// The most bytes one `host_write` may write.
+pub const MAX_HOST_WRITE: u64 = 1 << 30;
+/// Tokens longer than this are shortened in messages.
+const MAX_TOKEN_SHOWN: usize = 40;
+
+/// `s` if it has at most `max` characters, else its start and end around
+/// `…`, with `max` characters in all.
+pub fn shorten(s: &str, max: usize) -> String {
+    let n = s.chars().count();
+    if n <= max || max < 5 {
+        return s.to_string();
+    }
+    let tail = (max - 1) / 3;
+    let head = max - 1 - tail;
+    let start: String = s.chars().take(head).collect();
+    let end: String = s.chars().skip(n - tail).collect();
+    format!("{start}…{end}")
+}
+
 /// Parses the text of a scenario file; `path` is used in messages.
 pub fn parse(path: &str, text: &str) -> Result<Scenario, ParseErrors> {
     let mut p = Parser {
         file: path,
-        bound: HashSet::new(),
+        bound: HashMap::new(),
         errors: Vec::new(),
     };
+    let whole = |expected: &str, found: String, hint: &str| {
+        ParseErrors(vec![ParseError {
+            file: path.to_string(),
+            line: 1,
+            column: 1,
+            expected: expected.to_string(),
+            found,
+            hint: hint.to_string(),
+        }])
+    };
+    if text.len() > MAX_SCENARIO_BYTES {
+        return Err(whole(
+            &format!("a scenario of at most {} MiB", MAX_SCENARIO_BYTES >> 20),
+            format!("{} bytes", text.len()),
+            "split the scenario into several files",
+        ));
+    }
+    // A UTF-8 byte order mark is not part of the first line.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut requires = Vec::new();
     let mut lines = Vec::new();
     for (i, raw) in text.lines().enumerate() {
@@ -100,18 +143,40 @@ pub fn parse(path: &str, text: &str) -> Result<Scenario, ParseErrors> {
             raw: content,
         };
         match p.line(&mut cx, &mut requires) {
-            Ok(Some(l)) => lines.push(l),
+            Ok(Some(l)) => {
+                if lines.len() == MAX_OPERATIONS {
+                    p.errors.push(*cx.err(
+                        0,
+                        &format!("at most {MAX_OPERATIONS} operations"),
+                        "",
+                        "split the scenario into several files",
+                    ));
+                    break;
+                }
+                lines.push(l)
+            }
             Ok(None) => {}
             Err(e) => {
                 // Keep the name a failed line binds, so that later lines
                 // using it do not each report it as unbound.
                 let toks = words(content, 0);
                 if toks.len() >= 2 && toks[1].text == "=" && is_ident(toks[0].text) {
-                    p.bound.insert(toks[0].text.to_string());
+                    p.bound.entry(toks[0].text.to_string()).or_insert(line_no);
                 }
                 p.errors.push(*e)
             }
         }
+    }
+    if p.errors.is_empty() && lines.is_empty() {
+        return Err(whole(
+            "at least one operation",
+            if text.trim().is_empty() {
+                "an empty file".to_string()
+            } else {
+                "only comments and require lines".to_string()
+            },
+            "a scenario is operation lines such as `vm = create_vm` (docs/scenarios.md)",
+        ));
     }
     if p.errors.is_empty() {
         Ok(Scenario {
@@ -129,7 +194,8 @@ type PResult<T> = Result<T, Box<ParseError>>;
 struct Parser<'a> {
     #[allow(dead_code)]
     file: &'a str,
-    bound: HashSet<String>,
+    /// Handle names and the line that binds each.
+    bound: HashMap<String, usize>,
     errors: Vec<ParseError>,
 }
 
@@ -164,7 +230,7 @@ impl LineCx<'_> {
             found: if found.is_empty() {
                 "end of line".to_string()
             } else {
-                format!("`{found}`")
+                format!("`{}`", shorten(found, MAX_TOKEN_SHOWN))
             },
             hint: hint.to_string(),
         })
@@ -208,6 +274,19 @@ fn is_ident(s: &str) -> bool {
 /// Parses a number: decimal, `0x` hex or `0o` octal, `_` separators, an
 /// optional leading `-` (two's complement) and a K/M/G/T suffix.
 pub fn parse_number(s: &str) -> Option<u64> {
+    number_value(s).ok()
+}
+
+/// Why a word is not a number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NumberError {
+    /// Not written as a number.
+    Malformed,
+    /// Written as one, but more than 64 bits hold.
+    TooBig,
+}
+
+fn number_value(s: &str) -> Result<u64, NumberError> {
     let (neg, s) = match s.strip_prefix('-') {
         Some(r) => (true, r),
         None => (false, s),
@@ -228,12 +307,12 @@ pub fn parse_number(s: &str) -> Option<u64> {
         _ => (digits, 0),
     };
     let clean: String = digits.chars().filter(|c| *c != '_').collect();
-    if clean.is_empty() || digits.starts_with('_') || clean.starts_with('+') {
-        return None;
+    if clean.is_empty() || digits.starts_with('_') || !clean.chars().all(|c| c.is_digit(radix)) {
+        return Err(NumberError::Malformed);
     }
-    let v = u64::from_str_radix(&clean, radix).ok()?;
-    let v = v.checked_mul(1u64 << shift)?;
-    Some(if neg { v.wrapping_neg() } else { v })
+    let v = u64::from_str_radix(&clean, radix).map_err(|_| NumberError::TooBig)?;
+    let v = v.checked_mul(1u64 << shift).ok_or(NumberError::TooBig)?;
+    Ok(if neg { v.wrapping_neg() } else { v })
 }
 
 /// The arguments after the operation name: positional words and `key=value`.
@@ -333,8 +412,17 @@ impl<'a> Args<'a> {
 }
 
 fn number(cx: &LineCx, t: Tok, what: &str) -> PResult<u64> {
-    parse_number(t.text)
-        .ok_or_else(|| cx.err(t.at, &format!("a number for {what}"), t.text, NUMBER_HINT))
+    number_value(t.text).map_err(|e| match e {
+        NumberError::Malformed => {
+            cx.err(t.at, &format!("a number for {what}"), t.text, NUMBER_HINT)
+        }
+        NumberError::TooBig => cx.err(
+            t.at,
+            &format!("a number for {what} that fits in 64 bits"),
+            t.text,
+            "numbers are 64-bit: at most 0xffff_ffff_ffff_ffff (18446744073709551615)",
+        ),
+    })
 }
 
 /// A value made of `|`-joined names from `names` and numbers.
@@ -391,7 +479,7 @@ impl Parser<'_> {
                 "handles are names bound earlier with `NAME = ...`",
             ));
         }
-        if !self.bound.contains(t.text) {
+        if !self.bound.contains_key(t.text) {
             return Err(cx.err(
                 t.at,
                 what,
@@ -458,6 +546,17 @@ impl Parser<'_> {
                     &format!("`{}` is a reserved word; pick another name", name.text),
                 ));
             }
+            if let Some(first) = self.bound.get(name.text) {
+                return Err(cx.err(
+                    name.at,
+                    "a handle name not bound before",
+                    name.text,
+                    &format!(
+                        "`{}` is already bound on line {first}; a name is bound once, pick another",
+                        name.text
+                    ),
+                ));
+            }
             (Some(name), &toks[2..])
         } else if first.text.contains('=') && first.text.find('=') == Some(first.text.len() - 1) {
             return Err(cx.err(
@@ -488,8 +587,17 @@ impl Parser<'_> {
             Some((text, at)) => release_outcomes(cx, text, at)?,
             None => (Outcome::Ok, Vec::new()),
         };
+        // A hypercall's return value is named as kvm_para.h names it.
+        let hc = |o: Outcome| match (o, &op) {
+            (Outcome::Value { value, .. }, Op::GuestMapGpaRange { .. }) => {
+                Outcome::HypercallReturn { value }
+            }
+            (o, _) => o,
+        };
+        let expect = hc(expect);
+        let since = since.into_iter().map(|(r, o)| (r, hc(o))).collect();
         if let Some(b) = bind {
-            self.bound.insert(b.text.to_string());
+            self.bound.insert(b.text.to_string(), cx.line);
         }
         Ok(Some(Line {
             line: cx.line,
@@ -643,12 +751,18 @@ impl Parser<'_> {
                 let offset = number(cx, need(cx, &mut a, "offset", name, usage)?, "offset")?;
                 let byte = byte_arg(cx, need(cx, &mut a, "byte", name, usage)?)?;
                 let len = opt_num(cx, &mut a, "len")?.unwrap_or(1);
-                if len > 1 << 30 {
+                if len > MAX_HOST_WRITE {
+                    let at = a
+                        .keyed
+                        .iter()
+                        .find(|(k, _)| k.text == "len")
+                        .map_or(cx.end(), |(_, v)| v.at);
                     return Err(cx.err(
-                        cx.end(),
-                        "len of at most 1G",
+                        at,
+                        "a host_write len of at most 1G",
                         &len.to_string(),
-                        "host_write fills len bytes in memory; keep it small",
+                        "one host_write touches at most 1 GiB of memory; write a larger range \
+                         with several lines (the memory budget counts every page they touch)",
                     ));
                 }
                 Op::HostWrite {
@@ -1101,6 +1215,23 @@ fn outcome(cx: &LineCx, text: &str, base: usize) -> PResult<Outcome> {
         "sigbus" => only(Outcome::Sigbus),
         "timeout" => only(Outcome::Timeout),
         "exit" => exit_outcome(cx, first, rest),
+        "over" => Err(cx.err(
+            first.at,
+            "an outcome a kernel gives",
+            "over budget",
+            "`over budget` is the runner's report of an operation it did not perform; write \
+             the kernel's outcome",
+        )),
+        s if s.starts_with("-KVM_") => match hypercall_return_from_name(s) {
+            Some(value) => only(Outcome::HypercallReturn { value }),
+            None => Err(cx.err(
+                first.at,
+                "a hypercall error code",
+                s,
+                "hypercalls return -KVM_ENOSYS, -KVM_EINVAL, -KVM_EFAULT, -KVM_E2BIG, -KVM_EPERM \
+                 or -KVM_EOPNOTSUPP",
+            )),
+        },
         s if s.starts_with('E') && s.len() > 1 && s.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit()) => {
             match errno_from_name(s) {
                 Some(errno) => only(Outcome::Errno { errno }),
@@ -1385,7 +1516,7 @@ guest_read vm gpa=0x100000 => 0x00
     fn require_lines_are_checked() {
         let sc = parse(
             "t",
-            "require vm_type:sw_protected memory_attributes address_spaces:2\n",
+            "require vm_type:sw_protected memory_attributes address_spaces:2\nvm = create_vm\n",
         )
         .unwrap();
         assert_eq!(sc.requires.len(), 3);
@@ -1400,6 +1531,99 @@ guest_read vm gpa=0x100000 => 0x00
         let errs = parse("t", "frob\nstat x\nvm = create_vm\n").unwrap_err().0;
         assert_eq!(errs.len(), 2);
         assert_eq!(errs[1].line, 2);
+    }
+
+    #[test]
+    fn an_empty_scenario_is_an_error() {
+        for text in [
+            "",
+            "\n  \n",
+            "# only a comment\n",
+            "require memory_attributes\n",
+        ] {
+            let e = err(text);
+            assert_eq!(e.expected, "at least one operation", "{text:?}");
+        }
+    }
+
+    #[test]
+    fn what_one_scenario_can_make_the_runner_hold_is_bounded() {
+        let e = err("h = host_memory size=4G\nhost_write h offset=0 byte=1 len=2G\n");
+        assert_eq!((e.line, e.column), (2, 34));
+        assert!(e.expected.contains("at most 1G"), "{}", e.expected);
+        let many = "check_extension guest_memfd\n".repeat(MAX_OPERATIONS + 1);
+        let e = err(&many);
+        assert_eq!(e.line, MAX_OPERATIONS + 1);
+        assert!(e.expected.contains("100000 operations"), "{}", e.expected);
+        let huge = "#".repeat(MAX_SCENARIO_BYTES + 1);
+        assert!(err(&huge).expected.contains("16 MiB"));
+    }
+
+    #[test]
+    fn a_utf8_bom_is_ignored() {
+        let sc = parse("t", "\u{feff}vm = create_vm\n").unwrap();
+        assert_eq!(sc.lines[0].bind.as_deref(), Some("vm"));
+    }
+
+    #[test]
+    fn binding_a_name_twice_is_an_error_naming_the_first_line() {
+        let e = err("vm = create_vm\nh = host_memory size=4K\nclose h\nh = host_memory size=4K\n");
+        assert_eq!((e.line, e.column), (4, 1));
+        assert!(e.hint.contains("already bound on line 2"), "{}", e.hint);
+    }
+
+    #[test]
+    fn numbers_beyond_64_bits_say_so() {
+        for n in [
+            "0x1_0000_0000_0000_0000",
+            "18446744073709551616",
+            "17000000T",
+        ] {
+            let e = err(&format!("h = host_memory size={n}"));
+            assert!(
+                e.expected.contains("fits in 64 bits"),
+                "{n}: {}",
+                e.expected
+            );
+        }
+        let e = err("h = host_memory size=0xfoo");
+        assert_eq!(e.expected, "a number for size");
+    }
+
+    #[test]
+    fn very_long_tokens_are_shortened_in_messages() {
+        let long = "x".repeat(10_000);
+        let e = err(&format!("vm = create_vm\n{long} vm\n"));
+        assert!(e.found.chars().count() <= 42, "{}", e.found);
+        assert!(e.found.contains('…'));
+        assert_eq!(shorten("abcdefghij", 7), "abcd…ij");
+        assert_eq!(shorten("short", 7), "short");
+    }
+
+    #[test]
+    fn hypercall_returns_are_written_and_printed_as_errno_names() {
+        let sc = parse(
+            "t",
+            "vm = create_vm\nguest_map_gpa_range vm gpa=0 pages=1 shared => -KVM_ENOSYS\nguest_map_gpa_range vm gpa=1 pages=1 shared => 0\n",
+        )
+        .unwrap();
+        assert_eq!(sc.lines[1].expect.to_string(), "-KVM_ENOSYS");
+        assert_eq!(sc.lines[2].expect, Outcome::HypercallReturn { value: 0 });
+        assert_eq!(
+            Outcome::HypercallReturn {
+                value: 22u64.wrapping_neg()
+            }
+            .to_string(),
+            "-KVM_EINVAL"
+        );
+        let e = err("vm = create_vm\nguest_map_gpa_range vm gpa=0 pages=1 shared => -KVM_EWHAT\n");
+        assert!(e.hint.contains("-KVM_ENOSYS"), "{}", e.hint);
+    }
+
+    #[test]
+    fn over_budget_is_not_an_expectation() {
+        let e = err("vm = create_vm => over budget\n");
+        assert!(e.hint.contains("runner"), "{}", e.hint);
     }
 
     #[test]

@@ -36,18 +36,28 @@ pub struct ReleaseMatch {
 
 /// Runs every probe line of the corpus at `corpus` on `hv`.
 pub fn match_release(hv: &dyn Hypervisor, corpus: &Path) -> std::io::Result<ReleaseMatch> {
-    let mut m = ReleaseMatch {
-        candidates: Release::ALL.to_vec(),
-        probes: Vec::new(),
-        skipped: Vec::new(),
-    };
+    let mut files = Vec::new();
     for file in collect_files(corpus)? {
         let key = file
             .strip_prefix(corpus)
             .unwrap_or(&file)
             .display()
             .to_string();
-        let Ok(sc) = parse(&key, &std::fs::read_to_string(&file)?) else {
+        files.push((key, std::fs::read_to_string(&file)?));
+    }
+    Ok(match_release_in(hv, &files))
+}
+
+/// Runs every probe line of `files` (name relative to the corpus, text) on
+/// `hv`: the corpus need not be on disk (an installed `gmem` has it built in).
+pub fn match_release_in(hv: &dyn Hypervisor, files: &[(String, String)]) -> ReleaseMatch {
+    let mut m = ReleaseMatch {
+        candidates: Release::ALL.to_vec(),
+        probes: Vec::new(),
+        skipped: Vec::new(),
+    };
+    for (key, text) in files {
+        let Ok(sc) = parse(key, text) else {
             continue;
         };
         if sc.lines.iter().all(|l| l.since.is_empty()) {
@@ -55,7 +65,7 @@ pub fn match_release(hv: &dyn Hypervisor, corpus: &Path) -> std::io::Result<Rele
         }
         let r = run(hv, &sc);
         if let Some(why) = r.skipped {
-            m.skipped.push((key, why));
+            m.skipped.push((key.clone(), why));
             continue;
         }
         for (line, result) in sc.lines.iter().zip(&r.lines) {
@@ -71,7 +81,7 @@ pub fn match_release(hv: &dyn Hypervisor, corpus: &Path) -> std::io::Result<Rele
             });
         }
     }
-    Ok(m)
+    m
 }
 
 impl ReleaseMatch {

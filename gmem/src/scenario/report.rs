@@ -1,16 +1,25 @@
 //! Conformance reports: scenarios run on one or two backends, departures
-//! applied, disagreements between backends, and the text table.
+//! recognised by behaviour, disagreements between backends, the text table
+//! and the JSON object (schema: docs/conformance.md).
 
+use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::ast::Outcome;
-use super::departures::{Departure, Departures};
-use super::parse::parse;
-use super::run::{run, LineResult, ScenarioRun};
+use super::budget::{Bytes, Limits};
+use super::departures::{same_outcome, Departures, Explainer, KernelId, Probes};
+use super::parse::{parse, shorten, ParseError, MAX_SCENARIO_BYTES};
+use super::run::{run_limited, LineResult, ScenarioRun};
+use super::Outcome;
 use crate::hypervisor::Hypervisor;
+
+/// The `schema` field of the JSON report.
+pub const SCHEMA: &str = "gmem-check/1";
+
+/// Output rows fit this many columns.
+const WIDTH: usize = 100;
 
 /// The verdict of one scenario on one backend.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -18,46 +27,31 @@ use crate::hypervisor::Hypervisor;
 pub enum Verdict {
     /// Every line had its expected outcome.
     Pass,
-    /// At least one line did not (or a recorded departure is stale).
+    /// At least one line did not, and no shown behaviour accounts for it.
     Fail,
     /// Not run: a requirement was not met, or the backend is not available.
     Skip(String),
-    /// Every line that differed matches a departure recorded for this
-    /// kernel; the explanations.
+    /// Every line that differed is accounted for by behaviours this
+    /// kernel's probes show; their ids.
     Departs(Vec<String>),
-}
-
-impl Verdict {
-    /// The table cell: `pass`, `fail`, `skip: reason`, `departs: explanation`.
-    pub fn cell(&self) -> String {
-        match self {
-            Verdict::Pass => "pass".into(),
-            Verdict::Fail => "FAIL".into(),
-            Verdict::Skip(r) => format!("skip: {r}"),
-            Verdict::Departs(e) => format!("departs: {}", e.join("; ")),
-        }
-    }
 }
 
 /// What kind of problem a [`Problem`] is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ProblemKind {
-    /// The outcome differs from the expectation.
+    /// The outcome differs from the expectation (or the line did not run).
     Mismatch,
-    /// A departure is recorded for this kernel but the line now behaves as
-    /// upstream (or no longer exists): the record must go.
-    StaleDeparture,
-    /// The file does not parse.
-    Parse,
+    /// The runner did not perform the operation: over the memory budget.
+    OverBudget,
 }
 
-/// One failing line (or file) of a scenario on a backend.
+/// One failing line of a scenario on a backend.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Problem {
     /// What went wrong.
     pub kind: ProblemKind,
-    /// Line number (0 for the whole file).
+    /// Line number.
     pub line: usize,
     /// The line as written.
     pub text: String,
@@ -65,21 +59,23 @@ pub struct Problem {
     pub expected: String,
     /// Actual outcome.
     pub actual: String,
-    /// The backend's message, or the parse error.
+    /// The backend's message, or why the line did not run.
     pub detail: Option<String>,
 }
 
-/// A line whose difference a recorded departure explains.
+/// A line whose difference behaviours of this kernel account for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DepartureSeen {
     /// Line number.
     pub line: usize,
-    /// Expected (upstream) outcome.
-    pub expected: String,
+    /// The line as written.
+    pub text: String,
+    /// Upstream's outcome (the expectation).
+    pub upstream: String,
     /// What this kernel did.
     pub actual: String,
-    /// The recorded explanation.
-    pub explanation: String,
+    /// The behaviours, by id.
+    pub behaviours: Vec<String>,
 }
 
 /// One scenario on one backend.
@@ -91,14 +87,18 @@ pub struct BackendResult {
     pub verdict: Verdict,
     /// Lines that failed.
     pub problems: Vec<Problem>,
-    /// Lines that depart from upstream, as recorded.
+    /// Lines that depart from upstream.
     pub departures: Vec<DepartureSeen>,
+    /// The most memory the run could hold at once (bytes, by the budget).
+    pub max_held: u64,
     /// Every line's outcome (empty when skipped).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub lines: Vec<LineResult>,
 }
 
-/// A line whose outcome differs between two backends.
+/// A line on which two backends both meet the expectation with different
+/// outcomes (a capability's value, say). Lines that fail or depart on
+/// either backend are reported there, not here.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Disagreement {
     /// Line number.
@@ -107,26 +107,26 @@ pub struct Disagreement {
     pub text: String,
     /// (backend, outcome) for each backend.
     pub outcomes: Vec<(String, String)>,
-    /// The recorded departure that explains it, if any.
-    pub explained_by: Option<String>,
 }
 
 /// One scenario file on every backend asked for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ScenarioReport {
-    /// Path relative to the corpus folder (the key departures use).
+    /// The file: relative to the corpus for the corpus, else as given.
     pub scenario: String,
+    /// Why the file could not be run, one object per error: it did not
+    /// parse, or could not be read. Then `results` is empty.
+    pub parse_errors: Vec<ParseError>,
     /// One result per backend, in the order asked.
     pub results: Vec<BackendResult>,
-    /// Lines where the backends disagree (only when two ran).
+    /// Lines where two backends both pass with different outcomes.
     pub disagreements: Vec<Disagreement>,
 }
 
 impl ScenarioReport {
-    /// Did anything fail? A disagreement between backends on a line whose
-    /// expectation both meet (a capability's value, say) is shown, not failed.
+    /// Did anything fail (or not parse)?
     pub fn failed(&self) -> bool {
-        self.results.iter().any(|r| r.verdict == Verdict::Fail)
+        !self.parse_errors.is_empty() || self.results.iter().any(|r| r.verdict == Verdict::Fail)
     }
 }
 
@@ -138,308 +138,398 @@ pub struct BackendSlot<'a> {
     pub hv: Result<&'a dyn Hypervisor, String>,
 }
 
-/// Runs scenario files on backends and applies recorded departures.
-pub struct Checker<'a> {
-    /// The backends, in report order.
-    pub backends: Vec<BackendSlot<'a>>,
-    /// Departures recorded in the corpus.
-    pub departures: Departures,
-    /// The running kernel's release (departures are looked up under it).
-    pub release: String,
-    /// The corpus folder: scenario keys are paths relative to it.
-    pub corpus: Option<PathBuf>,
+/// One backend of a check, for the report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BackendInfo {
+    /// `soft` or `kvm`.
+    pub name: String,
+    /// Why it is not available, if it is not.
+    pub unavailable: Option<String>,
+    /// The probes of every known behaviour on it (absent when unavailable).
+    pub probes: Option<Probes>,
+}
+
+/// A behaviour recorded for the running kernel whose probe does not show
+/// it: the record is stale.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Stale {
+    /// The backend probed.
+    pub backend: String,
+    /// The behaviour.
+    pub id: String,
+    /// What the probe showed instead.
+    pub probe: String,
+}
+
+/// Counts for the summary line and the JSON report.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Summary {
+    /// Scenario files.
+    pub files: usize,
+    /// Files that did not parse (or could not be read); each counted once.
+    pub parse_errors: usize,
+    /// Scenario runs (file × backend) that passed.
+    pub passed: usize,
+    /// Runs that failed.
+    pub failed: usize,
+    /// Runs skipped (a requirement not met, a backend not available).
+    pub skipped: usize,
+    /// Runs whose every difference is a departure this kernel's probes show.
+    pub departed: usize,
+    /// Lines not performed because of the memory budget.
+    pub over_budget_lines: usize,
+    /// Stale records of behaviours.
+    pub stale: usize,
 }
 
 /// All scenarios of one `gmem check`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CheckReport {
-    /// The running kernel's release.
-    pub kernel_release: String,
-    /// Backends by name with their availability (`None` when available).
-    pub backends: Vec<(String, Option<String>)>,
+    /// [`SCHEMA`].
+    pub schema: &'static str,
+    /// The running kernel.
+    pub kernel: KernelId,
+    /// The memory budget of each scenario run (bytes).
+    pub max_memory: u64,
+    /// The backends, with their probes.
+    pub backends: Vec<BackendInfo>,
+    /// The behaviours known (`departures.toml`).
+    pub behaviours: Vec<super::departures::Behaviour>,
     /// One entry per scenario file.
     pub scenarios: Vec<ScenarioReport>,
+    /// Recorded behaviours whose probes no longer show them.
+    pub stale: Vec<Stale>,
+    /// The counts.
+    pub summary: Summary,
 }
 
 impl CheckReport {
-    /// Did anything fail?
+    /// Did anything fail (a scenario, a parse, a stale record)?
     pub fn failed(&self) -> bool {
-        self.scenarios.iter().any(ScenarioReport::failed)
+        self.scenarios.iter().any(ScenarioReport::failed) || !self.stale.is_empty()
+    }
+
+    /// Did some file not parse or not read (an input error)?
+    pub fn input_error(&self) -> bool {
+        self.summary.parse_errors > 0
     }
 }
 
-/// Every `.gmem` file under `path` (or `path` itself), sorted.
+/// Every `.gmem` file under `path` (or `path` itself), sorted, each once
+/// (see [`collect_paths`]).
 pub fn collect_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
+    collect_paths(&[path.to_path_buf()])
+}
+
+/// Every `.gmem` file under each of `paths` (a file or a folder), sorted
+/// per folder, each file once: paths are compared canonically, and a
+/// folder reached twice (a symlink loop) is walked once.
+pub fn collect_paths(paths: &[PathBuf]) -> std::io::Result<Vec<PathBuf>> {
     let mut out = Vec::new();
-    if path.is_dir() {
+    let mut seen_files = BTreeSet::new();
+    let mut seen_dirs = BTreeSet::new();
+    for p in paths {
+        walk(p, &mut out, &mut seen_files, &mut seen_dirs)?;
+    }
+    Ok(out)
+}
+
+fn walk(
+    path: &Path,
+    out: &mut Vec<PathBuf>,
+    files: &mut BTreeSet<PathBuf>,
+    dirs: &mut BTreeSet<PathBuf>,
+) -> std::io::Result<()> {
+    let canonical = path.canonicalize()?;
+    if canonical.is_dir() {
+        if !dirs.insert(canonical.clone()) {
+            return Ok(());
+        }
         let mut entries: Vec<PathBuf> = std::fs::read_dir(path)?
             .map(|e| e.map(|e| e.path()))
             .collect::<Result<_, _>>()?;
         entries.sort();
         for e in entries {
-            if e.is_dir() {
-                out.extend(collect_files(&e)?);
-            } else if e.extension().is_some_and(|x| x == "gmem") {
-                out.push(e);
+            let is_dir = e.is_dir();
+            if is_dir || e.extension().is_some_and(|x| x == "gmem") {
+                // A dangling symlink in a folder is not the user's request.
+                if !is_dir && !e.exists() {
+                    continue;
+                }
+                walk(&e, out, files, dirs)?;
             }
         }
-    } else {
-        // Make a missing file an error here rather than a confusing parse.
-        std::fs::metadata(path)?;
+    } else if files.insert(canonical) {
         out.push(path.to_path_buf());
     }
-    Ok(out)
+    Ok(())
 }
 
-impl Checker<'_> {
-    /// The key of `path` for departures: relative to the corpus, `/`-separated.
-    pub fn key(&self, path: &Path) -> String {
-        let rel = self.corpus.as_ref().and_then(|c| {
-            let c = c.canonicalize().ok()?;
-            let p = path.canonicalize().ok()?;
-            p.strip_prefix(&c).ok().map(Path::to_path_buf)
-        });
-        match rel {
-            Some(p) => p
-                .components()
-                .map(|c| c.as_os_str().to_string_lossy().into_owned())
-                .collect::<Vec<_>>()
-                .join("/"),
-            None => path.display().to_string(),
-        }
-    }
+/// A scenario to check: its name in the report and its text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    /// The name shown (a path, or a corpus-relative name).
+    pub name: String,
+    /// The text, or why it could not be read.
+    pub text: Result<String, String>,
+}
 
-    /// Reads, parses and runs one file on every backend.
-    pub fn check_file(&self, path: &Path) -> ScenarioReport {
-        let key = self.key(path);
-        match std::fs::read_to_string(path) {
-            Ok(text) => self.check_text(&key, &path.display().to_string(), &text),
-            Err(e) => self.all_fail(&key, format!("cannot read {}: {e}", path.display())),
-        }
+impl Source {
+    /// Reads `path`, refusing a file larger than a scenario may be.
+    pub fn read(path: &Path, name: String) -> Source {
+        let text = match std::fs::metadata(path) {
+            Err(e) => Err(e.to_string()),
+            Ok(m) if m.len() > MAX_SCENARIO_BYTES as u64 => Err(format!(
+                "the file has {}; a scenario may have at most {}",
+                Bytes(m.len()),
+                Bytes(MAX_SCENARIO_BYTES as u64)
+            )),
+            Ok(_) => std::fs::read(path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| String::from_utf8(b).map_err(|e| format!("not UTF-8 text: {e}"))),
+        };
+        Source { name, text }
     }
+}
 
-    fn all_fail(&self, key: &str, why: String) -> ScenarioReport {
-        let results = self
-            .backends
+/// Runs scenario files on backends and applies departures.
+pub struct Checker<'a> {
+    backends: Vec<BackendSlot<'a>>,
+    departures: Departures,
+    limits: Limits,
+    probes: Vec<Option<Probes>>,
+    kernel: KernelId,
+}
+
+impl<'a> Checker<'a> {
+    /// A checker: runs every behaviour's probe once on each available
+    /// backend.
+    pub fn new(backends: Vec<BackendSlot<'a>>, departures: Departures, limits: Limits) -> Self {
+        let probes = backends
             .iter()
-            .map(|b| BackendResult {
-                backend: b.name.clone(),
-                verdict: Verdict::Fail,
-                problems: vec![Problem {
-                    kind: ProblemKind::Parse,
-                    line: 0,
-                    text: String::new(),
-                    expected: "a valid scenario".into(),
-                    actual: "an invalid one".into(),
-                    detail: Some(why.clone()),
-                }],
-                departures: vec![],
-                lines: vec![],
-            })
+            .map(|b| b.hv.as_ref().ok().map(|hv| departures.probe(*hv, &limits)))
             .collect();
-        ScenarioReport {
-            scenario: key.to_string(),
-            results,
-            disagreements: vec![],
+        Checker {
+            backends,
+            departures,
+            limits,
+            probes,
+            kernel: KernelId::running(),
         }
     }
 
-    /// Parses and runs scenario text; `key` names it for departures, `shown`
-    /// in parse errors.
-    pub fn check_text(&self, key: &str, shown: &str, text: &str) -> ScenarioReport {
-        let sc = match parse(shown, text) {
-            Ok(sc) => sc,
-            Err(e) => return self.all_fail(key, e.to_string()),
+    /// The probes of backend `i`.
+    pub fn probes(&self, i: usize) -> Option<&Probes> {
+        self.probes.get(i).and_then(Option::as_ref)
+    }
+
+    /// Parses and runs one scenario on every backend.
+    pub fn check_source(&self, source: &Source) -> ScenarioReport {
+        let mut report = ScenarioReport {
+            scenario: source.name.clone(),
+            parse_errors: vec![],
+            results: vec![],
+            disagreements: vec![],
+        };
+        let text = match &source.text {
+            Ok(t) => t,
+            Err(why) => {
+                report.parse_errors.push(ParseError {
+                    file: source.name.clone(),
+                    line: 0,
+                    column: 0,
+                    expected: "a scenario file".into(),
+                    found: why.clone(),
+                    hint: "give a readable .gmem file".into(),
+                });
+                return report;
+            }
+        };
+        let scenario = match parse(&source.name, text) {
+            Ok(s) => s,
+            Err(errs) => {
+                report.parse_errors = errs.0;
+                return report;
+            }
         };
         let mut runs: Vec<Option<ScenarioRun>> = Vec::new();
-        let mut results = Vec::new();
-        for b in &self.backends {
-            let (result, r) = match &b.hv {
-                Err(_) => (
-                    BackendResult {
+        for (i, b) in self.backends.iter().enumerate() {
+            match &b.hv {
+                Err(_) => {
+                    runs.push(None);
+                    report.results.push(BackendResult {
                         backend: b.name.clone(),
-                        verdict: Verdict::Skip(format!("{} backend not available", b.name)),
+                        // Why is said once, in the report's backends.
+                        verdict: Verdict::Skip(format!("the {} backend is not available", b.name)),
                         problems: vec![],
                         departures: vec![],
+                        max_held: 0,
                         lines: vec![],
-                    },
-                    None,
-                ),
-                Ok(hv) => {
-                    let r = run(*hv, &sc);
-                    let deps = if hv.name() == "kvm" {
-                        self.departures.for_scenario(&self.release, key)
-                    } else {
-                        Vec::new()
-                    };
-                    (judge(&b.name, &r, &deps), Some(r))
+                    });
                 }
-            };
-            results.push(result);
-            runs.push(r);
+                Ok(hv) => {
+                    let r = run_limited(*hv, &scenario, &self.limits);
+                    let explanations = match self.probes(i) {
+                        Some(p) if !is_reference(&b.name) => {
+                            Explainer::new(&self.departures, &p.shown(), self.limits)
+                                .explain(&scenario, &r)
+                        }
+                        _ => vec![None; r.lines.len()],
+                    };
+                    report.results.push(judge(&b.name, &r, &explanations));
+                    runs.push(Some(r));
+                }
+            }
         }
-        let disagreements = compare(&results, &runs);
-        ScenarioReport {
-            scenario: key.to_string(),
-            results,
-            disagreements,
-        }
+        report.disagreements = compare(&report.results, &runs);
+        report
     }
 
-    /// Checks every file, calling `progress(done, total, key)` before each.
-    pub fn check_files(
+    /// Checks every source in order; `progress(i, n, name)` is called
+    /// before each.
+    pub fn check_sources(
         &self,
-        files: &[PathBuf],
+        sources: &[Source],
         mut progress: impl FnMut(usize, usize, &str),
     ) -> CheckReport {
-        let scenarios = files
+        let n = sources.len();
+        let scenarios: Vec<ScenarioReport> = sources
             .iter()
             .enumerate()
-            .map(|(i, f)| {
-                progress(i, files.len(), &self.key(f));
-                self.check_file(f)
+            .map(|(i, s)| {
+                progress(i, n, &s.name);
+                self.check_source(s)
             })
             .collect();
+        let backends: Vec<BackendInfo> = self
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| BackendInfo {
+                name: b.name.clone(),
+                unavailable: b.hv.as_ref().err().cloned(),
+                probes: self.probes(i).cloned(),
+            })
+            .collect();
+        let stale: Vec<Stale> = backends
+            .iter()
+            .filter(|b| !is_reference(&b.name))
+            .filter_map(|b| b.probes.as_ref().map(|p| (b, p)))
+            .flat_map(|(b, p)| {
+                p.results.iter().filter(|r| r.stale()).map(|r| Stale {
+                    backend: b.name.clone(),
+                    id: r.id.clone(),
+                    probe: match &r.outcome {
+                        super::departures::ProbeOutcome::NotShown => {
+                            "every line now has its upstream outcome".to_string()
+                        }
+                        super::departures::ProbeOutcome::Inconclusive(why) => why.clone(),
+                        super::departures::ProbeOutcome::Shown => String::new(),
+                    },
+                })
+            })
+            .collect();
+        let mut summary = Summary {
+            files: scenarios.len(),
+            stale: stale.len(),
+            ..Summary::default()
+        };
+        for s in &scenarios {
+            if !s.parse_errors.is_empty() {
+                summary.parse_errors += 1;
+            }
+            for r in &s.results {
+                match r.verdict {
+                    Verdict::Pass => summary.passed += 1,
+                    Verdict::Fail => summary.failed += 1,
+                    Verdict::Skip(_) => summary.skipped += 1,
+                    Verdict::Departs(_) => summary.departed += 1,
+                }
+                summary.over_budget_lines += r
+                    .problems
+                    .iter()
+                    .filter(|p| p.kind == ProblemKind::OverBudget)
+                    .count();
+            }
+        }
         CheckReport {
-            kernel_release: self.release.clone(),
-            backends: self
-                .backends
-                .iter()
-                .map(|b| (b.name.clone(), b.hv.as_ref().err().cloned()))
-                .collect(),
+            schema: SCHEMA,
+            kernel: self.kernel.clone(),
+            max_memory: self.limits.max_memory,
+            backends,
+            behaviours: self.departures.behaviours.clone(),
             scenarios,
+            stale,
+            summary,
         }
     }
 }
 
-/// Applies departures to one run and gives its verdict.
-pub fn judge(backend: &str, r: &ScenarioRun, deps: &[&Departure]) -> BackendResult {
+/// Is `backend` the software backend (`soft`, or `soft 7.2` with a
+/// profile)? It is the reference: its failures are never departures and it
+/// has no departure records.
+fn is_reference(backend: &str) -> bool {
+    backend == "soft" || backend.starts_with("soft ")
+}
+
+/// The verdict of one run, with `explanations` (one per line) applied.
+pub fn judge(
+    backend: &str,
+    r: &ScenarioRun,
+    explanations: &[Option<super::departures::Explanation>],
+) -> BackendResult {
+    let mut result = BackendResult {
+        backend: backend.to_string(),
+        verdict: Verdict::Pass,
+        problems: vec![],
+        departures: vec![],
+        max_held: r.max_held,
+        lines: r.lines.clone(),
+    };
     if let Some(why) = &r.skipped {
-        return BackendResult {
-            backend: backend.to_string(),
-            verdict: Verdict::Skip(why.clone()),
-            problems: vec![],
-            departures: vec![],
-            lines: vec![],
-        };
+        result.verdict = Verdict::Skip(why.clone());
+        return result;
     }
-    let mut problems = Vec::new();
-    let mut departures = Vec::new();
-    for l in &r.lines {
-        let dep = deps.iter().find(|d| d.line == l.line);
-        let problem = |kind, detail: Option<String>| Problem {
-            kind,
-            line: l.line,
-            text: l.text.clone(),
-            expected: l.expected.to_string(),
-            actual: l.actual_text(),
-            detail,
-        };
-        match (l.passed, dep) {
-            (true, None) => {}
-            (true, Some(d)) => problems.push(problem(
-                ProblemKind::StaleDeparture,
-                Some(format!(
-                    "a departure is recorded for this kernel (observed `{}`: {}) but the line now has its upstream outcome; remove the record",
-                    d.observed, d.explanation
-                )),
-            )),
-            (false, Some(d))
-                if l
-                    .actual
-                    .as_ref()
-                    .zip(d.observed_outcome())
-                    .is_some_and(|(a, o)| o.accepts(a)) =>
-            {
-                departures.push(DepartureSeen {
-                    line: l.line,
-                    expected: l.expected.to_string(),
-                    actual: l.actual_text(),
-                    explanation: d.explanation.clone(),
-                })
-            }
-            (false, Some(d)) => problems.push(problem(
-                ProblemKind::Mismatch,
-                Some(format!(
-                    "{}; the departure recorded for this kernel (observed `{}`) does not match either",
-                    l.detail.clone().unwrap_or_default(),
-                    d.observed
-                )),
-            )),
-            (false, None) => problems.push(problem(ProblemKind::Mismatch, l.detail.clone())),
+    for (i, l) in r.lines.iter().enumerate() {
+        if l.passed {
+            continue;
+        }
+        match explanations.get(i).and_then(Option::as_ref) {
+            Some(e) => result.departures.push(DepartureSeen {
+                line: l.line,
+                text: l.text.clone(),
+                upstream: l.expected.to_string(),
+                actual: l.actual_text(),
+                behaviours: e.behaviours.clone(),
+            }),
+            None => result.problems.push(Problem {
+                kind: if l.actual == Some(Outcome::OverBudget) {
+                    ProblemKind::OverBudget
+                } else {
+                    ProblemKind::Mismatch
+                },
+                line: l.line,
+                text: l.text.clone(),
+                expected: l.expected.to_string(),
+                actual: l.actual_text(),
+                detail: l.detail.clone(),
+            }),
         }
     }
-    for d in deps {
-        if !r.lines.iter().any(|l| l.line == d.line) {
-            problems.push(Problem {
-                kind: ProblemKind::StaleDeparture,
-                line: d.line,
-                text: String::new(),
-                expected: "an operation line".into(),
-                actual: "no operation on that line".into(),
-                detail: Some(format!(
-                    "a departure is recorded for line {} (observed `{}`) but that line is not an operation; update the record",
-                    d.line, d.observed
-                )),
-            });
-        }
-    }
-    let verdict = if !problems.is_empty() {
+    result.verdict = if !result.problems.is_empty() {
         Verdict::Fail
-    } else if !departures.is_empty() {
-        let mut ex: Vec<String> = Vec::new();
-        for d in &departures {
-            if !ex.contains(&d.explanation) {
-                ex.push(d.explanation.clone());
+    } else if !result.departures.is_empty() {
+        let mut ids: Vec<String> = Vec::new();
+        for id in result.departures.iter().flat_map(|d| &d.behaviours) {
+            if !ids.contains(id) {
+                ids.push(id.clone());
             }
         }
-        Verdict::Departs(ex)
+        Verdict::Departs(ids)
     } else {
         Verdict::Pass
     };
-    BackendResult {
-        backend: backend.to_string(),
-        verdict,
-        problems,
-        departures,
-        lines: r.lines.clone(),
-    }
-}
-
-/// The outcome as compared across backends: a stat's block count depends
-/// on the backend's memory accounting unless the scenario names it.
-fn comparable(l: &LineResult) -> Option<Outcome> {
-    match (l.actual, l.expected) {
-        (
-            Some(Outcome::Stat {
-                size,
-                blksize,
-                blocks,
-                mode,
-            }),
-            Outcome::Stat { blocks: eb, .. },
-        ) => Some(Outcome::Stat {
-            size,
-            blksize,
-            blocks: eb.and(blocks),
-            mode,
-        }),
-        (
-            Some(Outcome::Stat {
-                size,
-                blksize,
-                mode,
-                ..
-            }),
-            _,
-        ) => Some(Outcome::Stat {
-            size,
-            blksize,
-            blocks: None,
-            mode,
-        }),
-        (a, _) => a,
-    }
+    result
 }
 
 fn compare(results: &[BackendResult], runs: &[Option<ScenarioRun>]) -> Vec<Disagreement> {
@@ -451,151 +541,316 @@ fn compare(results: &[BackendResult], runs: &[Option<ScenarioRun>]) -> Vec<Disag
     let [(ia, a), (ib, b)] = ran.as_slice() else {
         return Vec::new();
     };
+    // Failures and departures are listed once, where they are.
+    let reported: BTreeSet<usize> = [&results[*ia], &results[*ib]]
+        .iter()
+        .flat_map(|r| {
+            r.problems
+                .iter()
+                .map(|p| p.line)
+                .chain(r.departures.iter().map(|d| d.line))
+        })
+        .collect();
     a.lines
         .iter()
         .zip(&b.lines)
-        .filter(|(x, y)| comparable(x) != comparable(y))
-        .map(|(x, y)| {
-            let explained_by = [&results[*ia], &results[*ib]]
-                .iter()
-                .flat_map(|r| r.departures.iter())
-                .find(|d| d.line == x.line)
-                .map(|d| d.explanation.clone());
-            Disagreement {
-                line: x.line,
-                text: x.text.clone(),
-                outcomes: vec![
-                    (results[*ia].backend.clone(), x.actual_text()),
-                    (results[*ib].backend.clone(), y.actual_text()),
-                ],
-                explained_by,
-            }
+        .filter(|(x, y)| !same_outcome(x, y) && !reported.contains(&x.line))
+        .map(|(x, y)| Disagreement {
+            line: x.line,
+            text: x.text.clone(),
+            outcomes: vec![
+                (results[*ia].backend.clone(), x.actual_text()),
+                (results[*ib].backend.clone(), y.actual_text()),
+            ],
         })
         .collect()
 }
 
-/// The report as text: one table row per scenario, then every problem,
-/// departure and disagreement, then a summary line.
-pub fn render(report: &CheckReport) -> String {
+/// `first` then `text`, wrapped at 100 columns; continuation lines
+/// are indented by `indent` spaces. A word longer than a line is shortened.
+pub fn wrap(first: &str, text: &str, indent: usize) -> String {
     let mut out = String::new();
-    for (name, why) in &report.backends {
-        if let Some(why) = why {
-            let _ = writeln!(out, "{name} backend not available: {why}");
+    let mut line = first.to_string();
+    let mut fresh = true;
+    for word in text.split_whitespace() {
+        let word = shorten(word, WIDTH - indent - 1);
+        let len = line.chars().count();
+        if !fresh && len + 1 + word.chars().count() > WIDTH {
+            out.push_str(line.trim_end());
+            out.push('\n');
+            line = " ".repeat(indent);
+        } else if !line.is_empty() && !line.ends_with(' ') {
+            line.push(' ');
+        }
+        line.push_str(&word);
+        fresh = false;
+    }
+    out.push_str(line.trim_end());
+    out.push('\n');
+    out
+}
+
+/// The operation part of a line (without `=> outcome`).
+fn op_text(text: &str) -> &str {
+    text.split("=>").next().unwrap_or(text).trim()
+}
+
+/// Footnotes: each distinct text once, numbered in order of first use.
+#[derive(Default)]
+struct Notes(Vec<String>);
+
+impl Notes {
+    fn mark(&mut self, text: String) -> usize {
+        match self.0.iter().position(|t| *t == text) {
+            Some(i) => i + 1,
+            None => {
+                self.0.push(text);
+                self.0.len()
+            }
         }
     }
-    let names: Vec<&str> = report.backends.iter().map(|(n, _)| n.as_str()).collect();
+}
+
+/// The report as text: a header, one table row per scenario with
+/// footnotes, then failures, departures and disagreements (each entry once),
+/// then a summary line. Rows fit 100 columns.
+pub fn render(report: &CheckReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "gmem check: kernel {}, memory budget {} per scenario",
+        report.kernel,
+        Bytes(report.max_memory)
+    );
+    for b in &report.backends {
+        if let Some(why) = &b.unavailable {
+            let line = format!("{} backend not available: {why}", b.name);
+            let _ = writeln!(out, "{}", shorten(&line, WIDTH));
+        }
+    }
+    out.push('\n');
+    let names: Vec<&str> = report.backends.iter().map(|b| b.name.as_str()).collect();
+    const CELL: usize = 12;
+    let room = WIDTH.saturating_sub(names.len() * (CELL + 2)).max(20);
     let w0 = report
         .scenarios
         .iter()
-        .map(|s| s.scenario.len())
+        .map(|s| s.scenario.chars().count())
         .chain([8])
         .max()
-        .unwrap_or(8);
-    let _ = write!(out, "{:<w0$}", "scenario");
+        .unwrap_or(8)
+        .min(room);
+    let mut notes = Notes::default();
+    let mut row = format!("{:<w0$}", "scenario");
     for n in &names {
-        let _ = write!(out, "  {n:<10}");
+        let _ = write!(row, "  {n:<CELL$}");
     }
-    out.push('\n');
+    let _ = writeln!(out, "{}", row.trim_end());
     for s in &report.scenarios {
-        let _ = write!(out, "{:<w0$}", s.scenario);
+        let mut row = format!("{:<w0$}", shorten(&s.scenario, w0));
+        if !s.parse_errors.is_empty() {
+            let n = notes.mark("does not parse (see Failures)".into());
+            let _ = write!(row, "  {:<CELL$}", format!("invalid [{n}]"));
+        }
         for r in &s.results {
-            let _ = write!(out, "  {:<10}", r.verdict.cell());
+            let cell = match &r.verdict {
+                Verdict::Pass => "pass".to_string(),
+                Verdict::Fail => "FAIL".to_string(),
+                Verdict::Skip(why) => format!("skip [{}]", notes.mark(format!("skip: {why}"))),
+                Verdict::Departs(ids) => format!(
+                    "departs [{}]",
+                    notes.mark(format!("departs from upstream: {}", ids.join(", ")))
+                ),
+            };
+            let _ = write!(row, "  {cell:<CELL$}");
         }
-        if s.disagreements.iter().any(|d| d.explained_by.is_none()) {
-            out.push_str("  (backends disagree)");
-        }
-        out.push('\n');
+        let _ = writeln!(out, "{}", row.trim_end());
     }
-    let mut wrote_header = false;
+    if !notes.0.is_empty() {
+        out.push('\n');
+        for (i, n) in notes.0.iter().enumerate() {
+            let _ = writeln!(out, "{}", shorten(&format!("[{}] {n}", i + 1), WIDTH));
+        }
+    }
+    render_failures(&mut out, report);
+    render_departures(&mut out, report);
+    let mut wrote = false;
     for s in &report.scenarios {
+        for d in &s.disagreements {
+            if !wrote {
+                out.push_str("\nBackends that disagree where both meet the expectation:\n");
+                wrote = true;
+            }
+            let outs: Vec<String> = d.outcomes.iter().map(|(b, o)| format!("{b} {o}")).collect();
+            let _ = writeln!(
+                out,
+                "  {}:{}  {}\n      {}",
+                s.scenario,
+                d.line,
+                shorten(op_text(&d.text), 60),
+                outs.join(", ")
+            );
+        }
+    }
+    let m = &report.summary;
+    let _ = writeln!(
+        out,
+        "\n{} files, {} runs: {} passed, {} failed, {} skipped, {} depart from upstream{}{}{}",
+        m.files,
+        m.passed + m.failed + m.skipped + m.departed,
+        m.passed,
+        m.failed,
+        m.skipped,
+        m.departed,
+        if m.parse_errors > 0 {
+            format!("; {} files do not parse", m.parse_errors)
+        } else {
+            String::new()
+        },
+        if m.over_budget_lines > 0 {
+            format!("; {} lines over budget", m.over_budget_lines)
+        } else {
+            String::new()
+        },
+        if m.stale > 0 {
+            format!("; {} stale departure records", m.stale)
+        } else {
+            String::new()
+        },
+    );
+    out
+}
+
+fn render_failures(out: &mut String, report: &CheckReport) {
+    let mut wrote = false;
+    let mut header = |out: &mut String| {
+        if !wrote {
+            out.push_str("\nFailures:\n");
+            wrote = true;
+        }
+    };
+    for st in &report.stale {
+        header(out);
+        out.push_str(&wrap(
+            &format!("  [{}] {}:", st.backend, st.id),
+            &format!(
+                "recorded for kernel {}, but its probe does not show it: {}; remove the kernel \
+                 from its seen_on in departures.toml, or fix the probe",
+                report.kernel, st.probe
+            ),
+            6,
+        ));
+    }
+    for s in &report.scenarios {
+        for e in &s.parse_errors {
+            header(out);
+            let at = if e.line == 0 {
+                e.file.clone()
+            } else {
+                format!("{}:{}:{}", e.file, e.line, e.column)
+            };
+            out.push_str(&wrap(
+                &format!("  {at}: parse error:"),
+                &format!("expected {}, found {}", e.expected, e.found),
+                6,
+            ));
+            out.push_str(&wrap("      hint:", &e.hint, 8));
+        }
         for r in &s.results {
             for p in &r.problems {
-                if !wrote_header {
-                    out.push_str("\nFailures:\n");
-                    wrote_header = true;
-                }
-                let kind = match p.kind {
-                    ProblemKind::Mismatch => "",
-                    ProblemKind::StaleDeparture => " stale departure:",
-                    ProblemKind::Parse => " parse error:",
-                };
+                header(out);
                 let _ = writeln!(
                     out,
-                    "  [{}] {}:{}:{kind} {}",
-                    r.backend, s.scenario, p.line, p.text
+                    "  [{}] {}:{}  {}",
+                    r.backend,
+                    s.scenario,
+                    p.line,
+                    shorten(&p.text, 72)
                 );
-                if p.kind != ProblemKind::Parse {
-                    let _ = writeln!(
-                        out,
-                        "      expected: {}\n      actual:   {}",
-                        p.expected, p.actual
-                    );
-                }
+                let _ = writeln!(
+                    out,
+                    "      expected: {}\n      actual:   {}",
+                    p.expected, p.actual
+                );
                 if let Some(d) = &p.detail {
                     for l in d.lines() {
-                        let _ = writeln!(out, "      {l}");
+                        out.push_str(&wrap("      ", l, 8));
                     }
                 }
             }
         }
     }
-    let mut wrote_header = false;
-    for s in &report.scenarios {
-        for r in &s.results {
-            for d in &r.departures {
-                if !wrote_header {
-                    out.push_str("\nDepartures from upstream (recorded for this kernel):\n");
-                    wrote_header = true;
-                }
-                let _ = writeln!(
-                    out,
-                    "  [{}] {}:{}: upstream {}, this kernel {}\n      {}",
-                    r.backend, s.scenario, d.line, d.expected, d.actual, d.explanation
-                );
-            }
-        }
+}
+
+fn render_departures(out: &mut String, report: &CheckReport) {
+    let seen: Vec<(&str, &str, &DepartureSeen)> = report
+        .scenarios
+        .iter()
+        .flat_map(|s| {
+            s.results.iter().flat_map(move |r| {
+                r.departures
+                    .iter()
+                    .map(move |d| (s.scenario.as_str(), r.backend.as_str(), d))
+            })
+        })
+        .collect();
+    let shown: Vec<(&str, Vec<&str>)> = report
+        .backends
+        .iter()
+        .filter(|b| !is_reference(&b.name))
+        .filter_map(|b| b.probes.as_ref().map(|p| (b.name.as_str(), p.shown())))
+        .filter(|(_, ids)| !ids.is_empty())
+        .collect();
+    if seen.is_empty() && shown.is_empty() {
+        return;
     }
-    let mut wrote_header = false;
-    for s in &report.scenarios {
-        for d in &s.disagreements {
-            if !wrote_header {
-                out.push_str("\nDisagreements between backends:\n");
-                wrote_header = true;
-            }
-            let outs: Vec<String> = d
-                .outcomes
+    out.push_str("\nDepartures from upstream: behaviours the probes of this kernel show\n");
+    let ids: BTreeSet<&str> = shown
+        .iter()
+        .flat_map(|(_, ids)| ids.iter().copied())
+        .collect();
+    let w = ids.iter().map(|i| i.len()).max().unwrap_or(0);
+    for b in report
+        .behaviours
+        .iter()
+        .filter(|b| ids.contains(b.id.as_str()))
+    {
+        let unrecorded = shown.iter().any(|(backend, _)| {
+            report
+                .backends
                 .iter()
-                .map(|(b, o)| format!("{b}: {o}"))
-                .collect();
+                .find(|x| x.name == *backend)
+                .and_then(|x| x.probes.as_ref())
+                .is_some_and(|p| {
+                    p.results
+                        .iter()
+                        .any(|r| r.id == b.id && r.shown() && !r.recorded)
+                })
+        });
+        let _ = writeln!(
+            out,
+            "{}",
+            shorten(&format!("  {:<w$}  {}", b.id, b.summary), WIDTH)
+        );
+        if unrecorded {
             let _ = writeln!(
                 out,
-                "  {}:{}: {}\n      {}",
-                s.scenario,
-                d.line,
-                d.text,
-                outs.join(", ")
+                "  {:<w$}  (not recorded for kernel {}: add it to seen_on)",
+                "", report.kernel
             );
-            if let Some(e) = &d.explained_by {
-                let _ = writeln!(out, "      departs from upstream (recorded): {e}");
-            }
         }
     }
-    let (mut pass, mut fail, mut skip, mut departs) = (0, 0, 0, 0);
-    for s in &report.scenarios {
-        for r in &s.results {
-            match r.verdict {
-                Verdict::Pass => pass += 1,
-                Verdict::Fail => fail += 1,
-                Verdict::Skip(_) => skip += 1,
-                Verdict::Departs(_) => departs += 1,
-            }
-        }
+    for (scenario, backend, d) in seen {
+        let _ = writeln!(
+            out,
+            "  [{backend}] {scenario}:{}  {}\n      upstream:    {}\n      this kernel: {}  ({})",
+            d.line,
+            shorten(op_text(&d.text), 60),
+            d.upstream,
+            d.actual,
+            d.behaviours.join(", ")
+        );
     }
-    let _ = writeln!(
-        out,
-        "\nscenario runs: {pass} passed, {fail} failed, {skip} skipped, {departs} depart from upstream"
-    );
-    out
 }
 
 #[cfg(test)]
@@ -605,9 +860,11 @@ mod tests {
     use super::*;
     use crate::error::Result;
     use crate::hypervisor::{HostMemory, Vm};
+    use crate::scenario::behaviour::{Effect, Effects, Emulated};
     use crate::Backend;
 
-    /// The software backend under the name `kvm`, so that departures apply.
+    /// A model of a kernel with `effects`, under the name `kvm`, so that
+    /// departures apply.
     struct NamedKvm(Box<dyn Hypervisor>);
 
     impl AsRawFd for NamedKvm {
@@ -631,13 +888,163 @@ mod tests {
         }
     }
 
-    const TEXT: &str = "vm = create_vm\nguest_read vm gpa=0x1000 => 0x01\nguest_read vm gpa=0x2000 => exit mmio gpa=0x2000 read\n";
+    fn kernel_with(effects: Effects) -> NamedKvm {
+        NamedKvm(Box::new(Emulated::new(
+            Backend::Soft.open().unwrap(),
+            effects,
+        )))
+    }
 
-    fn check(departures: &str) -> ScenarioReport {
+    /// The built-in behaviours, recorded for no kernel: the machine running
+    /// the tests must not make a model's probes stale.
+    fn behaviours() -> Departures {
+        let mut d = Departures::builtin();
+        for b in &mut d.behaviours {
+            b.seen_on.clear();
+        }
+        d
+    }
+
+    fn check_on(kvm: &NamedKvm, text: &str) -> ScenarioReport {
+        check_with(kvm, behaviours(), text)
+    }
+
+    fn check_with(kvm: &NamedKvm, departures: Departures, text: &str) -> ScenarioReport {
         let soft = Backend::Soft.open().unwrap();
-        let kvm = NamedKvm(Backend::Soft.open().unwrap());
-        let checker = Checker {
-            backends: vec![
+        let checker = Checker::new(
+            vec![
+                BackendSlot {
+                    name: "soft".into(),
+                    hv: Ok(soft.as_ref()),
+                },
+                BackendSlot {
+                    name: "kvm".into(),
+                    hv: Ok(kvm),
+                },
+            ],
+            departures,
+            Limits::new(64 << 20),
+        );
+        checker.check_source(&Source {
+            name: "t.gmem".into(),
+            text: Ok(text.into()),
+        })
+    }
+
+    /// The selftest test_guest_memfd_guest as a user would write it: a
+    /// MMAP | INIT_SHARED file bound with userspace_addr 0, guest reads and
+    /// writes. The corpus has no such file.
+    const USER_SCENARIO: &str = "\
+vm = create_vm
+g = create_guest_memfd vm size=8K flags=mmap|init_shared
+m = mmap g
+host_write m offset=0 byte=0xaa len=8K
+set_memory_region vm slot=1 gpa=0x100000 size=8K flags=guest_memfd guest_memfd=g
+guest_read vm gpa=0x100000 => 0xaa
+guest_write vm gpa=0x101000 byte=0x55
+host_read m offset=4K => 0x55
+guest_read vm gpa=0x101000 => 0x55
+";
+
+    #[test]
+    fn a_user_scenario_that_hits_fault_3_departs_as_fault_3() {
+        let kvm = kernel_with(
+            Effects::NONE
+                .with(Effect::GmemOnlyViaUserspaceAddr)
+                .with(Effect::UnmappedUserspaceAddrIsMmio),
+        );
+        let r = check_on(&kvm, USER_SCENARIO);
+        assert_eq!(r.results[0].verdict, Verdict::Pass, "soft");
+        assert_eq!(
+            r.results[1].verdict,
+            Verdict::Departs(vec!["FAULT-3".into(), "FAULT-3-unmapped".into()])
+        );
+        let d = &r.results[1].departures;
+        assert_eq!(d.len(), 4, "{d:?}");
+        assert_eq!(d[0].actual, "exit mmio gpa=0x100000 read");
+        // The write went nowhere: the host does not see it.
+        assert_eq!((d[2].line, d[2].actual.as_str()), (8, "0xaa"));
+        assert!(
+            r.disagreements.is_empty(),
+            "listed once: {:?}",
+            r.disagreements
+        );
+    }
+
+    #[test]
+    fn a_difference_no_known_behaviour_predicts_fails() {
+        // The kernel exits MMIO at an unmapped userspace_addr, but no known
+        // behaviour says so: those lines fail; the host read that only
+        // FAULT-3 explains departs.
+        let kvm = kernel_with(
+            Effects::NONE
+                .with(Effect::GmemOnlyViaUserspaceAddr)
+                .with(Effect::UnmappedUserspaceAddrIsMmio),
+        );
+        let mut d = behaviours();
+        d.behaviours.retain(|b| b.id != "FAULT-3-unmapped");
+        let r = check_with(&kvm, d, USER_SCENARIO);
+        assert_eq!(r.results[1].verdict, Verdict::Fail);
+        let failed: Vec<usize> = r.results[1].problems.iter().map(|p| p.line).collect();
+        assert_eq!(failed, [6, 7, 9]);
+        assert_eq!(r.results[1].departures[0].line, 8);
+        assert_eq!(r.results[1].departures[0].behaviours, ["FAULT-3"]);
+    }
+
+    #[test]
+    fn a_kernel_with_fault_3_alone_departs_with_efault_as_fault_3() {
+        let kvm = kernel_with(Effects::NONE.with(Effect::GmemOnlyViaUserspaceAddr));
+        let r = check_on(&kvm, USER_SCENARIO);
+        assert_eq!(
+            r.results[1].verdict,
+            Verdict::Departs(vec!["FAULT-3".into()])
+        );
+        assert_eq!(r.results[1].departures[0].actual, "EFAULT");
+    }
+
+    #[test]
+    fn a_kernel_without_the_behaviour_fails_where_it_differs() {
+        // A kernel that gives a wrong byte: no behaviour predicts it.
+        let kvm = kernel_with(Effects::NONE);
+        let r = check_on(&kvm, "vm = create_vm\nguest_read vm gpa=0x1000 => 0x01\n");
+        assert_eq!(r.results[1].verdict, Verdict::Fail);
+        assert_eq!(r.results[1].problems[0].kind, ProblemKind::Mismatch);
+    }
+
+    #[test]
+    fn the_fault_8_probe_and_matcher_turn_a_timeout_into_a_departure() {
+        let kvm = kernel_with(Effects::NONE.with(Effect::HypercallNeverExits));
+        let r = check_on(
+            &kvm,
+            "vm = create_vm\nguest_map_gpa_range vm gpa=0x1000 pages=1 shared => exit hypercall gpa=0x1000 pages=1 attributes=shared\n",
+        );
+        assert_eq!(
+            r.results[1].verdict,
+            Verdict::Departs(vec!["FAULT-8".into()])
+        );
+    }
+
+    #[test]
+    fn parse_errors_are_reported_once_per_file_not_per_backend() {
+        let kvm = kernel_with(Effects::NONE);
+        let r = check_on(&kvm, "vm = create_vm\nfrob vm\n");
+        assert_eq!(r.parse_errors.len(), 1);
+        assert!(r.results.is_empty());
+        assert_eq!((r.parse_errors[0].line, r.parse_errors[0].column), (2, 1));
+    }
+
+    #[test]
+    fn a_stale_record_fails_the_check() {
+        // The model with no effect, named kvm, stands for a kernel recorded
+        // as having every behaviour: every record is stale there.
+        let kvm = kernel_with(Effects::NONE);
+        let soft = Backend::Soft.open().unwrap();
+        let mut d = behaviours();
+        for b in &mut d.behaviours {
+            b.seen_on = vec![KernelId::running()];
+        }
+        let checker = Checker::new(
+            vec![
                 BackendSlot {
                     name: "soft".into(),
                     hv: Ok(soft.as_ref()),
@@ -647,129 +1054,61 @@ mod tests {
                     hv: Ok(&kvm),
                 },
             ],
-            departures: Departures::parse(departures).unwrap(),
-            release: "6.18.44-test".into(),
-            corpus: None,
-        };
-        checker.check_text("t.gmem", "t.gmem", TEXT)
-    }
-
-    fn departure(line: usize, observed: &str) -> String {
-        format!("[[\"6.18.44-test\"]]\nscenario = \"t.gmem\"\nline = {line}\nobserved = \"{observed}\"\nexplanation = \"because\"\n")
-    }
-
-    #[test]
-    fn a_recorded_departure_turns_a_kvm_failure_into_departs() {
-        let r = check(&departure(2, "exit mmio gpa=0x1000 read"));
-        assert_eq!(
-            r.results[0].verdict,
-            Verdict::Fail,
-            "soft ignores departures"
+            d,
+            Limits::new(64 << 20),
         );
-        assert_eq!(
-            r.results[1].verdict,
-            Verdict::Departs(vec!["because".into()])
+        let report = checker.check_sources(&[], |_, _, _| {});
+        assert_eq!(report.stale.len(), 4, "kvm only: {:?}", report.stale);
+        assert!(report.failed());
+        assert!(render(&report).contains("does not show it"));
+    }
+
+    #[test]
+    fn rows_fit_100_columns_and_explanations_are_footnotes() {
+        let kvm = kernel_with(
+            Effects::NONE
+                .with(Effect::GmemOnlyViaUserspaceAddr)
+                .with(Effect::UnmappedUserspaceAddrIsMmio),
         );
-        assert_eq!(
-            r.results[1].departures[0].actual,
-            "exit mmio gpa=0x1000 read"
+        let soft = Backend::Soft.open().unwrap();
+        let checker = Checker::new(
+            vec![
+                BackendSlot {
+                    name: "soft".into(),
+                    hv: Ok(soft.as_ref()),
+                },
+                BackendSlot {
+                    name: "kvm".into(),
+                    hv: Ok(&kvm),
+                },
+            ],
+            behaviours(),
+            Limits::new(64 << 20),
         );
-    }
-
-    #[test]
-    fn a_departure_for_another_release_does_not_apply() {
-        let d = departure(2, "exit mmio gpa=0x1000 read").replace("6.18.44-test", "6.1.0");
-        let r = check(&d);
-        assert_eq!(r.results[1].verdict, Verdict::Fail);
-    }
-
-    #[test]
-    fn a_departure_that_no_longer_happens_is_a_stale_failure() {
-        let r = check(&(departure(2, "exit mmio gpa=0x1000 read") + &departure(3, "0x00")));
-        assert_eq!(r.results[1].verdict, Verdict::Fail);
-        let p = &r.results[1].problems;
-        assert_eq!(p.len(), 1);
-        assert_eq!((p[0].kind, p[0].line), (ProblemKind::StaleDeparture, 3));
-    }
-
-    #[test]
-    fn a_departure_on_a_line_without_an_operation_is_stale() {
-        let r = check(&(departure(2, "exit mmio gpa=0x1000 read") + &departure(9, "ok")));
-        let p = &r.results[1].problems;
-        assert_eq!((p[0].kind, p[0].line), (ProblemKind::StaleDeparture, 9));
-    }
-
-    #[test]
-    fn a_different_outcome_than_recorded_still_fails() {
-        let r = check(&departure(2, "EFAULT"));
-        assert_eq!(r.results[1].verdict, Verdict::Fail);
-        assert_eq!(r.results[1].problems[0].kind, ProblemKind::Mismatch);
-    }
-
-    #[test]
-    fn backends_that_agree_have_no_disagreements() {
-        let r = check("");
-        assert!(r.disagreements.is_empty());
-        assert!(render(&CheckReport {
-            kernel_release: "r".into(),
-            backends: vec![("soft".into(), None), ("kvm".into(), None)],
-            scenarios: vec![r],
-        })
-        .contains("expected: 0x01"));
-    }
-
-    #[test]
-    fn disagreements_are_reported_and_explained_by_departures() {
-        let line = |actual: Outcome| LineResult {
-            line: 2,
-            text: "guest_read vm gpa=0x1000 => 0x01".into(),
-            expected: Outcome::Value {
-                value: 1,
-                hex: true,
-            },
-            actual: Some(actual),
-            detail: None,
-            passed: false,
-        };
-        let soft = ScenarioRun {
-            skipped: None,
-            lines: vec![line(Outcome::Value {
-                value: 1,
-                hex: true,
-            })],
-        };
-        let kvm = ScenarioRun {
-            skipped: None,
-            lines: vec![line(Outcome::Value {
-                value: 0,
-                hex: true,
-            })],
-        };
-        let d = Departure {
-            scenario: "t".into(),
-            line: 2,
-            observed: "0x00".into(),
-            explanation: "reads userspace_addr".into(),
-        };
-        let results = vec![judge("soft", &soft, &[]), judge("kvm", &kvm, &[&d])];
-        let dis = compare(&results, &[Some(soft), Some(kvm)]);
-        assert_eq!(dis.len(), 1);
-        assert_eq!(dis[0].outcomes[1], ("kvm".to_string(), "0x00".to_string()));
-        assert_eq!(dis[0].explained_by.as_deref(), Some("reads userspace_addr"));
-    }
-
-    #[test]
-    fn a_skipped_backend_is_not_compared() {
-        let soft = ScenarioRun {
-            skipped: None,
-            lines: vec![],
-        };
-        let kvm = ScenarioRun {
-            skipped: Some("requires x".into()),
-            lines: vec![],
-        };
-        let results = vec![judge("soft", &soft, &[]), judge("kvm", &kvm, &[])];
-        assert_eq!(results[1].verdict, Verdict::Skip("requires x".into()));
-        assert!(compare(&results, &[Some(soft), Some(kvm)]).is_empty());
+        let long = format!("{}/x.gmem", "very-long-folder-name".repeat(8));
+        let report = checker.check_sources(
+            &[
+                Source {
+                    name: long,
+                    text: Ok(USER_SCENARIO.into()),
+                },
+                Source {
+                    name: "private.gmem".into(),
+                    text: Ok("require vm_type:5\nvm = create_vm\n".into()),
+                },
+            ],
+            |_, _, _| {},
+        );
+        let text = render(&report);
+        let table: Vec<&str> = text.lines().skip(2).take(3).collect();
+        for l in &table {
+            assert!(l.chars().count() <= 100, "{l:?}");
+        }
+        assert!(table[1].contains("departs [1]"), "{text}");
+        assert!(
+            text.contains("\n[1] departs from upstream: FAULT-3, FAULT-3-unmapped"),
+            "{text}"
+        );
+        assert!(text.contains("skip [2]"), "{text}");
     }
 }

@@ -9,16 +9,26 @@ use serde::Serialize;
 use super::ast::{
     FdRef, FileOp, Line, Op, Outcome, Region, RequireKind, Requirement, Scenario, Userspace,
 };
+use super::budget::{page_range, Budget, Charge, Costs, Limits, Owner};
 use crate::error::Error;
 use crate::hypervisor::{
     GuestMemfd, GuestOp, HostFault, HostMemory, Hypervisor, MapKind, Pin, Vcpu, VcpuExit, Vm,
 };
+use crate::madvise::Advice;
 use crate::uapi::{
     kvm_create_guest_memfd, kvm_memory_attributes, kvm_memory_attributes2, kvm_pre_fault_memory,
     kvm_userspace_memory_region, kvm_userspace_memory_region2, KVM_CAP_EXIT_HYPERCALL,
     KVM_CAP_GUEST_MEMFD_FLAGS, KVM_CAP_MEMORY_ATTRIBUTES, KVM_CAP_MULTI_ADDRESS_SPACE,
-    KVM_CAP_VM_TYPES, KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_ENCRYPTED,
+    KVM_CAP_VM_TYPES, KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_ENCRYPTED, KVM_MEM_GUEST_MEMFD,
+    KVM_MEM_LOG_DIRTY_PAGES, PAGE_SHIFT, PAGE_SIZE,
 };
+
+/// The most a `host_write` copies at once: a longer one is done in pieces,
+/// so that the runner's own buffer stays this small whatever `len` says.
+const HOST_WRITE_CHUNK: usize = 1 << 20;
+
+/// The most pages a memslot may have (`KVM_MEM_MAX_NR_PAGES` on x86).
+const KVM_MEM_MAX_NR_PAGES: u64 = (1 << 31) - 1;
 
 /// `guest_memfd=closed`: a number no process has open (above any fd limit).
 pub const CLOSED_FD: u32 = i32::MAX as u32;
@@ -57,6 +67,9 @@ pub struct ScenarioRun {
     pub skipped: Option<String>,
     /// One result per operation line, in order.
     pub lines: Vec<LineResult>,
+    /// The most memory the run could hold at once, by the budget's
+    /// account (bytes).
+    pub max_held: u64,
 }
 
 /// The first requirement `hv` does not meet, as a reason for the skip.
@@ -95,19 +108,32 @@ pub fn unmet_requirement(hv: &dyn Hypervisor, requires: &[Requirement]) -> Optio
     })
 }
 
-/// Runs `scenario` on `hv`: every line runs, even after a mismatch, so that
-/// one report shows every difference.
+/// Runs `scenario` on `hv` under the default memory budget
+/// ([`Limits::for_this_machine`]).
 pub fn run(hv: &dyn Hypervisor, scenario: &Scenario) -> ScenarioRun {
+    run_limited(hv, scenario, &Limits::default())
+}
+
+/// Runs `scenario` on `hv`: every line runs, even after a mismatch, so that
+/// one report shows every difference. An operation that could take the
+/// scenario past `limits` is not performed ([`Outcome::OverBudget`]).
+pub fn run_limited(hv: &dyn Hypervisor, scenario: &Scenario, limits: &Limits) -> ScenarioRun {
     if let Some(reason) = unmet_requirement(hv, &scenario.requires) {
         return ScenarioRun {
             skipped: Some(reason),
             lines: Vec::new(),
+            max_held: 0,
         };
     }
     let mut st = State {
         hv,
         handles: HashMap::new(),
         memfd: None,
+        budget: Budget::new(limits),
+        costs: Costs::for_backend(hv.name()),
+        files: HashMap::new(),
+        next_id: 0,
+        max_held: 0,
     };
     let lines = scenario
         .lines
@@ -117,6 +143,7 @@ pub fn run(hv: &dyn Hypervisor, scenario: &Scenario) -> ScenarioRun {
                 Ok((o, d)) => (Some(o), d),
                 Err(NotRun(why)) => (None, Some(why)),
             };
+            st.max_held = st.max_held.max(st.budget.held());
             let release = hv.release();
             let passed = actual.as_ref().is_some_and(|a| line.accepts(release, a));
             LineResult {
@@ -129,11 +156,13 @@ pub fn run(hv: &dyn Hypervisor, scenario: &Scenario) -> ScenarioRun {
             }
         })
         .collect();
+    let max_held = st.max_held;
     // Handles drop here, vCPUs before their VMs (field order of VmState).
     drop(st);
     ScenarioRun {
         skipped: None,
         lines,
+        max_held,
     }
 }
 
@@ -146,22 +175,59 @@ struct VmState {
     vcpu: Option<Box<dyn Vcpu>>,
     hypercall_enabled: bool,
     vm: Box<dyn Vm>,
+    /// The slots installed, as the budget needs them.
+    slots: Vec<SlotAcct>,
+}
+
+/// Where a slot's accesses can land, for the budget.
+struct SlotAcct {
+    /// Address-space id << 16 | slot id.
+    slot: u32,
+    base_gfn: u64,
+    npages: u64,
+    /// The bound file and its first page.
+    file: Option<(u64, u64)>,
+    /// The memory `userspace_addr` points into: owner, byte offset of the
+    /// slot's first page in it, and the owner's length.
+    hva: Option<(Owner, u64, u64)>,
+    /// The kernel's metadata for the slot (bytes).
+    metadata: u64,
+}
+
+/// What a host memory handle is, for the budget.
+#[derive(Clone, Copy)]
+enum MemOwner {
+    /// Anonymous host memory.
+    Anon(u64),
+    /// A mapping of a file from file offset `offset`.
+    File { id: u64, offset: u64 },
 }
 
 enum Handle {
     Vm(VmState),
-    Gmem(Box<dyn GuestMemfd>),
-    Mem(Box<dyn HostMemory>),
+    Gmem(Box<dyn GuestMemfd>, u64),
+    Mem(Box<dyn HostMemory>, MemOwner),
     /// Held for its `Drop`, which releases the pages.
     Pin {
         _held: Box<dyn Pin>,
     },
 }
 
+/// A file's size and the handles (its fd, its mappings) that keep it.
+struct FileAcct {
+    size: u64,
+    refs: u32,
+}
+
 struct State<'a> {
     hv: &'a dyn Hypervisor,
     handles: HashMap<String, Handle>,
     memfd: Option<OwnedFd>,
+    budget: Budget,
+    costs: Costs,
+    files: HashMap<u64, FileAcct>,
+    next_id: u64,
+    max_held: u64,
 }
 
 fn fail(e: Error) -> (Outcome, Option<String>) {
@@ -200,17 +266,17 @@ impl State<'_> {
         }
     }
 
-    fn gmem(&self, name: &str) -> Result<&dyn GuestMemfd, NotRun> {
+    fn gmem(&self, name: &str) -> Result<(&dyn GuestMemfd, u64), NotRun> {
         match self.handles.get(name) {
-            Some(Handle::Gmem(g)) => Ok(g.as_ref()),
+            Some(Handle::Gmem(g, id)) => Ok((g.as_ref(), *id)),
             Some(_) => Err(NotRun(format!("`{name}` is not a guest_memfd"))),
             None => Err(missing(name)),
         }
     }
 
-    fn mem(&self, name: &str) -> Result<&dyn HostMemory, NotRun> {
+    fn mem(&self, name: &str) -> Result<(&dyn HostMemory, MemOwner), NotRun> {
         match self.handles.get(name) {
-            Some(Handle::Mem(m)) => Ok(m.as_ref()),
+            Some(Handle::Mem(m, owner)) => Ok((m.as_ref(), *owner)),
             Some(_) => Err(NotRun(format!("`{name}` is not host memory or a mapping"))),
             None => Err(missing(name)),
         }
@@ -219,28 +285,123 @@ impl State<'_> {
     fn bind(&mut self, line: &Line, h: Handle) {
         // An unbound result (e.g. `create_vm type=1 => ...` that succeeded)
         // is dropped at once.
-        if let Some(name) = &line.bind {
-            self.handles.insert(name.clone(), h);
+        match &line.bind {
+            Some(name) => {
+                if let Some(old) = self.handles.insert(name.clone(), h) {
+                    self.dropped(old);
+                }
+            }
+            None => self.dropped(h),
         }
+    }
+
+    fn new_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    /// Gives back what a handle held once it is dropped.
+    fn dropped(&mut self, h: Handle) {
+        let file = match &h {
+            Handle::Gmem(_, id) | Handle::Mem(_, MemOwner::File { id, .. }) => Some(*id),
+            Handle::Mem(_, MemOwner::Anon(id)) => {
+                self.budget.release(Owner::Mem(*id));
+                None
+            }
+            Handle::Vm(_) | Handle::Pin { .. } => None,
+        };
+        drop(h);
+        let Some(id) = file else { return };
+        let released = self.files.get_mut(&id).is_some_and(|f| {
+            f.refs = f.refs.saturating_sub(1);
+            f.refs == 0
+        });
+        if released {
+            self.files.remove(&id);
+            self.budget.release(Owner::File(id));
+            self.budget.release_fixed(self.costs.file);
+        }
+    }
+
+    /// Performs `op` if `charge` fits the budget, and then holds it if `op`
+    /// succeeded (`keep` says which outcomes hold memory).
+    fn charged(
+        &mut self,
+        charge: Charge,
+        op: impl FnOnce(&mut Self) -> Exec,
+        keep: impl FnOnce(&Outcome) -> bool,
+    ) -> Exec {
+        if let Err(e) = self.budget.check(&charge) {
+            return Ok((Outcome::OverBudget, Some(e.to_string())));
+        }
+        let r = op(self)?;
+        if keep(&r.0) {
+            self.budget.commit(charge);
+        }
+        Ok(r)
+    }
+
+    /// The pages a host access of `[offset, offset + len)` of `owner` can
+    /// allocate.
+    fn host_charge(&self, owner: MemOwner, mem_len: u64, offset: u64, len: u64) -> Charge {
+        match owner {
+            MemOwner::Anon(id) => {
+                Charge::default().pages(Owner::Mem(id), page_range(offset, len, mem_len))
+            }
+            MemOwner::File { id, offset: base } => {
+                let size = self.files.get(&id).map_or(0, |f| f.size);
+                let end = base.saturating_add(mem_len).min(size);
+                Charge::default().pages(
+                    Owner::File(id),
+                    page_range(base.saturating_add(offset), len, end),
+                )
+            }
+        }
+    }
+
+    /// The memory that `[addr, ...)` lies in, among the handles: owner,
+    /// offset into it, its length.
+    fn owner_of(&self, addr: u64) -> Option<(Owner, u64, u64)> {
+        self.handles.values().find_map(|h| {
+            let Handle::Mem(m, owner) = h else {
+                return None;
+            };
+            let off = addr.checked_sub(m.addr()).filter(|o| *o < m.len())?;
+            Some(match *owner {
+                MemOwner::Anon(id) => (Owner::Mem(id), off, m.len()),
+                MemOwner::File { id, offset } => {
+                    let size = self.files.get(&id).map_or(0, |f| f.size);
+                    (Owner::File(id), offset + off, size.min(offset + m.len()))
+                }
+            })
+        })
     }
 
     fn exec(&mut self, line: &Line) -> Exec {
         let hv = self.hv;
         match &line.op {
-            Op::CreateVm { vm_type } => match hv.create_vm(*vm_type) {
-                Ok(vm) => {
-                    self.bind(
-                        line,
-                        Handle::Vm(VmState {
-                            vcpu: None,
-                            hypercall_enabled: false,
-                            vm,
-                        }),
-                    );
-                    Ok(ok())
-                }
-                Err(e) => Ok(fail(e)),
-            },
+            Op::CreateVm { vm_type } => {
+                let charge = Charge::default().fixed(self.costs.vm, "a VM");
+                self.charged(
+                    charge,
+                    |st| match hv.create_vm(*vm_type) {
+                        Ok(vm) => {
+                            st.bind(
+                                line,
+                                Handle::Vm(VmState {
+                                    vcpu: None,
+                                    hypercall_enabled: false,
+                                    vm,
+                                    slots: Vec::new(),
+                                }),
+                            );
+                            Ok(ok())
+                        }
+                        Err(e) => Ok(fail(e)),
+                    },
+                    Outcome::is_success,
+                )
+            }
             Op::CreateGuestMemfd {
                 vm,
                 size,
@@ -252,17 +413,32 @@ impl State<'_> {
                     flags: *flags,
                     reserved: [*reserved; 6],
                 };
-                match self.vm(vm)?.vm.create_guest_memfd(args) {
-                    Ok(g) => {
-                        self.bind(line, Handle::Gmem(g));
-                        Ok(ok())
-                    }
-                    Err(e) => Ok(fail(e)),
-                }
+                self.vm(vm)?;
+                let charge = Charge::default().fixed(self.costs.file, "a guest_memfd");
+                self.charged(
+                    charge,
+                    |st| match st.vm(vm)?.vm.create_guest_memfd(args) {
+                        Ok(g) => {
+                            let id = st.new_id();
+                            st.files.insert(
+                                id,
+                                FileAcct {
+                                    size: g.size(),
+                                    refs: 1,
+                                },
+                            );
+                            st.bind(line, Handle::Gmem(g, id));
+                            Ok(ok())
+                        }
+                        Err(e) => Ok(fail(e)),
+                    },
+                    Outcome::is_success,
+                )
             }
             Op::HostMemory { size } => match hv.host_memory(*size) {
                 Ok(m) => {
-                    self.bind(line, Handle::Mem(m));
+                    let id = self.new_id();
+                    self.bind(line, Handle::Mem(m, MemOwner::Anon(id)));
                     Ok(ok())
                 }
                 Err(e) => Ok(fail(e)),
@@ -273,7 +449,7 @@ impl State<'_> {
                 size,
                 private,
             } => {
-                let g = self.gmem(gmem)?;
+                let (g, id) = self.gmem(gmem)?;
                 let kind = if *private {
                     MapKind::Private
                 } else {
@@ -281,7 +457,14 @@ impl State<'_> {
                 };
                 match g.mmap(*offset, size.unwrap_or_else(|| g.size()), kind) {
                     Ok(m) => {
-                        self.bind(line, Handle::Mem(m));
+                        if let Some(f) = self.files.get_mut(&id) {
+                            f.refs += 1;
+                        }
+                        let owner = MemOwner::File {
+                            id,
+                            offset: *offset as u64,
+                        };
+                        self.bind(line, Handle::Mem(m, owner));
                         Ok(ok())
                     }
                     Err(e) => Ok(fail(e)),
@@ -301,39 +484,100 @@ impl State<'_> {
                     attributes: *attributes,
                     flags: *flags,
                 };
-                Ok(self
-                    .vm(vm)?
-                    .vm
-                    .set_memory_attributes(a)
-                    .map_or_else(fail, |()| ok()))
+                self.vm(vm)?;
+                let bytes = if *attributes != 0 {
+                    (size / PAGE_SIZE).saturating_mul(self.costs.attribute_per_page)
+                } else {
+                    0
+                };
+                let charge = Charge::default().fixed(bytes, "memory attributes");
+                self.charged(
+                    charge,
+                    |st| {
+                        Ok(st
+                            .vm(vm)?
+                            .vm
+                            .set_memory_attributes(a)
+                            .map_or_else(fail, |()| ok()))
+                    },
+                    Outcome::is_success,
+                )
             }
             Op::Fallocate {
                 gmem,
                 mode,
                 offset,
                 len,
-            } => Ok(self
-                .gmem(gmem)?
-                .fallocate(*mode, *offset, *len)
-                .map_or_else(fail, |()| ok())),
+            } => {
+                let (g, id) = self.gmem(gmem)?;
+                let size = g.size();
+                let range = if *offset >= 0 && *len > 0 {
+                    page_range(*offset as u64, *len as u64, size)
+                } else {
+                    0..0
+                };
+                let punch = *mode & libc::FALLOC_FL_PUNCH_HOLE != 0;
+                let charge = if punch {
+                    Charge::default()
+                } else {
+                    Charge::default().pages(Owner::File(id), range.clone())
+                };
+                let r = self.charged(
+                    charge,
+                    |st| {
+                        Ok(st
+                            .gmem(gmem)?
+                            .0
+                            .fallocate(*mode, *offset, *len)
+                            .map_or_else(fail, |()| ok()))
+                    },
+                    Outcome::is_success,
+                )?;
+                if punch && r.0.is_success() {
+                    self.budget.release_pages(Owner::File(id), range);
+                }
+                Ok(r)
+            }
             Op::HostWrite {
                 mem,
                 offset,
                 byte,
                 len,
             } => {
-                let buf = vec![*byte; *len as usize];
-                match self.mem(mem)?.write(*offset, &buf) {
-                    Ok(()) => Ok(ok()),
-                    Err(f) => host_fault(f),
-                }
+                let (m, owner) = self.mem(mem)?;
+                let charge = self.host_charge(owner, m.len(), *offset, *len);
+                self.charged(
+                    charge,
+                    |st| {
+                        let (m, _) = st.mem(mem)?;
+                        let buf = vec![*byte; (*len as usize).min(HOST_WRITE_CHUNK)];
+                        let mut done = 0u64;
+                        while done < *len {
+                            let n = (*len - done).min(buf.len() as u64) as usize;
+                            if let Err(f) = m.write(offset.saturating_add(done), &buf[..n]) {
+                                return host_fault(f);
+                            }
+                            done += n as u64;
+                        }
+                        Ok(ok())
+                    },
+                    |_| true,
+                )
             }
             Op::HostRead { mem, offset } => {
-                let mut b = [0u8];
-                match self.mem(mem)?.read(*offset, &mut b) {
-                    Ok(()) => Ok(value(b[0].into(), true)),
-                    Err(f) => host_fault(f),
-                }
+                let (m, owner) = self.mem(mem)?;
+                let charge = self.host_charge(owner, m.len(), *offset, 1);
+                self.charged(
+                    charge,
+                    |st| {
+                        let mut b = [0u8];
+                        match st.mem(mem)?.0.read(*offset, &mut b) {
+                            Ok(()) => Ok(value(b[0].into(), true)),
+                            Err(f) => host_fault(f),
+                        }
+                    },
+                    |_| true,
+                )
             }
             Op::GuestWrite { vm, gpa, byte } => self.guest(
                 vm,
@@ -379,7 +623,7 @@ impl State<'_> {
                 )
             }
             Op::File { gmem, op } => {
-                let g = self.gmem(gmem)?;
+                let (g, _) = self.gmem(gmem)?;
                 let mut b = [0u8];
                 let r = match op {
                     FileOp::Read => g.read(&mut b).map(|n| n as u64),
@@ -396,7 +640,7 @@ impl State<'_> {
                     (Err(e), _) => fail(e),
                 })
             }
-            Op::Stat { gmem } => Ok(match self.gmem(gmem)?.stat() {
+            Op::Stat { gmem } => Ok(match self.gmem(gmem)?.0.stat() {
                 Ok(s) => (
                     Outcome::Stat {
                         size: Some(s.size),
@@ -409,8 +653,8 @@ impl State<'_> {
                 Err(e) => fail(e),
             }),
             Op::SameInode { a, b } => {
-                let sa = self.gmem(a)?.stat();
-                let sb = self.gmem(b)?.stat();
+                let sa = self.gmem(a)?.0.stat();
+                let sb = self.gmem(b)?.0.stat();
                 Ok(match (sa, sb) {
                     (Ok(x), Ok(y)) => (
                         Outcome::Value {
@@ -435,29 +679,41 @@ impl State<'_> {
                 size,
                 flags,
             } => {
-                let st = self.vcpu_of(vm)?;
-                let Some(vcpu) = st.vcpu.as_mut() else {
-                    return Err(NotRun("no vCPU".into()));
+                // Pre-faulting maps every page of the range: it allocates
+                // what guest accesses to all of it would.
+                let charge = match self.handles.get(vm) {
+                    Some(Handle::Vm(st)) => self.range_charge(st, *gpa, *size),
+                    _ => Charge::default(),
                 };
-                let mut range = kvm_pre_fault_memory {
-                    gpa: *gpa,
-                    size: *size,
-                    flags: *flags,
-                    ..Default::default()
-                };
-                Ok(match vcpu.pre_fault_memory(&mut range) {
-                    Ok(()) => (
-                        Outcome::Value {
-                            value: range.size,
-                            hex: true,
-                        },
-                        Some(format!(
-                            "{:#x} bytes left at gpa {:#x}",
-                            range.size, range.gpa
-                        )),
-                    ),
-                    Err(e) => fail(e),
-                })
+                self.charged(
+                    charge,
+                    |this| {
+                        let st = this.vcpu_of(vm)?;
+                        let Some(vcpu) = st.vcpu.as_mut() else {
+                            return Err(NotRun("no vCPU".into()));
+                        };
+                        let mut range = kvm_pre_fault_memory {
+                            gpa: *gpa,
+                            size: *size,
+                            flags: *flags,
+                            ..Default::default()
+                        };
+                        Ok(match vcpu.pre_fault_memory(&mut range) {
+                            Ok(()) => (
+                                Outcome::Value {
+                                    value: range.size,
+                                    hex: true,
+                                },
+                                Some(format!(
+                                    "{:#x} bytes left at gpa {:#x}",
+                                    range.size, range.gpa
+                                )),
+                            ),
+                            Err(e) => fail(e),
+                        })
+                    },
+                    |_| true,
+                )
             }
             Op::SetMemoryAttributes2 {
                 gmem,
@@ -473,7 +729,7 @@ impl State<'_> {
                     flags: *flags,
                     ..Default::default()
                 };
-                Ok(match self.gmem(gmem)?.set_memory_attributes2(&mut a) {
+                Ok(match self.gmem(gmem)?.0.set_memory_attributes2(&mut a) {
                     Ok(()) => ok(),
                     Err(e) => {
                         let (o, d) = fail(e);
@@ -484,13 +740,22 @@ impl State<'_> {
                     }
                 })
             }
-            Op::Pin { mem, offset, len } => match self.mem(mem)?.pin(*offset, *len) {
-                Ok(p) => {
-                    self.bind(line, Handle::Pin { _held: p });
-                    Ok(ok())
-                }
-                Err(e) => Ok(fail(e)),
-            },
+            Op::Pin { mem, offset, len } => {
+                // Pinning faults every page of the range in.
+                let (m, owner) = self.mem(mem)?;
+                let charge = self.host_charge(owner, m.len(), *offset, *len);
+                self.charged(
+                    charge,
+                    |st| match st.mem(mem)?.0.pin(*offset, *len) {
+                        Ok(p) => {
+                            st.bind(line, Handle::Pin { _held: p });
+                            Ok(ok())
+                        }
+                        Err(e) => Ok(fail(e)),
+                    },
+                    Outcome::is_success,
+                )
+            }
             Op::Mbind {
                 mem,
                 offset,
@@ -498,12 +763,12 @@ impl State<'_> {
                 policy,
                 flags,
             } => {
-                let m = self.mem(mem)?;
+                let (m, _) = self.mem(mem)?;
                 let len = size.unwrap_or_else(|| m.len().saturating_sub(*offset));
                 Ok(m.mbind(*offset, len, *policy, *flags)
                     .map_or_else(fail, |()| ok()))
             }
-            Op::GetMempolicy { mem, offset } => Ok(match self.mem(mem)?.get_mempolicy(*offset) {
+            Op::GetMempolicy { mem, offset } => Ok(match self.mem(mem)?.0.get_mempolicy(*offset) {
                 Ok(policy) => (Outcome::Policy { policy }, None),
                 Err(e) => fail(e),
             }),
@@ -513,19 +778,85 @@ impl State<'_> {
                 size,
                 advice,
             } => {
-                let m = self.mem(mem)?;
-                let len = size.unwrap_or_else(|| m.len().saturating_sub(*offset));
-                Ok(m.madvise(*offset, len, *advice)
-                    .map_or_else(fail, |()| ok()))
+                let (m, owner) = self.mem(mem)?;
+                let mem_len = m.len();
+                let len = size.unwrap_or_else(|| mem_len.saturating_sub(*offset));
+                // Populating (and collapsing into huge pages) allocates what
+                // touching the range would; REMOVE frees the range, as does
+                // DONTNEED on anonymous memory.
+                let allocates = matches!(
+                    advice,
+                    Advice::PopulateRead | Advice::PopulateWrite | Advice::Collapse
+                );
+                let charge = if allocates {
+                    self.host_charge(owner, mem_len, *offset, len)
+                } else {
+                    Charge::default()
+                };
+                let r = self.charged(
+                    charge,
+                    |st| {
+                        Ok(st
+                            .mem(mem)?
+                            .0
+                            .madvise(*offset, len, *advice)
+                            .map_or_else(fail, |()| ok()))
+                    },
+                    Outcome::is_success,
+                )?;
+                let frees = matches!(
+                    (advice, owner),
+                    (Advice::Remove, _) | (Advice::DontNeed, MemOwner::Anon(_))
+                );
+                if frees && r.0.is_success() {
+                    for (owner, range) in self.host_charge(owner, mem_len, *offset, len).ranges() {
+                        self.budget.release_pages(owner, range);
+                    }
+                }
+                Ok(r)
             }
             Op::Close { handle } => match self.handles.remove(handle) {
                 Some(h) => {
-                    drop(h);
+                    self.dropped(h);
                     Ok(ok())
                 }
                 None => Err(missing(handle)),
             },
         }
+    }
+
+    /// What guest accesses to `[gpa, gpa + size)` can allocate (and a
+    /// vCPU if there is none yet): for every slot the range meets, its pages
+    /// of the file the slot is bound to and those `userspace_addr` names,
+    /// either of which a kernel may serve them from.
+    fn range_charge(&self, vm: &VmState, gpa: u64, size: u64) -> Charge {
+        let mut charge = Charge::default();
+        if vm.vcpu.is_none() {
+            charge = charge.fixed(self.costs.vcpu, "a vCPU");
+        }
+        let first = gpa >> PAGE_SHIFT;
+        let end = gpa.saturating_add(size).div_ceil(PAGE_SIZE);
+        for s in vm.slots.iter().filter(|s| s.slot >> 16 == 0) {
+            let (lo, hi) = (
+                first.max(s.base_gfn),
+                end.min(s.base_gfn.saturating_add(s.npages)),
+            );
+            if lo >= hi {
+                continue;
+            }
+            let (a, b) = (lo - s.base_gfn, hi - s.base_gfn);
+            if let Some((id, pgoff)) = s.file {
+                charge = charge.pages(
+                    Owner::File(id),
+                    pgoff.saturating_add(a)..pgoff.saturating_add(b),
+                );
+            }
+            if let Some((owner, off, len)) = s.hva {
+                let at = off.saturating_add(a << PAGE_SHIFT);
+                charge = charge.pages(owner, page_range(at, (b - a) << PAGE_SHIFT, len));
+            }
+        }
+        charge
     }
 
     /// The VM `vm` with its vCPU 0, created on first use.
@@ -542,6 +873,25 @@ impl State<'_> {
     }
 
     fn guest(&mut self, vm: &str, op: GuestOp) -> Exec {
+        let gpa = match op {
+            GuestOp::Read { gpa, .. } | GuestOp::Write { gpa, .. } => Some(gpa),
+            GuestOp::MapGpaRange { .. } => None,
+        };
+        let charge = {
+            let Some(Handle::Vm(st)) = self.handles.get(vm) else {
+                self.vm(vm)?;
+                return Err(missing(vm));
+            };
+            match gpa {
+                Some(gpa) => self.range_charge(st, gpa, 1),
+                None if st.vcpu.is_none() => Charge::default().fixed(self.costs.vcpu, "a vCPU"),
+                None => Charge::default(),
+            }
+        };
+        self.charged(charge, |st| st.run_guest(vm, op), |_| true)
+    }
+
+    fn run_guest(&mut self, vm: &str, op: GuestOp) -> Exec {
         let st = self.vm(vm)?;
         if st.vcpu.is_none() {
             match st.vm.create_vcpu(0) {
@@ -559,7 +909,7 @@ impl State<'_> {
             Ok(VcpuExit::Done(v)) => match op {
                 GuestOp::Read { .. } => value(v & 0xff, true),
                 GuestOp::Write { .. } => ok(),
-                GuestOp::MapGpaRange { .. } => value(v, false),
+                GuestOp::MapGpaRange { .. } => (Outcome::HypercallReturn { value: v }, None),
             },
             Ok(VcpuExit::MemoryFault { flags, gpa, size }) => {
                 (Outcome::MemoryFault { gpa, size, flags }, None)
@@ -599,9 +949,9 @@ impl State<'_> {
             FdRef::Raw(n) => *n,
             FdRef::Memfd => self.memfd()? as u32,
             FdRef::Handle(name) => match self.handles.get(name) {
-                Some(Handle::Gmem(g)) => g.as_raw_fd() as u32,
+                Some(Handle::Gmem(g, _)) => g.as_raw_fd() as u32,
                 Some(Handle::Vm(v)) => v.vm.as_raw_fd() as u32,
-                Some(Handle::Mem(_) | Handle::Pin { .. }) => {
+                Some(Handle::Mem(..) | Handle::Pin { .. }) => {
                     return Err(NotRun(format!("`{name}` is memory, not an fd")))
                 }
                 None => return Err(missing(name)),
@@ -631,32 +981,81 @@ impl State<'_> {
     fn region(&mut self, r: &Region) -> Exec {
         let base = match &r.userspace {
             Userspace::Addr(a) => *a,
-            Userspace::Handle(name) => self.mem(name)?.addr(),
+            Userspace::Handle(name) => self.mem(name)?.0.addr(),
         };
         let userspace_addr = base.wrapping_add(r.userspace_offset);
         let fd = self.fd_of(&r.guest_memfd)?;
         let slot = (r.as_id << 16) | r.slot;
-        let vm = &self.vm(&r.vm)?.vm;
-        let res = if r.v1 {
-            vm.set_user_memory_region(kvm_userspace_memory_region {
-                slot,
-                flags: r.flags,
-                guest_phys_addr: r.gpa,
-                memory_size: r.size,
-                userspace_addr,
-            })
+        let npages = r.size >> PAGE_SHIFT;
+        let per_page = self.costs.slot_per_page
+            + if r.flags & KVM_MEM_LOG_DIRTY_PAGES != 0 {
+                self.costs.slot_dirty_per_page
+            } else {
+                0
+            };
+        // The kernel refuses a slot of more than KVM_MEM_MAX_NR_PAGES
+        // (__kvm_set_memory_region, virt/kvm/kvm_main.c) before it
+        // allocates anything for it.
+        let metadata = if npages <= KVM_MEM_MAX_NR_PAGES {
+            npages.saturating_mul(per_page)
         } else {
-            vm.set_user_memory_region2(kvm_userspace_memory_region2 {
-                slot,
-                flags: r.flags,
-                guest_phys_addr: r.gpa,
-                memory_size: r.size,
-                userspace_addr,
-                guest_memfd_offset: r.offset,
-                guest_memfd: fd,
-                ..Default::default()
-            })
+            0
         };
-        Ok(res.map_or_else(fail, |()| ok()))
+        let file = match (&r.guest_memfd, r.flags & KVM_MEM_GUEST_MEMFD != 0) {
+            (FdRef::Handle(name), true) => self
+                .gmem(name)
+                .ok()
+                .map(|(_, id)| (id, r.offset >> PAGE_SHIFT)),
+            _ => None,
+        };
+        let hva = self.owner_of(userspace_addr);
+        let charge = Charge::default().fixed(metadata, "memslot metadata");
+        self.charged(
+            charge,
+            |st| {
+                let vms = st.vm(&r.vm)?;
+                let vm = &vms.vm;
+                let res = if r.v1 {
+                    vm.set_user_memory_region(kvm_userspace_memory_region {
+                        slot,
+                        flags: r.flags,
+                        guest_phys_addr: r.gpa,
+                        memory_size: r.size,
+                        userspace_addr,
+                    })
+                } else {
+                    vm.set_user_memory_region2(kvm_userspace_memory_region2 {
+                        slot,
+                        flags: r.flags,
+                        guest_phys_addr: r.gpa,
+                        memory_size: r.size,
+                        userspace_addr,
+                        guest_memfd_offset: r.offset,
+                        guest_memfd: fd,
+                        ..Default::default()
+                    })
+                };
+                if res.is_ok() {
+                    // A change of an existing slot keeps its metadata and
+                    // binding; a delete gives them back.
+                    let old = vms.slots.iter().position(|s| s.slot == slot);
+                    let old = old.map(|i| vms.slots.remove(i));
+                    let freed = old.as_ref().map_or(0, |o| o.metadata);
+                    if r.size != 0 {
+                        vms.slots.push(SlotAcct {
+                            slot,
+                            base_gfn: r.gpa >> PAGE_SHIFT,
+                            npages,
+                            file: file.or(old.and_then(|o| o.file)),
+                            hva,
+                            metadata,
+                        });
+                    }
+                    st.budget.release_fixed(freed);
+                }
+                Ok(res.map_or_else(fail, |()| ok()))
+            },
+            Outcome::is_success,
+        )
     }
 }

@@ -80,18 +80,30 @@ impl SoftVcpu {
             return Ok(mmio());
         }
         let hva = slot.userspace_addr + ((gfn - slot.base_gfn) << PAGE_SHIFT) + offset;
-        let Some((region, off)) = self.vm.host.lookup(hva, buf.len() as u64) else {
-            // No host memory there: KVM fails KVM_RUN with EFAULT and a
-            // memory fault exit for the gfn.
-            return Ok(memory_fault(false));
+        // No host memory at the hva (or memory the host may not touch): as
+        // __kvm_mmu_faultin_pfn (arch/x86/kvm/mmu/mmu.c), whose
+        // __kvm_faultin_pfn -> hva_to_pfn (virt/kvm/kvm_main.c) gives
+        // KVM_PFN_ERR_FAULT, and kvm_handle_error_pfn returns a bare -EFAULT:
+        // KVM_RUN fails with EFAULT and no memory-fault exit is prepared.
+        let unmapped = || {
+            Error::new(
+                Errno::EFAULT,
+                "FAULT-3",
+                format!("gpa {gpa:#x} is served from hva {hva:#x}, where no host memory is mapped"),
+            )
         };
+        let (region, off) = self
+            .vm
+            .host
+            .lookup(hva, buf.len() as u64)
+            .ok_or_else(unmapped)?;
         let done = if write {
             region.write(off, buf)
         } else {
             region.read(off, buf)
         };
         drop(state);
-        Ok(done.is_err().then(|| memory_fault(false)).flatten())
+        done.map(|()| None).map_err(|_| unmapped())
     }
 
     fn access(&self, gpa: u64, size: u8, value: Option<u64>) -> Result<VcpuExit> {

@@ -5,14 +5,19 @@
 //! section; [`contract_tests!`] instantiates it as `soft::<section>::<test>`
 //! and `kvm::<section>::<test>`. A test that needs something a backend lacks
 //! (a VM type, memory attributes, a creation flag) checks the capability
-//! first and prints one `skip:` line naming it; no test passes silently.
+//! first and records a skip naming it; no test passes silently. The binary
+//! prints one summary of the skips, and of the tests that depart from
+//! upstream on this kernel, when it exits.
 
 use std::panic::{self, AssertUnwindSafe};
-use std::path::Path;
+use std::sync::OnceLock;
 
-use gmem::scenario::departures::{kernel_release, Departures, TestDeparture};
+use gmem::scenario::departures::{Departures, Probes};
+use gmem::scenario::Limits;
 use gmem::{Backend, Hypervisor};
 
+#[path = "../common/skips.rs"]
+mod skips;
 mod support;
 
 mod attributes;
@@ -33,34 +38,40 @@ mod numa;
 mod prefault;
 
 /// The KVM backend is a stub on this branch: while this is false the `kvm`
-/// instances print a skip line. Flip it when the KVM backend lands; from
-/// then on failing to open `/dev/kvm` (when it exists) is a test failure.
+/// instances record a skip. Flip it when the KVM backend lands; from then
+/// on failing to open `/dev/kvm` (when it exists) is a test failure.
 const KVM_INSTANCE: bool = true;
 
-/// The departures file: where a running kernel departs from the spec, by
-/// kernel release, for scenario lines and for the contract tests here.
+/// The departures file: the known behaviours of kernels that depart from
+/// upstream, and the contract tests each makes fail.
 const DEPARTURES: &str = include_str!("../../../scenarios/departures.toml");
 
-/// The contract tests that depart on the running kernel: the kvm instance
-/// of each must fail. It prints one `departure:` line naming the rule and
-/// what the kernel does instead; if it passes, the departure is gone and
-/// the test fails until its record is removed. The expectation itself is
-/// never weakened.
-fn kvm_departures() -> Vec<TestDeparture> {
-    let departures = Departures::parse(DEPARTURES).expect("scenarios/departures.toml parses");
-    departures.contract_tests(&kernel_release()).to_vec()
+fn departures() -> &'static Departures {
+    static D: OnceLock<Departures> = OnceLock::new();
+    D.get_or_init(|| Departures::parse(DEPARTURES).expect("scenarios/departures.toml parses"))
 }
 
-/// Runs `test` (named `section::test`) on `backend`, or prints why it
+/// The probes of every behaviour on the running kernel, run once per binary.
+fn kvm_probes(hv: &dyn Hypervisor) -> &'static Probes {
+    static P: OnceLock<Probes> = OnceLock::new();
+    P.get_or_init(|| departures().probe(hv, &Limits::new(64 << 20)))
+}
+
+/// Runs `test` (named `section::test`) on `backend`, or records why it
 /// cannot run there.
+///
+/// A kvm test listed in departures.toml must fail exactly when the
+/// kernel's probes show the behaviours listed for it: it is then recorded
+/// as departing; if it passes, the record or the probe is wrong and the test
+/// fails. On a kernel whose probes do not show them it must pass. The
+/// expectation itself is never weakened.
 fn run(backend: Backend, name: &str, test: fn(&dyn Hypervisor)) {
     if backend == Backend::Kvm {
         if !KVM_INSTANCE {
-            support::skip("kvm backend not merged yet");
+            skips::skip("kvm backend not merged yet");
             return;
         }
-        if !Path::new("/dev/kvm").exists() {
-            support::skip("/dev/kvm does not exist");
+        if skips::no_kvm(name) {
             return;
         }
     }
@@ -68,35 +79,27 @@ fn run(backend: Backend, name: &str, test: fn(&dyn Hypervisor)) {
         Ok(hv) => hv,
         Err(e) => panic!("opening the {} backend: {e}", backend.name()),
     };
-    let departures = kvm_departures();
-    let departure = departures.iter().find(|d| d.contract_test == name);
-    let (
-        Backend::Kvm,
-        Some(TestDeparture {
-            rule,
-            explanation: what,
-            ..
-        }),
-    ) = (backend, departure)
-    else {
+    let listed = match backend {
+        Backend::Kvm => departures().contract_test(name),
+        Backend::Soft => None,
+    };
+    let Some(behaviours) = listed else {
         test(&*hv);
         return;
     };
+    let probes = kvm_probes(&*hv);
+    let ids: Vec<&str> = behaviours.iter().map(|b| b.id.as_str()).collect();
+    if !ids.iter().all(|id| probes.shows(id)) {
+        test(&*hv);
+        return;
+    }
     match panic::catch_unwind(AssertUnwindSafe(|| test(&*hv))) {
-        Err(payload) => {
-            let why = payload
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| payload.downcast_ref::<&str>().copied())
-                .unwrap_or("?");
-            support::report(format!(
-                "departure: {rule}: {what}; the test found: {}",
-                why.lines().map(str::trim).collect::<Vec<_>>().join(" ")
-            ));
-        }
-        Ok(()) => {
-            panic!("recorded in scenarios/departures.toml ({rule}: {what}) but conforms now: remove the record")
-        }
+        Err(_) => skips::departs(ids.join(", ")),
+        Ok(()) => panic!(
+            "this kernel's probes show {} (scenarios/departures.toml), listed as making this \
+             test fail, but it passes: fix the listing or the probe",
+            ids.join(", ")
+        ),
     }
 }
 
@@ -457,14 +460,8 @@ fn every_rule_id_of_sections_1_to_8_is_named_by_a_contract_test() {
 }
 
 #[test]
-fn every_recorded_contract_test_departure_names_a_contract_test() {
-    let departures = Departures::parse(DEPARTURES).unwrap();
-    for test in departures
-        .tests_by_release
-        .values()
-        .flatten()
-        .map(|d| &d.contract_test)
-    {
+fn every_contract_test_in_departures_toml_exists() {
+    for test in departures().contract_tests.iter().map(|t| &t.test) {
         let (section, name) = test.split_once("::").expect("section::test");
         let listed = SOURCES
             .iter()

@@ -2,7 +2,6 @@
 //! accesses, capability checks that skip, and errno assertions.
 
 use std::fmt::Display;
-use std::io::Write;
 pub use std::os::fd::AsRawFd;
 
 pub use gmem::uapi::*;
@@ -29,19 +28,10 @@ pub const DEFAULT: u64 = KVM_X86_DEFAULT_VM as u64;
 /// Both guest_memfd creation flags.
 pub const MMAP_SHARED: u64 = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
 
-/// Prints one skip line, naming the test, straight to stderr.
+/// Records that the test skips, and why: the binary prints one summary
+/// of the skips when it exits.
 pub fn skip(reason: impl Display) {
-    report(format!("skip: {reason}"));
-}
-
-/// Prints `line` and the test's name straight to stderr: the test harness
-/// captures `eprintln!`, not writes to the stream itself.
-pub fn report(line: impl Display) {
-    let thread = std::thread::current();
-    let test = thread.name().unwrap_or("?");
-    // One write, so the line is not split among the harness's own output.
-    let line = format!("{line} ({test})\n");
-    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    crate::skips::skip(reason);
 }
 
 /// Unwraps a result the test needs, naming the step on failure.

@@ -1,0 +1,579 @@
+//! `gmem map`: draws a memory layout as the memory manager built it: guest
+//! physical ranges, memslots, the guest_memfd file and offset behind each,
+//! private and shared ranges, holes; as text, and as SVG with `--svg`.
+
+use std::fmt::Write as _;
+use std::process::ExitCode;
+
+use gmem::memory::{
+    human_bytes, BackingMode, GuestRange, Layout, LayoutBuilder, MemoryManager, PageState,
+};
+
+use crate::run::{open, wrap, BackingChoice, Where};
+
+/// What one row of the map is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Hole,
+    Ram {
+        slot: u32,
+        /// guest_memfd index and the file offset of the row's first byte.
+        file: Option<(usize, u64)>,
+        state: PageState,
+    },
+}
+
+/// A run of guest physical memory that is one thing throughout.
+#[derive(Debug, Clone, Copy)]
+struct Row {
+    range: GuestRange,
+    kind: Kind,
+}
+
+/// The rows of `mm`'s layout: slots cut by state, and the holes between.
+fn rows(mm: &MemoryManager) -> Vec<Row> {
+    let states = mm.states();
+    let mut rows = Vec::new();
+    let mut at = 0;
+    for slot in mm.layout().slots() {
+        if slot.range.start.0 > at {
+            rows.push(Row {
+                range: GuestRange::from_bounds(at, slot.range.start.0),
+                kind: Kind::Hole,
+            });
+        }
+        let has_file = mm.file(slot.file).is_some();
+        for (r, state) in &states {
+            let Some(part) = r.intersect(&slot.range) else {
+                continue;
+            };
+            let off = slot.offset.0 + (part.start.0 - slot.range.start.0);
+            rows.push(Row {
+                range: part,
+                kind: Kind::Ram {
+                    slot: slot.id,
+                    file: has_file.then_some((slot.file, off)),
+                    state: *state,
+                },
+            });
+        }
+        at = slot.range.start.0 + slot.range.len;
+    }
+    rows
+}
+
+/// Where a row's bytes live, in words.
+fn lives_in(mode: BackingMode, kind: Kind) -> &'static str {
+    match (mode, kind) {
+        (_, Kind::Hole) => "",
+        (BackingMode::Anonymous, _) => "host memory",
+        (
+            BackingMode::Split,
+            Kind::Ram {
+                state: PageState::Shared,
+                ..
+            },
+        ) => "host memory",
+        _ => "guest_memfd",
+    }
+}
+
+/// The map as text, 100 columns at most.
+fn text(mm: &MemoryManager, backend: &str) -> String {
+    let layout = mm.layout();
+    let b = mm.backing();
+    let files = if b.mode == BackingMode::Anonymous {
+        0
+    } else {
+        layout.files().len()
+    };
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "gmem map: {} of RAM in {} range{}, {} memslot{}, {files} guest_memfd file{} ({backend} backend)",
+        human_bytes(layout.size()),
+        layout.ranges().len(),
+        plural(layout.ranges().len()),
+        layout.slots().len(),
+        plural(layout.slots().len()),
+        plural(files),
+    );
+    let _ = writeln!(
+        out,
+        "backing   {}\n",
+        wrap(&format!("{}: {}", b.mode, b.reason), 100, 10)
+    );
+    let _ = writeln!(
+        out,
+        "{:<27} {:>8}  {:<6} {:<29} state (where it lives)",
+        "guest physical", "size", "slot", "guest_memfd [offsets)"
+    );
+    for row in rows(mm) {
+        let (slot, file, state) = match row.kind {
+            Kind::Hole => (String::new(), "hole".to_string(), String::new()),
+            Kind::Ram { slot, file, state } => (
+                slot.to_string(),
+                file.map_or("-".into(), |(i, off)| {
+                    format!("{i} [{off:#x}, {:#x})", off + row.range.len)
+                }),
+                format!("{state} ({})", lives_in(b.mode, row.kind)),
+            ),
+        };
+        let line = format!(
+            "{:<27} {:>8}  {slot:<6} {file:<29} {state}",
+            row.range.to_string(),
+            human_bytes(row.range.len)
+        );
+        let _ = writeln!(out, "{}", line.trim_end());
+    }
+    out
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+const WIDTH: f64 = 1000.0;
+const LEFT: f64 = 30.0;
+const BAR: f64 = WIDTH - 2.0 * LEFT;
+const SHARED: &str = "#66bb6a";
+const PRIVATE: &str = "#7e57c2";
+const UNUSED: &str = "#f4f4f4";
+
+/// x positions of every row: RAM proportional to its size, holes too but
+/// never wider than a quarter of RAM (a 1 TiB gap would hide the rest).
+fn xs(rows: &[Row], ram: u64) -> Vec<(f64, f64)> {
+    let weight = |r: &Row| match r.kind {
+        Kind::Hole => r.range.len.min(ram / 4).max(ram / 40) as f64,
+        Kind::Ram { .. } => r.range.len as f64,
+    };
+    let total: f64 = rows.iter().map(weight).sum();
+    let mut x = LEFT;
+    rows.iter()
+        .map(|r| {
+            let w = weight(r) / total * BAR;
+            x += w;
+            (x - w, x)
+        })
+        .collect()
+}
+
+/// The map as an SVG picture: host memory (split and anonymous backings)
+/// above the guest physical address space, each guest_memfd below it with
+/// every memslot drawn from its guest physical range to its file offsets.
+fn svg(mm: &MemoryManager, backend: &str) -> String {
+    let layout = mm.layout();
+    let b = mm.backing();
+    let rows = rows(mm);
+    let xs = xs(&rows, layout.size());
+    let has_files = b.mode != BackingMode::Anonymous;
+    let host_lane = matches!(b.mode, BackingMode::Split | BackingMode::Anonymous);
+    let (y_host, y_gpa) = (96.0, if host_lane { 200.0 } else { 110.0 });
+    let lane_h = 46.0;
+    let y_file0 = y_gpa + lane_h + 120.0;
+    let file_pitch = 130.0;
+    let nfiles = if has_files { layout.files().len() } else { 0 };
+    let y_legend = y_file0 + nfiles as f64 * file_pitch + 10.0;
+    let height = y_legend + 110.0;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}" font-family="DejaVu Sans, Arial, sans-serif" font-size="12">
+<defs><pattern id="hatch" width="8" height="8" patternUnits="userSpaceOnUse" patternTransform="rotate(45)"><rect width="8" height="8" fill="#e0e0e0"/><line x1="0" y1="0" x2="0" y2="8" stroke="#9e9e9e" stroke-width="2"/></pattern></defs>
+<rect width="100%" height="100%" fill="white"/>"##
+    );
+    let files = if has_files { layout.files().len() } else { 0 };
+    let _ = writeln!(
+        s,
+        r#"<text x="{LEFT}" y="28" font-size="17" font-weight="bold">{}</text>"#,
+        esc(&format!(
+            "{} of RAM: {} range{}, {} memslot{}, {files} guest_memfd file{}",
+            human_bytes(layout.size()),
+            layout.ranges().len(),
+            plural(layout.ranges().len()),
+            layout.slots().len(),
+            plural(layout.slots().len()),
+            plural(files)
+        ))
+    );
+    let _ = writeln!(
+        s,
+        r#"<text x="{LEFT}" y="50" font-size="13">{}</text>"#,
+        esc(&format!("{} backing, {backend} backend", b.mode))
+    );
+
+    // Host memory: where shared pages live when they are not in the file.
+    if host_lane {
+        let _ = writeln!(
+            s,
+            r#"<text x="{LEFT}" y="{}" font-weight="bold">host memory at each slot's userspace_addr (shared pages live here)</text>"#,
+            y_host - 8.0
+        );
+        for (row, (x0, x1)) in rows.iter().zip(&xs) {
+            let Kind::Ram { state, .. } = row.kind else {
+                continue;
+            };
+            let fill = if state == PageState::Shared {
+                SHARED
+            } else {
+                UNUSED
+            };
+            let _ = writeln!(
+                s,
+                r##"<rect x="{x0:.1}" y="{y_host}" width="{:.1}" height="{lane_h}" fill="{fill}" stroke="#555"/>"##,
+                x1 - x0
+            );
+            if state == PageState::Private && x1 - x0 > 90.0 {
+                let _ = writeln!(
+                    s,
+                    r##"<text x="{:.1}" y="{:.1}" text-anchor="middle" fill="#777">freed (private)</text>"##,
+                    (x0 + x1) / 2.0,
+                    y_host + lane_h / 2.0 + 4.0
+                );
+            }
+        }
+    }
+
+    // Guest physical address space.
+    let _ = writeln!(
+        s,
+        r#"<text x="{LEFT}" y="{}" font-weight="bold">guest physical address space</text>"#,
+        y_gpa - 24.0
+    );
+    for (i, (row, (x0, x1))) in rows.iter().zip(&xs).enumerate() {
+        let (fill, label) = match row.kind {
+            Kind::Hole => ("url(#hatch)", "hole".to_string()),
+            Kind::Ram { state, .. } => (
+                if state == PageState::Shared {
+                    SHARED
+                } else {
+                    PRIVATE
+                },
+                state.to_string(),
+            ),
+        };
+        let _ = writeln!(
+            s,
+            r##"<rect x="{x0:.1}" y="{y_gpa}" width="{:.1}" height="{lane_h}" fill="{fill}" stroke="#555"/>"##,
+            x1 - x0
+        );
+        let text_fill = if matches!(
+            row.kind,
+            Kind::Ram {
+                state: PageState::Private,
+                ..
+            }
+        ) {
+            "white"
+        } else {
+            "black"
+        };
+        // The label, shortened to what fits (about 7 px a character).
+        let size = human_bytes(row.range.len);
+        let long = format!("{label} {size}");
+        let fits = |t: &str| 7.5 * t.len() as f64 + 8.0 < x1 - x0;
+        let shown = [long.as_str(), label.as_str(), size.as_str()]
+            .into_iter()
+            .find(|t| fits(t));
+        if let Some(t) = shown {
+            let _ = writeln!(
+                s,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" fill="{text_fill}">{}</text>"#,
+                (x0 + x1) / 2.0,
+                y_gpa + lane_h / 2.0 + 4.0,
+                esc(t)
+            );
+        }
+        // Address of the row's start below the bar, staggered so that
+        // neighbours do not collide.
+        let dy = if i % 2 == 0 { 16.0 } else { 30.0 };
+        let _ = writeln!(
+            s,
+            r##"<line x1="{x0:.1}" y1="{:.1}" x2="{x0:.1}" y2="{:.1}" stroke="#555"/><text x="{x0:.1}" y="{:.1}" font-size="11" text-anchor="middle">{:#x}</text>"##,
+            y_gpa + lane_h,
+            y_gpa + lane_h + dy - 10.0,
+            y_gpa + lane_h + dy,
+            row.range.start.0
+        );
+    }
+    if let (Some(last), Some(&(_, x1))) = (rows.last(), xs.last()) {
+        let _ = writeln!(
+            s,
+            r##"<line x1="{x1:.1}" y1="{:.1}" x2="{x1:.1}" y2="{:.1}" stroke="#555"/><text x="{x1:.1}" y="{:.1}" font-size="11" text-anchor="end">{:#x}</text>"##,
+            y_gpa + lane_h,
+            y_gpa + lane_h + 6.0 + 10.0 * ((rows.len() % 2) as f64),
+            y_gpa + lane_h + 16.0 + 14.0 * ((rows.len() % 2) as f64),
+            last.range.start.0 + last.range.len
+        );
+    }
+    // Slot spans above the guest physical bar.
+    for slot in layout.slots() {
+        let span: Vec<(f64, f64)> = rows
+            .iter()
+            .zip(&xs)
+            .filter(|(r, _)| matches!(r.kind, Kind::Ram { slot: id, .. } if id == slot.id))
+            .map(|(_, x)| *x)
+            .collect();
+        let (Some(first), Some(last)) = (span.first(), span.last()) else {
+            continue;
+        };
+        let _ = writeln!(
+            s,
+            r##"<rect x="{:.1}" y="{y_gpa}" width="{:.1}" height="{lane_h}" fill="none" stroke="#111" stroke-width="3"/><text x="{:.1}" y="{:.1}" text-anchor="middle" font-weight="bold">memslot {}</text>"##,
+            first.0,
+            last.1 - first.0,
+            (first.0 + last.1) / 2.0,
+            y_gpa - 6.0,
+            slot.id
+        );
+    }
+
+    // Each guest_memfd, on one scale, and every slot drawn to its offsets.
+    // The connectors go first so that each file's bar covers those that
+    // pass behind it on their way to a lower file.
+    let largest = layout.files().iter().copied().max().unwrap_or(1).max(1);
+    let fx = |off: u64| LEFT + off as f64 / largest as f64 * BAR;
+    let file_y = |f: usize| y_file0 + f as f64 * file_pitch;
+    let file_rows = || {
+        rows.iter().zip(&xs).filter_map(|(row, x)| match row.kind {
+            Kind::Ram {
+                file: Some((f, off)),
+                state,
+                ..
+            } if f < nfiles => Some((row, *x, f, off, state)),
+            _ => None,
+        })
+    };
+    for (row, (x0, x1), f, off, _) in file_rows() {
+        let (f0, f1, y) = (fx(off), fx(off + row.range.len), file_y(f));
+        let _ = writeln!(
+            s,
+            r##"<polygon points="{x0:.1},{:.1} {x1:.1},{:.1} {f1:.1},{y:.1} {f0:.1},{y:.1}" fill="#90a4ae" fill-opacity="0.25" stroke="#90a4ae"/>"##,
+            y_gpa + lane_h + 34.0,
+            y_gpa + lane_h + 34.0
+        );
+    }
+    for f in 0..nfiles {
+        let size = layout.files()[f];
+        let y = file_y(f);
+        let _ = writeln!(
+            s,
+            r##"<rect x="{LEFT}" y="{y:.1}" width="{:.1}" height="{lane_h}" fill="white"/>"##,
+            fx(size) - LEFT
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="{LEFT}" y="{:.1}" font-weight="bold">guest_memfd {f} ({}, {}): file offsets</text>"#,
+            y + lane_h + 34.0,
+            esc(&human_bytes(size)),
+            esc(&mm.file(f).map_or(String::new(), |g| g.access().to_string()))
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{:.1}" font-size="11" text-anchor="end">{size:#x}</text>"#,
+            fx(size),
+            y + lane_h + 14.0
+        );
+    }
+    for (row, _, f, off, state) in file_rows() {
+        let (f0, f1, y) = (fx(off), fx(off + row.range.len), file_y(f));
+        let in_file = lives_in(b.mode, row.kind) == "guest_memfd";
+        let fill = match (state, in_file) {
+            (_, false) => UNUSED,
+            (PageState::Shared, true) => SHARED,
+            (PageState::Private, true) => PRIVATE,
+        };
+        let _ = writeln!(
+            s,
+            r##"<rect x="{f0:.1}" y="{y:.1}" width="{:.1}" height="{lane_h}" fill="{fill}" stroke="#555"/>"##,
+            f1 - f0
+        );
+        if !in_file && f1 - f0 > 110.0 {
+            let _ = writeln!(
+                s,
+                r##"<text x="{:.1}" y="{:.1}" text-anchor="middle" fill="#777">empty (shared)</text>"##,
+                (f0 + f1) / 2.0,
+                y + lane_h / 2.0 + 4.0
+            );
+        }
+    }
+    for slot in layout.slots().iter().filter(|sl| sl.file < nfiles) {
+        let (f0, f1, y) = (
+            fx(slot.offset.0),
+            fx(slot.offset.0 + slot.range.len),
+            file_y(slot.file),
+        );
+        let _ = writeln!(
+            s,
+            r##"<rect x="{f0:.1}" y="{y:.1}" width="{:.1}" height="{lane_h}" fill="none" stroke="#111" stroke-width="3"/><text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="11">slot {} at offset {:#x}</text><text x="{f0:.1}" y="{:.1}" font-size="11" text-anchor="middle">{:#x}</text>"##,
+            f1 - f0,
+            (f0 + f1) / 2.0,
+            y - 6.0,
+            slot.id,
+            slot.offset.0,
+            y + lane_h + 14.0,
+            slot.offset.0
+        );
+    }
+
+    // Legend and the reason for the backing.
+    let mut x = LEFT;
+    for (fill, what) in [
+        (SHARED, "shared"),
+        (PRIVATE, "private"),
+        ("url(#hatch)", "hole (not RAM)"),
+        (UNUSED, "no memory here in this backing"),
+    ] {
+        let _ = writeln!(
+            s,
+            r##"<rect x="{x}" y="{y_legend}" width="22" height="14" fill="{fill}" stroke="#555"/><text x="{}" y="{}">{what}</text>"##,
+            x + 28.0,
+            y_legend + 12.0
+        );
+        x += 60.0 + 7.0 * what.len() as f64;
+    }
+    for (i, l) in wrap(&format!("{}: {}", b.mode, b.reason), 140, 0)
+        .lines()
+        .enumerate()
+    {
+        let _ = writeln!(
+            s,
+            r##"<text x="{LEFT}" y="{:.1}" font-size="11" fill="#444">{}</text>"##,
+            y_legend + 40.0 + 15.0 * i as f64,
+            esc(l)
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+/// What `gmem map` draws.
+pub struct MapArgs {
+    /// RAM size placed the default way (when `ram` is empty).
+    pub memory: u64,
+    /// Explicit RAM ranges.
+    pub ram: Vec<GuestRange>,
+    /// One guest_memfd per range.
+    pub file_per_range: bool,
+    /// Where to build it.
+    pub backend: Where,
+    /// Backing to ask for.
+    pub backing: BackingChoice,
+    /// Ranges converted to private before drawing.
+    pub private: Vec<GuestRange>,
+    /// Where to write the SVG.
+    pub svg: Option<std::path::PathBuf>,
+}
+
+/// `gmem map`.
+pub fn map(args: MapArgs) -> ExitCode {
+    match map_inner(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gmem map: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn map_inner(args: MapArgs) -> Result<(), String> {
+    let hv = open(args.backend)?;
+    let mut builder: LayoutBuilder = Layout::builder()
+        .file_per_range(args.file_per_range)
+        .backing(args.backing.request());
+    if args.ram.is_empty() {
+        builder = builder.memory(args.memory);
+    }
+    for r in &args.ram {
+        builder = builder.ram(r.start, r.len);
+    }
+    let layout = builder.build().map_err(|e| e.to_string())?;
+    let mm = MemoryManager::new(&*hv, layout).map_err(|e| e.to_string())?;
+    for r in &args.private {
+        mm.convert(*r, PageState::Private)
+            .map_err(|e| e.to_string())?;
+    }
+    print!("{}", text(&mm, hv.name()));
+    if let Some(path) = &args.svg {
+        std::fs::write(path, svg(&mm, hv.name()))
+            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+        println!("\nwrote {}", path.display());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gmem::memory::{BackingRequest, GuestAddress};
+
+    fn split_two_ranges() -> MemoryManager {
+        let hv = gmem::Backend::Soft.open().unwrap();
+        let layout = Layout::builder()
+            .memory(5 << 30)
+            .backing(BackingRequest::Private)
+            .build()
+            .unwrap();
+        let mm = MemoryManager::new(&*hv, layout).unwrap();
+        for r in [(1 << 30, 1 << 30), ((4 << 30) + (1 << 29), 1 << 29)] {
+            mm.convert(GuestRange::new(GuestAddress(r.0), r.1), PageState::Private)
+                .unwrap();
+        }
+        mm
+    }
+
+    #[test]
+    fn rows_cut_slots_by_state_and_show_the_hole() {
+        let mm = split_two_ranges();
+        let rows = rows(&mm);
+        let kinds: Vec<String> = rows
+            .iter()
+            .map(|r| match r.kind {
+                Kind::Hole => format!("hole {}", r.range),
+                Kind::Ram { slot, file, state } => {
+                    format!("{slot} {} {state} {:#x}", r.range, file.unwrap().1)
+                }
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "0 [0x0, 0x40000000) shared 0x0",
+                "0 [0x40000000, 0x80000000) private 0x40000000",
+                "0 [0x80000000, 0xc0000000) shared 0x80000000",
+                "hole [0xc0000000, 0x100000000)",
+                "1 [0x100000000, 0x120000000) shared 0xc0000000",
+                "1 [0x120000000, 0x140000000) private 0xe0000000",
+                "1 [0x140000000, 0x180000000) shared 0x100000000",
+            ]
+        );
+    }
+
+    #[test]
+    fn text_fits_100_columns() {
+        let mm = split_two_ranges();
+        for l in text(&mm, "soft").lines() {
+            assert!(l.chars().count() <= 100, "{l:?}");
+        }
+    }
+
+    #[test]
+    fn svg_draws_every_slot_and_both_states() {
+        let mm = split_two_ranges();
+        let svg = svg(&mm, "soft");
+        assert!(svg.starts_with("<svg") && svg.ends_with("</svg>\n"));
+        assert!(svg.contains("memslot 0") && svg.contains("memslot 1"));
+        assert!(svg.contains("slot 1 at offset 0xc0000000"));
+        assert!(svg.contains(PRIVATE) && svg.contains(SHARED) && svg.contains("url(#hatch)"));
+    }
+}
