@@ -82,6 +82,10 @@ pub const KVM_MAP_GPA_RANGE_PAGE_SZ_4K: u64 = 0;
 /// What a hypercall returns to the guest when KVM does not handle it.
 pub const KVM_ENOSYS: u64 = 1000;
 
+/// `KVM_SET_USER_MEMORY_REGION`'s request number, `_IOW(KVMIO, 0x46, struct
+/// kvm_userspace_memory_region)`: kvm-ioctls keeps its own private.
+pub const KVM_SET_USER_MEMORY_REGION: u64 = 0x4020_ae46;
+
 /// User memslots per address space on x86 (`KVM_USER_MEM_SLOTS`).
 pub const KVM_USER_MEM_SLOTS: u32 = 32764;
 /// Most pages one memslot may hold (`KVM_MEM_MAX_NR_PAGES`).

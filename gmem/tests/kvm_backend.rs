@@ -34,8 +34,8 @@ use gmem::kvm::vcpu::RUN_TIMEOUT;
 use gmem::kvm::KvmHypervisor;
 use gmem::uapi::*;
 use gmem::{
-    Errno, Error, GuestMemfd, GuestOp, HostFault, HostMemory, Hypervisor, MapKind, Result, Vcpu,
-    VcpuExit, Vm,
+    Errno, Error, GuestLoop, GuestMemfd, GuestOp, HostFault, HostMemory, Hypervisor, LoopExit,
+    MapKind, Result, Vcpu, VcpuExit, Vm,
 };
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -735,4 +735,242 @@ fn a_sigbus_that_is_not_gmems_reaches_the_previous_handler_or_kills() {
     // Assert
     assert_eq!(own.code(), Some(42), "{own:?}");
     assert_eq!(default.signal(), Some(libc::SIGBUS), "{default:?}");
+}
+
+const SEED: u64 = 0x5eed_0000_0000_0000;
+
+/// The guest runs `op` as one loop: how it ended.
+fn guest_loop(cpu: &mut Box<dyn Vcpu>, op: GuestLoop) -> LoopExit {
+    cpu.run_loop(op).unwrap()
+}
+
+fn fill(gpa: u64, len: u64) -> GuestLoop {
+    GuestLoop::Fill {
+        gpa,
+        len,
+        seed: SEED,
+    }
+}
+
+fn verify(gpa: u64, len: u64) -> GuestLoop {
+    GuestLoop::Verify {
+        gpa,
+        len,
+        seed: SEED,
+    }
+}
+
+fn finished(len: u64, result: u64) -> LoopExit {
+    LoopExit {
+        done: len,
+        exit: VcpuExit::Done(result),
+    }
+}
+
+#[test]
+fn a_loop_above_4_gib_fills_what_the_host_reads_gmem_loop() {
+    let Some((_l, h)) = kvm() else { return };
+    // Arrange
+    let gpa = 0x1_2345_0000;
+    let (_vm, mem, mut cpu) = vm_on_host_memory(&h, gpa, 0x10000);
+    // Act
+    let filled = guest_loop(&mut cpu, fill(gpa, 0x10000));
+    let verified = guest_loop(&mut cpu, verify(gpa, 0x10000));
+    // Assert
+    assert_eq!(filled, finished(0x10000, 0));
+    assert_eq!(verified, finished(0x10000, 0));
+    assert_eq!(host_u64(&*mem, 8), GuestLoop::pattern(gpa + 8, SEED));
+    assert_eq!(
+        host_u64(&*mem, 0xfff8),
+        GuestLoop::pattern(gpa + 0xfff8, SEED)
+    );
+}
+
+#[test]
+fn a_loop_across_2_to_the_47_reaches_both_sides_gmem_loop() {
+    let Some((_l, h)) = kvm() else { return };
+    if h.phys_bits() <= 47 {
+        skip("MAXPHYADDR is 47 bits or less: nothing lies above 2^47");
+        return;
+    }
+    // Arrange: canonical virtual addresses stop at 2^47; guest physical
+    // ones go on.
+    let gpa = (1u64 << 47) - 0x4000;
+    let (_vm, mem, mut cpu) = vm_on_host_memory(&h, gpa, 0x8000);
+    // Act
+    let filled = guest_loop(&mut cpu, fill(gpa, 0x8000));
+    let verified = guest_loop(&mut cpu, verify(gpa, 0x8000));
+    let below = load(&mut cpu, (1 << 47) - 8, 8);
+    let above = load(&mut cpu, 1 << 47, 8);
+    // Assert
+    assert_eq!(filled, finished(0x8000, 0));
+    assert_eq!(verified, finished(0x8000, 0));
+    assert_eq!(
+        host_u64(&*mem, 0x3ff8),
+        GuestLoop::pattern((1 << 47) - 8, SEED)
+    );
+    assert_eq!(host_u64(&*mem, 0x4000), GuestLoop::pattern(1 << 47, SEED));
+    assert_eq!(
+        below,
+        VcpuExit::Done(GuestLoop::pattern((1 << 47) - 8, SEED))
+    );
+    assert_eq!(above, VcpuExit::Done(GuestLoop::pattern(1 << 47, SEED)));
+}
+
+#[test]
+fn a_verify_loop_into_an_mmio_gap_stops_at_its_first_word_fault_2() {
+    let Some((_l, h)) = kvm() else { return };
+    // Arrange: memory at [1 MiB, 1 MiB + 8 KiB), nothing after it.
+    let (_vm, _mem, mut cpu) = vm_on_host_memory(&h, 0x10_0000, 0x2000);
+    guest_loop(&mut cpu, fill(0x10_0000, 0x2000));
+    // Act
+    let exit = guest_loop(&mut cpu, verify(0x10_0000, 0x3000));
+    let next = load(&mut cpu, 0x10_0008, 8);
+    // Assert: the load that found no memory is the exit; the vCPU then
+    // runs the next access as usual.
+    assert_eq!(
+        exit,
+        LoopExit {
+            done: 0x2000,
+            exit: VcpuExit::Mmio {
+                gpa: 0x10_2000,
+                is_write: false,
+                len: 8,
+                data: 0
+            }
+        }
+    );
+    assert_eq!(next, VcpuExit::Done(GuestLoop::pattern(0x10_0008, SEED)));
+}
+
+/// gmem-loop: the page tables map guest memory a GiB (one page directory,
+/// or one 1 GiB page) at a time, and a loop takes one run per GiB: a loop
+/// over two adds up its counts and bytes done across them, and stops in the
+/// second at a gap.
+#[test]
+fn a_loop_over_two_page_directories_adds_up_across_them_gmem_loop() {
+    let Some((_l, h)) = kvm() else { return };
+    // Arrange: 2 MiB of memory around the 1 GiB boundary.
+    let gpa = (1u64 << 30) - 0x10_0000;
+    let (_vm, mem, mut cpu) = vm_on_host_memory(&h, gpa, 0x20_0000);
+    // Act
+    let filled = guest_loop(&mut cpu, fill(gpa, 0x20_0000));
+    mem.write(0x8, &[0xff]).unwrap();
+    mem.write(0x1f_fff0, &[0xff]).unwrap();
+    let verified = guest_loop(&mut cpu, verify(gpa, 0x20_0000));
+    let past = guest_loop(&mut cpu, fill(gpa, 0x20_1000));
+    // Assert
+    assert_eq!(filled, finished(0x20_0000, 0));
+    assert_eq!(verified, finished(0x20_0000, 2));
+    assert_eq!(past.done, 0x20_0000);
+    assert!(
+        matches!(past.exit, VcpuExit::Mmio { gpa: at, is_write: true, .. } if at == gpa + 0x20_0000),
+        "{past:?}"
+    );
+}
+
+#[test]
+fn two_vcpus_of_one_vm_run_loops_at_the_same_time_gmem_loop() {
+    let Some((_l, h)) = kvm() else { return };
+    // Arrange: one region per vCPU, in different GiBs and under different
+    // PML4 entries, so each vCPU maps its own.
+    let vm = default_vm(&h);
+    let len = 0x40_0000;
+    let (a, b) = (0x4000_0000u64, 0x100_4000_0000u64);
+    let mem_a = h.host_memory(len).unwrap();
+    let mem_b = h.host_memory(len).unwrap();
+    vm.set_user_memory_region2(user_region(0, a, len, mem_a.addr()))
+        .unwrap();
+    vm.set_user_memory_region2(user_region(1, b, len, mem_b.addr()))
+        .unwrap();
+    let cpus = [vm.create_vcpu(0).unwrap(), vm.create_vcpu(1).unwrap()];
+    // Act: each fills and verifies its own region many times, both at once.
+    let threads = cpus.into_iter().zip([a, b]).map(|(mut cpu, gpa)| {
+        std::thread::spawn(move || {
+            let mut exits = Vec::new();
+            for _ in 0..20 {
+                exits.push(guest_loop(&mut cpu, fill(gpa, len)));
+                exits.push(guest_loop(&mut cpu, verify(gpa, len)));
+            }
+            (cpu, exits)
+        })
+    });
+    let results: Vec<_> = threads.map(|t| t.join().unwrap()).collect();
+    // Assert: every loop finished whole, and each vCPU sees the other's.
+    let [(mut cpu0, exits0), (mut cpu1, exits1)] = <[_; 2]>::try_from(results).ok().unwrap();
+    for exit in exits0.iter().chain(&exits1) {
+        assert_eq!(*exit, finished(len, 0));
+    }
+    assert_eq!(guest_loop(&mut cpu0, verify(b, len)), finished(len, 0));
+    assert_eq!(guest_loop(&mut cpu1, verify(a, len)), finished(len, 0));
+}
+
+/// FAULT-8: on a kernel where the hypercall never completes, the vCPU is
+/// noticed at the hypercall instruction long before the run bound and
+/// reported as a timeout there; it then runs the next access as usual.
+#[test]
+fn a_stuck_hypercall_is_reported_early_at_its_instruction_fault_8() {
+    let Some((_l, h)) = kvm() else { return };
+    // Arrange
+    let (vm, mem, mut cpu) = vm_on_host_memory(&h, 0x10_0000, 0x1000);
+    enable_map_gpa_range_exit(&*vm);
+    mem.write(0, &[0x42]).unwrap();
+    // Act
+    let (exit, elapsed) = timed_map_gpa_range(&mut cpu, 0x10_0000, 1);
+    let next = load(&mut cpu, 0x10_0000, 1);
+    // Assert
+    let VcpuExit::Timeout { rip } = exit else {
+        skip(&format!("this kernel completes the hypercall ({exit:?})"));
+        return;
+    };
+    assert!(
+        (SETUP_GPA..SETUP_GPA + SETUP_SIZE).contains(&rip),
+        "rip {rip:#x}"
+    );
+    assert!(elapsed < RUN_TIMEOUT / 4, "noticed only after {elapsed:?}");
+    assert_eq!(next, VcpuExit::Done(0x42));
+}
+
+/// KVM-SETUP: accesses to more distinct GiBs than the setup region has page
+/// directories for recycle the page tables: each still exits where it
+/// should, and memory reads as before.
+#[test]
+fn page_tables_are_recycled_when_the_setup_region_runs_out_kvm_setup() {
+    let Some((_l, h)) = kvm() else { return };
+    // Arrange
+    let (_vm, mem, mut cpu) = vm_on_host_memory(&h, 0x10_0000, 0x1000);
+    mem.write(0, &[0x42]).unwrap();
+    // Act: one store in each of 1100 GiBs without memory.
+    let stray: Vec<_> = (0..1100u64)
+        .map(|k| (k, store(&mut cpu, (8 + k) << 30, 1, k & 0xff)))
+        .filter(|(k, exit)| {
+            *exit
+                != VcpuExit::Mmio {
+                    gpa: (8 + k) << 30,
+                    is_write: true,
+                    len: 1,
+                    data: k & 0xff,
+                }
+        })
+        .collect();
+    let read = load(&mut cpu, 0x10_0000, 1);
+    // Assert
+    assert!(stray.is_empty(), "{stray:x?}");
+    assert_eq!(read, VcpuExit::Done(0x42));
+}
+
+#[test]
+fn loops_into_the_setup_region_or_past_maxphyaddr_are_refused_kvm_setup() {
+    let Some((_l, h)) = kvm() else { return };
+    // Arrange
+    let (_vm, mut cpu) = vm_and_vcpu(&h);
+    let top = 1u64 << h.phys_bits();
+    // Act + Assert
+    for op in [
+        fill(SETUP_GPA - 0x1000, 0x2000),
+        verify(SETUP_GPA + SETUP_SIZE - 8, 16),
+        fill(top - 8, 16),
+    ] {
+        assert_refused(cpu.run_loop(op), Errno::EINVAL, "KVM-SETUP");
+    }
 }

@@ -6,8 +6,10 @@
 //!   system call.
 //! - [`memory`]: host memory and mappings this backend hands out, and the
 //!   check that keeps memslots from exposing other process memory.
-//! - [`vcpu`] and [`guest`]: a 64-bit vCPU running generated guest code,
-//!   every run bounded in time.
+//! - [`vcpu`] and [`guest`]: a 64-bit vCPU running generated guest code:
+//!   one `KVM_RUN` per guest access (ring 0), one guest loop per GiB of a
+//!   range (ring 3), page tables built once and only ever extended.
+//! - `watchdog`: the run bound, one thread for the process.
 //! - `sigbus`: host accesses that the kernel answers with SIGBUS become
 //!   typed errors.
 //!
@@ -18,11 +20,28 @@
 //! (memslot userspace ranges that would expose process memory, see
 //! [`memory`]).
 //!
-//! What the backend adds to a VM: memslot [`guest::SETUP_SLOT`] (32700) at
-//! guest physical `[0xE000_0000, 0xE040_0000)`, bound when the VM is created
-//! (so a user slot can never silently overlap it: overlaps are EEXIST, the
-//! slot id EINVAL), and `KVM_CAP_EXIT_HYPERCALL` enabled for
-//! `KVM_HC_MAP_GPA_RANGE` where the kernel offers it.
+//! What the backend adds to a VM: memslots [`guest::SETUP_SLOT`] (32700)
+//! and [`guest::DOORBELL_SLOT`] (32701, read-only) covering guest physical
+//! `[0xE000_0000, 0xE040_0000)`, bound when the VM is created (so a user
+//! slot can never silently overlap them: overlaps are EEXIST, the slot ids
+//! EINVAL), and `KVM_CAP_EXIT_HYPERCALL` enabled for `KVM_HC_MAP_GPA_RANGE`
+//! where the kernel offers it.
+//!
+//! # How long a run may take
+//!
+//! - A guest operation ([`crate::hypervisor::Vcpu::run`]) ends as
+//!   [`crate::hypervisor::VcpuExit::Timeout`] after [`vcpu::RUN_TIMEOUT`]
+//!   (1 s).
+//! - A hypercall that does not complete ends sooner: a vCPU found at the
+//!   `vmcall`/`vmmcall` instruction [`vcpu::HYPERCALL_CHECK`] (3 ms) into the
+//!   run, and still there after its thread has spent
+//!   [`vcpu::HYPERCALL_RECHECK`] (2 ms) more CPU time in the run, is
+//!   reported as `Timeout` with the rip of that instruction. A hypercall
+//!   that KVM handles takes microseconds and one it forwards exits at once,
+//!   so only a hypercall the kernel never finishes stays there (FAULT-8).
+//! - A guest loop ([`crate::hypervisor::Vcpu::run_loop`]) runs as long as it
+//!   advances: it ends as `Timeout` only when its address did not move for
+//!   [`vcpu::LOOP_STALL`] (1 s), with `done` the bytes completed.
 //!
 //! # What kernel 6.18.44 (our machines) does differently from the spec
 //!
@@ -38,8 +57,9 @@
 //!   access exits as MMIO, not as a memory fault (EFAULT, exit 39). A slot
 //!   whose userspace range is unmapped behaves the same way.
 //! - FAULT-8: the `KVM_HC_MAP_GPA_RANGE` hypercall never exits to the VMM;
-//!   the run bound reports it as [`crate::hypervisor::VcpuExit::Timeout`]
-//!   with the rip of the `vmcall`/`vmmcall`.
+//!   the vCPU stays at the `vmcall`/`vmmcall`, and the backend reports it as
+//!   [`crate::hypervisor::VcpuExit::Timeout`] with that rip within a few
+//!   milliseconds (see above).
 
 pub mod guest;
 pub mod guest_memfd;
@@ -47,6 +67,7 @@ pub mod memory;
 mod sigbus;
 pub mod vcpu;
 pub mod vm;
+mod watchdog;
 
 use std::os::fd::{AsRawFd, RawFd};
 

@@ -1,93 +1,118 @@
-//! A vCPU of the running kernel, in 64-bit mode, that performs one
-//! [`GuestOp`] per [`Vcpu::run`] and never hangs: every `KVM_RUN` is bounded
-//! by [`RUN_TIMEOUT`].
+//! A vCPU of the running kernel, in 64-bit mode: one [`GuestOp`] per
+//! [`Vcpu::run`] at ring 0, one guest loop per [`Vcpu::run_loop`] at ring 3,
+//! each in one `KVM_RUN` (a loop: one per GiB), and never hanging.
 //!
-//! Bounding: a POSIX timer aimed at the calling thread (`SIGEV_THREAD_ID`)
-//! sends [`kick_signal`] after the timeout and then every 10 ms until the run
-//! ends. The signal's handler does nothing and is installed without
-//! `SA_RESTART`, so `KVM_RUN` returns EINTR. A kick that lands just before
-//! `KVM_RUN` is entered is harmless: the next one, 10 ms later, catches it.
-//! The timer is deleted before `run` returns, and a signal generated before
-//! that is delivered on the return from `timer_delete`, so no later system
-//! call of the caller sees a stray EINTR.
+//! # One `KVM_RUN` per operation
+//!
+//! Registers travel through `kvm_run` itself (`KVM_CAP_SYNC_REGS`): the
+//! backend writes the few registers an operation needs (rip and its
+//! arguments) into `kvm_run->s.regs` and marks them dirty; KVM loads them at
+//! the start of `KVM_RUN` (`sync_regs`) and stores them back at every exit
+//! (`store_regs`, both in arch/x86/kvm/x86.c), so an operation is exactly
+//! one ioctl: no `KVM_SET_REGS`, `KVM_GET_REGS` or `KVM_SET_SREGS`.
+//!
+//! Every run ends with a store to the doorbell page, which no memslot backs:
+//! an MMIO write exit carrying the result in `kvm_run->mmio.data`. A pending
+//! MMIO write needs no second run: `KVM_RUN` first loads the dirty registers
+//! (`sync_regs`), then completes what the last exit left pending
+//! (`complete_userspace_io`), and `complete_emulated_mmio` finishes a write
+//! by returning to the guest at the new rip (the emulator has already moved
+//! rip past the store). The exits whose completion writes registers after
+//! `sync_regs` would undo the new rip: an MMIO *read*
+//! (`complete_emulated_io` re-runs the emulator's writeback) and a
+//! hypercall exit (`complete_hypercall_exit` skips the instruction at the
+//! current rip). Only after those does the backend complete the exit at
+//! once, with `immediate_exit` (one extra ioctl, never on the hot path).
+//!
+//! # Rings
+//!
+//! On our hosts (PVM) ring-0 guest code is interpreted (about 1.5 M
+//! instructions/s) and ring-3 code runs natively (billions), but leaving
+//! ring 3 costs more than a whole interpreted run: measured with `benches/kvm_path.rs`, a raw run exiting
+//! from ring 3 takes about 2.5x as long as one exiting from ring 0. So single
+//! operations run at ring 0 (two instructions), loops at ring 3, and the
+//! vCPU switches with `KVM_SET_SREGS` only when the ring changes.
+//! The hypercall must run at ring 0 anyway: KVM refuses a hypercall from
+//! CPL > 0 (`kvm_emulate_hypercall`, -KVM_EPERM).
+//!
+//! # The run bound
+//!
+//! The `watchdog` module kicks the thread out of `KVM_RUN` at the
+//! deadline the run sets; no timer is created or armed per run.
+//!
+//! - An operation may run for [`RUN_TIMEOUT`]; then it ends as
+//!   [`VcpuExit::Timeout`] with the rip where the guest was.
+//! - A stuck hypercall is noticed early: a run still at the
+//!   `vmcall`/`vmmcall` instruction after [`HYPERCALL_CHECK`], and again
+//!   after the thread has spent [`HYPERCALL_RECHECK`] more CPU time in the
+//!   run, is reported as [`VcpuExit::Timeout`] with that instruction's
+//!   address. A hypercall KVM handles completes within microseconds, and one
+//!   it forwards exits at once; a `nop` before the instruction shows the
+//!   guest reached it, and counting CPU time keeps a descheduled thread
+//!   from looking stuck. (Our kernel never completes
+//!   `KVM_HC_MAP_GPA_RANGE`: FAULT-8.)
+//! - A loop runs as long as it makes progress: every [`LOOP_STALL`] the
+//!   backend looks at the loop's address register, and only a loop that did
+//!   not advance since the last look ends as [`VcpuExit::Timeout`].
 
-use std::sync::{Arc, Once};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::kvm_sregs;
-use kvm_ioctls::{VcpuExit as KvmExit, VcpuFd};
+use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
+use kvm_ioctls::{SyncReg, VcpuExit as KvmExit, VcpuFd};
 
 use crate::error::{Errno, Error, Result};
-use crate::host::Mmap;
-use crate::hypervisor::{GuestOp, Vcpu, VcpuExit};
-use crate::kvm::guest::{self, DONE_PORT, SETUP_GPA, SETUP_SIZE};
+use crate::hypervisor::{GuestLoop, GuestOp, LoopExit, Vcpu, VcpuExit};
+use crate::kvm::guest::{
+    self, va, Code, Setup, Tables, DOORBELL_GPA, GIB, GPA_MASK, SETUP_GPA, SETUP_SIZE, VA_BITS,
+};
 use crate::kvm::vm::SlotPins;
+use crate::kvm::watchdog::Watch;
+
+pub use crate::kvm::watchdog::kick_signal;
 
 /// How long one [`Vcpu::run`] lets the guest run before it reports
 /// [`VcpuExit::Timeout`].
 pub const RUN_TIMEOUT: Duration = Duration::from_millis(1000);
-const KICK_INTERVAL: Duration = Duration::from_millis(10);
+/// When a run still at its hypercall instruction is looked at first.
+pub const HYPERCALL_CHECK: Duration = Duration::from_millis(3);
+/// CPU time the thread must spend in the run, still at the hypercall
+/// instruction, after the first look, before the run counts as stuck.
+pub const HYPERCALL_RECHECK: Duration = Duration::from_millis(2);
+/// How long a loop may go without advancing before it is reported as
+/// [`VcpuExit::Timeout`].
+pub const LOOP_STALL: Duration = Duration::from_millis(1000);
 
-/// The signal that kicks a vCPU out of `KVM_RUN`: `SIGRTMIN + 1`.
-pub fn kick_signal() -> libc::c_int {
-    libc::SIGRTMIN() + 1
+/// Guest privilege level of the code a run executes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ring {
+    Kernel = 0,
+    User = 1,
 }
 
-extern "C" fn on_kick(_: libc::c_int) {}
-
-fn install_kick_handler() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        // SAFETY: an empty handler is async-signal-safe; no SA_RESTART so
-        // that KVM_RUN returns EINTR.
-        unsafe {
-            let mut act: libc::sigaction = std::mem::zeroed();
-            act.sa_sigaction = on_kick as *const () as usize;
-            libc::sigemptyset(&mut act.sa_mask);
-            libc::sigaction(kick_signal(), &act, std::ptr::null_mut());
-        }
-    });
+/// How a run is bounded.
+#[derive(Debug, Clone, Copy)]
+enum Bound {
+    Op,
+    Loop,
 }
 
-/// A POSIX timer that kicks the calling thread; deleted on drop.
-struct KickTimer(libc::timer_t);
-
-impl KickTimer {
-    fn arm(after: Duration) -> Result<KickTimer> {
-        install_kick_handler();
-        let ts = |d: Duration| libc::timespec {
-            tv_sec: d.as_secs() as libc::time_t,
-            tv_nsec: d.subsec_nanos() as libc::c_long,
-        };
-        // SAFETY: an all-zero sigevent is valid; the fields we need are set.
-        let mut sev: libc::sigevent = unsafe { std::mem::zeroed() };
-        sev.sigev_notify = libc::SIGEV_THREAD_ID;
-        sev.sigev_signo = kick_signal();
-        // SAFETY: gettid has no preconditions.
-        sev.sigev_notify_thread_id = unsafe { libc::gettid() };
-        let mut timer: libc::timer_t = std::ptr::null_mut();
-        // SAFETY: timer_create fills in `timer`; checked below.
-        if unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut sev, &mut timer) } != 0 {
-            return Err(Error::last_os_error("timer_create for the vCPU run bound"));
-        }
-        let timer = KickTimer(timer);
-        let spec = libc::itimerspec {
-            it_value: ts(after),
-            it_interval: ts(KICK_INTERVAL),
-        };
-        // SAFETY: timer is the live timer created above.
-        if unsafe { libc::timer_settime(timer.0, 0, &spec, std::ptr::null_mut()) } != 0 {
-            return Err(Error::last_os_error("timer_settime for the vCPU run bound"));
-        }
-        Ok(timer)
-    }
+/// What came out of one KVM_RUN, owned (the kvm_run borrow ends here).
+enum Raw {
+    /// The guest stored its result to the doorbell.
+    Done(u64),
+    Io(u16),
+    Mmio(u64, bool, u8, u64),
+    Hypercall(u64, [u64; 6]),
+    MemoryFault(u64, u64, u64),
+    Interrupted,
+    Other(String),
 }
 
-impl Drop for KickTimer {
-    fn drop(&mut self) {
-        // SAFETY: deletes the timer created in arm, exactly once.
-        unsafe { libc::timer_delete(self.0) };
-    }
+/// How a bounded run ended.
+enum Outcome {
+    Exit(Raw),
+    Timeout(u64),
 }
 
 /// A vCPU fd and what it needs to run operations.
@@ -98,96 +123,142 @@ pub struct KvmVcpu {
     /// userspace ranges stay pinned while it lives (dropped after the fd).
     _pins: SlotPins,
     id: u64,
-    /// Index of this vCPU's page tables in the setup region.
-    tables: u64,
-    setup: Arc<Mmap>,
-    entry: EntryPoints,
-    sregs: kvm_sregs,
+    setup: Arc<Setup>,
+    tables: Tables,
+    code: Arc<Code>,
+    /// Segment and control registers for ring 0 and for ring 3.
+    sregs: [kvm_sregs; 2],
+    ring: Ring,
     /// Guest MAXPHYADDR: accesses must stay below 1 << this.
     phys_bits: u8,
+    watch: Watch,
     /// `KVM_CAP_PRE_FAULT_MEMORY` of the VM.
     pub(crate) pre_fault: bool,
 }
 
-/// The guest code's entry points (copied from the VM's assembled code).
-#[derive(Debug, Clone)]
-pub(crate) struct EntryPoints(pub(crate) Arc<guest::Code>);
+fn segment(selector: u16, code: bool) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_: if code { 11 } else { 3 },
+        present: 1,
+        dpl: (selector & 3) as u8,
+        db: u8::from(!code),
+        s: 1,
+        l: u8::from(code),
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
 
-/// What came out of one KVM_RUN, owned (the kvm_run borrow ends here).
-enum Raw {
-    Done,
-    Io(u16),
-    Mmio(u64, bool, u8, u64),
-    Hypercall(u64, [u64; 6]),
-    MemoryFault(u64, u64, u64),
-    Interrupted,
-    Other(String),
+/// Thread CPU time (CLOCK_THREAD_CPUTIME_ID): guest time counts too.
+fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into ts.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 impl KvmVcpu {
     pub(crate) fn new(
-        fd: VcpuFd,
+        mut fd: VcpuFd,
         pins: SlotPins,
         id: u64,
-        tables: u64,
-        setup: Arc<Mmap>,
-        entry: EntryPoints,
+        index: u64,
+        setup: Arc<Setup>,
+        code: Arc<Code>,
         phys_bits: u8,
     ) -> Result<KvmVcpu> {
         let mut sregs = fd
             .get_sregs()
             .map_err(|e| kernel(e, format_args!("KVM_GET_SREGS vcpu={id}")))?;
-        let code = kvm_bindings::kvm_segment {
-            base: 0,
-            limit: 0xffff_ffff,
-            selector: guest::CODE_SELECTOR,
-            type_: 11,
-            present: 1,
-            dpl: 0,
-            db: 0,
-            s: 1,
-            l: 1,
-            g: 1,
-            avl: 0,
-            unusable: 0,
-            padding: 0,
-        };
-        let data = kvm_bindings::kvm_segment {
-            selector: guest::DATA_SELECTOR,
-            type_: 3,
-            db: 1,
-            l: 0,
-            ..code
-        };
-        sregs.cs = code;
-        sregs.ds = data;
-        sregs.es = data;
-        sregs.fs = data;
-        sregs.gs = data;
-        sregs.ss = data;
         sregs.gdt.base = guest::GDT_BASE;
         sregs.gdt.limit = guest::GDT_LIMIT;
         // CR0: PE | MP | ET | NE | WP | PG; CR4: PAE; EFER: LME | LMA.
         sregs.cr0 = 0x8005_0033;
         sregs.cr4 = 0x20;
         sregs.efer = 0x500;
-        sregs.cr3 = guest::cr3(tables);
+        sregs.cr3 = guest::cr3(index);
+        let mut rings = [sregs; 2];
+        for (s, (cs, ds)) in rings.iter_mut().zip([
+            (guest::CODE0_SELECTOR, guest::DATA0_SELECTOR),
+            (guest::CODE3_SELECTOR, guest::DATA3_SELECTOR),
+        ]) {
+            s.cs = segment(cs, true);
+            let data = segment(ds, false);
+            (s.ds, s.es, s.fs, s.gs, s.ss) = (data, data, data, data, data);
+        }
+        fd.set_sregs(&rings[0])
+            .map_err(|e| kernel(e, format_args!("KVM_SET_SREGS vcpu={id}")))?;
+        let regs = kvm_regs {
+            rflags: 2,
+            r15: DOORBELL_GPA,
+            rsp: SETUP_GPA + SETUP_SIZE - 16,
+            ..Default::default()
+        };
+        // The kernel's copy in kvm_run is the one every run loads from now
+        // on: it starts out whole here, and each run then changes only the
+        // registers it needs.
+        fd.set_sync_valid_reg(SyncReg::Register);
+        fd.sync_regs_mut().regs = regs;
+        fd.set_sync_dirty_reg(SyncReg::Register);
+        let tables = Tables::new(&setup, index);
         Ok(KvmVcpu {
             fd,
             _pins: pins,
             id,
-            tables,
             setup,
-            entry,
-            sregs,
+            tables,
+            code,
+            sregs: rings,
+            ring: Ring::Kernel,
             phys_bits,
+            watch: Watch::new(),
             pre_fault: false,
         })
     }
 
-    /// Refuses what the guest code cannot do; returns the target gpa.
-    fn check_op(&self, op: &GuestOp) -> Result<u64> {
-        let (gpa, len) = match *op {
+    /// Refuses a range of guest physical memory the guest code cannot
+    /// reach: past MAXPHYADDR, at or above 2^48, or in the setup region.
+    fn check_range(&self, what: &str, gpa: u64, len: u64) -> Result<()> {
+        let limit = 1u64 << self.phys_bits.min(63);
+        let refuse = |why: String| {
+            Error::new(
+                Errno::EINVAL,
+                "KVM-SETUP",
+                format!("{what} of {len} bytes at gpa {gpa:#x} {why}"),
+            )
+        };
+        let end = gpa.checked_add(len);
+        if end.is_none_or(|end| end > limit) {
+            return Err(refuse(format!(
+                "reaches past the guest's MAXPHYADDR ({} bits)",
+                self.phys_bits
+            )));
+        }
+        if end.is_none_or(|end| end > 1 << VA_BITS) {
+            return Err(refuse(format!(
+                "reaches past 2^{VA_BITS}, where the backend's 4-level paging ends"
+            )));
+        }
+        if gpa < SETUP_GPA + SETUP_SIZE && gpa + len > SETUP_GPA {
+            return Err(refuse(format!(
+                "falls in the KVM backend's reserved setup region [{SETUP_GPA:#x}, {:#x})",
+                SETUP_GPA + SETUP_SIZE
+            )));
+        }
+        Ok(())
+    }
+
+    /// Refuses what the guest code cannot do; returns the range it touches.
+    fn check_op(&self, op: &GuestOp) -> Result<(u64, u64)> {
+        match *op {
             GuestOp::Read { gpa, size } | GuestOp::Write { gpa, size, .. } => {
                 if !matches!(size, 1 | 2 | 4 | 8) {
                     return Err(Error::new(
@@ -196,46 +267,111 @@ impl KvmVcpu {
                         format!("guest access size {size} is not 1, 2, 4 or 8"),
                     ));
                 }
-                (gpa, u64::from(size))
+                self.check_range("guest access", gpa, u64::from(size))?;
+                Ok((gpa, u64::from(size)))
             }
-            // The hypercall touches no memory; map something harmless.
-            GuestOp::MapGpaRange { .. } => return Ok(SETUP_GPA),
+            // The hypercall touches no memory.
+            GuestOp::MapGpaRange { .. } => Ok((0, 0)),
+        }
+    }
+
+    /// Runs `set_regs` on the registers, then the guest in `ring` until it
+    /// exits, with `[lo, hi)` mapped. Holds the VM's run lock for reading
+    /// throughout; recycles the page-table pool when it runs out.
+    fn run_with(
+        &mut self,
+        ring: Ring,
+        lo: u64,
+        hi: u64,
+        bound: Bound,
+        set_regs: impl Fn(&mut kvm_regs),
+    ) -> Result<Outcome> {
+        let setup = Arc::clone(&self.setup);
+        let _run = loop {
+            let run = setup.runs.read();
+            match self.tables.prepare(&setup, lo, hi) {
+                Ok(()) => break run,
+                Err(guest::Exhausted) => {
+                    let seen = self.tables.generation();
+                    drop(run);
+                    setup.recycle(seen)?;
+                }
+            }
         };
-        let limit = 1u64 << self.phys_bits.min(63);
-        if gpa.checked_add(len).is_none_or(|end| end > limit) {
-            return Err(Error::new(
-                Errno::EINVAL,
-                "KVM-SETUP",
-                format!(
-                    "guest access of {len} bytes at gpa {gpa:#x} reaches past the guest's \
-                     MAXPHYADDR ({} bits)",
-                    self.phys_bits
-                ),
-            ));
+        if self.ring != ring {
+            self.fd
+                .set_sregs(&self.sregs[ring as usize])
+                .map_err(|e| kernel(e, format_args!("KVM_SET_SREGS vcpu={}", self.id)))?;
+            self.ring = ring;
         }
-        if gpa < SETUP_GPA + SETUP_SIZE && gpa + len > SETUP_GPA {
-            return Err(Error::new(
-                Errno::EINVAL,
-                "KVM-SETUP",
-                format!(
-                    "guest access at gpa {gpa:#x} falls in the KVM backend's reserved setup \
-                     region [{SETUP_GPA:#x}, {:#x})",
-                    SETUP_GPA + SETUP_SIZE
-                ),
-            ));
+        set_regs(&mut self.fd.sync_regs_mut().regs);
+        self.fd.set_sync_dirty_reg(SyncReg::Register);
+        self.run_bounded(bound)
+    }
+
+    /// KVM_RUN until the guest exits for a reason other than a kick, or the
+    /// bound (see the module comment) says it is over.
+    fn run_bounded(&mut self, bound: Bound) -> Result<Outcome> {
+        let start = Instant::now();
+        let mut deadline = start
+            + match bound {
+                Bound::Op => HYPERCALL_CHECK,
+                Bound::Loop => LOOP_STALL,
+            };
+        let mut at_hypercall: Option<Duration> = None;
+        let mut last_rdi = self.fd.sync_regs().regs.rdi;
+        loop {
+            self.watch.arm(deadline);
+            let raw = self.run_once();
+            self.watch.disarm();
+            let raw = raw?;
+            if !matches!(raw, Raw::Interrupted) {
+                return Ok(Outcome::Exit(raw));
+            }
+            let now = Instant::now();
+            if now < deadline {
+                continue;
+            }
+            let regs = self.fd.sync_regs().regs;
+            match bound {
+                Bound::Op if regs.rip == self.code.hypercall_insn() => {
+                    let cpu = thread_cpu_time();
+                    match at_hypercall {
+                        Some(first) if cpu.saturating_sub(first) >= HYPERCALL_RECHECK => {
+                            return Ok(Outcome::Timeout(regs.rip))
+                        }
+                        Some(_) => {}
+                        None => at_hypercall = Some(cpu),
+                    }
+                    deadline = (now + HYPERCALL_RECHECK).min(start + RUN_TIMEOUT);
+                }
+                Bound::Op => {
+                    at_hypercall = None;
+                    deadline = start + RUN_TIMEOUT;
+                }
+                Bound::Loop if regs.rdi != last_rdi => {
+                    last_rdi = regs.rdi;
+                    deadline = now + LOOP_STALL;
+                    continue;
+                }
+                Bound::Loop => return Ok(Outcome::Timeout(regs.rip)),
+            }
+            if now >= start + RUN_TIMEOUT {
+                return Ok(Outcome::Timeout(regs.rip));
+            }
         }
-        Ok(gpa)
     }
 
     /// One KVM_RUN, its outcome copied out of kvm_run.
     fn run_once(&mut self) -> Result<Raw> {
         match self.fd.run() {
-            Ok(KvmExit::IoOut(port, _)) | Ok(KvmExit::IoIn(port, _)) => Ok(if port == DONE_PORT {
-                Raw::Done
-            } else {
-                Raw::Io(port)
-            }),
-            Ok(KvmExit::Hlt) => Ok(Raw::Done),
+            Ok(KvmExit::MmioWrite(DOORBELL_GPA, data)) => {
+                let mut v = [0u8; 8];
+                let n = data.len().min(8);
+                v[..n].copy_from_slice(&data[..n]);
+                Ok(Raw::Done(u64::from_le_bytes(v)))
+            }
+            Ok(KvmExit::IoOut(port, _)) | Ok(KvmExit::IoIn(port, _)) => Ok(Raw::Io(port)),
             Ok(KvmExit::MmioRead(gpa, data)) => Ok(Raw::Mmio(gpa, false, data.len() as u8, 0)),
             Ok(KvmExit::MmioWrite(gpa, data)) => {
                 let mut v = [0u8; 8];
@@ -266,22 +402,71 @@ impl KvmVcpu {
         }
     }
 
-    /// Completes a pending I/O, MMIO or hypercall exit without running the
-    /// guest (`immediate_exit`), so the next operation starts clean.
+    /// Completes a pending exit whose completion would undo the next run's
+    /// registers (see the module comment), without running the guest.
     fn complete_pending(&mut self) {
+        // The completion may write guest memory: not while the setup
+        // memslot is being re-created.
+        let setup = Arc::clone(&self.setup);
+        let _run = setup.runs.read();
         self.fd.set_kvm_immediate_exit(1);
         let _ = self.fd.run();
         self.fd.set_kvm_immediate_exit(0);
     }
 
-    fn rax(&self) -> Result<u64> {
-        self.regs().map(|r| r.rax)
-    }
-
-    fn regs(&self) -> Result<kvm_bindings::kvm_regs> {
-        self.fd
-            .get_regs()
-            .map_err(|e| kernel(e, format_args!("KVM_GET_REGS vcpu={}", self.id)))
+    /// The contract's view of an exit that is not the doorbell; completes
+    /// it first where needed.
+    fn exit_of(&mut self, raw: Raw, what: &dyn std::fmt::Debug) -> Result<VcpuExit> {
+        let rip = self.fd.sync_regs().regs.rip;
+        match raw {
+            Raw::Done(v) => Ok(VcpuExit::Done(v)),
+            Raw::Mmio(gpa, is_write, len, data) => {
+                if !is_write {
+                    self.complete_pending();
+                }
+                Ok(VcpuExit::Mmio {
+                    gpa,
+                    is_write,
+                    len,
+                    data,
+                })
+            }
+            Raw::Hypercall(nr, args) => {
+                self.complete_pending();
+                Ok(VcpuExit::Hypercall {
+                    nr,
+                    gpa: args[0],
+                    npages: args[1],
+                    attributes: args[2],
+                })
+            }
+            Raw::MemoryFault(flags, gpa, size) => Ok(VcpuExit::MemoryFault { flags, gpa, size }),
+            Raw::Io(port) => {
+                self.complete_pending();
+                Err(Error::new(
+                    Errno::EIO,
+                    "kernel",
+                    format!(
+                        "vcpu={}: unexpected port I/O to {port:#x} at rip {rip:#x}",
+                        self.id
+                    ),
+                ))
+            }
+            Raw::Interrupted | Raw::Other(_) => {
+                let exit = match raw {
+                    Raw::Other(s) => s,
+                    _ => "Intr".into(),
+                };
+                Err(Error::new(
+                    Errno::EIO,
+                    "kernel",
+                    format!(
+                        "vcpu={}: unexpected exit {exit} at rip {rip:#x} during {what:?}",
+                        self.id
+                    ),
+                ))
+            }
+        }
     }
 }
 
@@ -325,100 +510,90 @@ impl Vcpu for KvmVcpu {
     }
 
     fn run(&mut self, op: GuestOp) -> Result<VcpuExit> {
-        let gpa = self.check_op(&op)?;
-        let va = guest::map_for(&self.setup, self.tables, gpa, self.phys_bits)?;
-        let mut regs = kvm_bindings::kvm_regs {
-            rip: self.entry.0.entry(&op),
-            rflags: 2,
-            rsp: guest::STACK_TOP,
-            ..Default::default()
-        };
-        match op {
-            GuestOp::Read { .. } => regs.rdi = va,
-            GuestOp::Write { value, .. } => {
-                regs.rdi = va;
-                regs.rsi = value;
+        let (gpa, len) = self.check_op(&op)?;
+        let rip = self.code.entry(&op);
+        let outcome = self.run_with(Ring::Kernel, gpa, gpa + len, Bound::Op, |r| {
+            r.rip = rip;
+            match op {
+                GuestOp::Read { gpa, .. } => r.rdi = va(gpa),
+                GuestOp::Write { gpa, value, .. } => {
+                    r.rdi = va(gpa);
+                    r.rsi = value;
+                }
+                GuestOp::MapGpaRange {
+                    gpa,
+                    npages,
+                    attributes,
+                } => {
+                    r.rax = crate::uapi::KVM_HC_MAP_GPA_RANGE;
+                    r.rbx = gpa;
+                    r.rcx = npages;
+                    r.rdx = attributes;
+                }
             }
-            GuestOp::MapGpaRange {
-                gpa,
-                npages,
-                attributes,
-            } => {
-                regs.rax = crate::uapi::KVM_HC_MAP_GPA_RANGE;
-                regs.rbx = gpa;
-                regs.rcx = npages;
-                regs.rdx = attributes;
-            }
+        })?;
+        match outcome {
+            Outcome::Timeout(rip) => Ok(VcpuExit::Timeout { rip }),
+            Outcome::Exit(raw) => self.exit_of(raw, &op),
         }
-        self.fd
-            .set_sregs(&self.sregs)
-            .map_err(|e| kernel(e, format_args!("KVM_SET_SREGS vcpu={}", self.id)))?;
-        self.fd
-            .set_regs(&regs)
-            .map_err(|e| kernel(e, format_args!("KVM_SET_REGS vcpu={}", self.id)))?;
+    }
 
-        let deadline = Instant::now() + RUN_TIMEOUT;
-        let timer = KickTimer::arm(RUN_TIMEOUT)?;
-        let exit = loop {
-            match self.run_once()? {
-                Raw::Interrupted if Instant::now() < deadline => continue,
-                Raw::Interrupted => {
-                    break VcpuExit::Timeout {
-                        rip: self.regs()?.rip,
-                    }
-                }
-                Raw::Done => {
-                    let rax = self.rax()?;
-                    self.complete_pending();
-                    break VcpuExit::Done(rax);
-                }
-                Raw::Io(port) => {
-                    self.complete_pending();
-                    let rip = self.regs()?.rip;
-                    return Err(Error::new(
-                        Errno::EIO,
-                        "kernel",
-                        format!(
-                            "vcpu={}: unexpected port I/O to {port:#x} at rip {rip:#x}",
-                            self.id
-                        ),
-                    ));
-                }
-                Raw::Mmio(gpa, is_write, len, data) => {
-                    self.complete_pending();
-                    break VcpuExit::Mmio {
-                        gpa,
-                        is_write,
-                        len,
-                        data,
-                    };
-                }
-                Raw::Hypercall(nr, args) => {
-                    self.complete_pending();
-                    break VcpuExit::Hypercall {
-                        nr,
-                        gpa: args[0],
-                        npages: args[1],
-                        attributes: args[2],
-                    };
-                }
-                Raw::MemoryFault(flags, gpa, size) => {
-                    break VcpuExit::MemoryFault { flags, gpa, size }
-                }
-                Raw::Other(what) => {
-                    let rip = self.regs().map(|r| r.rip).unwrap_or(0);
-                    return Err(Error::new(
-                        Errno::EIO,
-                        "kernel",
-                        format!(
-                            "vcpu={}: unexpected exit {what} at rip {rip:#x} during {op:?}",
-                            self.id
-                        ),
-                    ));
-                }
-            }
+    /// One guest loop at ring 3 per GiB of the range, each in one
+    /// `KVM_RUN`: the host adds page tables a GiB at a time (see [`guest`]),
+    /// so a run maps what it walks without ever remapping.
+    fn run_loop(&mut self, op: GuestLoop) -> Result<LoopExit> {
+        op.check()?;
+        let (gpa, len) = op.range();
+        if len == 0 {
+            return Ok(LoopExit {
+                done: 0,
+                exit: VcpuExit::Done(0),
+            });
+        }
+        self.check_range("guest loop", gpa, len)?;
+        let seed = match op {
+            GuestLoop::Fill { seed, .. } | GuestLoop::Verify { seed, .. } => seed,
+            GuestLoop::Touch { .. } => 0,
         };
-        drop(timer);
-        Ok(exit)
+        let rip = self.code.loop_entry(&op);
+        let end = gpa + len;
+        let mut at = gpa;
+        let mut mismatches = 0u64;
+        while at < end {
+            let chunk_end = end.min((at | (GIB - 1)) + 1);
+            // PVM keeps the upper canonical half from ring-3 code (it is the
+            // host kernel's there): the guest faults with nothing to catch it
+            // (a shutdown exit). Loops above 2^47 run at ring 0, interpreted.
+            let ring = if at < 1 << (VA_BITS - 1) {
+                Ring::User
+            } else {
+                Ring::Kernel
+            };
+            let outcome = self.run_with(ring, at, chunk_end, Bound::Loop, |r| {
+                r.rip = rip;
+                r.rdi = va(at);
+                r.rcx = chunk_end - at;
+                r.rdx = seed;
+                r.r8 = GPA_MASK;
+                r.rbx = 0;
+            })?;
+            // All bytes below rdi are done (see guest::Code).
+            let reached = self.fd.sync_regs().regs.rdi & GPA_MASK;
+            let done = reached.clamp(at, chunk_end) - gpa;
+            let exit = match outcome {
+                Outcome::Exit(Raw::Done(n)) => {
+                    mismatches += n;
+                    at = chunk_end;
+                    continue;
+                }
+                Outcome::Timeout(rip) => VcpuExit::Timeout { rip },
+                Outcome::Exit(raw) => self.exit_of(raw, &op)?,
+            };
+            return Ok(LoopExit { done, exit });
+        }
+        Ok(LoopExit {
+            done: len,
+            exit: VcpuExit::Done(mismatches),
+        })
     }
 }

@@ -9,12 +9,11 @@ use kvm_bindings::{kvm_enable_cap, CpuId};
 use kvm_ioctls::VmFd;
 
 use crate::error::{Errno, Error, Result};
-use crate::host::Mmap;
 use crate::hypervisor::{GuestMemfd, Vcpu, Vm};
-use crate::kvm::guest::{self, MAX_VCPUS, SETUP_GPA, SETUP_SIZE, SETUP_SLOT};
+use crate::kvm::guest::{Code, Setup, DOORBELL_SLOT, MAX_VCPUS, SETUP_GPA, SETUP_SIZE, SETUP_SLOT};
 use crate::kvm::guest_memfd::KvmGuestMemfd;
 use crate::kvm::memory::{pin_userspace_range, Pin};
-use crate::kvm::vcpu::{EntryPoints, KvmVcpu};
+use crate::kvm::vcpu::KvmVcpu;
 use crate::uapi::{
     kvm_create_guest_memfd, kvm_memory_attributes, kvm_userspace_memory_region,
     kvm_userspace_memory_region2, vm_type_name, KVM_CAP_EXIT_HYPERCALL, KVM_CAP_GUEST_MEMFD_FLAGS,
@@ -28,7 +27,8 @@ pub(crate) type SlotPins = Arc<Mutex<HashMap<u32, Pin>>>;
 
 /// A VM fd (closed on drop) and the backend's setup region, bound to
 /// memslot [`SETUP_SLOT`] at [`SETUP_GPA`] from creation on, so that no user
-/// slot created later can conflict unnoticed.
+/// slot created later can conflict unnoticed (its last page, the doorbell,
+/// is the read-only memslot [`DOORBELL_SLOT`]).
 #[derive(Debug)]
 pub struct KvmVm {
     fd: VmFd,
@@ -37,8 +37,8 @@ pub struct KvmVm {
     pins: SlotPins,
     vm_type: u64,
     /// Page tables, GDT and code: the guest sees them at SETUP_GPA.
-    setup: Arc<Mmap>,
-    code: EntryPoints,
+    setup: Arc<Setup>,
+    code: Arc<Code>,
     cpuid: CpuId,
     phys_bits: u8,
     next_tables: AtomicU64,
@@ -54,7 +54,7 @@ fn kernel(e: kvm_ioctls::Error, what: std::fmt::Arguments<'_>) -> Error {
 
 fn reserved_range() -> String {
     format!(
-        "slot {SETUP_SLOT} at gpa [{SETUP_GPA:#x}, {:#x})",
+        "slots {SETUP_SLOT} and {DOORBELL_SLOT} at gpa [{SETUP_GPA:#x}, {:#x})",
         SETUP_GPA + SETUP_SIZE
     )
 }
@@ -67,27 +67,13 @@ impl KvmVm {
         phys_bits: u8,
         amd: bool,
     ) -> Result<KvmVm> {
-        let setup = Arc::new(Mmap::anonymous(SETUP_SIZE)?);
-        let code = Arc::new(guest::Code::assemble(amd)?);
-        guest::install(&setup, &code)?;
-        let region = kvm_userspace_memory_region {
-            slot: SETUP_SLOT,
-            flags: 0,
-            guest_phys_addr: SETUP_GPA,
-            memory_size: SETUP_SIZE,
-            userspace_addr: setup.addr(),
-        };
-        // SAFETY: the slot points at our own anonymous mapping, which lives
-        // as long as the VM (the Arc is held by the VM and its vCPUs).
-        unsafe { fd.set_user_memory_region(region) }.map_err(|e| {
-            kernel(
-                e,
-                format_args!(
-                    "KVM_SET_USER_MEMORY_REGION for the setup region ({})",
-                    reserved_range()
-                ),
-            )
-        })?;
+        let code = Arc::new(Code::assemble(amd)?);
+        // CPUID 0x8000_0001 EDX bit 26: the guest may use 1 GiB pages.
+        let gib_pages = cpuid
+            .as_slice()
+            .iter()
+            .any(|e| e.function == 0x8000_0001 && e.edx & (1 << 26) != 0);
+        let setup = Arc::new(Setup::new(&fd, &code, gib_pages)?);
         // Let KVM_HC_MAP_GPA_RANGE exit to the VMM where the kernel can.
         let mask = 1u64 << KVM_HC_MAP_GPA_RANGE;
         if fd.check_extension_raw(KVM_CAP_EXIT_HYPERCALL.into()) as i64 & mask as i64 != 0 {
@@ -104,7 +90,7 @@ impl KvmVm {
             pins: SlotPins::default(),
             vm_type,
             setup,
-            code: EntryPoints(code),
+            code,
             cpuid,
             phys_bits,
             next_tables: AtomicU64::new(0),
@@ -137,10 +123,10 @@ impl KvmVm {
         Ok(())
     }
 
-    /// Refuses requests on the setup slot; they would unmap the vCPUs'
+    /// Refuses requests on the setup slots; they would unmap the vCPUs'
     /// page tables or move them.
     fn check_reserved_slot(&self, what: &str, slot: u32) -> Result<()> {
-        if slot == SETUP_SLOT {
+        if slot == SETUP_SLOT || slot == DOORBELL_SLOT {
             return Err(Error::new(
                 Errno::EINVAL,
                 "KVM-SETUP",
@@ -307,7 +293,7 @@ impl Vm for KvmVm {
             id,
             tables,
             Arc::clone(&self.setup),
-            self.code.clone(),
+            Arc::clone(&self.code),
             self.phys_bits,
         )?;
         vcpu.pre_fault = self.check_extension(crate::uapi::KVM_CAP_PRE_FAULT_MEMORY) > 0;
