@@ -401,6 +401,30 @@ impl State {
                     }
                 }
             }
+            // A write that crosses the file's end stores every byte before
+            // the first page past it, then raises SIGBUS (MMAP-3), as memset
+            // does in the kernel's selftest test_fault_overflow.
+            Op::HostWrite {
+                mem,
+                offset,
+                byte,
+                len,
+            } if *actual == Outcome::Sigbus => {
+                if let Some(MemM::Map {
+                    file, offset: base, ..
+                }) = self.mems.get(mem)
+                {
+                    let (f, at) = (*file, base + offset);
+                    let end = (at + len).min(self.files[f].size);
+                    if self.files[f].flags & GUEST_MEMFD_FLAG_INIT_SHARED != 0 {
+                        if let Some(d) = &mut self.files[f].data {
+                            for a in at..end {
+                                d.insert(a, *byte);
+                            }
+                        }
+                    }
+                }
+            }
             Op::HostWrite {
                 mem,
                 offset,
@@ -499,6 +523,9 @@ host_read m offset=0x1001 => 0x5a
 host_read m offset=0x1002 => 0x00
 fallocate g mode=punch_hole offset=0x1000 len=0x1000
 host_read m offset=0x1001 => 0x00
+m2 = mmap g size=16K
+host_write m2 offset=0x1fff byte=0x6b len=2 => sigbus
+host_read m offset=0x1fff => 0x6b
 fallocate g mode=0 offset=-4096 len=0x1000 => EINVAL
 fallocate g mode=punch_hole offset=0x0 len=0x1 => EINVAL
 fallocate g mode=allocate offset=0x1000 len=0x2000 => EINVAL
