@@ -68,6 +68,9 @@ enum MemM {
 
 #[derive(Default)]
 struct State {
+    /// Memory a slot pointed at was closed: new memory may be mapped at
+    /// its address, where the guest still writes.
+    reuse: bool,
     vms: HashMap<String, u64>,
     files: Vec<FileM>,
     fds: HashMap<String, usize>,
@@ -343,13 +346,9 @@ impl State {
             }
             Op::HostMemory { size } if ok => {
                 if let Some(b) = bind {
-                    self.mems.insert(
-                        b.to_string(),
-                        MemM::Anon {
-                            len: *size,
-                            data: Some(BTreeMap::new()),
-                        },
-                    );
+                    let data = (!self.reuse).then(BTreeMap::new);
+                    self.mems
+                        .insert(b.to_string(), MemM::Anon { len: *size, data });
                 }
             }
             Op::Mmap {
@@ -359,6 +358,9 @@ impl State {
                     return;
                 };
                 self.files[file].maps += 1;
+                if self.reuse {
+                    self.files[file].data = None;
+                }
                 let len = size.unwrap_or(self.files[file].size);
                 self.mems.insert(
                     b.to_string(),
@@ -469,9 +471,14 @@ impl State {
                     self.files[f].fd_open = false;
                     self.release_if_unused(f);
                 }
-                if let Some(MemM::Map { file, .. }) = self.mems.remove(handle) {
-                    self.files[file].maps -= 1;
-                    self.release_if_unused(file);
+                match self.mems.remove(handle) {
+                    Some(MemM::Map { file, .. }) => {
+                        self.reuse |= self.files[file].data.is_none();
+                        self.files[file].maps -= 1;
+                        self.release_if_unused(file);
+                    }
+                    Some(MemM::Anon { data: None, .. }) => self.reuse = true,
+                    _ => {}
                 }
             }
             _ => {}
