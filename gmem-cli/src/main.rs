@@ -14,6 +14,8 @@
 //!   verifies, converts and discards it, and prints what it cost.
 //! - `gmem map [--memory SIZE | --ram GPA:SIZE ...] [--private GPA:SIZE ...]
 //!   [--svg FILE]` draws a memory layout.
+//! - `gmem fuzz [--seed N] [--time 60s|--runs N] [--backend soft|kvm|both]
+//!   [--out DIR]` runs random scenarios and minimizes what differs.
 //!
 //! Exit status: 0 when everything passed or departs as the probes show, 1
 //! when something failed, 2 for bad input (arguments, files that do not
@@ -23,6 +25,7 @@
 
 mod bench;
 mod caps;
+mod fuzz;
 mod map;
 mod run;
 
@@ -151,6 +154,43 @@ enum Command {
         #[arg(long)]
         quick: bool,
     },
+    /// Run random scenarios on the software backend and the kernel; minimize
+    /// each difference (and each panic, hang or leak) into a scenario file.
+    Fuzz {
+        /// Seed of the first program; program i uses SEED + i (default: from the clock).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Stop after this long: 60s, 5m, 1h (default 60s unless --runs is given).
+        #[arg(long, value_parser = fuzz::parse_duration)]
+        time: Option<Duration>,
+        /// Stop after this many programs.
+        #[arg(long)]
+        runs: Option<u64>,
+        /// soft: the software backend against a simple model; kvm: the kernel
+        /// alone (panics, hangs, leaks); both: the two compared line by line.
+        #[arg(long, value_enum, default_value_t = Which::Both)]
+        backend: Which,
+        /// Write each minimized finding here as a .gmem file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Count every difference, even one the running kernel's known
+        /// departures explain (to rediscover them).
+        #[arg(long)]
+        ignore_departures: bool,
+        /// Memory one program may make the host commit (file pages, host writes).
+        #[arg(long, default_value = "32M", value_parser = fuzz::parse_size)]
+        max_memory: u64,
+        /// Operation lines per program at most.
+        #[arg(long, default_value_t = 40)]
+        max_lines: usize,
+        /// Time to minimize one finding at most.
+        #[arg(long, default_value = "30s", value_parser = fuzz::parse_duration)]
+        minimize_time: Duration,
+        /// Run the software backend as this kernel release behaves
+        /// (6.18, 6.19, 7.0, 7.1, 7.2, next; default 6.18).
+        #[arg(long, value_name = "RELEASE")]
+        profile: Option<Release>,
+    },
 }
 
 /// Backend choice for `check`.
@@ -251,6 +291,33 @@ fn main() -> ExitCode {
             corpus::FILES,
         ),
         Command::Bench { json, out, quick } => bench::bench(quick, json, out),
+        Command::Fuzz {
+            seed,
+            time,
+            runs,
+            backend,
+            out,
+            ignore_departures,
+            max_memory,
+            max_lines,
+            minimize_time,
+            profile,
+        } => fuzz::fuzz(fuzz::Args {
+            seed,
+            time,
+            runs,
+            mode: match backend {
+                Which::Soft => gmem::fuzz::Mode::Soft,
+                Which::Kvm => gmem::fuzz::Mode::Kvm,
+                Which::Both => gmem::fuzz::Mode::Both,
+            },
+            out,
+            ignore_departures,
+            max_memory,
+            max_lines,
+            minimize_time,
+            profile,
+        }),
     }
 }
 

@@ -9,6 +9,7 @@
 //! - [`release`]: the kernel releases whose guest_memfd behaviour differs.
 //! - [`mempolicy`]: NUMA memory policy of host mappings (`mbind`).
 //! - [`madvise`]: advice on host mappings (`madvise`).
+//! - [`fuzz`]: random scenarios run on both backends, differences minimized.
 //! - [`bench`]: performance figures, each against a baseline in the same run.
 //!
 //! The rules cited in errors and tests (`SLOT-7`, `BIND-4`, ...) are those of
@@ -19,6 +20,7 @@
 
 pub mod bench;
 pub mod error;
+pub mod fuzz;
 pub mod host;
 pub mod hypervisor;
 pub mod kvm;

@@ -704,11 +704,41 @@ impl GuestMemfd for SoftGuestMemfd {
     }
 
     fn ioctl(&self, request: u64) -> Result<i32> {
-        refuse!(
-            ENOTTY,
-            "FILE-1",
-            "ioctl {request:#x} is not a guest_memfd ioctl"
-        );
+        // do_vfs_ioctl (fs/ioctl.c) answers a few requests for every file
+        // before the file's own ioctl is asked; the request is an unsigned
+        // int there. FIONREAD and FIOQSIZE are not among them for an
+        // anonymous inode (IS_ANON_FILE), so guest_memfd gets those.
+        let cmd = request as u32;
+        match u64::from(cmd) {
+            libc::FIOCLEX | libc::FIONCLEX => {
+                let cloexec = u64::from(cmd) == libc::FIOCLEX;
+                // SAFETY: F_GETFD/F_SETFD on our own open fd touch only its flags.
+                let ok = unsafe {
+                    let flags = libc::fcntl(self.fd.as_raw_fd(), libc::F_GETFD);
+                    let flags = if cloexec {
+                        flags | libc::FD_CLOEXEC
+                    } else {
+                        flags & !libc::FD_CLOEXEC
+                    };
+                    flags >= 0 && libc::fcntl(self.fd.as_raw_fd(), libc::F_SETFD, flags) == 0
+                };
+                if !ok {
+                    return Err(Error::last_os_error(format_args!("ioctl {cmd:#x}")));
+                }
+                Ok(0)
+            }
+            // FIGETBSZ is _IO(0x00, 2).
+            libc::FIONBIO | libc::FIOASYNC | 2 => refuse!(
+                EFAULT,
+                "FILE-1",
+                "ioctl {cmd:#x} reads or writes its argument, and 0 is not user memory"
+            ),
+            _ => refuse!(
+                ENOTTY,
+                "FILE-1",
+                "ioctl {request:#x} is not a guest_memfd ioctl"
+            ),
+        }
     }
 }
 

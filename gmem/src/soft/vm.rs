@@ -31,6 +31,10 @@ use crate::hypervisor::{GuestMemfd, Vcpu, Vm};
 use crate::refuse;
 use crate::uapi::*;
 
+/// The largest gfn a memslot may reach on x86 (`kvm_mmu_max_gfn`, 52-bit
+/// physical addresses).
+const MAX_GFN: u64 = (1 << (52 - PAGE_SHIFT)) - 1;
+
 /// Highest vCPU id + 1 (`KVM_MAX_VCPU_IDS` on x86).
 const KVM_MAX_VCPU_IDS: u64 = 4096;
 /// Address spaces of an x86 VM without private memory: normal and SMM.
@@ -377,6 +381,20 @@ impl SoftVm {
         };
         if let Some(file) = &file {
             new.gmem = Some(self.bind(file, &new, as_id, mem.guest_memfd_offset)?);
+        }
+        // kvm_arch_prepare_memory_region (arch/x86/kvm/x86.c), after the
+        // bind: a created or moved slot must end at or below
+        // kvm_mmu_max_gfn(), the gfn of a 52-bit physical address (a host
+        // with TDP uses its own MAXPHYADDR, which is lower). The binding is
+        // undone (BIND-6).
+        let last_gfn = base_gfn + npages - 1;
+        if last_gfn > MAX_GFN {
+            self.unbind(&new, as_id);
+            refuse!(
+                EINVAL,
+                "SLOT-9",
+                "slot ends at gfn {last_gfn:#x}, past the largest gfn {MAX_GFN:#x} (52-bit guest physical addresses)"
+            );
         }
         if let Some(old) = slots.remove(id) {
             self.inner.invalidations.invalidate(
