@@ -494,3 +494,24 @@ fn touch_loop_allocates_every_page() {
         assert_eq!(file.allocated_bytes().unwrap(), 64 * P, "write: {write}");
     }
 }
+
+/// FAULT-2: an access that ends on the last byte of the address space is
+/// an ordinary access (here MMIO, no slot), not an overflow.
+#[test]
+fn access_ending_at_the_top_of_the_address_space_exits_as_mmio() {
+    let vm = hv().create_soft_vm(0).unwrap();
+    let mut cpu = vm.create_vcpu(0).unwrap();
+    let gpa = u64::MAX - 7;
+
+    let exit = cpu.run(GuestOp::Read { gpa, size: 8 }).unwrap();
+
+    assert_eq!(
+        exit,
+        VcpuExit::Mmio {
+            gpa,
+            is_write: false,
+            len: 8,
+            data: 0
+        }
+    );
+}

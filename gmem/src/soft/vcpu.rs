@@ -284,13 +284,15 @@ impl SoftVcpu {
         self.access_slow(gpa, size, value)
     }
 
+    /// An access the cache did not serve; `access` checked its width and
+    /// that it does not wrap.
     #[inline(never)]
     fn access_slow(&mut self, gpa: u64, size: u8, value: Option<u64>) -> Result<VcpuExit> {
         let write = value.is_some();
         let mut bytes = value.unwrap_or(0).to_le_bytes();
         let buf = &mut bytes[..size as usize];
         // An access that crosses a page is two accesses, as on hardware.
-        let split = if gpa >> PAGE_SHIFT != (gpa + size as u64 - 1) >> PAGE_SHIFT {
+        let split = if gpa >> PAGE_SHIFT != (gpa + (size as u64 - 1)) >> PAGE_SHIFT {
             (PAGE_SIZE - (gpa & (PAGE_SIZE - 1))) as usize
         } else {
             buf.len()
