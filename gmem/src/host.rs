@@ -193,6 +193,15 @@ impl Mmap {
             2 if p.cast::<u16>().is_aligned() => {
                 buf.copy_from_slice(&unsafe { p.cast::<u16>().read_volatile() }.to_ne_bytes())
             }
+            // A long copy of whole aligned words (a page of a guest loop):
+            // word by word, 8 times fewer accesses than byte by byte.
+            n if n % 8 == 0 && p.cast::<u64>().is_aligned() => {
+                for (i, w) in buf.chunks_exact_mut(8).enumerate() {
+                    // SAFETY: p + 8i is in bounds (checked above), aligned.
+                    let v = unsafe { p.cast::<u64>().add(i).read_volatile() };
+                    w.copy_from_slice(&v.to_ne_bytes());
+                }
+            }
             _ => {
                 for (i, b) in buf.iter_mut().enumerate() {
                     // SAFETY: p + i is in bounds (checked above).
@@ -222,6 +231,13 @@ impl Mmap {
                 p.cast::<u16>()
                     .write_volatile(u16::from_ne_bytes(buf.try_into().expect("2 bytes")))
             },
+            n if n % 8 == 0 && p.cast::<u64>().is_aligned() => {
+                for (i, w) in buf.chunks_exact(8).enumerate() {
+                    let v = u64::from_ne_bytes(w.try_into().expect("8 bytes"));
+                    // SAFETY: p + 8i is in bounds (checked above), aligned.
+                    unsafe { p.cast::<u64>().add(i).write_volatile(v) };
+                }
+            }
             _ => {
                 for (i, b) in buf.iter().enumerate() {
                     // SAFETY: p + i is in bounds (checked above).

@@ -515,3 +515,53 @@ fn access_ending_at_the_top_of_the_address_space_exits_as_mmio() {
         }
     );
 }
+
+/// gmem-loop, FAULT-3: a loop over memory the vCPU never caches (an
+/// ordinary slot over a guest_memfd's host mapping, whose pages can turn
+/// private or go with the file without invalidating that slot) takes the
+/// fault path for the rest of each page at once: every word is stored,
+/// from a start inside a page to an end inside another, and a verify
+/// counts exactly the words changed behind it.
+#[test]
+fn loop_over_memory_it_cannot_cache_fills_and_verifies_every_word() {
+    let hv = hv();
+    let vm = hv.create_soft_vm(0).unwrap();
+    let file = gmem(
+        &vm,
+        4 * P,
+        GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
+    );
+    let map = file.mmap(0, 4 * P, MapKind::Shared).unwrap();
+    vm.set_user_memory_region2(user_region(0, GPA, 4 * P, map.addr()))
+        .unwrap();
+    let mut cpu = vm.create_vcpu(0).unwrap();
+    let (gpa, len, seed) = (GPA + 24, 3 * P - 48, 0x5eed);
+    let word = |off: u64| {
+        let mut b = [0u8; 8];
+        map.read(off, &mut b).unwrap();
+        u64::from_le_bytes(b)
+    };
+
+    let fill = cpu
+        .run_loop(gmem::GuestLoop::Fill { gpa, len, seed })
+        .unwrap();
+    map.write(P + 800, &[0xff]).unwrap();
+    map.write(3 * P - 32, &[0xff]).unwrap();
+    let verify = cpu
+        .run_loop(gmem::GuestLoop::Verify { gpa, len, seed })
+        .unwrap();
+
+    assert_eq!((fill.done, fill.exit), (len, VcpuExit::Done(0)));
+    assert_eq!(word(16), 0, "before the loop");
+    assert_eq!(word(3 * P - 24), 0, "after the loop");
+    for off in (24..3 * P - 24).step_by(8) {
+        if off != P + 800 && off != 3 * P - 32 {
+            assert_eq!(
+                word(off),
+                gmem::GuestLoop::pattern(GPA + off, seed),
+                "{off:#x}"
+            );
+        }
+    }
+    assert_eq!((verify.done, verify.exit), (len, VcpuExit::Done(2)));
+}

@@ -3,7 +3,8 @@
 //! and re-creates slots, closes and re-creates files and unmaps host memory
 //! under a slot. A load sees the old bytes or zeros, never a torn mix;
 //! nothing deadlocks; and no vCPU's cached translation outlives the
-//! operation that invalidated it.
+//! operation that invalidated it, whether it was used by a single access
+//! or by a guest loop.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use gmem::soft::{SoftGuestMemfd, SoftHostMemory, SoftHypervisor, SoftVm};
 use gmem::uapi::*;
-use gmem::{GuestMemfd, GuestOp, HostMemory, Hypervisor, Vcpu, VcpuExit, Vm};
+use gmem::{GuestLoop, GuestMemfd, GuestOp, HostMemory, Hypervisor, LoopExit, Vcpu, VcpuExit, Vm};
 
 const P: u64 = PAGE_SIZE;
 /// gfns [0, 64): a guest_memfd-only slot on file A.
@@ -217,7 +218,14 @@ const S_B: u64 = 0x100;
 /// S_C1 (slot move), its host memory unmapped under it (MMU notifier).
 const S_C0: u64 = 0x200;
 const S_C1: u64 = 0x300;
+/// Slot 3: an ordinary slot over a host mapping of file D (MMAP |
+/// INIT_SHARED), memory the vCPUs never cache: guest loops take the fault
+/// path for it, a page at a time, while D is punched.
+const S_D: u64 = 0x400;
 const N: u64 = 64;
+/// The seed of the guest loops' fills: a word a loop stored reads as
+/// `GuestLoop::pattern(gpa, LOOP_SEED)`, never as a torn mix.
+const LOOP_SEED: u64 = 0x6c6f_6f70_0000_0000;
 
 /// The VM as the chaos thread last left it, published with an even phase.
 #[derive(Clone)]
@@ -251,6 +259,7 @@ impl Model {
             S_B => Expect::Done,
             c if c == self.slot_c && self.h2_mapped => Expect::Done,
             c if c == self.slot_c => Expect::Efault,
+            S_D => Expect::Done,
             _ => Expect::Mmio,
         }
     }
@@ -301,6 +310,13 @@ impl Drop for Running {
     }
 }
 
+/// Is `v` a whole word of a guest loop's fill of the memory at `gpa`? The
+/// loop stored it at `gpa`, or at the same memory before slot 2 moved.
+fn filled_by_a_loop(gpa: u64, v: u64) -> bool {
+    let moved = gpa ^ (S_C0 ^ S_C1) * P;
+    v == GuestLoop::pattern(gpa, LOOP_SEED) || v == GuestLoop::pattern(moved, LOOP_SEED)
+}
+
 /// A unique value per vCPU and access, whose halves check each other.
 fn word(id: u64, n: u64) -> u64 {
     let x = ((id << 24) | (n & 0xff_ffff)) as u32;
@@ -329,7 +345,7 @@ fn quiet_vcpu(mut vcpu: Box<dyn Vcpu>, id: u64, phases: Arc<Phases>, stop: Arc<A
             if let (GuestOp::Read { .. }, Ok(VcpuExit::Done(v))) = (op, &exit) {
                 let v = *v;
                 assert!(
-                    v == 0 || v >> 32 == !v & 0xffff_ffff,
+                    v == 0 || v >> 32 == !v & 0xffff_ffff || filled_by_a_loop(gpa, v),
                     "torn read {v:#x} at gpa {gpa:#x}"
                 );
             }
@@ -355,6 +371,60 @@ fn quiet_vcpu(mut vcpu: Box<dyn Vcpu>, id: u64, phases: Arc<Phases>, stop: Arc<A
             drop(model);
             phases.checked.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+/// Guest loops filling or verifying one whole page at a time, anywhere the
+/// quiet vCPUs go and in slot 3, checked against the model as single
+/// accesses are: a loop walks the page through the translation cache
+/// (`soft::tlb`), or the fault path once per page for memory it cannot
+/// cache, and must see every invalidation before it as they do.
+fn loop_vcpu(mut vcpu: Box<dyn Vcpu>, id: u64, phases: Arc<Phases>, stop: Arc<AtomicBool>) {
+    let _running = Running(phases.clone());
+    let mut rng = Rng(id * 0x9e37_79b9);
+    while !stop.load(Ordering::Relaxed) {
+        let base = [S_A, S_B, S_C0, S_C1, S_D][rng.below(5) as usize];
+        let gfn = base + rng.below(N);
+        let (gpa, len, seed) = (gfn * P, P, LOOP_SEED);
+        let op = if rng.below(2) == 0 {
+            GuestLoop::Fill { gpa, len, seed }
+        } else {
+            GuestLoop::Verify { gpa, len, seed }
+        };
+        let before = phases.phase.load(Ordering::SeqCst);
+        let out = vcpu.run_loop(op);
+        let model = phases.model.lock().unwrap();
+        if before % 2 == 1 || phases.phase.load(Ordering::SeqCst) != before {
+            continue;
+        }
+        // In a quiet phase a page is all served alike: done in full, or
+        // an exit before its first word.
+        let got = match out {
+            Ok(LoopExit {
+                done,
+                exit: VcpuExit::Done(_),
+            }) if done == len => Expect::Done,
+            Ok(LoopExit {
+                done: 0,
+                exit: VcpuExit::Mmio { .. },
+            }) => Expect::Mmio,
+            Ok(LoopExit {
+                done: 0,
+                exit: VcpuExit::MemoryFault { flags, .. },
+            }) => Expect::Fault {
+                private: flags != 0,
+            },
+            Err(e) if e.errno == gmem::Errno::EFAULT => Expect::Efault,
+            other => panic!("unexpected end of {op:?}: {other:?}"),
+        };
+        assert_eq!(
+            got,
+            model.expect(gfn),
+            "{op:?} at gfn {gfn:#x} in phase {before}: a translation survived the \
+             invalidation before it"
+        );
+        drop(model);
+        phases.checked.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -389,11 +459,12 @@ impl Snapshot {
     }
 }
 
-/// INVAL-1..5, FAULT-2, FAULT-6, LIFE-5: once a punch, a conversion, a slot
-/// delete or move, a file release or the unmapping of host memory under a
-/// slot returns, every guest access sees the new state (checked on each
-/// access that ran entirely between two operations) and no store lands in
-/// memory the guest can no longer reach (checked on snapshots).
+/// INVAL-1..5, FAULT-2, FAULT-6, LIFE-5, gmem-loop: once a punch, a
+/// conversion, a slot delete or move, a file release or the unmapping of
+/// host memory under a slot returns, every guest access and every guest
+/// loop sees the new state (checked on each access or one-page loop that
+/// ran entirely between two operations) and no store lands in memory the
+/// guest can no longer reach (checked on snapshots).
 #[test]
 fn no_translation_survives_an_invalidation() {
     let hv = SoftHypervisor::new().unwrap();
@@ -425,6 +496,19 @@ fn no_translation_survives_an_invalidation() {
     let h2_addr = h2.as_ref().unwrap().addr();
     vm.set_user_memory_region2(user_region(2, S_C0 * P, N * P, h2_addr))
         .unwrap();
+    // A sw_protected VM offers no INIT_SHARED: file D is another VM's,
+    // mapped by the same hypervisor.
+    let vm_d = hv.create_soft_vm(KVM_X86_DEFAULT_VM as u64).unwrap();
+    let d = vm_d
+        .create_guest_memfd(kvm_create_guest_memfd {
+            size: N * P,
+            flags: GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
+            ..Default::default()
+        })
+        .unwrap();
+    let d_map = d.mmap(0, N * P, gmem::MapKind::Shared).unwrap();
+    vm.set_user_memory_region2(user_region(3, S_D * P, N * P, d_map.addr()))
+        .unwrap();
 
     let phases = Arc::new(Phases {
         phase: Default::default(),
@@ -436,14 +520,20 @@ fn no_translation_survives_an_invalidation() {
             h2_mapped: true,
         }),
         checked: Default::default(),
-        running: 2.into(),
+        running: 3.into(),
     });
     let stop = Arc::new(AtomicBool::new(false));
-    let vcpus: Vec<_> = (1..=2u64)
+    let vcpus: Vec<_> = (1..=3u64)
         .map(|id| {
             let vcpu = vm.create_vcpu(id).unwrap();
             let (phases, stop) = (phases.clone(), stop.clone());
-            std::thread::spawn(move || quiet_vcpu(vcpu, id, phases, stop))
+            std::thread::spawn(move || {
+                if id == 3 {
+                    loop_vcpu(vcpu, id, phases, stop)
+                } else {
+                    quiet_vcpu(vcpu, id, phases, stop)
+                }
+            })
         })
         .collect();
 
@@ -501,7 +591,10 @@ fn no_translation_survives_an_invalidation() {
                 } else {
                     &b
                 };
-                file.fallocate(PUNCH, (page * P) as i64, P as i64).unwrap()
+                file.fallocate(PUNCH, (page * P) as i64, P as i64).unwrap();
+                // File D under slot 3: its page is zapped from the mapping
+                // the slot points at, and faults in again zeroed.
+                d.fallocate(PUNCH, (page * P) as i64, P as i64).unwrap()
             },
             |_| {},
         );

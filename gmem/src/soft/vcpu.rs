@@ -189,7 +189,7 @@ impl SoftVcpu {
             let (page, window) = inode.page(index)?;
             // SAFETY: the window is mapped while the inode lives, which the
             // slot holds under the slots lock; the invalidate lock keeps
-            // punch hole out for the access.
+            // punch hole out for the access, which stays inside the page.
             unsafe { copy(page.add(offset as usize), buf, write) };
             let lo = run.start.max(gfn.saturating_sub(index - window.start));
             let hi = run.end.min(gfn.saturating_add(window.end - index));
@@ -317,11 +317,7 @@ impl SoftVcpu {
     /// through the translation cache: the number of words that differ (for
     /// a verify), or `None` when the cache cannot serve the page.
     fn loop_cached(&mut self, op: GuestLoop, at: u64, len: u64) -> Option<u64> {
-        let write = !matches!(
-            op,
-            GuestLoop::Verify { .. } | GuestLoop::Touch { write: false, .. }
-        );
-        let p = self.tlb.lookup(at, write)?;
+        let p = self.tlb.lookup(at, loop_writes(op))?;
         let seq = self.reader.begin_page(self.vm.invalidations.seq_atomic());
         if seq != self.tlb.seq {
             self.reader.end_page();
@@ -400,13 +396,73 @@ impl SoftVcpu {
             },
         })
     }
+
+    /// The rest of a page of a guest loop (`[at, at + len)`), whose first
+    /// step took the fault path and left nothing in the cache: memory that
+    /// is never cached (host memory reached through a guest_memfd mapping,
+    /// `Region::cacheable_len`). One more pass of the fault path does all
+    /// of it, not one per word. The words that differ (for a verify), or
+    /// `None` when that pass did not complete (an exit or an error, which
+    /// can only come from a change since the first step: what decides
+    /// where an access goes is the same for a whole page); the words are
+    /// then taken one at a time, which gives the exit or error at its word,
+    /// and store again alike whatever a fill had stored.
+    fn loop_uncached(&mut self, op: GuestLoop, at: u64, len: u64) -> Option<u64> {
+        let mut page = [0u8; PAGE_SIZE as usize];
+        let buf = &mut page[..len as usize];
+        let (write, seed) = match op {
+            GuestLoop::Fill { seed, .. } => (true, seed),
+            GuestLoop::Verify { seed, .. } => (false, seed),
+            // One access per page: the first step was all of it.
+            GuestLoop::Touch { .. } => return Some(0),
+        };
+        if write {
+            for (i, w) in buf.chunks_exact_mut(8).enumerate() {
+                w.copy_from_slice(&GuestLoop::pattern(at + 8 * i as u64, seed).to_le_bytes());
+            }
+        }
+        match self.fault_in(at, buf, write) {
+            Ok(None) => {}
+            Ok(Some(_)) | Err(_) => return None,
+        }
+        if write {
+            return Some(0);
+        }
+        Some(
+            buf.chunks_exact(8)
+                .enumerate()
+                .filter(|(i, w)| {
+                    u64::from_le_bytes((*w).try_into().expect("8 bytes"))
+                        != GuestLoop::pattern(at + 8 * *i as u64, seed)
+                })
+                .count() as u64,
+        )
+    }
 }
 
-/// Copies between `buf` and guest memory at `p` in one access.
+/// Does guest loop `op` store (and so need a writable translation)?
+fn loop_writes(op: GuestLoop) -> bool {
+    !matches!(
+        op,
+        GuestLoop::Verify { .. } | GuestLoop::Touch { write: false, .. }
+    )
+}
+
+/// Copies between `buf` and guest memory at `p`: in one access when `buf`
+/// is a single access (8 bytes or less), else word by word (the rest of a
+/// guest loop's page, see [`SoftVcpu::loop_uncached`]).
 ///
 /// # Safety
 /// `[p, p + buf.len())` is mapped (and writable for a write) for the call.
 unsafe fn copy(p: *mut u8, buf: &mut [u8], write: bool) {
+    if buf.len() > 8 {
+        for (i, chunk) in buf.chunks_mut(8).enumerate() {
+            // SAFETY: the chunk lies inside `buf`, so `p + 8i` and its
+            // length lie inside the caller's range.
+            unsafe { copy(p.add(8 * i), chunk, write) };
+        }
+        return;
+    }
     let mut v = [0u8; 8];
     if write {
         v[..buf.len()].copy_from_slice(buf);
@@ -486,7 +542,8 @@ impl Vcpu for SoftVcpu {
 
     /// One call walks the range page by page through the translation cache;
     /// a page the cache cannot serve takes its first step through the fault
-    /// path (which fills the cache, or ends the loop with its exit).
+    /// path (which fills the cache, or ends the loop with its exit), and
+    /// memory the cache never holds the rest of the page in one more pass.
     fn run_loop(&mut self, op: GuestLoop) -> Result<LoopExit> {
         op.check()?;
         let (gpa, len) = op.range();
@@ -506,6 +563,15 @@ impl Vcpu for SoftVcpu {
                 (exit, _) => return Ok(LoopExit { done: off, exit }),
             }
             off += step;
+            // Memory the cache does not hold after the fault path ran:
+            // the rest of the page in one more pass, not a pass per word.
+            let rest = in_page.saturating_sub(step);
+            if rest > 0 && self.tlb.lookup(gpa + off, loop_writes(op)).is_none() {
+                if let Some(n) = self.loop_uncached(op, gpa + off, rest) {
+                    differ += n;
+                    off += rest;
+                }
+            }
         }
         Ok(LoopExit {
             done: len,
