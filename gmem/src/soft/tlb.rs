@@ -30,6 +30,10 @@
 //! 3. load or store through the cached address;
 //! 4. `epoch += 1` (now even), a release store.
 //!
+//! A guest loop is one such access per chunk of up to [`LOOP_CHUNK`] bytes
+//! of one cached entry: the steps hold for every load and store of the
+//! chunk, as for the one of a single access.
+//!
 //! The invalidator ([`super::invalidate`]), with the locks that keep the fault
 //! path out of the range held, before it changes anything a translation
 //! points at (frees pages, converts, unbinds, unmaps):
@@ -105,22 +109,31 @@ impl AccessEpoch {
 /// A single access marks itself with plain stores (1 on entry, 0 on exit),
 /// never a read-modify-write: a counter would chain every access to the
 /// last through store-to-load forwarding, which costs more than the rest
-/// of the access. A guest loop marks each page with a fresh odd count
-/// (`2n + 1`, then `2n + 2`), which it can afford once per page. Either
-/// way the invalidator waits until the value it saw changes, which means
-/// that the access it saw has ended.
+/// of the access. A guest loop marks each chunk it walks (up to
+/// [`LOOP_CHUNK`] bytes) with a fresh odd count (`2n + 1`, then `2n + 2`),
+/// which it can afford once per chunk. Either way the invalidator waits
+/// until the value it saw changes, which means that the access it saw has
+/// ended.
 pub(crate) struct Reader {
     shared: Arc<AccessEpoch>,
-    /// Pages walked by guest loops so far.
-    pages: u64,
+    /// Chunks walked by guest loops so far.
+    chunks: u64,
 }
+
+/// Bytes a guest loop walks under one epoch and one cache lookup: 16
+/// pages. The lookup and the epoch cost about as much as storing a few
+/// hundred bytes, so paying them once a page would slow a loop over memory
+/// in the cache by a quarter; and an invalidation waits out at most one
+/// chunk in progress (microseconds of stores, or 16 page faults on fresh
+/// memory).
+pub(crate) const LOOP_CHUNK: u64 = 16 * PAGE_SIZE;
 
 impl Reader {
     pub(crate) fn new() -> Self {
         barrier::init();
         Reader {
             shared: Arc::default(),
-            pages: 0,
+            chunks: 0,
         }
     }
 
@@ -144,23 +157,23 @@ impl Reader {
         self.shared.epoch.store(0, Ordering::Release);
     }
 
-    /// Steps 1 and 2 for one page of a guest loop.
+    /// Steps 1 and 2 for one chunk of a guest loop.
     #[inline(always)]
-    pub(crate) fn begin_page(&mut self, seq: &AtomicU64) -> u64 {
-        self.pages += 1;
+    pub(crate) fn begin_chunk(&mut self, seq: &AtomicU64) -> u64 {
+        self.chunks += 1;
         self.shared
             .epoch
-            .store(2 * self.pages + 1, Ordering::Relaxed);
+            .store(2 * self.chunks + 1, Ordering::Relaxed);
         barrier::light();
         seq.load(Ordering::Acquire)
     }
 
-    /// Step 4 for one page of a guest loop.
+    /// Step 4 for one chunk of a guest loop.
     #[inline(always)]
-    pub(crate) fn end_page(&mut self) {
+    pub(crate) fn end_chunk(&mut self) {
         self.shared
             .epoch
-            .store(2 * self.pages + 2, Ordering::Release);
+            .store(2 * self.chunks + 2, Ordering::Release);
     }
 }
 
@@ -263,6 +276,19 @@ impl Tlb {
         self.page_hva = e.hva_of(gfn << PAGE_SHIFT);
         self.page_writable = e.writable;
         Some(e.hva_of(gpa))
+    }
+
+    /// The host address of byte `gpa` and the bytes from there to the end
+    /// of the entry that holds it, if an entry holds its gfn and allows the
+    /// access: what a guest loop may walk through one lookup.
+    pub(crate) fn lookup_run(&self, gpa: u64, write: bool) -> Option<(*mut u8, u64)> {
+        let gfn = gpa >> PAGE_SHIFT;
+        let e = self
+            .entries
+            .iter()
+            .find(|e| gfn.wrapping_sub(e.gfn) < e.npages && (e.writable || !write))?;
+        let end = (e.gfn + e.npages) << PAGE_SHIFT;
+        Some((e.hva_of(gpa), end.wrapping_sub(gpa)))
     }
 
     /// Forgets every entry.

@@ -12,7 +12,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::tlb::{self, Reader, Share, Tlb, Translation};
+use super::tlb::{self, Reader, Share, Tlb, Translation, LOOP_CHUNK};
 use super::vm::VmInner;
 use crate::error::{Errno, Error, Result};
 use crate::hypervisor::{GuestLoop, GuestOp, LoopExit, Vcpu, VcpuExit};
@@ -313,21 +313,25 @@ impl SoftVcpu {
         }))
     }
 
-    /// The part of a guest loop that lies in one page (`[at, at + len)`)
-    /// through the translation cache: the number of words that differ (for
-    /// a verify), or `None` when the cache cannot serve the page.
-    fn loop_cached(&mut self, op: GuestLoop, at: u64, len: u64) -> Option<u64> {
-        let p = self.tlb.lookup(at, loop_writes(op))?;
-        let seq = self.reader.begin_page(self.vm.invalidations.seq_atomic());
+    /// The start of `[at, at + len)` of a guest loop through the
+    /// translation cache, up to the end of the cached entry and at most a
+    /// [`LOOP_CHUNK`] under one epoch: the bytes done and the words that
+    /// differ (for a verify), or `None` when the cache cannot serve `at`.
+    fn loop_cached(&mut self, op: GuestLoop, at: u64, len: u64) -> Option<(u64, u64)> {
+        let (p, room) = self.tlb.lookup_run(at, loop_writes(op))?;
+        let len = len.min(room).min(LOOP_CHUNK - (at & (LOOP_CHUNK - 1)));
+        let seq = self.reader.begin_chunk(self.vm.invalidations.seq_atomic());
         if seq != self.tlb.seq {
-            self.reader.end_page();
+            self.reader.end_chunk();
             self.tlb.flush();
             return None;
         }
         let words = (0..len).step_by(8);
+        let pages = (0..len).step_by(PAGE_SIZE as usize);
         // SAFETY (all arms): as in `cached`: the entry is current and the
-        // epoch odd until `end`, so `[p, p + len)` (inside one page of the
-        // entry, 8-byte aligned) stays mapped, and writable when `write`.
+        // epoch odd until `end_chunk`, so `[p, p + len)` (inside the entry,
+        // contiguous host memory, 8-byte aligned, page aligned for a touch)
+        // stays mapped, and writable when the loop writes.
         let differ = match op {
             GuestLoop::Fill { seed, .. } => {
                 for i in words {
@@ -339,26 +343,30 @@ impl SoftVcpu {
                 .filter(|&i| unsafe { tlb::load(p.add(i as usize), 8) } != GuestLoop::pattern(at + i, seed))
                 .count() as u64,
             GuestLoop::Touch { write: false, .. } => {
-                unsafe { tlb::load(p, 8) };
+                for i in pages {
+                    unsafe { tlb::load(p.add(i as usize), 8) };
+                }
                 0
             }
             GuestLoop::Touch { write: true, .. } => {
-                // An atomic add of 0, as the guest's own loop does: the page
-                // is faulted in writable and a concurrent store is never
-                // lost. In assembly, because the compiler turns an add of 0
-                // into a load (or drops it).
-                unsafe {
-                    std::arch::asm!(
-                        "lock add qword ptr [{p}], 0",
-                        p = in(reg) p,
-                        options(nostack)
-                    )
-                };
+                for i in pages {
+                    // An atomic add of 0, as the guest's own loop does: the
+                    // page is faulted in writable and a concurrent store is
+                    // never lost. In assembly, because the compiler turns an
+                    // add of 0 into a load (or drops it).
+                    unsafe {
+                        std::arch::asm!(
+                            "lock add qword ptr [{p}], 0",
+                            p = in(reg) p.add(i as usize),
+                            options(nostack)
+                        )
+                    };
+                }
                 0
             }
         };
-        self.reader.end_page();
-        Some(differ)
+        self.reader.end_chunk();
+        Some((len, differ))
     }
 
     /// One step of a guest loop at `at` as single accesses, as the
@@ -540,7 +548,8 @@ impl Vcpu for SoftVcpu {
         }
     }
 
-    /// One call walks the range page by page through the translation cache;
+    /// One call walks the range through the translation cache, a chunk of
+    /// up to 16 pages at a time;
     /// a page the cache cannot serve takes its first step through the fault
     /// path (which fills the cache, or ends the loop with its exit), and
     /// memory the cache never holds the rest of the page in one more pass.
@@ -552,12 +561,12 @@ impl Vcpu for SoftVcpu {
         let mut off = 0;
         while off < len {
             let at = gpa + off;
-            let in_page = (PAGE_SIZE - (at & (PAGE_SIZE - 1))).min(len - off);
-            if let Some(n) = self.loop_cached(op, at, in_page) {
+            if let Some((done, n)) = self.loop_cached(op, at, len - off) {
                 differ += n;
-                off += in_page;
+                off += done;
                 continue;
             }
+            let in_page = (PAGE_SIZE - (at & (PAGE_SIZE - 1))).min(len - off);
             match self.loop_step(op, at)? {
                 (VcpuExit::Done(_), n) => differ += n,
                 (exit, _) => return Ok(LoopExit { done: off, exit }),
