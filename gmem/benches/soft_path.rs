@@ -10,6 +10,7 @@ use gmem::bench::access::{Access, AccessPair, Pattern};
 use gmem::bench::convert::{per_page, Conversions, TOP};
 use gmem::bench::falloc::Fallocate;
 use gmem::bench::kvm::{touch_once, touch_size, OneAccess};
+use gmem::bench::populate::{Populate, PopulatePair, BACKINGS};
 use gmem::bench::{bytes, start, Pair};
 use gmem::Backend;
 
@@ -126,5 +127,34 @@ fn vm_and_kvm(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, access, conversion, fallocate, vm_and_kvm);
+/// A soft guest loop filling 1 GiB through the memory manager's
+/// guest_memfd and split backings, against the same words stored from the
+/// host into the same memory: fresh memory (discarded before each fill,
+/// untimed) and a refill, 1 and 2 vCPUs.
+fn populate(c: &mut Criterion) {
+    let mut g = c.benchmark_group("populate_1GiB");
+    g.sample_size(10).measurement_time(Duration::from_secs(10));
+    for (mode, name) in BACKINGS {
+        let mut populate = Populate::new(mode, GIB, 2).expect("1 GiB through the memory manager");
+        for (kind, fresh) in [("fresh", true), ("refill", false)] {
+            for threads in [1, 2] {
+                let mut pair = PopulatePair {
+                    populate: &mut populate,
+                    threads,
+                    fresh,
+                };
+                let id = format!("{name}/{kind}/{threads}t");
+                g.bench_function(format!("{id}/ours"), |b| {
+                    b.iter_custom(|iters| pair.ours(iters))
+                });
+                g.bench_function(format!("{id}/raw"), |b| {
+                    b.iter_custom(|iters| pair.baseline(iters))
+                });
+            }
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, access, conversion, fallocate, vm_and_kvm, populate);
 criterion_main!(benches);

@@ -15,11 +15,15 @@
 //! - [`start`]: VM creation to the first guest access with 1 GiB bound.
 //! - [`kvm`]: one KVM guest access against a raw `KVM_SET_REGS` +
 //!   `KVM_RUN`, and guest first touch of 1 GiB.
+//! - [`populate`]: a soft guest loop filling 1 GiB through the memory
+//!   manager's guest_memfd and split backings against a raw fill of the
+//!   same memory from the host, 1 and 2 vCPUs.
 
 pub mod access;
 pub mod convert;
 pub mod falloc;
 pub mod kvm;
+pub mod populate;
 pub mod start;
 
 use std::time::{Duration, Instant};
@@ -329,6 +333,7 @@ pub const STEPS: &[&str] = &[
     "VM creation to first access",
     "kvm: one guest access",
     "guest first touch of 1 GiB",
+    "soft guest fill of 1 GiB through the memory manager",
 ];
 
 /// Runs every figure; `progress` is told each step as it starts.
@@ -374,6 +379,8 @@ pub fn run(scale: Scale, progress: Progress<'_>) -> Report {
     rows.extend(kvm::access(scale));
     next(progress);
     rows.extend(kvm::first_touch(scale));
+    next(progress);
+    rows.extend(populate::run(scale));
     report.summarize();
     report
 }
