@@ -76,7 +76,7 @@ fn corpus_passes_on_every_release_profile() {
 
 #[test]
 fn corpus_passes_on_kvm_or_departs_by_a_probed_behaviour() {
-    if skips::no_kvm("the corpus on the kvm backend") {
+    if skips::no_kvm() {
         return;
     }
     // Where /dev/kvm exists, failing to open it is a failure, not a skip.
@@ -142,7 +142,7 @@ fn a_terabyte_fallocate_is_over_budget_on_soft_and_the_machine_keeps_its_memory(
 
 #[test]
 fn a_terabyte_fallocate_is_over_budget_on_kvm_and_the_machine_keeps_its_memory() {
-    if skips::no_kvm("the over-budget scenario on the kvm backend") {
+    if skips::no_kvm() {
         return;
     }
     over_budget_keeps_memory(Backend::Kvm);
@@ -185,7 +185,7 @@ guest_write vm gpa=0x2_0000_1000 byte=3 => exit memory_fault gpa=0x2_0000_1000 s
 
 #[test]
 fn a_user_scenario_that_hits_a_probed_behaviour_departs_as_that_behaviour() {
-    if skips::no_kvm("user scenarios on the kvm backend") {
+    if skips::no_kvm() {
         return;
     }
     let hv = Backend::Kvm.open().unwrap();

@@ -71,7 +71,7 @@ fn run(backend: Backend, name: &str, test: fn(&dyn Hypervisor)) {
             skips::skip("kvm backend not merged yet");
             return;
         }
-        if skips::no_kvm(name) {
+        if skips::no_kvm() {
             return;
         }
     }
