@@ -909,13 +909,17 @@ mod tests {
         check_with(kvm, behaviours(), text)
     }
 
-    fn check_with(kvm: &NamedKvm, departures: Departures, text: &str) -> ScenarioReport {
-        let soft = Backend::Soft.open().unwrap();
-        let checker = Checker::new(
+    /// A checker of the software backend against `kvm`.
+    fn checker<'a>(
+        soft: &'a dyn Hypervisor,
+        kvm: &'a NamedKvm,
+        departures: Departures,
+    ) -> Checker<'a> {
+        Checker::new(
             vec![
                 BackendSlot {
                     name: "soft".into(),
-                    hv: Ok(soft.as_ref()),
+                    hv: Ok(soft),
                 },
                 BackendSlot {
                     name: "kvm".into(),
@@ -924,7 +928,12 @@ mod tests {
             ],
             departures,
             Limits::new(64 << 20),
-        );
+        )
+    }
+
+    fn check_with(kvm: &NamedKvm, departures: Departures, text: &str) -> ScenarioReport {
+        let soft = Backend::Soft.open().unwrap();
+        let checker = checker(soft.as_ref(), kvm, departures);
         checker.check_source(&Source {
             name: "t.gmem".into(),
             text: Ok(text.into()),
@@ -1043,20 +1052,7 @@ guest_read vm gpa=0x101000 => 0x55
         for b in &mut d.behaviours {
             b.seen_on = vec![KernelId::running()];
         }
-        let checker = Checker::new(
-            vec![
-                BackendSlot {
-                    name: "soft".into(),
-                    hv: Ok(soft.as_ref()),
-                },
-                BackendSlot {
-                    name: "kvm".into(),
-                    hv: Ok(&kvm),
-                },
-            ],
-            d,
-            Limits::new(64 << 20),
-        );
+        let checker = checker(soft.as_ref(), &kvm, d);
         let report = checker.check_sources(&[], |_, _, _| {});
         assert_eq!(report.stale.len(), 4, "kvm only: {:?}", report.stale);
         assert!(report.failed());
@@ -1071,20 +1067,7 @@ guest_read vm gpa=0x101000 => 0x55
                 .with(Effect::UnmappedUserspaceAddrIsMmio),
         );
         let soft = Backend::Soft.open().unwrap();
-        let checker = Checker::new(
-            vec![
-                BackendSlot {
-                    name: "soft".into(),
-                    hv: Ok(soft.as_ref()),
-                },
-                BackendSlot {
-                    name: "kvm".into(),
-                    hv: Ok(&kvm),
-                },
-            ],
-            behaviours(),
-            Limits::new(64 << 20),
-        );
+        let checker = checker(soft.as_ref(), &kvm, behaviours());
         let long = format!("{}/x.gmem", "very-long-folder-name".repeat(8));
         let report = checker.check_sources(
             &[
