@@ -20,6 +20,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, Criterion, Throughput};
+use gmem::bench::bind_shared_file;
 use gmem::bench::kvm::RawKvm;
 use gmem::kvm::KvmHypervisor;
 use gmem::uapi::*;
@@ -55,35 +56,8 @@ fn read8(cpu: &mut Box<dyn Vcpu>) {
 /// file lives as long as it does).
 fn gmem_file(hv: &KvmHypervisor, size: u64) -> (Box<dyn Vm>, Box<dyn HostMemory>) {
     let vm = hv.create_vm(KVM_X86_DEFAULT_VM as u64).unwrap();
-    let file = vm
-        .create_guest_memfd(kvm_create_guest_memfd {
-            size,
-            flags: GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
-            ..Default::default()
-        })
-        .unwrap();
-    let map = file.mmap(0, size, gmem::MapKind::Shared).unwrap();
-    vm.set_user_memory_region2(guest_memfd_region_at(
-        0,
-        GUEST_GPA,
-        size,
-        map.addr(),
-        file.as_raw_fd(),
-    ))
-    .unwrap();
+    let (_, map) = bind_shared_file(vm.as_ref(), GUEST_GPA, size).unwrap();
     (vm, map)
-}
-
-fn guest_memfd_region_at(
-    slot: u32,
-    gpa: u64,
-    size: u64,
-    addr: u64,
-    fd: i32,
-) -> kvm_userspace_memory_region2 {
-    let mut r = guest_memfd_region(slot, gpa, size, fd, 0);
-    r.userspace_addr = addr;
-    r
 }
 
 fn run_loop(cpu: &mut Box<dyn Vcpu>, op: GuestLoop) -> u64 {

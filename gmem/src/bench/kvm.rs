@@ -11,15 +11,12 @@ use iced_x86::code_asm::{al, qword_ptr, rax, rdi, CodeAssembler};
 use kvm_bindings::{kvm_regs, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
 
-use super::{bytes, compare, median, time, Pair, Row, Scale, Target, Unit};
+use super::{bind_shared_file, bytes, compare, median, time, Pair, Row, Scale, Target, Unit};
 use crate::error::{Errno, Error, Result};
 use crate::host::Mmap;
-use crate::hypervisor::{GuestLoop, GuestOp, HostMemory, Hypervisor, MapKind, Vcpu, VcpuExit};
+use crate::hypervisor::{GuestLoop, GuestOp, HostMemory, Hypervisor, Vcpu, VcpuExit};
 use crate::kvm::guest::{long_mode_sregs, GDT_ENTRIES};
-use crate::uapi::{
-    guest_memfd_region, kvm_create_guest_memfd, kvm_userspace_memory_region2, user_region,
-    GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_X86_DEFAULT_VM,
-};
+use crate::uapi::{user_region, KVM_X86_DEFAULT_VM};
 use crate::Backend;
 
 /// Where guest memory is bound: 4 GiB, clear of the backend's setup region.
@@ -221,16 +218,7 @@ pub fn access(scale: Scale) -> Vec<Row> {
 pub fn touch_once(hv: &dyn Hypervisor, size: u64, gmem: bool) -> Result<Duration> {
     let vm = hv.create_vm(KVM_X86_DEFAULT_VM as u64)?;
     let (_file, _mem): (Option<Box<dyn crate::GuestMemfd>>, Box<dyn HostMemory>) = if gmem {
-        let file = vm.create_guest_memfd(kvm_create_guest_memfd {
-            size,
-            flags: GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
-            ..Default::default()
-        })?;
-        let map = file.mmap(0, size, MapKind::Shared)?;
-        vm.set_user_memory_region2(kvm_userspace_memory_region2 {
-            userspace_addr: map.addr(),
-            ..guest_memfd_region(0, GPA, size, file.as_raw_fd(), 0)
-        })?;
+        let (file, map) = bind_shared_file(vm.as_ref(), GPA, size)?;
         (Some(file), map)
     } else {
         let mem = hv.host_memory(size)?;
