@@ -309,13 +309,23 @@ pub fn bind_through_own_mapping(
     mapping
 }
 
-/// A default VM and a MMAP | INIT_SHARED file of `size` bytes, or `None`
-/// after a skip line.
-pub fn shared_file(hv: &dyn Hypervisor, size: u64) -> Option<(Box<dyn Vm>, Box<dyn GuestMemfd>)> {
+/// A default VM and a file of `size` bytes with `flags`, or `None` (a
+/// recorded skip) when the VM does not accept those flags.
+pub fn file_with_flags(
+    hv: &dyn Hypervisor,
+    size: u64,
+    flags: u64,
+) -> Option<(Box<dyn Vm>, Box<dyn GuestMemfd>)> {
     let vm = default_vm(hv);
-    if !has_gmem_flags(&*vm, MMAP_SHARED) {
+    if !has_gmem_flags(&*vm, flags) {
         return None;
     }
-    let file = gmem(&*vm, size, MMAP_SHARED);
+    let file = gmem(&*vm, size, flags);
     Some((vm, file))
+}
+
+/// A default VM and a MMAP | INIT_SHARED file of `size` bytes, or `None`
+/// (a recorded skip).
+pub fn shared_file(hv: &dyn Hypervisor, size: u64) -> Option<(Box<dyn Vm>, Box<dyn GuestMemfd>)> {
+    file_with_flags(hv, size, MMAP_SHARED)
 }
