@@ -71,8 +71,8 @@ pub fn default_vm(hv: &dyn Hypervisor) -> Box<dyn Vm> {
     ok(hv.create_vm(DEFAULT), "KVM_CREATE_VM(default)")
 }
 
-/// A VM with private memory (SW_PROTECTED), or `None` after a skip line
-/// when the backend lacks that VM type.
+/// A VM with private memory (SW_PROTECTED), or `None` (a recorded
+/// skip) when the backend lacks that VM type.
 pub fn private_vm(hv: &dyn Hypervisor) -> Option<Box<dyn Vm>> {
     if hv.check_extension(KVM_CAP_VM_TYPES) & (1 << SW_PROTECTED) == 0 {
         skip(format!(
@@ -88,7 +88,7 @@ pub fn private_vm(hv: &dyn Hypervisor) -> Option<Box<dyn Vm>> {
 }
 
 /// A VM with private memory whose attributes support PRIVATE, or `None`
-/// after a skip line.
+/// (a recorded skip).
 pub fn private_vm_with_attributes(hv: &dyn Hypervisor) -> Option<Box<dyn Vm>> {
     let vm = private_vm(hv)?;
     if vm.check_extension(KVM_CAP_MEMORY_ATTRIBUTES) as u64 & PRIVATE == 0 {
