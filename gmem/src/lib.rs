@@ -10,7 +10,7 @@
 //! - [`mempolicy`]: NUMA memory policy of host mappings (`mbind`).
 //! - [`madvise`]: advice on host mappings (`madvise`).
 //! - [`fuzz`]: random scenarios run on both backends, differences minimized.
-//! - [`bench`]: performance figures, each against a baseline in the same run.
+//! - [`bench`](mod@bench): performance figures, each against a baseline in the same run.
 //!
 //! The rules cited in errors and tests (`SLOT-7`, `BIND-4`, ...) are those of
 //! the project's specification, `docs/spec.md`, which defines each id with

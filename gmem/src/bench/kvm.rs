@@ -151,7 +151,7 @@ pub struct OneAccess {
 }
 
 impl OneAccess {
-    /// A KVM backend VM with 2 MiB of host memory at [`GPA`] and its vCPU,
+    /// A KVM backend VM with 2 MiB of host memory at 4 GiB and its vCPU,
     /// and the raw VM.
     pub fn new() -> Result<OneAccess> {
         let hv = Backend::Kvm.open()?;
@@ -253,7 +253,7 @@ pub fn touch_once(hv: &dyn Hypervisor, size: u64, gmem: bool) -> Result<Duration
 const TOUCH_BUDGET: f64 = 10.0;
 
 /// The size to measure first touch on, `big` or less: what one loop can
-/// touch within [`TOUCH_BUDGET`], judged by a probe of `big / 64`; and the
+/// touch within `TOUCH_BUDGET` (10 s), judged by a probe of `big / 64`; and the
 /// time `big` would take.
 pub fn touch_size(hv: &dyn Hypervisor, big: u64) -> Result<(u64, f64)> {
     let probe = big / 64;
