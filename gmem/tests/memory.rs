@@ -1,5 +1,6 @@
 //! The memory manager (`gmem::memory`), written once against
-//! `&dyn Hypervisor` and run on each backend (`soft::test`, `kvm::test`).
+//! `&dyn Hypervisor` and run on each backend (`soft::test`,
+//! `soft_next::test` for the `next` profile, `kvm::test`).
 //!
 //! Memory held is what the kernel says (`cachestat` of a guest_memfd,
 //! `mincore` of host memory, `st_blocks` of a memfd), never bookkeeping. A

@@ -1,6 +1,7 @@
 //! LIFE-8 on the software backend: thousands of create / bind / map / close
 //! cycles, error paths included, leave no fd and no mapping behind.
-//! (One test in its own binary: it counts the whole process's fds.)
+//! (One test in its own binary: it counts the whole process's fds and
+//! mappings.)
 
 #[path = "common/leaks.rs"]
 mod leaks;

@@ -29,8 +29,9 @@
 //!
 //! Tables grow on demand: before a run the host adds the entries the run
 //! needs: per GiB of guest physical space one 1 GiB page, or one page
-//! directory with all 512 of its 2 MiB entries. The host only ever turns a not-present entry into
-//! a present one, and only while the vCPU is outside `KVM_RUN`: a processor
+//! directory with all 512 of its 2 MiB entries. The host only ever turns a
+//! not-present entry into a present one, and only while the vCPU is outside
+//! `KVM_RUN`: a processor
 //! caches no not-present translation (Intel SDM vol. 3, 4.10.2.3), and a
 //! shadow MMU (KVM's, and PVM's for ring-3 code) walks the guest's tables
 //! again when the access faults (`FNAME(page_fault)` in

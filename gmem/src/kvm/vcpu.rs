@@ -28,8 +28,9 @@
 //!
 //! On our hosts (PVM) ring-0 guest code is interpreted (about 1.5 M
 //! instructions/s) and ring-3 code runs natively (billions), but leaving
-//! ring 3 costs more than a whole interpreted run: measured with `benches/kvm_path.rs`, a raw run exiting
-//! from ring 3 takes about 2.5x as long as one exiting from ring 0. So single
+//! ring 3 costs more than a whole interpreted run: measured with
+//! `benches/kvm_path.rs`, a raw run exiting from ring 3 takes two to two and
+//! a half times as long as one exiting from ring 0. So single
 //! operations run at ring 0 (two instructions), loops at ring 3, and the
 //! vCPU switches with `KVM_SET_SREGS` only when the ring changes.
 //! The hypercall must run at ring 0 anyway: KVM refuses a hypercall from

@@ -3,7 +3,9 @@
 //!
 //! Each test is a function `fn(&dyn Hypervisor)` in the module of its spec
 //! section; [`contract_tests!`] instantiates it as `soft::<section>::<test>`
-//! and `kvm::<section>::<test>`. A test that needs something a backend lacks
+//! and `kvm::<section>::<test>`, and [`release_tests!`] the tests whose
+//! outcome depends on the release again as `next::soft::...` (the software
+//! backend as `next`) and `next::kvm::...`. A test that needs something a backend lacks
 //! (a VM type, memory attributes, a creation flag) checks the capability
 //! first and records a skip naming it; no test passes silently. The binary
 //! prints one summary of the skips, and of the tests that depart from
