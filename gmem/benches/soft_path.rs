@@ -130,7 +130,8 @@ fn vm_and_kvm(c: &mut Criterion) {
 /// A soft guest loop filling 1 GiB through the memory manager's
 /// guest_memfd and split backings, against the same words stored from the
 /// host into the same memory: fresh memory (discarded before each fill,
-/// untimed) and a refill, 1 and 2 vCPUs.
+/// untimed) and a refill, 1 and 2 vCPUs. A fill's time leaves out what its
+/// threads waited for a core (`gmem::bench::populate`).
 fn populate(c: &mut Criterion) {
     let mut g = c.benchmark_group("populate_1GiB");
     g.sample_size(10).measurement_time(Duration::from_secs(10));
