@@ -313,7 +313,7 @@ impl Drop for Running {
 /// Is `v` a whole word of a guest loop's fill of the memory at `gpa`? The
 /// loop stored it at `gpa`, or at the same memory before slot 2 moved.
 fn filled_by_a_loop(gpa: u64, v: u64) -> bool {
-    let moved = gpa ^ (S_C0 ^ S_C1) * P;
+    let moved = gpa ^ ((S_C0 ^ S_C1) * P);
     v == GuestLoop::pattern(gpa, LOOP_SEED) || v == GuestLoop::pattern(moved, LOOP_SEED)
 }
 
