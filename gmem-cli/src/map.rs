@@ -9,7 +9,8 @@ use gmem::memory::{
     human_bytes, BackingMode, GuestRange, Layout, LayoutBuilder, MemoryManager, PageState,
 };
 
-use crate::run::{open, wrap, BackingChoice, Where};
+use crate::run::{check_memory, manager, open, wrap, BackingChoice, Failed, Where};
+use gmem::scenario::report::os_error;
 
 /// What one row of the map is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -479,15 +480,15 @@ pub struct MapArgs {
 pub fn map(args: MapArgs) -> ExitCode {
     match map_inner(args) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("gmem map: {e}");
-            ExitCode::FAILURE
-        }
+        Err(e) => e.exit("map"),
     }
 }
 
-fn map_inner(args: MapArgs) -> Result<(), String> {
-    let hv = open(args.backend)?;
+fn map_inner(args: MapArgs) -> Result<(), Failed> {
+    if args.ram.is_empty() {
+        check_memory(args.memory, None)?;
+    }
+    let hv = open(args.backend).map_err(Failed::Input)?;
     let mut builder: LayoutBuilder = Layout::builder()
         .file_per_range(args.file_per_range)
         .backing(args.backing.request());
@@ -497,16 +498,27 @@ fn map_inner(args: MapArgs) -> Result<(), String> {
     for r in &args.ram {
         builder = builder.ram(r.start, r.len);
     }
-    let layout = builder.build().map_err(|e| e.to_string())?;
-    let mm = MemoryManager::new(&*hv, layout).map_err(|e| e.to_string())?;
+    let size = if args.ram.is_empty() {
+        args.memory
+    } else {
+        args.ram.iter().fold(0u64, |a, r| a.saturating_add(r.len))
+    };
+    let mm = manager(&*hv, builder.build(), size)?;
     for r in &args.private {
-        mm.convert(*r, PageState::Private)
-            .map_err(|e| e.to_string())?;
+        // A range the layout does not have, or not page aligned, is the
+        // user's to fix.
+        mm.convert(*r, PageState::Private).map_err(|e| {
+            let m = format!("--private {r}: {e}");
+            match e.rule() {
+                "gmem-range" | "gmem-unbacked" => Failed::Input(m),
+                _ => Failed::Run(m),
+            }
+        })?;
     }
     print!("{}", text(&mm, hv.name()));
     if let Some(path) = &args.svg {
         std::fs::write(path, svg(&mm, hv.name()))
-            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+            .map_err(|e| Failed::Input(format!("--svg {}", os_error(path, &e))))?;
         println!("\nwrote {}", path.display());
     }
     Ok(())

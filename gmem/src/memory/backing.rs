@@ -285,7 +285,16 @@ pub(crate) fn choose(
         }
     }
     Err(Error::Unsupported {
-        what: format!("no backing for {request:?} on the {} backend", hv.name()),
+        what: format!(
+            "no {} backing on the {} backend",
+            request
+                .candidates()
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(" or "),
+            hv.name()
+        ),
         why: passed_over
             .iter()
             .map(|(m, why)| format!("{m}: {why}"))

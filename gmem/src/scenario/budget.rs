@@ -42,6 +42,14 @@ pub const DEFAULT_SHARE: u64 = 4;
 /// The budget when `MemAvailable` cannot be read.
 pub const FALLBACK_MAX_MEMORY: u64 = 256 << 20;
 
+/// What a VM costs the budget on a running kernel ([`Costs`]).
+pub const KERNEL_VM_COST: u64 = Costs::KERNEL.vm;
+
+/// The smallest budget `gmem check` takes: a VM, a vCPU, a file and a few
+/// pages on a kernel ([`Costs`]) fit with room to spare; below it every
+/// scenario would be over budget at its first lines.
+pub const MIN_MAX_MEMORY: u64 = 1 << 20;
+
 impl Limits {
     /// A budget of `max_memory` bytes.
     pub fn new(max_memory: u64) -> Self {

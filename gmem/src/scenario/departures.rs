@@ -91,6 +91,10 @@ use super::run::{run_limited, LineResult, ScenarioRun};
 use crate::hypervisor::Hypervisor;
 use crate::Backend;
 
+/// The largest departures file [`Departures::load`] reads (the corpus's
+/// has a few KiB).
+pub const MAX_DEPARTURES_BYTES: u64 = 1 << 20;
+
 /// The departures file of the repository, built in.
 pub const BUILTIN: &str = include_str!("../../../scenarios/departures.toml");
 
@@ -259,9 +263,11 @@ impl Departures {
         })
     }
 
-    /// Reads a departures file; a missing file is an error.
+    /// Reads a departures file: a regular file of at most
+    /// [`MAX_DEPARTURES_BYTES`]; a missing file is an error.
     pub fn load(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let text = super::report::read_text(path, MAX_DEPARTURES_BYTES, "a departures file")
+            .map_err(|e| format!("{}: {e}", path.display()))?;
         Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 
@@ -618,7 +624,18 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_file_is_an_error() {
-        assert!(Departures::load(Path::new("/nonexistent/departures.toml")).is_err());
+    fn a_missing_file_is_an_error_with_the_path_and_errno_name() {
+        let e = Departures::load(Path::new("/nonexistent/departures.toml")).unwrap_err();
+        assert_eq!(
+            e,
+            "/nonexistent/departures.toml: No such file or directory (ENOENT)"
+        );
+    }
+
+    #[test]
+    fn a_device_is_refused_without_reading_it() {
+        // /dev/zero never ends: reading it whole would take all memory.
+        let e = Departures::load(Path::new("/dev/zero")).unwrap_err();
+        assert!(e.contains("/dev/zero: a device, not a regular file"), "{e}");
     }
 }

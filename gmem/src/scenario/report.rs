@@ -19,7 +19,7 @@ use crate::hypervisor::Hypervisor;
 use crate::Release;
 
 /// The `schema` field of the JSON report.
-pub const SCHEMA: &str = "gmem-check/1";
+pub const SCHEMA: &str = "gmem-check/2";
 
 /// Output rows fit this many columns.
 const WIDTH: usize = 100;
@@ -47,6 +47,9 @@ pub enum ProblemKind {
     Mismatch,
     /// The runner did not perform the operation: over the memory budget.
     OverBudget,
+    /// A line after an over-budget line that did not have its outcome: it
+    /// may only follow from the operation not performed.
+    AfterOverBudget,
     /// On a running kernel, an outcome of a release the other
     /// release-dependent lines of the check do not agree on: a kernel
     /// follows one release.
@@ -189,7 +192,10 @@ pub struct Stale {
 pub struct Summary {
     /// Scenario files.
     pub files: usize,
-    /// Files that did not parse (or could not be read); each counted once.
+    /// Files that did not parse or could not be read.
+    pub unparsed_files: usize,
+    /// The parse errors of those files, each counted (a file that could
+    /// not be read counts one).
     pub parse_errors: usize,
     /// Scenario runs (file × backend) that passed.
     pub passed: usize,
@@ -201,6 +207,9 @@ pub struct Summary {
     pub departed: usize,
     /// Lines not performed because of the memory budget.
     pub over_budget_lines: usize,
+    /// Failing lines after an over-budget line of their run, which may only
+    /// follow from it.
+    pub after_over_budget_lines: usize,
     /// Stale records of behaviours.
     pub stale: usize,
 }
@@ -234,7 +243,7 @@ impl CheckReport {
 
     /// Did some file not parse or not read (an input error)?
     pub fn input_error(&self) -> bool {
-        self.summary.parse_errors > 0
+        self.summary.unparsed_files > 0
     }
 }
 
@@ -263,14 +272,18 @@ fn walk(
     files: &mut BTreeSet<PathBuf>,
     dirs: &mut BTreeSet<PathBuf>,
 ) -> std::io::Result<()> {
-    let canonical = path.canonicalize()?;
+    // The error names the path it is about, with the errno's name.
+    let about = |e: std::io::Error| std::io::Error::new(e.kind(), os_error(path, &e));
+    let canonical = path.canonicalize().map_err(about)?;
     if canonical.is_dir() {
         if !dirs.insert(canonical.clone()) {
             return Ok(());
         }
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(path)?
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(about)?
             .map(|e| e.map(|e| e.path()))
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<_, _>>()
+            .map_err(about)?;
         entries.sort();
         for e in entries {
             let is_dir = e.is_dir();
@@ -298,21 +311,86 @@ pub struct Source {
 }
 
 impl Source {
-    /// Reads `path`, refusing a file larger than a scenario may be.
+    /// Reads `path`, refusing what is not a regular file or is larger than a
+    /// scenario may be ([`read_text`]).
     pub fn read(path: &Path, name: String) -> Source {
-        let text = match std::fs::metadata(path) {
-            Err(e) => Err(e.to_string()),
-            Ok(m) if m.len() > MAX_SCENARIO_BYTES as u64 => Err(format!(
-                "the file has {}; a scenario may have at most {}",
-                Bytes(m.len()),
-                Bytes(MAX_SCENARIO_BYTES as u64)
-            )),
-            Ok(_) => std::fs::read(path)
-                .map_err(|e| e.to_string())
-                .and_then(|b| String::from_utf8(b).map_err(|e| format!("not UTF-8 text: {e}"))),
-        };
+        let text = read_text(path, MAX_SCENARIO_BYTES as u64, "a scenario");
         Source { name, text }
     }
+}
+
+/// An OS error about `path` as people read it: the path, the system's
+/// words and the errno name, `x.gmem: No such file or directory (ENOENT)`.
+pub fn os_error(path: &Path, e: &std::io::Error) -> String {
+    format!("{}: {}", path.display(), os_words(e))
+}
+
+/// The system's words for `e` and its errno name: `No such file or
+/// directory (ENOENT)`, not Rust's `(os error 2)`.
+pub fn os_words(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(n) => {
+            let words = e.to_string();
+            let words = words
+                .strip_suffix(&format!(" (os error {n})"))
+                .unwrap_or(&words);
+            let name = crate::error::errno_name(crate::error::Errno::from_raw(n));
+            format!("{words} ({name})")
+        }
+        None => e.to_string(),
+    }
+}
+
+/// The text of `path`, which must be a regular file of at most `limit`
+/// bytes of UTF-8 (`what` names it in messages: "a scenario"). The error
+/// does not repeat the path: the caller shows it.
+///
+/// The size is not taken from the file's metadata alone: a device
+/// (`/dev/zero`) says 0 and never ends, a file may grow while it is read.
+/// At most `limit + 1` bytes are ever read, whatever the file is.
+pub fn read_text(path: &Path, limit: u64, what: &str) -> Result<String, String> {
+    use std::io::Read as _;
+    use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
+
+    let too_big = |n: String| format!("the file has {n}; {what} may have at most {}", Bytes(limit));
+    let meta = std::fs::metadata(path).map_err(|e| os_words(&e))?;
+    let kind = meta.file_type();
+    let not_regular =
+        |k: &str| format!("{k}, not a regular file; {what} is read from a regular file");
+    if kind.is_dir() {
+        return Err(not_regular("a folder"));
+    }
+    if !kind.is_file() {
+        return Err(not_regular(
+            if kind.is_char_device() || kind.is_block_device() {
+                "a device"
+            } else if kind.is_fifo() {
+                "a pipe"
+            } else if kind.is_socket() {
+                "a socket"
+            } else {
+                "a special file"
+            },
+        ));
+    }
+    if meta.len() > limit {
+        return Err(too_big(format!("{} bytes", meta.len())));
+    }
+    // O_NONBLOCK: a pipe put in the file's place since the check above
+    // must not hang the open.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| os_words(&e))?;
+    let mut bytes = Vec::new();
+    file.take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(|e| os_words(&e))?;
+    if bytes.len() as u64 > limit {
+        return Err(too_big(format!("more than {}", Bytes(limit))));
+    }
+    String::from_utf8(bytes).map_err(|e| format!("not UTF-8 text: {e}"))
 }
 
 /// Runs scenario files on backends and applies departures.
@@ -401,7 +479,8 @@ impl<'a> Checker<'a> {
                         _ => vec![None; r.lines.len()],
                     };
                     let mut result = judge(&b.name, &r, &explanations);
-                    if hv.release().is_none() {
+                    let skipped = matches!(result.verdict, Verdict::Skip(_));
+                    if hv.release().is_none() && !skipped {
                         result.release_lines = release_lines(&scenario, &r);
                     }
                     report.results.push(result);
@@ -467,7 +546,8 @@ impl<'a> Checker<'a> {
         };
         for s in &scenarios {
             if !s.parse_errors.is_empty() {
-                summary.parse_errors += 1;
+                summary.unparsed_files += 1;
+                summary.parse_errors += s.parse_errors.len();
             }
             for r in &s.results {
                 match r.verdict {
@@ -476,11 +556,9 @@ impl<'a> Checker<'a> {
                     Verdict::Skip(_) => summary.skipped += 1,
                     Verdict::Departs(_) => summary.departed += 1,
                 }
-                summary.over_budget_lines += r
-                    .problems
-                    .iter()
-                    .filter(|p| p.kind == ProblemKind::OverBudget)
-                    .count();
+                let count = |k| r.problems.iter().filter(|p| p.kind == k).count();
+                summary.over_budget_lines += count(ProblemKind::OverBudget);
+                summary.after_over_budget_lines += count(ProblemKind::AfterOverBudget);
             }
         }
         CheckReport {
@@ -522,6 +600,20 @@ pub fn judge(
         result.verdict = Verdict::Skip(why.clone());
         return result;
     }
+    // A line the backend refused by its own rule says nothing of the
+    // kernel, and neither do the lines after it: the scenario cannot be run
+    // there, whatever the line expected.
+    if let Some((line, why)) = r
+        .lines
+        .iter()
+        .find_map(|l| backend_rule(l).map(|w| (l.line, w)))
+    {
+        result.verdict = Verdict::Skip(format!(
+            "the {backend} backend cannot run line {line}: {why}"
+        ));
+        return result;
+    }
+    let mut over_budget = None;
     for (i, l) in r.lines.iter().enumerate() {
         if l.passed {
             continue;
@@ -534,22 +626,68 @@ pub fn judge(
                 actual: l.actual_text(),
                 behaviours: e.behaviours.clone(),
             }),
-            None => result.problems.push(Problem {
-                kind: if l.actual == Some(Outcome::OverBudget) {
-                    ProblemKind::OverBudget
-                } else {
-                    ProblemKind::Mismatch
-                },
-                line: l.line,
-                text: l.text.clone(),
-                expected: l.expected.to_string(),
-                actual: l.actual_text(),
-                detail: l.detail.clone(),
-            }),
+            None => {
+                let (kind, detail) = match (l.actual == Some(Outcome::OverBudget), over_budget) {
+                    (true, _) => {
+                        over_budget.get_or_insert(l.line);
+                        (ProblemKind::OverBudget, l.detail.clone())
+                    }
+                    (false, Some(first)) => (
+                        ProblemKind::AfterOverBudget,
+                        Some(match &l.detail {
+                            Some(d) => format!(
+                                "may follow from line {first}, which was not performed (over \
+                                 budget): {d}"
+                            ),
+                            None => format!(
+                                "may follow from line {first}, which was not performed (over \
+                                 budget)"
+                            ),
+                        }),
+                    ),
+                    (false, None) => (ProblemKind::Mismatch, l.detail.clone()),
+                };
+                result.problems.push(Problem {
+                    kind,
+                    line: l.line,
+                    text: l.text.clone(),
+                    expected: l.expected.to_string(),
+                    actual: l.actual_text(),
+                    detail,
+                });
+            }
         }
     }
     result.verdict = verdict(&result);
     result
+}
+
+/// The rules by which a backend refuses what it cannot run, as opposed to
+/// what the kernel refuses: the KVM backend's setup region and its guest
+/// code (`KVM-SETUP`), memslots that would expose process memory
+/// (`gmem-safety`). docs/spec.md, section 11.
+pub const BACKEND_RULES: [&str; 2] = ["KVM-SETUP", "gmem-safety"];
+
+/// Why the backend, not the kernel, refused line `l`: its message without
+/// the ioctl's arguments, ending with the rule and errno; `None` when the
+/// line's outcome is not such a refusal.
+fn backend_rule(l: &LineResult) -> Option<String> {
+    let Some(Outcome::Errno { errno }) = l.actual else {
+        return None;
+    };
+    let detail = l.detail.as_deref()?;
+    let errno = crate::error::errno_name(errno);
+    // The form of every contract error: `message (rule, ERRNO)`.
+    BACKEND_RULES
+        .iter()
+        .any(|rule| detail.ends_with(&format!("({rule}, {errno})")))
+        .then(|| {
+            // `KVM_SET_USER_MEMORY_REGION2 slot=.. gpa=..: why`: the why.
+            match detail.split_once(": ") {
+                Some((call, why)) if call.starts_with("KVM_") => why.to_string(),
+                _ => detail.to_string(),
+            }
+        })
 }
 
 /// The verdict of a run that was not skipped, from its problems and
@@ -646,7 +784,8 @@ fn compare(results: &[BackendResult], runs: &[Option<ScenarioRun>]) -> Vec<Disag
     let ran: Vec<(usize, &ScenarioRun)> = runs
         .iter()
         .enumerate()
-        .filter_map(|(i, r)| r.as_ref().filter(|r| r.skipped.is_none()).map(|r| (i, r)))
+        .filter(|(i, _)| !matches!(results[*i].verdict, Verdict::Skip(_)))
+        .filter_map(|(i, r)| r.as_ref().map(|r| (i, r)))
         .collect();
     let [(ia, a), (ib, b)] = ran.as_slice() else {
         return Vec::new();
@@ -779,7 +918,8 @@ pub fn render(report: &CheckReport) -> String {
     if !notes.0.is_empty() {
         out.push('\n');
         for (i, n) in notes.0.iter().enumerate() {
-            let _ = writeln!(out, "{}", shorten(&format!("[{}] {n}", i + 1), WIDTH));
+            let mark = format!("[{}]", i + 1);
+            out.push_str(&wrap(&mark, n, mark.len() + 1));
         }
     }
     render_failures(&mut out, report);
@@ -794,12 +934,10 @@ pub fn render(report: &CheckReport) -> String {
             let outs: Vec<String> = d.outcomes.iter().map(|(b, o)| format!("{b} {o}")).collect();
             let _ = writeln!(
                 out,
-                "  {}:{}  {}\n      {}",
-                s.scenario,
-                d.line,
-                shorten(op_text(&d.text), 60),
-                outs.join(", ")
+                "{}",
+                line_head(None, &s.scenario, d.line, op_text(&d.text))
             );
+            out.push_str(&wrap("     ", &outs.join(", "), 6));
         }
     }
     let m = &report.summary;
@@ -812,8 +950,13 @@ pub fn render(report: &CheckReport) -> String {
         m.failed,
         m.skipped,
         m.departed,
-        if m.parse_errors > 0 {
-            format!("; {} files do not parse", m.parse_errors)
+        if m.unparsed_files > 0 {
+            format!(
+                "; {} file{} do{} not parse",
+                m.unparsed_files,
+                if m.unparsed_files == 1 { "" } else { "s" },
+                if m.unparsed_files == 1 { "es" } else { "" }
+            )
         } else {
             String::new()
         },
@@ -854,16 +997,16 @@ fn render_failures(out: &mut String, report: &CheckReport) {
     for s in &report.scenarios {
         for e in &s.parse_errors {
             header(out);
-            let at = if e.line == 0 {
-                e.file.clone()
+            let file = shorten(&e.file, PATH_SHOWN);
+            if e.line == 0 {
+                out.push_str(&wrap(&format!("  {file}: cannot be read:"), &e.found, 6));
             } else {
-                format!("{}:{}:{}", e.file, e.line, e.column)
-            };
-            out.push_str(&wrap(
-                &format!("  {at}: parse error:"),
-                &format!("expected {}, found {}", e.expected, e.found),
-                6,
-            ));
+                out.push_str(&wrap(
+                    &format!("  {file}:{}:{}: parse error:", e.line, e.column),
+                    &format!("expected {}, found {}", e.expected, e.found_shown()),
+                    6,
+                ));
+            }
             out.push_str(&wrap("      hint:", &e.hint, 8));
         }
         for r in &s.results {
@@ -871,16 +1014,14 @@ fn render_failures(out: &mut String, report: &CheckReport) {
                 header(out);
                 let _ = writeln!(
                     out,
-                    "  [{}] {}:{}  {}",
-                    r.backend,
-                    s.scenario,
-                    p.line,
-                    shorten(&p.text, 72)
+                    "{}",
+                    line_head(Some(&r.backend), &s.scenario, p.line, &p.text)
                 );
                 let _ = writeln!(
                     out,
-                    "      expected: {}\n      actual:   {}",
-                    p.expected, p.actual
+                    "{}\n{}",
+                    shorten(&format!("      expected: {}", p.expected), WIDTH),
+                    shorten(&format!("      actual:   {}", p.actual), WIDTH)
                 );
                 if let Some(d) = &p.detail {
                     for l in d.lines() {
@@ -892,6 +1033,23 @@ fn render_failures(out: &mut String, report: &CheckReport) {
     }
 }
 
+/// A path in a heading is shortened (in its middle) to this many columns.
+const PATH_SHOWN: usize = 56;
+
+/// `  [backend] scenario:line  text` within 100 columns: a long path is
+/// shortened in its middle, then the text to what is left.
+fn line_head(backend: Option<&str>, scenario: &str, line: usize, text: &str) -> String {
+    let head = match backend {
+        Some(b) => format!("  [{b}] {}:{line}", shorten(scenario, PATH_SHOWN)),
+        None => format!("  {}:{line}", shorten(scenario, PATH_SHOWN)),
+    };
+    let room = WIDTH.saturating_sub(head.chars().count() + 2).max(20);
+    format!("{head}  {}", shorten(text, room))
+}
+
+/// The departing lines, with the behaviours they need (and any the probes
+/// show that the departures file does not record for this kernel); nothing
+/// when no line departs and every shown behaviour is recorded.
 fn render_departures(out: &mut String, report: &CheckReport) {
     let seen: Vec<(&str, &str, &DepartureSeen)> = report
         .scenarios
@@ -904,45 +1062,32 @@ fn render_departures(out: &mut String, report: &CheckReport) {
             })
         })
         .collect();
-    let shown: Vec<(&str, Vec<&str>)> = report
+    let unrecorded: BTreeSet<&str> = report
         .backends
         .iter()
         .filter(|b| !is_reference(&b.name))
-        .filter_map(|b| b.probes.as_ref().map(|p| (b.name.as_str(), p.shown())))
-        .filter(|(_, ids)| !ids.is_empty())
+        .filter_map(|b| b.probes.as_ref())
+        .flat_map(|p| p.results.iter())
+        .filter(|r| r.shown() && !r.recorded)
+        .map(|r| r.id.as_str())
         .collect();
-    if seen.is_empty() && shown.is_empty() {
+    let used: BTreeSet<&str> = seen
+        .iter()
+        .flat_map(|(_, _, d)| d.behaviours.iter().map(String::as_str))
+        .collect();
+    if seen.is_empty() && unrecorded.is_empty() {
         return;
     }
     out.push_str("\nDepartures from upstream: behaviours the probes of this kernel show\n");
-    let ids: BTreeSet<&str> = shown
-        .iter()
-        .flat_map(|(_, ids)| ids.iter().copied())
-        .collect();
-    let w = ids.iter().map(|i| i.len()).max().unwrap_or(0);
-    for b in report
+    let listed: Vec<&super::departures::Behaviour> = report
         .behaviours
         .iter()
-        .filter(|b| ids.contains(b.id.as_str()))
-    {
-        let unrecorded = shown.iter().any(|(backend, _)| {
-            report
-                .backends
-                .iter()
-                .find(|x| x.name == *backend)
-                .and_then(|x| x.probes.as_ref())
-                .is_some_and(|p| {
-                    p.results
-                        .iter()
-                        .any(|r| r.id == b.id && r.shown() && !r.recorded)
-                })
-        });
-        let _ = writeln!(
-            out,
-            "{}",
-            shorten(&format!("  {:<w$}  {}", b.id, b.summary), WIDTH)
-        );
-        if unrecorded {
+        .filter(|b| used.contains(b.id.as_str()) || unrecorded.contains(b.id.as_str()))
+        .collect();
+    let w = listed.iter().map(|b| b.id.len()).max().unwrap_or(0);
+    for b in listed {
+        out.push_str(&wrap(&format!("  {:<w$}  ", b.id), &b.summary, w + 4));
+        if unrecorded.contains(b.id.as_str()) {
             let _ = writeln!(
                 out,
                 "  {:<w$}  (not recorded for kernel {}: add it to seen_on)",
@@ -953,13 +1098,19 @@ fn render_departures(out: &mut String, report: &CheckReport) {
     for (scenario, backend, d) in seen {
         let _ = writeln!(
             out,
-            "  [{backend}] {scenario}:{}  {}\n      upstream:    {}\n      this kernel: {}  ({})",
-            d.line,
-            shorten(op_text(&d.text), 60),
-            d.upstream,
-            d.actual,
-            d.behaviours.join(", ")
+            "{}",
+            line_head(Some(backend), scenario, d.line, op_text(&d.text))
         );
+        let _ = writeln!(
+            out,
+            "{}",
+            shorten(&format!("      upstream:    {}", d.upstream), WIDTH)
+        );
+        out.push_str(&wrap(
+            &format!("      this kernel: {}", d.actual),
+            &format!("({})", d.behaviours.join(", ")),
+            19,
+        ));
     }
 }
 
@@ -1080,6 +1231,59 @@ mod tests {
         set_memory_region vm slot=1 gpa=0x100000 size=4K flags=guest_memfd guest_memfd=g\n\
         set_memory_region vm slot=2 gpa=0x200000 size=4K flags=guest_memfd guest_memfd=g \
         => EINVAL | 7.2: EEXIST\n";
+
+    /// A file of its own under the build's temporary folder, removed on drop.
+    struct TempFile(std::path::PathBuf);
+
+    impl TempFile {
+        fn new(name: &str, bytes: &[u8]) -> TempFile {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tmp");
+            std::fs::create_dir_all(&dir).unwrap();
+            let p = dir.join(format!("report-{}-{name}", std::process::id()));
+            std::fs::write(&p, bytes).unwrap();
+            TempFile(p)
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    #[test]
+    fn a_device_is_refused_whatever_its_size_says() {
+        // /dev/zero has size 0 and never ends.
+        let e = read_text(Path::new("/dev/zero"), 1 << 20, "a scenario").unwrap_err();
+        assert_eq!(
+            e,
+            "a device, not a regular file; a scenario is read from a regular file"
+        );
+        let s = Source::read(Path::new("/dev/zero"), "zero".into());
+        assert!(s.text.unwrap_err().contains("a device"));
+    }
+
+    #[test]
+    fn a_file_over_the_limit_is_refused_and_one_at_it_is_read() {
+        let f = TempFile::new("limit.gmem", &[b'#'; 4097]);
+        let e = read_text(&f.0, 4096, "a scenario").unwrap_err();
+        assert_eq!(
+            e,
+            "the file has 4097 bytes; a scenario may have at most 4 KiB"
+        );
+        assert_eq!(read_text(&f.0, 4097, "a scenario").unwrap().len(), 4097);
+    }
+
+    #[test]
+    fn a_missing_file_says_the_errno_name_not_the_os_error_number() {
+        let e = read_text(Path::new("/nonexistent/x.gmem"), 10, "a scenario").unwrap_err();
+        assert_eq!(e, "No such file or directory (ENOENT)");
+        let e = std::io::Error::from_raw_os_error(libc::EACCES);
+        assert_eq!(
+            os_error(Path::new("/x"), &e),
+            "/x: Permission denied (EACCES)"
+        );
+    }
 
     #[test]
     fn a_release_dependent_line_inconsistent_with_the_others_fails_on_a_kernel() {
