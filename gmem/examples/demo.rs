@@ -4,7 +4,7 @@
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
-use gmem::soft::{Invalidation, InvalidationObserver, SoftHypervisor};
+use gmem::soft::{InvalidateCause, Invalidation, InvalidationObserver, SoftHypervisor};
 use gmem::uapi::*;
 use gmem::{GuestMemfd, GuestOp, Hypervisor, MapKind, Result, Vcpu, VcpuExit, Vm};
 
@@ -14,6 +14,37 @@ struct Recorder(Mutex<Vec<Invalidation>>);
 impl InvalidationObserver for Recorder {
     fn invalidate(&self, inv: &Invalidation) {
         self.0.lock().unwrap().push(inv.clone());
+    }
+}
+
+/// `text` wrapped at 100 columns, continuation lines indented by `indent`.
+fn wrap(text: &str, indent: usize) -> String {
+    let mut out = String::new();
+    let mut col = 0;
+    for word in text.split_whitespace() {
+        if col > indent && col + 1 + word.len() > 100 {
+            out.push('\n');
+            out.push_str(&" ".repeat(indent));
+            col = indent;
+        } else if col > 0 {
+            out.push(' ');
+            col += 1;
+        }
+        out.push_str(word);
+        col += word.len();
+    }
+    out
+}
+
+/// What caused an invalidation, in words.
+fn cause(c: InvalidateCause) -> &'static str {
+    match c {
+        InvalidateCause::PunchHole => "punch hole",
+        InvalidateCause::Release => "file released",
+        InvalidateCause::Attributes => "attributes changed",
+        InvalidateCause::SlotDelete => "slot deleted",
+        InvalidateCause::SlotMove => "slot moved",
+        InvalidateCause::HostUnmap => "host memory unmapped",
     }
 }
 
@@ -61,8 +92,7 @@ fn main() -> Result<()> {
         ..Default::default()
     })?;
     println!(
-        "created guest_memfd fd {} of {} KiB, flags MMAP|INIT_SHARED",
-        g.as_raw_fd(),
+        "created a guest_memfd of {} KiB, flags MMAP|INIT_SHARED",
         g.size() >> 10
     );
     vm.set_user_memory_region2(guest_memfd_region(1, 0x10_0000, 64 << 10, g.as_raw_fd(), 0))?;
@@ -76,7 +106,13 @@ fn main() -> Result<()> {
             64 << 10,
         ))
         .unwrap_err();
-    println!("binding slot 2 at the file's end is refused: {err}");
+    println!(
+        "{}",
+        wrap(
+            &format!("binding slot 2 at the file's end is refused: {err}"),
+            2
+        )
+    );
 
     let m = g.mmap(0, 64 << 10, MapKind::Shared)?;
     m.write(0x1000, &[0xaa]).expect("shared page");
@@ -141,7 +177,10 @@ fn main() -> Result<()> {
         value: 0x5a,
     })?;
     gmem::HostMemory::write(&host, 0x1000, &[0x11]).expect("host memory");
-    println!("sw_protected VM: guest wrote 0x5a to private gpa 0x1000, host wrote 0x11 to its shared copy");
+    println!(
+        "sw_protected VM: guest wrote 0x5a to private gpa 0x1000, host wrote 0x11 to its \
+         shared copy"
+    );
     println!("  private read: {}", read(pvcpu.as_mut(), 0x1000)?);
     convert(&pvm, 2 << 20, 0)?;
     println!(
@@ -160,8 +199,11 @@ fn main() -> Result<()> {
     );
     for inv in recorder.0.lock().unwrap().iter() {
         println!(
-            "  slot {} gfns [{:#x}, {:#x}): {:?}",
-            inv.slot, inv.gfns.start, inv.gfns.end, inv.cause
+            "  slot {} gfns [{:#x}, {:#x}): {}",
+            inv.slot,
+            inv.gfns.start,
+            inv.gfns.end,
+            cause(inv.cause)
         );
     }
     Ok(())

@@ -8,10 +8,39 @@
 //! `cargo run --example vmm -- kvm` on a host with /dev/kvm.
 
 use gmem::memory::{
-    human_bytes, BackingRequest, GuestAddress, GuestRange, Layout, MemoryManager, PageState,
+    human_bytes, BackingRequest, GuestAddress, GuestRange, Held, Layout, MemoryManager, PageState,
 };
 use gmem::{Backend, GuestLoop, GuestOp};
 use vm_memory::{Bytes, GuestMemoryBackend};
+
+/// `text` wrapped at 100 columns, continuation lines indented by `indent`.
+fn wrap(text: &str, indent: usize) -> String {
+    let mut out = String::new();
+    let mut col = 0;
+    for word in text.split_whitespace() {
+        if col > indent && col + 1 + word.len() > 100 {
+            out.push('\n');
+            out.push_str(&" ".repeat(indent));
+            col = indent;
+        } else if col > 0 {
+            out.push(' ');
+            col += 1;
+        }
+        out.push_str(word);
+        col += word.len();
+    }
+    out
+}
+
+/// What the kernel says is held, in words.
+fn held(h: &Held) -> String {
+    format!(
+        "{} ({} in guest_memfd, {} in host memory)",
+        human_bytes(h.total()),
+        human_bytes(h.file_bytes()),
+        human_bytes(h.host_bytes())
+    )
+}
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let backend = match std::env::args().nth(1).as_deref() {
@@ -27,12 +56,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .backing(BackingRequest::Best)
         .build()?;
     let mm = MemoryManager::new(&*hv, layout)?;
-    println!(
-        "{} backend, {} backing: {}",
-        hv.name(),
-        mm.backing().mode,
-        mm.backing().reason
-    );
+    let b = mm.backing();
+    let line = format!("{} backend, {} backing: {}", hv.name(), b.mode, b.reason);
+    println!("{}", wrap(&line, 2));
     for slot in mm.layout().slots() {
         println!(
             "  memslot {} {} -> guest_memfd {} at {}",
@@ -67,7 +93,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "device read {word:#x} through vm-memory ({} regions)",
         mem.num_regions()
     );
-    println!("held: {:?}", mm.held()?);
+    println!("held: {}", held(&mm.held()?));
 
     // A confidential guest makes that range private with a hypercall; the VMM
     // lets the manager handle the exit and resumes.
@@ -78,12 +104,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             attributes: gmem::uapi::KVM_MAP_GPA_RANGE_ENCRYPTED,
         })?;
         if let Some(done) = mm.handle_exit(&exit)? {
-            println!(
-                "guest converted {} to {}: held {:?}",
+            let line = format!(
+                "guest converted {} to {}: held {} there",
                 done.range,
                 done.to,
-                mm.held_in(high)?
+                held(&mm.held_in(high)?)
             );
+            println!("{}", wrap(&line, 2));
         }
         assert_eq!(mm.state(high.start), Some(PageState::Private));
     }

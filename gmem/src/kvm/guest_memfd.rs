@@ -119,10 +119,8 @@ impl GuestMemfd for KvmGuestMemfd {
                 Err(Error::new(
                     Errno::EINVAL,
                     "MMAP-2",
-                    format!(
-                        "the kernel accepted a MAP_PRIVATE mapping of a guest_memfd (unmapped \
-                         again); guest_memfd mappings must be shared"
-                    ),
+                    "the kernel accepted a MAP_PRIVATE mapping of a guest_memfd (unmapped \
+                     again); guest_memfd mappings must be shared",
                 ))
             }
         }
