@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use gmem::bench::{self, bytes, seconds, Report, Row, Scale, Target, Unit};
+use gmem::scenario::report::{os_error, os_words};
 use indicatif::{ProgressBar, ProgressStyle};
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -34,13 +35,17 @@ pub fn bench(quick: bool, json: Option<PathBuf>, out: Option<PathBuf>) -> ExitCo
     if let Some(path) = json {
         let text = serde_json::to_string_pretty(&report).expect("the report serializes");
         if let Err(e) = std::fs::write(&path, text + "\n") {
-            eprintln!("gmem bench: {}: {e}", path.display());
+            eprintln!("gmem bench: --json {}", os_error(&path, &e));
             return ExitCode::from(2);
         }
     }
     if let Some(dir) = out {
         if let Err(e) = plots(&report, &dir) {
-            eprintln!("gmem bench: plots in {}: {e}", dir.display());
+            let why = match e.downcast_ref::<std::io::Error>() {
+                Some(io) => os_words(io),
+                None => e.to_string(),
+            };
+            eprintln!("gmem bench: --out {}: {why}", dir.display());
             return ExitCode::from(2);
         }
         println!(

@@ -9,6 +9,7 @@ use gmem::fuzz::campaign::file_name;
 use gmem::fuzz::exec::Verdict;
 use gmem::fuzz::minimize::Budget;
 use gmem::fuzz::{Campaign, Config, Limits, Mode};
+use gmem::scenario::report::os_error;
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// What `gmem fuzz` was asked to do.
@@ -113,7 +114,7 @@ pub fn fuzz(a: Args) -> ExitCode {
     };
     if let Some(dir) = &a.out {
         if let Err(e) = std::fs::create_dir_all(dir) {
-            eprintln!("gmem fuzz: --out {}: {e}", dir.display());
+            eprintln!("gmem fuzz: --out {}", os_error(dir, &e));
             return ExitCode::from(2);
         }
     }
@@ -180,7 +181,7 @@ pub fn fuzz(a: Args) -> ExitCode {
                 let path = dir.join(file_name(f));
                 match std::fs::write(&path, &text) {
                     Ok(()) => Some(path.display().to_string()),
-                    Err(e) => Some(format!("not written: {}: {e}", path.display())),
+                    Err(e) => Some(format!("not written: {}", os_error(&path, &e))),
                 }
             }
             None => None,

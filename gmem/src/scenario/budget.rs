@@ -336,6 +336,19 @@ mod tests {
     }
 
     #[test]
+    fn the_smallest_budget_holds_a_vm_a_vcpu_a_file_and_a_page_on_a_kernel() {
+        let k = Costs::KERNEL;
+        let b = Budget::new(&Limits::new(MIN_MAX_MEMORY));
+        let charge = Charge::default()
+            .fixed(k.vm, "a VM")
+            .fixed(k.vcpu, "a vCPU")
+            .fixed(k.file, "a file")
+            .pages(F, 0..1);
+        assert!(b.check(&charge).is_ok());
+        assert_eq!(KERNEL_VM_COST, k.vm);
+    }
+
+    #[test]
     fn page_ranges_clip_to_the_object() {
         assert_eq!(page_range(0, 1, 8192), 0..1);
         assert_eq!(page_range(4095, 2, 8192), 0..2);

@@ -941,36 +941,52 @@ pub fn render(report: &CheckReport) -> String {
         }
     }
     let m = &report.summary;
-    let _ = writeln!(
-        out,
-        "\n{} files, {} runs: {} passed, {} failed, {} skipped, {} depart from upstream{}{}{}",
-        m.files,
-        m.passed + m.failed + m.skipped + m.departed,
+    let n = |count: usize, one: &str, many: &str| {
+        format!("{count} {}", if count == 1 { one } else { many })
+    };
+    let mut tail = String::new();
+    if m.unparsed_files > 0 {
+        tail += &format!(
+            "; {} not parse",
+            n(m.unparsed_files, "file does", "files do")
+        );
+    }
+    if m.over_budget_lines > 0 {
+        tail += &format!("; {} over budget", n(m.over_budget_lines, "line", "lines"));
+    }
+    if m.after_over_budget_lines > 0 {
+        tail += &format!(
+            ", {} after {} may only follow from {}",
+            n(m.after_over_budget_lines, "failure", "failures"),
+            if m.over_budget_lines == 1 {
+                "it"
+            } else {
+                "them"
+            },
+            if m.over_budget_lines == 1 {
+                "it"
+            } else {
+                "them"
+            },
+        );
+    }
+    if m.stale > 0 {
+        tail += &format!(
+            "; {}",
+            n(m.stale, "stale departure record", "stale departure records")
+        );
+    }
+    let summary = format!(
+        "{}, {}: {} passed, {} failed, {} skipped, {} depart from upstream{tail}",
+        n(m.files, "file", "files"),
+        n(m.passed + m.failed + m.skipped + m.departed, "run", "runs"),
         m.passed,
         m.failed,
         m.skipped,
         m.departed,
-        if m.unparsed_files > 0 {
-            format!(
-                "; {} file{} do{} not parse",
-                m.unparsed_files,
-                if m.unparsed_files == 1 { "" } else { "s" },
-                if m.unparsed_files == 1 { "es" } else { "" }
-            )
-        } else {
-            String::new()
-        },
-        if m.over_budget_lines > 0 {
-            format!("; {} lines over budget", m.over_budget_lines)
-        } else {
-            String::new()
-        },
-        if m.stale > 0 {
-            format!("; {} stale departure records", m.stale)
-        } else {
-            String::new()
-        },
     );
+    out.push('\n');
+    out.push_str(&wrap("", &summary, 2));
     out
 }
 
@@ -1283,6 +1299,185 @@ mod tests {
             os_error(Path::new("/x"), &e),
             "/x: Permission denied (EACCES)"
         );
+    }
+
+    fn line(n: usize, expected: Outcome, actual: Outcome, detail: Option<&str>) -> LineResult {
+        LineResult {
+            line: n,
+            text: format!("line {n}"),
+            passed: expected == actual,
+            expected,
+            actual: Some(actual),
+            detail: detail.map(str::to_string),
+        }
+    }
+
+    fn ran(lines: Vec<LineResult>) -> ScenarioRun {
+        ScenarioRun {
+            skipped: None,
+            lines,
+            max_held: 0,
+        }
+    }
+
+    const EINVAL: Outcome = Outcome::Errno {
+        errno: crate::Errno::EINVAL,
+    };
+
+    /// KVM-SETUP: a line the KVM backend refuses by its own rule skips the
+    /// scenario there, naming the rule and the reserved slots, even when
+    /// the errno is the one the line expected; the lines after it are not
+    /// failures.
+    #[test]
+    fn a_line_refused_by_a_backend_rule_skips_the_scenario_on_that_backend() {
+        let refused = "KVM_SET_USER_MEMORY_REGION2 slot=32700 gpa=0x100000: slot 32700 is \
+                       reserved by the KVM backend for its setup region (slots 32700 and 32701 \
+                       at gpa [0xe0000000, 0xe0400000)) (KVM-SETUP, EINVAL)";
+        for expected in [Outcome::Ok, EINVAL] {
+            let r = ran(vec![
+                line(1, Outcome::Ok, Outcome::Ok, None),
+                line(2, expected.clone(), EINVAL, Some(refused)),
+                line(3, Outcome::Ok, Outcome::Sigbus, None),
+            ]);
+
+            let result = judge("kvm", &r, &[None, None, None]);
+
+            let Verdict::Skip(why) = &result.verdict else {
+                panic!("{:?}", result.verdict)
+            };
+            assert!(
+                why.starts_with("the kvm backend cannot run line 2: slot 32700"),
+                "{why}"
+            );
+            assert!(
+                why.contains("32701") && why.ends_with("(KVM-SETUP, EINVAL)"),
+                "{why}"
+            );
+            assert!(result.problems.is_empty());
+        }
+    }
+
+    /// gmem-safety is a backend rule too; the kernel's own refusal is not.
+    #[test]
+    fn only_the_backends_own_rules_skip() {
+        let safety = "KVM_SET_USER_MEMORY_REGION2 slot=1: userspace_addr range [0x1000, 0x2000) \
+                      covers process memory (gmem-safety, EFAULT)";
+        let efault = Outcome::Errno {
+            errno: crate::Errno::EFAULT,
+        };
+        let r = ran(vec![line(1, Outcome::Ok, efault, Some(safety))]);
+        assert!(matches!(
+            judge("kvm", &r, &[None]).verdict,
+            Verdict::Skip(_)
+        ));
+
+        let kernel = "KVM_SET_USER_MEMORY_REGION2 slot=1 failed (kernel, EINVAL)";
+        let r = ran(vec![line(1, Outcome::Ok, EINVAL, Some(kernel))]);
+        assert_eq!(judge("kvm", &r, &[None]).verdict, Verdict::Fail);
+    }
+
+    #[test]
+    fn a_failure_after_an_over_budget_line_says_it_may_follow_from_it() {
+        let mut not_run = line(
+            3,
+            Outcome::Ok,
+            Outcome::Ok,
+            Some("handle `g2` is not bound"),
+        );
+        not_run.actual = None;
+        not_run.passed = false;
+        let r = ran(vec![
+            line(1, Outcome::Ok, EINVAL, None),
+            line(2, Outcome::Ok, Outcome::OverBudget, Some("not performed")),
+            not_run,
+        ]);
+
+        let result = judge("soft", &r, &[None, None, None]);
+
+        let kinds: Vec<ProblemKind> = result.problems.iter().map(|p| p.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                ProblemKind::Mismatch,
+                ProblemKind::OverBudget,
+                ProblemKind::AfterOverBudget
+            ]
+        );
+        let detail = result.problems[2].detail.as_deref().unwrap();
+        assert!(detail.starts_with("may follow from line 2, which was not performed"));
+    }
+
+    #[test]
+    fn no_departures_block_when_no_line_departs() {
+        // The kernel shows FAULT-3, but nothing in this scenario needs it.
+        let kvm = kernel_with(Effects::NONE.with(Effect::GmemOnlyViaUserspaceAddr));
+        let soft = Backend::Soft.open().unwrap();
+        let mut recorded = behaviours();
+        for b in recorded.behaviours.iter_mut().filter(|b| b.id == "FAULT-3") {
+            b.seen_on = vec![KernelId::running()];
+        }
+        let checker = checker(soft.as_ref(), &kvm, recorded);
+        let report = checker.check_sources(
+            &sources(&["vm = create_vm
+g = create_guest_memfd vm size=4K
+"]),
+            |_, _, _| {},
+        );
+        let text = render(&report);
+        assert!(!text.contains("Departures"), "{text}");
+
+        let parse_error = checker.check_sources(&sources(&["frob\n"]), |_, _, _| {});
+        assert!(!render(&parse_error).contains("Departures"));
+    }
+
+    #[test]
+    fn the_summary_counts_unparsed_files_and_their_errors_apart() {
+        let kvm = kernel_with(Effects::NONE);
+        let soft = Backend::Soft.open().unwrap();
+        let checker = checker(soft.as_ref(), &kvm, behaviours());
+
+        let report = checker.check_sources(&sources(&["frob\nfrob\n", "x = y\n"]), |_, _, _| {});
+
+        assert_eq!(report.summary.unparsed_files, 2);
+        assert_eq!(report.summary.parse_errors, 3);
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["schema"], "gmem-check/2");
+        let found = &json["scenarios"][0]["parse_errors"][0]["found"];
+        assert_eq!(found, "frob", "no backticks in JSON");
+        assert!(render(&report).contains("found `frob`"));
+    }
+
+    #[test]
+    fn failures_of_a_long_path_fit_100_columns() {
+        let kvm = kernel_with(Effects::NONE);
+        let soft = Backend::Soft.open().unwrap();
+        let checker = checker(soft.as_ref(), &kvm, behaviours());
+        let long = format!("{}/x.gmem", "a-folder-with-a-long-name".repeat(6));
+        let text = "vm = create_vm\ng = create_guest_memfd vm size=4K\nfile_read g => ESPIPE\n";
+        let report = checker.check_sources(
+            &[
+                Source {
+                    name: long.clone(),
+                    text: Ok(text.into()),
+                },
+                Source {
+                    name: format!("{long}2"),
+                    text: Ok("frob\n".into()),
+                },
+            ],
+            |_, _, _| {},
+        );
+
+        let out = render(&report);
+
+        assert!(out.contains("Failures:"), "{out}");
+        for l in out.lines() {
+            assert!(
+                l.chars().count() <= 100,
+                "{} columns: {l}",
+                l.chars().count()
+            );
+        }
     }
 
     #[test]
