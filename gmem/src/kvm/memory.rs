@@ -191,7 +191,7 @@ pub(crate) fn pin_userspace_range(what: &str, addr: u64, size: u64) -> Result<Op
             Errno::EFAULT,
             "gmem-safety",
             format!(
-                "{what}: userspace_addr range [{addr:#x}, {end:#x}) {why}; the guest would                  read and write it"
+                "{what}: userspace_addr range [{addr:#x}, {end:#x}) {why}; the guest would read and write it"
             ),
         )
     };
