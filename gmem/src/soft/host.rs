@@ -21,7 +21,7 @@ use std::sync::{Arc, Weak};
 use parking_lot::{Mutex, RwLock};
 
 use super::guest_memfd::{GmemFile, GmemInode, SoftPin};
-use super::mempolicy::{self as soft_mempolicy, Policies};
+use super::mempolicy::{self as soft_mempolicy, MappedPage, Policies};
 use super::vm::VmInner;
 use crate::host::{Mmap, Reservation};
 use crate::hypervisor::{HostFault, HostMemory, Pin};
@@ -299,6 +299,44 @@ impl HostRegistry {
         }
     }
 
+    /// For each file page of `indices`, how many live host mappings of
+    /// `inode` map it (`folio_mapcount` without the guest's mappings).
+    fn mapcounts(&self, inode: &Arc<GmemInode>, indices: Range<u64>) -> crate::Result<Vec<usize>> {
+        let regions: Vec<Arc<Region>> = self
+            .regions
+            .read()
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect();
+        let mut counts = vec![0; (indices.end - indices.start) as usize];
+        for r in &regions {
+            let RegionKind::GuestMemfd {
+                inode: i, offset, ..
+            } = &r.kind
+            else {
+                continue;
+            };
+            if !Arc::ptr_eq(i, inode) {
+                continue;
+            }
+            let first = offset >> PAGE_SHIFT;
+            let last = first + r.mmap.len().div_ceil(1 << PAGE_SHIFT);
+            let (lo, hi) = (indices.start.max(first), indices.end.min(last));
+            if lo >= hi {
+                continue;
+            }
+            let nodes =
+                mempolicy::mapped_nodes(&page_addrs(r.mmap.addr(), lo - first..hi - first))?;
+            for (i, node) in (lo..hi).zip(nodes) {
+                counts[(i - indices.start) as usize] += usize::from(node.is_some());
+            }
+        }
+        // A region may be the last reference by now; none of its release's
+        // locks is held here.
+        drop(regions);
+        Ok(counts)
+    }
+
     /// The live mapping holding `[hva, hva + len)` and the offset of `hva`
     /// in it. The returned reference keeps the mapping alive for the access.
     pub(crate) fn lookup(&self, hva: u64, len: u64) -> Option<(Arc<Region>, u64)> {
@@ -308,6 +346,11 @@ impl HostRegistry {
         let offset = hva - start;
         (offset.checked_add(len)? <= region.mmap.len()).then_some((region, offset))
     }
+}
+
+/// The address of each page `pages` of the mapping at `addr`.
+fn page_addrs(addr: u64, pages: Range<u64>) -> Vec<u64> {
+    pages.map(|p| addr + (p << PAGE_SHIFT)).collect()
 }
 
 /// A registered mapping handed to the user: unregistered and unmapped on
@@ -336,6 +379,43 @@ impl SoftHostMemory {
             registry: registry.clone(),
             file,
         }
+    }
+
+    /// The pages of `pages` (page numbers of this mapping, which maps file
+    /// offset `base` at its start) that this mapping maps, with their node
+    /// and, with `need_mapcount`, how many host mappings of the file map
+    /// each. Only allocated file pages can be mapped, so only those are
+    /// asked about.
+    fn mapped_pages(
+        &self,
+        inode: &Arc<GmemInode>,
+        base: u64,
+        pages: Range<u64>,
+        need_mapcount: bool,
+    ) -> crate::Result<Vec<MappedPage>> {
+        let first = base >> PAGE_SHIFT;
+        let mut out = Vec::new();
+        for run in inode.allocated(first + pages.start..first + pages.end) {
+            let here = run.start - first..run.end - first;
+            let nodes = mempolicy::mapped_nodes(&page_addrs(self.addr(), here))?;
+            let counts = if need_mapcount {
+                self.registry.mapcounts(inode, run.clone())?
+            } else {
+                vec![1; nodes.len()]
+            };
+            out.extend(
+                nodes
+                    .into_iter()
+                    .zip(counts)
+                    .filter_map(|(node, mapcount)| {
+                        Some(MappedPage {
+                            node: node?,
+                            mapcount,
+                        })
+                    }),
+            );
+        }
+        Ok(out)
     }
 
     /// Raw pointer to the first byte, for device emulation and interop.
@@ -421,11 +501,22 @@ impl HostMemory for SoftHostMemory {
         let Some(request) = soft_mempolicy::check(offset, len, policy, flags)? else {
             return Ok(());
         };
+        // The page checks come first (`queue_pages_range`), on the pages
+        // this mapping maps: the store's mapping behind it maps exactly the
+        // pages a guest_memfd mapping would (touched through it, populated,
+        // reached by the guest through a memslot pointing at it).
+        let unmoved = if request.checks_pages() {
+            let need_mapcount = !flags.contains(MbindFlags::MOVE_ALL);
+            let mapped = self.mapped_pages(inode, *base, request.pages(), need_mapcount)?;
+            request.unmoved(&mapped)?
+        } else {
+            0
+        };
         let mut vma = vm_policy.lock();
         let mut shared = inode.policy.as_ref().map(|p| p.lock());
         if shared.is_some() {
             // shmem keeps it by file offset, as guest_memfd does since 6.19;
-            // page checks (STRICT, MOVE) are not modelled.
+            // the page checks were made above.
             mempolicy::mbind(
                 self.addr(),
                 self.len(),
@@ -436,7 +527,7 @@ impl HostMemory for SoftHostMemory {
             )?;
         }
         request.apply(&mut vma, shared.as_deref_mut(), base >> PAGE_SHIFT);
-        Ok(())
+        request.finish(unmoved)
     }
 
     fn get_mempolicy(&self, offset: u64) -> crate::Result<MemPolicy> {
