@@ -196,7 +196,7 @@ impl GmemInode {
             // SAFETY: lseek on the store this inode owns; it moves the file
             // offset of that fd only, which nothing else uses.
             let r = unsafe { libc::lseek(self.store.as_raw_fd(), from, whence) };
-            (r >= 0).then(|| r as u64 >> PAGE_SHIFT)
+            (r >= 0).then_some(r as u64 >> PAGE_SHIFT)
         };
         while at < end {
             // ENXIO: no data from here to the end.
