@@ -4,12 +4,11 @@
 //! to one decision of the guest fault path: where a guest_memfd-only slot
 //! is served from, what a slot whose file was released does, what a
 //! `userspace_addr` the host cannot fault in gives, whether a hypercall
-//! exits. Each is an
-//! [`Effect`]. [`Emulated`] is the software backend with a set of effects
-//! applied: running a scenario on it gives, line by line, what a kernel with
-//! those behaviours gives, including what follows from them (a guest write
-//! that went to `userspace_addr` instead of the file shows up later in a host
-//! read of either). That is what makes a departure's matcher precise: a line
+//! exits. Each is an [`Effect`]. [`Emulated`] is the software backend with a
+//! set of effects applied: running a scenario on it gives, line by line,
+//! what a kernel with those behaviours gives, including what follows from
+//! them (a guest write that went to `userspace_addr` instead of the file
+//! shows up later in a host read of either). That is what makes a departure's matcher precise: a line
 //! is explained by a set of behaviours exactly when the kernel's outcome is
 //! the one this model predicts from the line's operation and the state the
 //! scenario built before it.

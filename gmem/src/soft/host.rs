@@ -175,7 +175,8 @@ impl Region {
 
 /// Every live mapping of one software hypervisor, by start address.
 ///
-/// Lock order: `holds`, then `regions`, then a VM's locks (`vms`).
+/// Lock order: a VM's slots lock (memslots pin and unpin under it, fault
+/// paths drop regions under it), then `holds`, then `regions`.
 #[derive(Default)]
 pub(crate) struct HostRegistry {
     regions: RwLock<BTreeMap<u64, Weak<Region>>>,
