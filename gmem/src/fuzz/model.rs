@@ -9,11 +9,14 @@
 //! `mmap`'s (MMAP-1, MMAP-2; mm/mmap.c `do_mmap`, then `kvm_gmem_mmap`),
 //! `stat` and inode identity (CREATE-4), and the bytes host accesses read
 //! back through any mapping of a file or the VMM's own memory (MMAP-3,
-//! MMAP-4, FALLOC-4, LIFE-7). It has no opinion on the rest (memslots,
-//! guest accesses, attributes: `gmem/tests/model.rs` models those), and
-//! follows the backend's outcome there: once a slot is bound over a file or
-//! over host memory, the guest may write it, and the model stops predicting
-//! its bytes.
+//! MMAP-4, FALLOC-4, LIFE-7), and of guest accesses only one: through an
+//! ordinary slot of a default VM over nothing (`userspace_addr` 0, or
+//! memory closed under the slot, whose addresses stay reserved while it
+//! lives, gmem-safety), EFAULT (FAULT-3). It has no opinion on the rest
+//! (memslots, other guest accesses, attributes: `gmem/tests/model.rs`
+//! models those), and follows the backend's outcome there: once a slot is
+//! bound over a file or over host memory, the guest may write it, and the
+//! model stops predicting its bytes.
 
 use std::collections::{BTreeMap, HashMap};
 
