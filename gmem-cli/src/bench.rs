@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use gmem::bench::{self, bytes, seconds, Report, Row, Scale, Target, Unit};
 use indicatif::{ProgressBar, ProgressStyle};
+use plotters::coord::Shift;
 use plotters::prelude::*;
 
 /// Runs the figures and writes what was asked.
@@ -127,6 +128,42 @@ fn met(r: &Row) -> &'static str {
 
 type PlotResult = Result<(), Box<dyn std::error::Error>>;
 
+/// A blank 900x560 SVG drawing at `path`.
+fn canvas(path: &Path) -> Result<DrawingArea<SVGBackend<'_>, Shift>, Box<dyn std::error::Error>> {
+    let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    Ok(root)
+}
+
+/// A chart on `root` titled `caption`, with room for the axis labels.
+fn chart_builder<'a, 'b>(
+    root: &'a DrawingArea<SVGBackend<'b>, Shift>,
+    caption: &str,
+) -> ChartBuilder<'a, 'b, SVGBackend<'b>> {
+    let mut builder = ChartBuilder::on(root);
+    builder
+        .caption(caption, ("sans-serif", 22))
+        .margin(16)
+        .x_label_area_size(48)
+        .y_label_area_size(80);
+    builder
+}
+
+/// Draws the legend (upper left, on a light background) and writes the file.
+fn legend_and_write<'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, CT>,
+    root: &DrawingArea<SVGBackend<'a>, Shift>,
+) -> PlotResult {
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
 /// Writes `conversion.svg` and `access.svg` into `dir`.
 fn plots(report: &Report, dir: &Path) -> PlotResult {
     std::fs::create_dir_all(dir)?;
@@ -137,8 +174,7 @@ fn plots(report: &Report, dir: &Path) -> PlotResult {
 
 /// Conversion cost against range size, log-log; modelled points dashed.
 fn conversion_plot(report: &Report, path: &Path) -> PlotResult {
-    let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
-    root.fill(&WHITE)?;
+    let root = canvas(path)?;
     let all: Vec<f64> = report
         .conversion
         .iter()
@@ -153,18 +189,14 @@ fn conversion_plot(report: &Report, path: &Path) -> PlotResult {
     } else {
         (lo / 3.0, hi * 3.0)
     };
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "Memory attribute conversion: time per conversion by range size",
-            ("sans-serif", 22),
-        )
-        .margin(16)
-        .x_label_area_size(48)
-        .y_label_area_size(80)
-        .build_cartesian_2d(
-            (3000.0..(1u64 << 40) as f64 * 1.5).log_scale().base(16.0),
-            (lo..hi).log_scale(),
-        )?;
+    let mut chart = chart_builder(
+        &root,
+        "Memory attribute conversion: time per conversion by range size",
+    )
+    .build_cartesian_2d(
+        (3000.0..(1u64 << 40) as f64 * 1.5).log_scale().base(16.0),
+        (lo..hi).log_scale(),
+    )?;
     chart
         .configure_mesh()
         .x_desc("range size")
@@ -191,14 +223,7 @@ fn conversion_plot(report: &Report, path: &Path) -> PlotResult {
                 });
         }
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .draw()?;
-    root.present()?;
-    Ok(())
+    legend_and_write(&mut chart, &root)
 }
 
 /// The nearest power of two, for axis labels of a log scale.
@@ -208,8 +233,7 @@ fn round_pow2(x: f64) -> u64 {
 
 /// Time per access by pattern and thread count, ours and raw, log scale.
 fn access_plot(report: &Report, path: &Path) -> PlotResult {
-    let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
-    root.fill(&WHITE)?;
+    let root = canvas(path)?;
     let cells = &report.access;
     let ys: Vec<f64> = cells
         .iter()
@@ -230,15 +254,11 @@ fn access_plot(report: &Report, path: &Path) -> PlotResult {
             )
         })
         .collect();
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "Guest loads of 8 bytes: time per access by pattern and threads",
-            ("sans-serif", 22),
-        )
-        .margin(16)
-        .x_label_area_size(48)
-        .y_label_area_size(80)
-        .build_cartesian_2d(0.0..n as f64, (lo..hi).log_scale())?;
+    let mut chart = chart_builder(
+        &root,
+        "Guest loads of 8 bytes: time per access by pattern and threads",
+    )
+    .build_cartesian_2d(0.0..n as f64, (lo..hi).log_scale())?;
     chart
         .configure_mesh()
         .disable_x_mesh()
@@ -273,14 +293,7 @@ fn access_plot(report: &Report, path: &Path) -> PlotResult {
             .label(name)
             .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], color.filled()));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .draw()?;
-    root.present()?;
-    Ok(())
+    legend_and_write(&mut chart, &root)
 }
 
 #[cfg(test)]

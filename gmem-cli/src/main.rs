@@ -193,7 +193,7 @@ enum Command {
     },
 }
 
-/// Backend choice for `check`.
+/// Backend choice for `check` and `fuzz`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Which {
     /// The software backend.

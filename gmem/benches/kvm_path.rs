@@ -2,9 +2,9 @@
 //!
 //! - `access`: one guest access through [`Vcpu::run`] (ring 0, one
 //!   `KVM_RUN`) against a raw `KVM_SET_REGS` + `KVM_RUN` of a guest that
-//!   does nothing but exit (`out`, ring 0), and, to show why single accesses
-//!   do not run at ring 3 here, the same raw run exiting from ring 3 (an
-//!   MMIO store).
+//!   does the same load and exits (`out`, ring 0; [`RawKvm`], the baseline
+//!   of `gmem bench`), and, to show why single accesses do not run at
+//!   ring 3 here, the same raw run exiting from ring 3 (an MMIO store).
 //! - `loops`: fill and verify of a guest_memfd (MMAP | INIT_SHARED, the slot
 //!   pointing at the file's own mapping) in guest loops, against the host
 //!   filling the same mapping with the same pattern.
@@ -20,142 +20,16 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, Criterion, Throughput};
+use gmem::bench::bind_shared_file;
+use gmem::bench::kvm::RawKvm;
 use gmem::kvm::KvmHypervisor;
 use gmem::uapi::*;
 use gmem::{GuestLoop, GuestOp, HostMemory, Hypervisor, Vcpu, VcpuExit, Vm};
-use iced_x86::code_asm::{al, qword_ptr, rax, CodeAssembler};
-use kvm_bindings::{kvm_regs, kvm_segment, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
 const GUEST_GPA: u64 = 0x1000_0000;
 const LOOP_BYTES: u64 = 256 << 20;
 const TOUCH_BYTES: u64 = 1 << 30;
 const SEED: u64 = 0x5eed_0000_0000_0000;
-
-/// A hand-made 64-bit guest with one exit instruction at `CODE`: the floor
-/// of what a guest access can cost.
-struct RawGuest {
-    _kvm: Kvm,
-    _vm: VmFd,
-    cpu: VcpuFd,
-    mem: *mut u8,
-    regs: kvm_regs,
-}
-
-const RAW_SIZE: usize = 2 << 20;
-const CODE: u64 = 0x4000;
-
-impl RawGuest {
-    /// At ring 0 the guest runs `out 0x4d, al`; at ring 3 it stores to the
-    /// unbacked page at 2 MiB (an MMIO exit: ring 3 may not do port I/O).
-    fn new(ring3: bool) -> RawGuest {
-        let kvm = Kvm::new().unwrap();
-        let vm = kvm.create_vm().unwrap();
-        // SAFETY: a fresh anonymous mapping, kept for the guest's life.
-        let mem = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                RAW_SIZE,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        }
-        .cast::<u8>();
-        assert_ne!(mem, libc::MAP_FAILED.cast());
-        let put = |off: u64, v: u64| {
-            // SAFETY: off + 8 is inside the mapping.
-            unsafe { mem.add(off as usize).cast::<u64>().write_unaligned(v) }
-        };
-        let gdt = [
-            0,
-            0x00af_9a00_0000_ffff,
-            0x00cf_9200_0000_ffff,
-            0x00af_fa00_0000_ffff,
-            0x00cf_f200_0000_ffff,
-        ];
-        for (i, d) in gdt.iter().enumerate() {
-            put(8 * i as u64, *d);
-        }
-        put(0x1000, 0x2000 | 7);
-        put(0x2000, 0x3000 | 7);
-        put(0x3000, 0x87);
-        put(0x3008, (2 << 20) | 0x87);
-        let mut a = CodeAssembler::new(64).unwrap();
-        if ring3 {
-            a.mov(qword_ptr(0x20_0000u64), rax).unwrap();
-        } else {
-            a.out(0x4d, al).unwrap();
-        }
-        let code = a.assemble(CODE).unwrap();
-        // SAFETY: the code fits in the mapping at CODE.
-        unsafe { std::ptr::copy_nonoverlapping(code.as_ptr(), mem.add(CODE as usize), code.len()) };
-        let region = kvm_userspace_memory_region {
-            slot: 0,
-            flags: 0,
-            guest_phys_addr: 0,
-            memory_size: RAW_SIZE as u64,
-            userspace_addr: mem as u64,
-        };
-        // SAFETY: the slot points at the mapping above, unmapped only when
-        // the guest is dropped and never runs again.
-        unsafe { vm.set_user_memory_region(region).unwrap() };
-        let cpu = vm.create_vcpu(0).unwrap();
-        cpu.set_cpuid2(&kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap())
-            .unwrap();
-        let mut sregs = cpu.get_sregs().unwrap();
-        let seg = |selector: u16, code: bool| kvm_segment {
-            base: 0,
-            limit: 0xffff_ffff,
-            selector,
-            type_: if code { 11 } else { 3 },
-            present: 1,
-            dpl: (selector & 3) as u8,
-            db: u8::from(!code),
-            s: 1,
-            l: u8::from(code),
-            g: 1,
-            avl: 0,
-            unusable: 0,
-            padding: 0,
-        };
-        let (cs, ds) = if ring3 { (0x1b, 0x23) } else { (0x08, 0x10) };
-        sregs.cs = seg(cs, true);
-        let data = seg(ds, false);
-        (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
-        sregs.gdt.base = 0;
-        sregs.gdt.limit = 39;
-        (sregs.cr0, sregs.cr4, sregs.efer, sregs.cr3) = (0x8005_0033, 0x20, 0x500, 0x1000);
-        cpu.set_sregs(&sregs).unwrap();
-        let regs = kvm_regs {
-            rip: CODE,
-            rflags: 2,
-            ..Default::default()
-        };
-        RawGuest {
-            _kvm: kvm,
-            _vm: vm,
-            cpu,
-            mem,
-            regs,
-        }
-    }
-
-    /// One raw access: `KVM_SET_REGS` + `KVM_RUN`.
-    fn access(&mut self) {
-        self.cpu.set_regs(&self.regs).unwrap();
-        self.cpu.run().unwrap();
-    }
-}
-
-impl Drop for RawGuest {
-    fn drop(&mut self) {
-        // SAFETY: unmaps the mapping made in new, once; the guest never
-        // runs again.
-        unsafe { libc::munmap(self.mem.cast(), RAW_SIZE) };
-    }
-}
 
 /// A VM with `mem` at `GUEST_GPA` (slot 0) and vCPU 0.
 fn gmem_guest(hv: &KvmHypervisor) -> (Box<dyn Vm>, Box<dyn HostMemory>, Box<dyn Vcpu>) {
@@ -182,35 +56,8 @@ fn read8(cpu: &mut Box<dyn Vcpu>) {
 /// file lives as long as it does).
 fn gmem_file(hv: &KvmHypervisor, size: u64) -> (Box<dyn Vm>, Box<dyn HostMemory>) {
     let vm = hv.create_vm(KVM_X86_DEFAULT_VM as u64).unwrap();
-    let file = vm
-        .create_guest_memfd(kvm_create_guest_memfd {
-            size,
-            flags: GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
-            ..Default::default()
-        })
-        .unwrap();
-    let map = file.mmap(0, size, gmem::MapKind::Shared).unwrap();
-    vm.set_user_memory_region2(guest_memfd_region_at(
-        0,
-        GUEST_GPA,
-        size,
-        map.addr(),
-        file.as_raw_fd(),
-    ))
-    .unwrap();
+    let (_, map) = bind_shared_file(vm.as_ref(), GUEST_GPA, size).unwrap();
     (vm, map)
-}
-
-fn guest_memfd_region_at(
-    slot: u32,
-    gpa: u64,
-    size: u64,
-    addr: u64,
-    fd: i32,
-) -> kvm_userspace_memory_region2 {
-    let mut r = guest_memfd_region(slot, gpa, size, fd, 0);
-    r.userspace_addr = addr;
-    r
 }
 
 fn run_loop(cpu: &mut Box<dyn Vcpu>, op: GuestLoop) -> u64 {
@@ -257,8 +104,8 @@ fn time(n: u32, mut f: impl FnMut()) -> Duration {
 
 /// In-run ratios, rounds of ours and of the baseline interleaved.
 fn ratios(hv: &KvmHypervisor) {
-    let mut raw0 = RawGuest::new(false);
-    let mut raw3 = RawGuest::new(true);
+    let mut raw0 = RawKvm::new(false).unwrap();
+    let mut raw3 = RawKvm::new(true).unwrap();
     let (_vm, _mem, mut cpu) = gmem_guest(hv);
     let (mut access, mut ring3) = (Vec::new(), Vec::new());
     for round in 0..15 {
@@ -266,11 +113,11 @@ fn ratios(hv: &KvmHypervisor) {
         let (ours, raw, r3);
         if round % 2 == 0 {
             ours = time(n, || read8(&mut cpu));
-            raw = time(n, || raw0.access());
-            r3 = time(n, || raw3.access());
+            raw = time(n, || raw0.access().unwrap());
+            r3 = time(n, || raw3.access().unwrap());
         } else {
-            r3 = time(n, || raw3.access());
-            raw = time(n, || raw0.access());
+            r3 = time(n, || raw3.access().unwrap());
+            raw = time(n, || raw0.access().unwrap());
             ours = time(n, || read8(&mut cpu));
         }
         access.push(ours.as_secs_f64() / raw.as_secs_f64());
@@ -411,10 +258,14 @@ fn access(c: &mut Criterion) {
     let Some(hv) = kvm() else { return };
     let mut g = c.benchmark_group("access");
     g.measurement_time(Duration::from_secs(2));
-    let mut raw0 = RawGuest::new(false);
-    g.bench_function("raw_set_regs_run_ring0", |b| b.iter(|| raw0.access()));
-    let mut raw3 = RawGuest::new(true);
-    g.bench_function("raw_set_regs_run_ring3", |b| b.iter(|| raw3.access()));
+    let mut raw0 = RawKvm::new(false).unwrap();
+    g.bench_function("raw_set_regs_run_ring0", |b| {
+        b.iter(|| raw0.access().unwrap())
+    });
+    let mut raw3 = RawKvm::new(true).unwrap();
+    g.bench_function("raw_set_regs_run_ring3", |b| {
+        b.iter(|| raw3.access().unwrap())
+    });
     let (_vm, _mem, mut cpu) = gmem_guest(&hv);
     g.bench_function("gmem_read8", |b| b.iter(|| read8(&mut cpu)));
     g.bench_function("gmem_write8", |b| {

@@ -1,16 +1,20 @@
 //! gmem: KVM's guest_memfd system in Rust.
 //!
 //! - [`hypervisor`]: the contract (`Hypervisor`, `Vm`, `GuestMemfd`, `Vcpu`).
+//! - [`uapi`]: the KVM ABI, kvm-bindings plus the constants it lacks.
+//! - [`error`]: errors with the kernel's errno, the rule and the values.
+//! - [`host`]: owned host mappings, unmapped on drop.
 //! - [`soft`]: the software backend, the executable specification.
 //! - [`kvm`]: the same contract on the running kernel through `/dev/kvm`.
 //! - [`scenario`]: scenario files and the conformance runner.
 //! - [`memory`]: the memory manager VMMs embed: RAM on guest_memfd, laid
 //!   out, converted, discarded, measured, and vm-memory interop.
 //! - [`release`]: the kernel releases whose guest_memfd behaviour differs.
+//! - [`rules`]: the rule ids errors cite and tests name.
 //! - [`mempolicy`]: NUMA memory policy of host mappings (`mbind`).
 //! - [`madvise`]: advice on host mappings (`madvise`).
 //! - [`fuzz`]: random scenarios run on both backends, differences minimized.
-//! - [`bench`]: performance figures, each against a baseline in the same run.
+//! - [`bench`](mod@bench): performance figures, each against a baseline in the same run.
 //!
 //! The rules cited in errors and tests (`SLOT-7`, `BIND-4`, ...) are those of
 //! the project's specification, `docs/spec.md`, which defines each id with

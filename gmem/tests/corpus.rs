@@ -11,9 +11,9 @@ use std::path::PathBuf;
 
 use gmem::scenario::budget::mem_available;
 use gmem::scenario::{
-    collect_files, render, BackendSlot, Checker, Departures, Limits, Outcome, Source,
+    collect_files, render, BackendSlot, CheckReport, Checker, Departures, Limits, Outcome, Source,
 };
-use gmem::Backend;
+use gmem::{Backend, Hypervisor};
 
 /// Every test here stays within this: a few hundred MiB at most.
 const BUDGET: u64 = 256 << 20;
@@ -34,16 +34,36 @@ fn sources() -> Vec<Source> {
         .collect()
 }
 
+/// A checker of `hv` alone, under the name `name` and [`BUDGET`].
+fn checker<'a>(
+    name: impl Into<String>,
+    hv: &'a dyn Hypervisor,
+    departures: Departures,
+) -> Checker<'a> {
+    Checker::new(
+        vec![BackendSlot {
+            name: name.into(),
+            hv: Ok(hv),
+        }],
+        departures,
+        Limits::new(BUDGET),
+    )
+}
+
+/// `checker`'s report on the one scenario `text`, named `name`.
+fn check_text(checker: &Checker, name: &str, text: &str) -> CheckReport {
+    checker.check_sources(
+        &[Source {
+            name: name.into(),
+            text: Ok(text.into()),
+        }],
+        |_, _, _| {},
+    )
+}
+
 fn check_corpus_on(backend: Backend) {
     let hv = backend.open().unwrap();
-    let checker = Checker::new(
-        vec![BackendSlot {
-            name: backend.name().to_string(),
-            hv: Ok(hv.as_ref()),
-        }],
-        Departures::builtin(),
-        Limits::new(BUDGET),
-    );
+    let checker = checker(backend.name(), hv.as_ref(), Departures::builtin());
     let report = checker.check_sources(&sources(), |_, _, _| {});
     let text = render(&report);
     assert!(!report.failed(), "{text}");
@@ -61,14 +81,7 @@ fn corpus_passes_on_the_soft_backend() {
 fn corpus_passes_on_every_release_profile() {
     for release in gmem::Release::ALL {
         let hv = gmem::soft::SoftHypervisor::with_profile(release).unwrap();
-        let checker = Checker::new(
-            vec![BackendSlot {
-                name: format!("soft {release}"),
-                hv: Ok(&hv),
-            }],
-            Departures::default(),
-            Limits::new(BUDGET),
-        );
+        let checker = checker(format!("soft {release}"), &hv, Departures::default());
         let report = checker.check_sources(&sources(), |_, _, _| {});
         assert!(!report.failed(), "profile {release}:\n{}", render(&report));
     }
@@ -76,7 +89,7 @@ fn corpus_passes_on_every_release_profile() {
 
 #[test]
 fn corpus_passes_on_kvm_or_departs_by_a_probed_behaviour() {
-    if skips::no_kvm("the corpus on the kvm backend") {
+    if skips::no_kvm() {
         return;
     }
     // Where /dev/kvm exists, failing to open it is a failure, not a skip.
@@ -98,22 +111,9 @@ fallocate g mode=allocate offset=0 len=1T
 /// Runs [`TERABYTE`] on `backend` and measures `MemAvailable` around it.
 fn over_budget_keeps_memory(backend: Backend) {
     let hv = backend.open().unwrap();
-    let checker = Checker::new(
-        vec![BackendSlot {
-            name: backend.name().to_string(),
-            hv: Ok(hv.as_ref()),
-        }],
-        Departures::builtin(),
-        Limits::new(BUDGET),
-    );
+    let checker = checker(backend.name(), hv.as_ref(), Departures::builtin());
     let before = mem_available().unwrap();
-    let report = checker.check_sources(
-        &[Source {
-            name: "terabyte.gmem".into(),
-            text: Ok(TERABYTE.into()),
-        }],
-        |_, _, _| {},
-    );
+    let report = check_text(&checker, "terabyte.gmem", TERABYTE);
     let after = mem_available().unwrap();
     let line = &report.scenarios[0].results[0].lines[2];
     assert_eq!(
@@ -142,7 +142,7 @@ fn a_terabyte_fallocate_is_over_budget_on_soft_and_the_machine_keeps_its_memory(
 
 #[test]
 fn a_terabyte_fallocate_is_over_budget_on_kvm_and_the_machine_keeps_its_memory() {
-    if skips::no_kvm("the over-budget scenario on the kvm backend") {
+    if skips::no_kvm() {
         return;
     }
     over_budget_keeps_memory(Backend::Kvm);
@@ -185,27 +185,14 @@ guest_write vm gpa=0x2_0000_1000 byte=3 => exit memory_fault gpa=0x2_0000_1000 s
 
 #[test]
 fn a_user_scenario_that_hits_a_probed_behaviour_departs_as_that_behaviour() {
-    if skips::no_kvm("user scenarios on the kvm backend") {
+    if skips::no_kvm() {
         return;
     }
     let hv = Backend::Kvm.open().unwrap();
-    let checker = Checker::new(
-        vec![BackendSlot {
-            name: "kvm".into(),
-            hv: Ok(hv.as_ref()),
-        }],
-        Departures::builtin(),
-        Limits::new(BUDGET),
-    );
+    let checker = checker("kvm", hv.as_ref(), Departures::builtin());
     let shown = checker.probes(0).unwrap().shown();
     for (name, behaviour, text) in USER_SCENARIOS {
-        let report = checker.check_sources(
-            &[Source {
-                name: name.into(),
-                text: Ok(text.into()),
-            }],
-            |_, _, _| {},
-        );
+        let report = check_text(&checker, name, text);
         let result = &report.scenarios[0].results[0];
         if shown.contains(&behaviour) {
             match &result.verdict {
@@ -223,22 +210,9 @@ fn a_user_scenario_that_hits_a_probed_behaviour_departs_as_that_behaviour() {
 #[test]
 fn the_user_scenarios_pass_on_the_soft_backend() {
     let hv = Backend::Soft.open().unwrap();
-    let checker = Checker::new(
-        vec![BackendSlot {
-            name: "soft".into(),
-            hv: Ok(hv.as_ref()),
-        }],
-        Departures::builtin(),
-        Limits::new(BUDGET),
-    );
+    let checker = checker("soft", hv.as_ref(), Departures::builtin());
     for (name, _, text) in USER_SCENARIOS {
-        let report = checker.check_sources(
-            &[Source {
-                name: name.into(),
-                text: Ok(text.into()),
-            }],
-            |_, _, _| {},
-        );
+        let report = check_text(&checker, name, text);
         assert!(!report.failed(), "{name}:\n{}", render(&report));
     }
 }

@@ -21,6 +21,8 @@
 //! Tests run one at a time (they share a lock): the fd-leak test counts the
 //! process's open fds, and the machine is small.
 
+#[path = "common/leaks.rs"]
+mod leaks;
 #[path = "common/skips.rs"]
 mod skips;
 
@@ -197,10 +199,6 @@ fn assert_bounded_map_gpa_range(exit: VcpuExit, elapsed: Duration, gpa: u64, npa
             }
         ),
     }
-}
-
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
 /// Is any byte of `[addr, addr + len)` mapped in this process?
@@ -596,7 +594,7 @@ fn no_fd_leaks_on_any_path_life_8() {
         // SAFETY: fresh fd, owned once.
         unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }
     };
-    let before = open_fds();
+    let before = leaks::open_fds();
     // Act
     for i in 0..2000u32 {
         let g = vm
@@ -634,7 +632,7 @@ fn no_fd_leaks_on_any_path_life_8() {
         }
     }
     // Assert
-    assert_eq!(open_fds(), before);
+    assert_eq!(leaks::open_fds(), before);
 }
 
 #[test]

@@ -1,16 +1,16 @@
 //! The memory manager (`gmem::memory`), written once against
-//! `&dyn Hypervisor` and run on each backend (`soft::test`, `kvm::test`).
+//! `&dyn Hypervisor` and run on each backend (`soft::test`,
+//! `soft_next::test` for the `next` profile, `kvm::test`).
 //!
 //! Memory held is what the kernel says (`cachestat` of a guest_memfd,
 //! `mincore` of host memory, `st_blocks` of a memfd), never bookkeeping. A
 //! test that needs what a host lacks (private memory for conversions)
-//! prints one `skip:` line naming it.
+//! skips, and the binary's one summary of skips names what was lacking.
 
-use std::collections::BTreeMap;
-use std::io::Write;
-use std::path::Path;
+#[path = "common/skips.rs"]
+mod skips;
+
 use std::sync::atomic::Ordering;
-use std::sync::{Mutex, Once};
 
 use gmem::memory::{
     BackingMode, BackingRequest, Error, FileAccess, GmemFile, GmemOffset, GuestAddress, GuestRange,
@@ -24,33 +24,7 @@ const P: u64 = PAGE_SIZE;
 const MIB: u64 = 1 << 20;
 const SEED: u64 = 0x6d65_6d00_0000_0000;
 
-/// Skip reason -> how many tests skipped for it; printed once, when the
-/// test binary exits, instead of a line per test.
-static SKIPPED: Mutex<BTreeMap<String, usize>> = Mutex::new(BTreeMap::new());
-static AT_EXIT: Once = Once::new();
-
-extern "C" fn print_skips() {
-    let skipped = SKIPPED.lock().unwrap_or_else(|e| e.into_inner());
-    let n: usize = skipped.values().sum();
-    let mut out = format!("memory: {n} tests skipped:\n");
-    for (why, count) in skipped.iter() {
-        out += &format!("  {count:>4}  {why}\n");
-    }
-    let _ = std::io::stderr().write_all(out.as_bytes());
-}
-
-/// Records that the running test skipped, and why.
-fn skip(why: impl std::fmt::Display) {
-    AT_EXIT.call_once(|| {
-        // SAFETY: registers a plain extern "C" function without arguments;
-        // it runs once, at exit, after the test harness has finished.
-        unsafe { libc::atexit(print_skips) };
-    });
-    let mut skipped = SKIPPED.lock().unwrap_or_else(|e| e.into_inner());
-    *skipped.entry(why.to_string()).or_default() += 1;
-}
-
-/// The manager for `layout`, or `None` after a skip line when the host
+/// The manager for `layout`, or `None` (a recorded skip) when the host
 /// cannot offer the backing it asks for.
 #[track_caller]
 fn manager(hv: &dyn Hypervisor, layout: LayoutBuilder) -> Option<MemoryManager> {
@@ -59,15 +33,15 @@ fn manager(hv: &dyn Hypervisor, layout: LayoutBuilder) -> Option<MemoryManager> 
         Err(Error::Unsupported { why, .. }) => {
             // The last mode tried says what this host lacks.
             let lacks = why.rsplit("; ").next().unwrap_or(&why).to_string();
-            skip(format_args!("{} backend: {lacks}", hv.name()));
+            skips::skip(format_args!("{} backend: {lacks}", hv.name()));
             None
         }
         Err(e) => panic!("building the memory manager: {e}"),
     }
 }
 
-/// A manager with private memory (split or in-place backing), or a skip
-/// line.
+/// A manager with private memory (split or in-place backing), or `None`
+/// (a recorded skip).
 fn private_manager(hv: &dyn Hypervisor, bytes: u64) -> Option<MemoryManager> {
     let mm = manager(
         hv,
@@ -137,8 +111,7 @@ fn host_word(mm: &MemoryManager, gpa: u64) -> u64 {
 /// Runs `test` on `backend` (the software backend as `profile`), or says
 /// why it cannot run there.
 fn run(backend: Backend, profile: Option<Release>, test: fn(&dyn Hypervisor)) {
-    if backend == Backend::Kvm && !Path::new("/dev/kvm").exists() {
-        skip("/dev/kvm does not exist");
+    if backend == Backend::Kvm && skips::no_kvm() {
         return;
     }
     let hv: Box<dyn Hypervisor> = match profile {
@@ -456,7 +429,7 @@ fn flags_beyond_the_vms_cap_are_create_1(hv: &dyn Hypervisor) {
         .filter_map(|t| hv.create_vm(t as u64).ok())
         .find(|vm| vm.check_extension(KVM_CAP_GUEST_MEMFD_FLAGS) & shared != shared);
     let Some(vm) = narrower else {
-        skip("every VM type here offers MMAP | INIT_SHARED");
+        skips::skip("every VM type here offers MMAP | INIT_SHARED");
         return;
     };
     let offered = vm.check_extension(KVM_CAP_GUEST_MEMFD_FLAGS);
@@ -715,7 +688,7 @@ fn pinned_page_refuses_going_private_and_names_it(hv: &dyn Hypervisor) {
         return;
     };
     if !in_place(&mm) {
-        skip("pins matter to in-place conversion only; this backing has two copies");
+        skips::skip("pins matter to in-place conversion only; this backing has two copies");
         return;
     }
     let map = mm.file(0).unwrap().map().unwrap();

@@ -3,22 +3,14 @@
 //! set-ups among them, leaves no fd and no mapping behind. (One test in its
 //! own binary: it counts the whole process's fds and mappings.)
 
+#[path = "common/leaks.rs"]
+mod leaks;
+
 use std::path::Path;
 
 use gmem::memory::{BackingRequest, GuestAddress, GuestRange, Layout, MemoryManager, PageState};
 use gmem::soft::SoftHypervisor;
 use gmem::{Backend, GuestLoop, Hypervisor, Release};
-
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
-}
-
-fn mappings() -> usize {
-    std::fs::read_to_string("/proc/self/maps")
-        .unwrap()
-        .lines()
-        .count()
-}
 
 /// One manager's life: built, used, converted where it can be, dropped.
 fn cycle(hv: &dyn Hypervisor, request: BackingRequest) {
@@ -92,7 +84,7 @@ fn managers_of_every_backing_leak_no_fd_and_no_mapping() {
         }
         failed_setup(&**hv);
     }
-    let (fds, maps) = (open_fds(), mappings());
+    let (fds, maps) = (leaks::open_fds(), leaks::mappings());
 
     for _ in 0..20 {
         for hv in &backends {
@@ -103,6 +95,6 @@ fn managers_of_every_backing_leak_no_fd_and_no_mapping() {
         }
     }
 
-    assert_eq!(open_fds(), fds, "fds leaked");
-    assert_eq!(mappings(), maps, "mappings leaked");
+    assert_eq!(leaks::open_fds(), fds, "fds leaked");
+    assert_eq!(leaks::mappings(), maps, "mappings leaked");
 }

@@ -326,7 +326,8 @@ impl Model {
 // ---- the system under test ----
 
 struct Real {
-    hv: SoftHypervisor,
+    /// Kept open for the VM's life.
+    _hv: SoftHypervisor,
     vm: Box<dyn Vm>,
     vcpu: Box<dyn Vcpu>,
     host: Box<dyn HostMemory>,
@@ -340,7 +341,7 @@ impl Real {
         let vcpu = vm.create_vcpu(0).unwrap();
         let host = hv.host_memory(HOST_PAGES * P).unwrap();
         Real {
-            hv,
+            _hv: hv,
             vm,
             vcpu,
             host,
@@ -355,8 +356,12 @@ impl Real {
         }
     }
 
+    fn fallocate(&self, file: usize, mode: i32, page: u64, pages: u64) -> Outcome {
+        let f = self.files[file].as_ref().unwrap();
+        Self::result(f.fallocate(mode, (page * P) as i64, (pages * P) as i64))
+    }
+
     fn apply(&mut self, op: &Op) -> Outcome {
-        let _ = &self.hv;
         match *op {
             Op::CreateFile { pages, mmap } => {
                 let flags = if mmap { GUEST_MEMFD_FLAG_MMAP } else { 0 };
@@ -407,19 +412,14 @@ impl Real {
                     ..Default::default()
                 },
             )),
-            Op::Punch { file, page, pages } => {
-                Self::result(self.files[file].as_ref().unwrap().fallocate(
-                    FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE,
-                    (page * P) as i64,
-                    (pages * P) as i64,
-                ))
-            }
+            Op::Punch { file, page, pages } => self.fallocate(
+                file,
+                FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE,
+                page,
+                pages,
+            ),
             Op::Allocate { file, page, pages } => {
-                Self::result(self.files[file].as_ref().unwrap().fallocate(
-                    FALLOC_FL_KEEP_SIZE,
-                    (page * P) as i64,
-                    (pages * P) as i64,
-                ))
+                self.fallocate(file, FALLOC_FL_KEEP_SIZE, page, pages)
             }
             Op::Convert {
                 gfn,

@@ -1,28 +1,21 @@
 //! LIFE-8 on the software backend: thousands of create / bind / map / close
 //! cycles, error paths included, leave no fd and no mapping behind.
-//! (One test in its own binary: it counts the whole process's fds.)
+//! (One test in its own binary: it counts the whole process's fds and
+//! mappings.)
+
+#[path = "common/leaks.rs"]
+mod leaks;
 
 use gmem::soft::SoftHypervisor;
 use gmem::uapi::*;
 use gmem::{GuestOp, Hypervisor, MapKind};
-
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
-}
-
-fn mappings() -> usize {
-    std::fs::read_to_string("/proc/self/maps")
-        .unwrap()
-        .lines()
-        .count()
-}
 
 #[test]
 fn create_bind_map_close_cycles_leak_no_fd_and_no_mapping() {
     let hv = SoftHypervisor::new().unwrap();
     // Warm up once so lazily created process state is not counted.
     drop(hv.create_vm(0).unwrap());
-    let (fds, maps) = (open_fds(), mappings());
+    let (fds, maps) = (leaks::open_fds(), leaks::mappings());
     for i in 0..2000u64 {
         let vm = hv.create_vm(i % 2).unwrap();
         let flags = if i % 2 == 0 {
@@ -75,6 +68,6 @@ fn create_bind_map_close_cycles_leak_no_fd_and_no_mapping() {
             drop(m);
         }
     }
-    assert_eq!(open_fds(), fds, "fds leaked");
-    assert_eq!(mappings(), maps, "mappings leaked");
+    assert_eq!(leaks::open_fds(), fds, "fds leaked");
+    assert_eq!(leaks::mappings(), maps, "mappings leaked");
 }

@@ -14,15 +14,12 @@ use std::hint::black_box;
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
-use super::{compare, AccessCell, Pair, Row, Scale, Target, Unit};
+use super::{bind_shared_file, compare, AccessCell, Pair, Row, Scale, Target, Unit};
 use crate::error::Result;
 use crate::host::Mmap;
-use crate::hypervisor::{GuestMemfd, GuestOp, HostMemory, MapKind, Vcpu, VcpuExit, Vm};
+use crate::hypervisor::{GuestMemfd, GuestOp, HostMemory, Vcpu, VcpuExit};
 use crate::soft::{SoftHypervisor, SoftVcpu, SoftVm};
-use crate::uapi::{
-    guest_memfd_region, kvm_create_guest_memfd, GUEST_MEMFD_FLAG_INIT_SHARED,
-    GUEST_MEMFD_FLAG_MMAP, KVM_X86_DEFAULT_VM, PAGE_SIZE,
-};
+use crate::uapi::{KVM_X86_DEFAULT_VM, PAGE_SIZE};
 
 /// Access pattern.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,13 +77,7 @@ impl Access {
     pub fn new(size: u64, vcpus: u64) -> Result<Access> {
         let hv = SoftHypervisor::new()?;
         let vm = hv.create_soft_vm(KVM_X86_DEFAULT_VM as u64)?;
-        let file = vm.create_guest_memfd(kvm_create_guest_memfd {
-            size,
-            flags: GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
-            ..Default::default()
-        })?;
-        let map = file.mmap(0, size, MapKind::Shared)?;
-        vm.set_user_memory_region2(guest_memfd_region(0, 0, size, file.as_raw_fd(), 0))?;
+        let (file, map) = bind_shared_file(&vm, 0, size)?;
         let raw = Mmap::anonymous(size)?;
         // Sattolo's shuffle: one cycle through every page.
         let pages = size / PAGE_SIZE;

@@ -4,8 +4,9 @@
 //! shared again, over `[0, size)` of a 1 TiB guest_memfd slot with a vCPU
 //! (so every conversion invalidates and waits out the vCPU, as in use).
 //! The baseline models the kernel's per-page xarray with a per-page map
-//! (`BTreeMap`, one insert or remove per page); it is measured up to 1 GiB
-//! and extended linearly beyond (drawn dashed).
+//! (`BTreeMap`, one insert or remove per page); it is measured on the sizes
+//! up to 1 GiB (256 MiB is the last of the powers of 16) and extended
+//! linearly beyond (drawn dashed).
 
 use std::collections::BTreeMap;
 use std::hint::black_box;

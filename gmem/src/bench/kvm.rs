@@ -7,17 +7,16 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use kvm_bindings::{kvm_regs, kvm_segment, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use iced_x86::code_asm::{al, qword_ptr, rax, rdi, CodeAssembler};
+use kvm_bindings::{kvm_regs, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
 
-use super::{bytes, compare, median, time, Pair, Row, Scale, Target, Unit};
+use super::{bind_shared_file, bytes, compare, median, time, Pair, Row, Scale, Target, Unit};
 use crate::error::{Errno, Error, Result};
 use crate::host::Mmap;
-use crate::hypervisor::{GuestLoop, GuestOp, HostMemory, Hypervisor, MapKind, Vcpu, VcpuExit};
-use crate::uapi::{
-    guest_memfd_region, kvm_create_guest_memfd, kvm_userspace_memory_region2, user_region,
-    GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_X86_DEFAULT_VM,
-};
+use crate::hypervisor::{GuestLoop, GuestOp, HostMemory, Hypervisor, Vcpu, VcpuExit};
+use crate::kvm::guest::{long_mode_sregs, GDT_ENTRIES};
+use crate::uapi::{user_region, KVM_X86_DEFAULT_VM};
 use crate::Backend;
 
 /// Where guest memory is bound: 4 GiB, clear of the backend's setup region.
@@ -32,40 +31,43 @@ fn kernel(e: kvm_ioctls::Error, what: &str) -> Error {
 }
 
 /// The raw baseline: a VM with 4 MiB at gpa 0 identity-mapped by 2 MiB
-/// pages, and a 64-bit vCPU whose code is `mov rax, [rdi]; out 0x4d, al`.
-/// One access is `KVM_SET_REGS` + `KVM_RUN`.
+/// pages, and a 64-bit vCPU whose code loads from `[rdi]` and exits: at
+/// ring 0 with `out 0x4d, al`, at ring 3 (which may not do port I/O) with a
+/// store to the unbacked page at 4 MiB (an MMIO exit). One access is
+/// `KVM_SET_REGS` + `KVM_RUN`, with kvm-ioctls and nothing else.
 pub struct RawKvm {
     vcpu: VcpuFd,
     _vm: VmFd,
     _mem: Mmap,
 }
 
+const RAW_SIZE: u64 = 4 << 20;
 const RAW_PML4: u64 = 0x1000;
 const RAW_CODE: u64 = 0x10000;
 const RAW_DATA: u64 = 0x20000;
 const RAW_PORT: u16 = 0x4d;
+/// The first address past the raw VM's memory: a store there is MMIO.
+const RAW_MMIO: u64 = RAW_SIZE;
 
 impl RawKvm {
-    /// Opens `/dev/kvm` and builds the VM.
-    pub fn new() -> Result<RawKvm> {
+    /// Opens `/dev/kvm` and builds the VM; its vCPU runs at ring 3 when
+    /// `user`, else at ring 0.
+    pub fn new(user: bool) -> Result<RawKvm> {
         let kvm = Kvm::new().map_err(|e| kernel(e, "open /dev/kvm"))?;
         let vm = kvm.create_vm().map_err(|e| kernel(e, "KVM_CREATE_VM"))?;
-        let mem = Mmap::anonymous(4 << 20)?;
+        let mem = Mmap::anonymous(RAW_SIZE)?;
         let w = |at: u64, v: &[u8]| mem.write(at, v).expect("inside the 4 MiB");
-        // GDT: null, 64-bit code, data.
-        for (i, d) in [0u64, 0x00af_9a00_0000_ffff, 0x00cf_9200_0000_ffff]
-            .iter()
-            .enumerate()
-        {
+        for (i, d) in GDT_ENTRIES.iter().enumerate() {
             w(8 * i as u64, &d.to_le_bytes());
         }
-        // PML4 -> PDPT -> PD with two present, writable 2 MiB pages.
-        w(RAW_PML4, &(0x2000u64 | 3).to_le_bytes());
-        w(0x2000, &(0x3000u64 | 3).to_le_bytes());
-        w(0x3000, &0x83u64.to_le_bytes());
-        w(0x3008, &(0x20_0000u64 | 0x83).to_le_bytes());
-        // mov rax, [rdi]; out 0x4d, al; hlt
-        w(RAW_CODE, &[0x48, 0x8b, 0x07, 0xe6, RAW_PORT as u8, 0xf4]);
+        // PML4 -> PDPT -> PD with three present, writable, user 2 MiB pages:
+        // the memory and the MMIO page past it.
+        w(RAW_PML4, &(0x2000u64 | 7).to_le_bytes());
+        w(0x2000, &(0x3000u64 | 7).to_le_bytes());
+        for (i, page) in [0, 0x20_0000, RAW_MMIO].into_iter().enumerate() {
+            w(0x3000 + 8 * i as u64, &(page | 0x87).to_le_bytes());
+        }
+        w(RAW_CODE, &raw_code(user)?);
         let region = kvm_userspace_memory_region {
             slot: 0,
             flags: 0,
@@ -85,38 +87,8 @@ impl RawKvm {
             .map_err(|e| kernel(e, "KVM_GET_SUPPORTED_CPUID"))?;
         vcpu.set_cpuid2(&cpuid)
             .map_err(|e| kernel(e, "KVM_SET_CPUID2"))?;
-        let mut sregs = vcpu.get_sregs().map_err(|e| kernel(e, "KVM_GET_SREGS"))?;
-        let code = kvm_segment {
-            base: 0,
-            limit: 0xffff_ffff,
-            selector: 0x08,
-            type_: 11,
-            present: 1,
-            dpl: 0,
-            db: 0,
-            s: 1,
-            l: 1,
-            g: 1,
-            avl: 0,
-            unusable: 0,
-            padding: 0,
-        };
-        let data = kvm_segment {
-            selector: 0x10,
-            type_: 3,
-            db: 1,
-            l: 0,
-            ..code
-        };
-        sregs.cs = code;
-        (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
-        sregs.gdt.base = 0;
-        sregs.gdt.limit = 23;
-        sregs.cr0 = 0x8005_0033;
-        sregs.cr4 = 0x20;
-        sregs.efer = 0x500;
-        sregs.cr3 = RAW_PML4;
-        vcpu.set_sregs(&sregs)
+        let sregs = vcpu.get_sregs().map_err(|e| kernel(e, "KVM_GET_SREGS"))?;
+        vcpu.set_sregs(&long_mode_sregs(sregs, 0, RAW_PML4, user))
             .map_err(|e| kernel(e, "KVM_SET_SREGS"))?;
         Ok(RawKvm {
             vcpu,
@@ -138,7 +110,7 @@ impl RawKvm {
             .set_regs(&regs)
             .map_err(|e| kernel(e, "KVM_SET_REGS"))?;
         match self.vcpu.run() {
-            Ok(KvmExit::IoOut(RAW_PORT, _)) => Ok(()),
+            Ok(KvmExit::IoOut(RAW_PORT, _) | KvmExit::MmioWrite(RAW_MMIO, _)) => Ok(()),
             Ok(other) => Err(Error::new(
                 Errno::EIO,
                 "bench",
@@ -147,6 +119,26 @@ impl RawKvm {
             Err(e) => Err(kernel(e, "KVM_RUN")),
         }
     }
+}
+
+/// `mov rax, [rdi]`, then the exit: `out 0x4d, al`, or at ring 3 a store
+/// to [`RAW_MMIO`].
+fn raw_code(user: bool) -> Result<Vec<u8>> {
+    let asm = |e: iced_x86::IcedError| {
+        Error::new(
+            Errno::EINVAL,
+            "bench",
+            format!("assembling the raw guest: {e}"),
+        )
+    };
+    let mut a = CodeAssembler::new(64).map_err(asm)?;
+    a.mov(rax, qword_ptr(rdi)).map_err(asm)?;
+    if user {
+        a.mov(qword_ptr(RAW_MMIO), rax).map_err(asm)?;
+    } else {
+        a.out(RAW_PORT as u32, al).map_err(asm)?;
+    }
+    a.assemble(RAW_CODE).map_err(asm)
 }
 
 /// One guest load on the KVM backend against the raw floor.
@@ -159,7 +151,7 @@ pub struct OneAccess {
 }
 
 impl OneAccess {
-    /// A KVM backend VM with 2 MiB of host memory at [`GPA`] and its vCPU,
+    /// A KVM backend VM with 2 MiB of host memory at 4 GiB and its vCPU,
     /// and the raw VM.
     pub fn new() -> Result<OneAccess> {
         let hv = Backend::Kvm.open()?;
@@ -168,7 +160,7 @@ impl OneAccess {
         vm.set_user_memory_region2(user_region(0, GPA, mem.len(), mem.addr()))?;
         Ok(OneAccess {
             cpu: vm.create_vcpu(0)?,
-            raw: RawKvm::new()?,
+            raw: RawKvm::new(false)?,
             _mem: mem,
             _vm: vm,
             _hv: hv,
@@ -226,16 +218,7 @@ pub fn access(scale: Scale) -> Vec<Row> {
 pub fn touch_once(hv: &dyn Hypervisor, size: u64, gmem: bool) -> Result<Duration> {
     let vm = hv.create_vm(KVM_X86_DEFAULT_VM as u64)?;
     let (_file, _mem): (Option<Box<dyn crate::GuestMemfd>>, Box<dyn HostMemory>) = if gmem {
-        let file = vm.create_guest_memfd(kvm_create_guest_memfd {
-            size,
-            flags: GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
-            ..Default::default()
-        })?;
-        let map = file.mmap(0, size, MapKind::Shared)?;
-        vm.set_user_memory_region2(kvm_userspace_memory_region2 {
-            userspace_addr: map.addr(),
-            ..guest_memfd_region(0, GPA, size, file.as_raw_fd(), 0)
-        })?;
+        let (file, map) = bind_shared_file(vm.as_ref(), GPA, size)?;
         (Some(file), map)
     } else {
         let mem = hv.host_memory(size)?;
@@ -270,7 +253,7 @@ pub fn touch_once(hv: &dyn Hypervisor, size: u64, gmem: bool) -> Result<Duration
 const TOUCH_BUDGET: f64 = 10.0;
 
 /// The size to measure first touch on, `big` or less: what one loop can
-/// touch within [`TOUCH_BUDGET`], judged by a probe of `big / 64`; and the
+/// touch within `TOUCH_BUDGET` (10 s), judged by a probe of `big / 64`; and the
 /// time `big` would take.
 pub fn touch_size(hv: &dyn Hypervisor, big: u64) -> Result<(u64, f64)> {
     let probe = big / 64;
@@ -336,4 +319,27 @@ pub fn first_touch(scale: Scale) -> Vec<Row> {
             measured.unwrap_or_else(|e| Row::skipped(&id, &figure, Target::None, e.to_string()))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_guest_loads_and_exits_at_ring_0_and_ring_3() {
+        if !std::path::Path::new("/dev/kvm").exists() {
+            return;
+        }
+        for user in [false, true] {
+            let mut raw = RawKvm::new(user).expect("the raw VM");
+
+            let first = raw.access();
+            let second = raw.access();
+
+            assert!(
+                first.is_ok() && second.is_ok(),
+                "user {user}: {first:?} {second:?}"
+            );
+        }
+    }
 }

@@ -26,6 +26,34 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::error::Result;
+use crate::hypervisor::{GuestMemfd, HostMemory, MapKind, Vm};
+use crate::uapi::{
+    guest_memfd_region, kvm_create_guest_memfd, kvm_userspace_memory_region2,
+    GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP,
+};
+
+/// A fresh `size`-byte MMAP | INIT_SHARED guest_memfd of `vm`, bound as
+/// slot 0 at `gpa` through its own shared mapping, which both backends
+/// serve alike (on kernels with FAULT-3 too): the file and the mapping.
+pub fn bind_shared_file(
+    vm: &dyn Vm,
+    gpa: u64,
+    size: u64,
+) -> Result<(Box<dyn GuestMemfd>, Box<dyn HostMemory>)> {
+    let file = vm.create_guest_memfd(kvm_create_guest_memfd {
+        size,
+        flags: GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
+        ..Default::default()
+    })?;
+    let map = file.mmap(0, size, MapKind::Shared)?;
+    vm.set_user_memory_region2(kvm_userspace_memory_region2 {
+        userspace_addr: map.addr(),
+        ..guest_memfd_region(0, gpa, size, file.as_raw_fd(), 0)
+    })?;
+    Ok((file, map))
+}
+
 /// A workload and its baseline, timed alike.
 pub trait Pair {
     /// Runs ours `iters` times; the time taken.

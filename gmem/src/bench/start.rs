@@ -3,13 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use super::{bytes, median, Row, Scale, Target, Unit};
+use super::{bind_shared_file, bytes, median, Row, Scale, Target, Unit};
 use crate::error::{Errno, Error, Result};
-use crate::hypervisor::{GuestOp, Hypervisor, MapKind, VcpuExit};
-use crate::uapi::{
-    guest_memfd_region, kvm_create_guest_memfd, kvm_userspace_memory_region2,
-    GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_X86_DEFAULT_VM,
-};
+use crate::hypervisor::{GuestOp, Hypervisor, VcpuExit};
+use crate::uapi::KVM_X86_DEFAULT_VM;
 use crate::Backend;
 
 /// Where the memory is bound: 4 GiB, clear of the KVM backend's setup region.
@@ -19,16 +16,7 @@ const GPA: u64 = 1 << 32;
 pub fn once(hv: &dyn Hypervisor, size: u64) -> Result<Duration> {
     let t = Instant::now();
     let vm = hv.create_vm(KVM_X86_DEFAULT_VM as u64)?;
-    let file = vm.create_guest_memfd(kvm_create_guest_memfd {
-        size,
-        flags: GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
-        ..Default::default()
-    })?;
-    let map = file.mmap(0, size, MapKind::Shared)?;
-    vm.set_user_memory_region2(kvm_userspace_memory_region2 {
-        userspace_addr: map.addr(),
-        ..guest_memfd_region(0, GPA, size, file.as_raw_fd(), 0)
-    })?;
+    let (_file, _map) = bind_shared_file(vm.as_ref(), GPA, size)?;
     let mut cpu = vm.create_vcpu(0)?;
     let exit = cpu.run(GuestOp::Read { gpa: GPA, size: 8 })?;
     let took = t.elapsed();

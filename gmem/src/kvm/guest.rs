@@ -29,8 +29,9 @@
 //!
 //! Tables grow on demand: before a run the host adds the entries the run
 //! needs: per GiB of guest physical space one 1 GiB page, or one page
-//! directory with all 512 of its 2 MiB entries. The host only ever turns a not-present entry into
-//! a present one, and only while the vCPU is outside `KVM_RUN`: a processor
+//! directory with all 512 of its 2 MiB entries. The host only ever turns a
+//! not-present entry into a present one, and only while the vCPU is outside
+//! `KVM_RUN`: a processor
 //! caches no not-present translation (Intel SDM vol. 3, 4.10.2.3), and a
 //! shadow MMU (KVM's, and PVM's for ring-3 code) walks the guest's tables
 //! again when the access faults (`FNAME(page_fault)` in
@@ -60,6 +61,7 @@ use iced_x86::code_asm::{
     word_ptr, CodeAssembler, CodeLabel,
 };
 use iced_x86::BlockEncoderOptions;
+use kvm_bindings::{kvm_segment, kvm_sregs};
 use parking_lot::{Mutex, RwLock};
 
 use crate::error::{Errno, Error, Result};
@@ -91,7 +93,7 @@ pub const MAX_VCPUS: u64 = 64;
 const POOL: u64 = PML4S + MAX_VCPUS * PAGE_SIZE;
 
 /// GDT entries: null, ring-0 code (L=1) and data, ring-3 code and data.
-const GDT_ENTRIES: [u64; 5] = [
+pub const GDT_ENTRIES: [u64; 5] = [
     0,
     0x00af_9a00_0000_ffff,
     0x00cf_9200_0000_ffff,
@@ -99,13 +101,51 @@ const GDT_ENTRIES: [u64; 5] = [
     0x00cf_f200_0000_ffff,
 ];
 /// Selectors of the GDT above, with their requested privilege level.
-pub(crate) const CODE0_SELECTOR: u16 = 0x08;
-pub(crate) const DATA0_SELECTOR: u16 = 0x10;
-pub(crate) const CODE3_SELECTOR: u16 = 0x1b;
-pub(crate) const DATA3_SELECTOR: u16 = 0x23;
-/// GDT base and limit.
+const CODE0_SELECTOR: u16 = 0x08;
+const DATA0_SELECTOR: u16 = 0x10;
+const CODE3_SELECTOR: u16 = 0x1b;
+const DATA3_SELECTOR: u16 = 0x23;
+/// GDT base in the setup region.
 pub(crate) const GDT_BASE: u64 = SETUP_GPA + GDT;
-pub(crate) const GDT_LIMIT: u16 = (GDT_ENTRIES.len() * 8 - 1) as u16;
+
+/// A flat 64-bit segment of [`GDT_ENTRIES`]: code or data, at the
+/// selector's privilege level.
+fn segment(selector: u16, code: bool) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_: if code { 11 } else { 3 },
+        present: 1,
+        dpl: (selector & 3) as u8,
+        db: u8::from(!code),
+        s: 1,
+        l: u8::from(code),
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+/// `sregs` for 64-bit mode at ring 0 (or ring 3 when `user`): the GDT of
+/// [`GDT_ENTRIES`] at guest address `gdt_base`, its flat segments, and
+/// 4-level paging from `cr3`.
+pub fn long_mode_sregs(mut sregs: kvm_sregs, gdt_base: u64, cr3: u64, user: bool) -> kvm_sregs {
+    sregs.gdt.base = gdt_base;
+    sregs.gdt.limit = (GDT_ENTRIES.len() * 8 - 1) as u16;
+    // CR0: PE | MP | ET | NE | WP | PG; CR4: PAE; EFER: LME | LMA.
+    (sregs.cr0, sregs.cr4, sregs.efer, sregs.cr3) = (0x8005_0033, 0x20, 0x500, cr3);
+    let (cs, ds) = if user {
+        (CODE3_SELECTOR, DATA3_SELECTOR)
+    } else {
+        (CODE0_SELECTOR, DATA0_SELECTOR)
+    };
+    sregs.cs = segment(cs, true);
+    let data = segment(ds, false);
+    (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
+    sregs
+}
 
 /// Present, writable, user.
 const PTE_PRW_U: u64 = 0x7;

@@ -43,19 +43,26 @@
 //!   advances: it ends as `Timeout` only when its address did not move for
 //!   [`vcpu::LOOP_STALL`] (1 s), with `done` the bytes completed.
 //!
-//! # What kernel 6.18.44 (our machines) does differently from the spec
+//! # Where the running kernel departs from upstream
 //!
-//! Measured by `tests/kvm_backend.rs` (tests named `departure_*` print the
-//! observation):
+//! The backend reports what the kernel does; it never corrects it. Where a
+//! kernel departs from upstream, `scenarios/departures.toml` describes the
+//! behaviour once, with a probe that shows it (`gmem caps` lists the probes'
+//! results), and `gmem check`, the corpus and the contract suite report the
+//! lines and tests it accounts for as departing (docs/conformance.md).
+//! Kernel 6.18.44 (our machines, `kvm_pvm`) shows:
 //!
 //! - FAULT-3: a guest access through a slot bound to a MMAP | INIT_SHARED
 //!   guest_memfd is served from the slot's `userspace_addr`, not from the
-//!   file: with `userspace_addr` 0 it exits as MMIO; pointing it at other
-//!   memory shows that memory. A VMM gets the upstream behaviour by setting
-//!   `userspace_addr` to the file's own host mapping.
-//! - FAULT-6 / LIFE-5: after the file is released under a live slot, a guest
-//!   access exits as MMIO, not as a memory fault (EFAULT, exit 39). A slot
-//!   whose userspace range is unmapped behaves the same way.
+//!   file: pointing it at other memory shows that memory. A VMM gets the
+//!   upstream behaviour by setting `userspace_addr` to the file's own host
+//!   mapping.
+//! - FAULT-3-unmapped: an access served from a `userspace_addr` where
+//!   nothing is mapped (0, or unmapped) exits as MMIO; upstream fails
+//!   `KVM_RUN` with EFAULT.
+//! - FAULT-6: after the file is released under a live slot, a guest access
+//!   is served from `userspace_addr` (or exits as MMIO), never as a memory
+//!   fault.
 //! - FAULT-8: the `KVM_HC_MAP_GPA_RANGE` hypercall never exits to the VMM;
 //!   the vCPU stays at the `vmcall`/`vmmcall`, and the backend reports it as
 //!   [`crate::hypervisor::VcpuExit::Timeout`] with that rip within a few

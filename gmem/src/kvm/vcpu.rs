@@ -28,8 +28,9 @@
 //!
 //! On our hosts (PVM) ring-0 guest code is interpreted (about 1.5 M
 //! instructions/s) and ring-3 code runs natively (billions), but leaving
-//! ring 3 costs more than a whole interpreted run: measured with `benches/kvm_path.rs`, a raw run exiting
-//! from ring 3 takes about 2.5x as long as one exiting from ring 0. So single
+//! ring 3 costs more than a whole interpreted run: measured with
+//! `benches/kvm_path.rs`, a raw run exiting from ring 3 takes two to two and
+//! a half times as long as one exiting from ring 0. So single
 //! operations run at ring 0 (two instructions), loops at ring 3, and the
 //! vCPU switches with `KVM_SET_SREGS` only when the ring changes.
 //! The hypercall must run at ring 0 anyway: KVM refuses a hypercall from
@@ -58,7 +59,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
+use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::{SyncReg, VcpuExit as KvmExit, VcpuFd};
 
 use crate::error::{Errno, Error, Result};
@@ -136,24 +137,6 @@ pub struct KvmVcpu {
     pub(crate) pre_fault: bool,
 }
 
-fn segment(selector: u16, code: bool) -> kvm_segment {
-    kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector,
-        type_: if code { 11 } else { 3 },
-        present: 1,
-        dpl: (selector & 3) as u8,
-        db: u8::from(!code),
-        s: 1,
-        l: u8::from(code),
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    }
-}
-
 /// Thread CPU time (CLOCK_THREAD_CPUTIME_ID): guest time counts too.
 fn thread_cpu_time() -> Duration {
     let mut ts = libc::timespec {
@@ -175,25 +158,12 @@ impl KvmVcpu {
         code: Arc<Code>,
         phys_bits: u8,
     ) -> Result<KvmVcpu> {
-        let mut sregs = fd
+        let sregs = fd
             .get_sregs()
             .map_err(|e| kernel(e, format_args!("KVM_GET_SREGS vcpu={id}")))?;
-        sregs.gdt.base = guest::GDT_BASE;
-        sregs.gdt.limit = guest::GDT_LIMIT;
-        // CR0: PE | MP | ET | NE | WP | PG; CR4: PAE; EFER: LME | LMA.
-        sregs.cr0 = 0x8005_0033;
-        sregs.cr4 = 0x20;
-        sregs.efer = 0x500;
-        sregs.cr3 = guest::cr3(index);
-        let mut rings = [sregs; 2];
-        for (s, (cs, ds)) in rings.iter_mut().zip([
-            (guest::CODE0_SELECTOR, guest::DATA0_SELECTOR),
-            (guest::CODE3_SELECTOR, guest::DATA3_SELECTOR),
-        ]) {
-            s.cs = segment(cs, true);
-            let data = segment(ds, false);
-            (s.ds, s.es, s.fs, s.gs, s.ss) = (data, data, data, data, data);
-        }
+        let cr3 = guest::cr3(index);
+        let rings =
+            [false, true].map(|user| guest::long_mode_sregs(sregs, guest::GDT_BASE, cr3, user));
         fd.set_sregs(&rings[0])
             .map_err(|e| kernel(e, format_args!("KVM_SET_SREGS vcpu={id}")))?;
         let regs = kvm_regs {

@@ -175,6 +175,20 @@ fn probe(hv: &dyn Hypervisor, mode: BackingMode) -> Result<(Box<dyn Vm>, String)
         hv.create_vm(vm_type as u64)
             .map_err(|e| format!("creating the VM failed: {e}"))
     };
+    // Both modes with private memory need guest_memfd and a sw_protected VM.
+    let private_vm = || {
+        if let Some(why) = no_gmem() {
+            return Err(why);
+        }
+        let types = hv.check_extension(KVM_CAP_VM_TYPES) as u64;
+        if types & (1 << KVM_X86_SW_PROTECTED_VM) == 0 {
+            return Err(format!(
+                "no VM type with private memory (KVM_CAP_VM_TYPES {types:#x} lacks \
+                 sw_protected)"
+            ));
+        }
+        create(KVM_X86_SW_PROTECTED_VM)
+    };
     match mode {
         BackingMode::GuestMemfd => {
             if let Some(why) = no_gmem() {
@@ -198,17 +212,7 @@ fn probe(hv: &dyn Hypervisor, mode: BackingMode) -> Result<(Box<dyn Vm>, String)
             ))
         }
         BackingMode::Split => {
-            if let Some(why) = no_gmem() {
-                return Err(why);
-            }
-            let types = hv.check_extension(KVM_CAP_VM_TYPES) as u64;
-            if types & (1 << KVM_X86_SW_PROTECTED_VM) == 0 {
-                return Err(format!(
-                    "no VM type with private memory (KVM_CAP_VM_TYPES {types:#x} lacks \
-                     sw_protected)"
-                ));
-            }
-            let vm = create(KVM_X86_SW_PROTECTED_VM)?;
+            let vm = private_vm()?;
             let attrs = vm.check_extension(KVM_CAP_MEMORY_ATTRIBUTES) as u64;
             if attrs & KVM_MEMORY_ATTRIBUTE_PRIVATE as u64 == 0 {
                 return Err(format!(
@@ -226,17 +230,7 @@ fn probe(hv: &dyn Hypervisor, mode: BackingMode) -> Result<(Box<dyn Vm>, String)
             ))
         }
         BackingMode::InPlace => {
-            if let Some(why) = no_gmem() {
-                return Err(why);
-            }
-            let types = hv.check_extension(KVM_CAP_VM_TYPES) as u64;
-            if types & (1 << KVM_X86_SW_PROTECTED_VM) == 0 {
-                return Err(format!(
-                    "no VM type with private memory (KVM_CAP_VM_TYPES {types:#x} lacks \
-                     sw_protected)"
-                ));
-            }
-            let vm = create(KVM_X86_SW_PROTECTED_VM)?;
+            let vm = private_vm()?;
             let attrs = vm.check_extension(KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES) as u64;
             let flags = vm.check_extension(KVM_CAP_GUEST_MEMFD_FLAGS) as u64;
             let want = FileAccess::Shared.flags();

@@ -25,7 +25,7 @@
 //!   hole, memslots, which file and offset backs each.
 //! - [`backing`]: the [`BackingMode`] chosen from the host's capabilities,
 //!   with the reason.
-//! - [`file`]: [`GmemFile`], a guest_memfd owned from birth, flags
+//! - [`file`](mod@file): [`GmemFile`], a guest_memfd owned from birth, flags
 //!   negotiated.
 //! - [`manager`]: [`MemoryManager`]: conversions, discard, accounting,
 //!   device access, vCPU exits that ask for conversions.

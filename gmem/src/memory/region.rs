@@ -7,7 +7,7 @@
 //! guest_memfd next to the host memory, managed by a
 //! `GuestRegionCollection` (vm-memory#312). What it adds is the private
 //! state: a slice of a range that is private to the guest is refused with
-//! [`Error::Private`](super::Error::Private), carried inside
+//! [`Error::Private`], carried inside
 //! `GuestMemoryError::IOError`, instead of faulting.
 
 use std::io;

@@ -97,7 +97,8 @@ impl Line {
 
     /// Does `actual` meet the line's expectation? On a backend that follows
     /// a known release, that release's outcome; on a running kernel, whose
-    /// release is measured rather than known, any release's.
+    /// release is measured rather than known, any release's (a check then
+    /// holds all such lines to one release: `report::hold_to_one_release`).
     pub fn accepts(&self, release: Option<Release>, actual: &Outcome) -> bool {
         match release {
             Some(r) => self.expect_on(r).accepts(actual),

@@ -1,6 +1,8 @@
 //! Which release a backend follows, measured: the scenario lines whose
 //! outcome differs between releases (`=> EINVAL | 7.2: EEXIST`) are run, and
-//! the releases every observed outcome allows are kept.
+//! the releases every observed outcome allows are kept ([`match_release`],
+//! for `gmem caps`). [`consensus`] does the same for the lines of one
+//! `gmem check`, and names the lines no release of the others allows.
 
 use std::path::Path;
 
@@ -89,16 +91,95 @@ impl ReleaseMatch {
     pub fn summary(&self) -> String {
         match self.candidates.as_slice() {
             [] => "no release: the probes disagree (a kernel with backports?)".to_string(),
-            [one] => one.to_string(),
-            [first, .., last] => format!("{first} to {last}"),
+            some => describe(some),
         }
     }
+}
+
+/// `7.2`, `6.18 to 7.1` for consecutive releases, else `6.18, 7.2`.
+pub fn describe(releases: &[Release]) -> String {
+    let at = |r: &Release| Release::ALL.iter().position(|a| a == r);
+    let consecutive = releases
+        .windows(2)
+        .all(|w| at(&w[1]) == at(&w[0]).map(|i| i + 1));
+    match releases {
+        [] => "no release".to_string(),
+        [one] => one.to_string(),
+        [first, .., last] if consecutive => format!("{first} to {last}"),
+        all => all
+            .iter()
+            .map(Release::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
+}
+
+/// What the release-dependent lines of one run on a running kernel say
+/// about the one release it follows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Consensus {
+    /// The releases every line allows (the intersection, as
+    /// [`match_release_in`] keeps it); where no release fits every line,
+    /// those the most lines allow.
+    pub releases: Vec<Release>,
+    /// Per line: does it allow every one of [`Consensus::releases`]? A line
+    /// that does not is inconsistent with the others.
+    pub agrees: Vec<bool>,
+}
+
+/// The consensus of `lines`, each the releases whose outcome a line had.
+pub fn consensus(lines: &[Vec<Release>]) -> Consensus {
+    let count = |r: &Release| lines.iter().filter(|l| l.contains(r)).count();
+    let most = Release::ALL.iter().map(count).max().unwrap_or(0);
+    let releases: Vec<Release> = Release::ALL
+        .into_iter()
+        .filter(|r| count(r) == most)
+        .collect();
+    let agrees = lines
+        .iter()
+        .map(|l| releases.iter().all(|r| l.contains(r)))
+        .collect();
+    Consensus { releases, agrees }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::soft::SoftHypervisor;
+    use Release::*;
+
+    #[test]
+    fn lines_that_share_a_release_all_agree_on_the_intersection() {
+        let lines = [vec![V6_18, V6_19, V7_0, V7_1], vec![V6_18]];
+
+        let c = consensus(&lines);
+
+        assert_eq!(c.releases, [V6_18]);
+        assert_eq!(c.agrees, [true, true]);
+    }
+
+    #[test]
+    fn a_line_no_release_of_the_others_allows_disagrees() {
+        let before_7_2 = vec![V6_18, V6_19, V7_0, V7_1];
+        let lines = [before_7_2.clone(), vec![V7_2, Next], before_7_2];
+
+        let c = consensus(&lines);
+
+        assert_eq!(c.releases, [V6_18, V6_19, V7_0, V7_1]);
+        assert_eq!(c.agrees, [true, false, true]);
+        assert_eq!(describe(&c.releases), "6.18 to 7.1");
+    }
+
+    #[test]
+    fn two_lines_that_contradict_each_other_both_disagree() {
+        let lines = [vec![V6_18], vec![V7_2]];
+
+        let c = consensus(&lines);
+
+        assert_eq!(c.releases, [V6_18, V7_2]);
+        assert_eq!(c.agrees, [false, false]);
+        assert_eq!(describe(&c.releases), "6.18, 7.2");
+    }
 
     fn corpus() -> std::path::PathBuf {
         std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scenarios")

@@ -1,6 +1,7 @@
 //! Conformance reports: scenarios run on one or two backends, departures
-//! recognised by behaviour, disagreements between backends, the text table
-//! and the JSON object (schema: docs/conformance.md).
+//! recognised by behaviour, a running kernel's release-dependent lines held
+//! to one release, disagreements between backends, the text table and the
+//! JSON object (schema: docs/conformance.md).
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -11,9 +12,11 @@ use serde::Serialize;
 use super::budget::{Bytes, Limits};
 use super::departures::{same_outcome, Departures, Explainer, KernelId, Probes};
 use super::parse::{parse, shorten, ParseError, MAX_SCENARIO_BYTES};
+use super::probe::{consensus, describe};
 use super::run::{run_limited, LineResult, ScenarioRun};
-use super::Outcome;
+use super::{Outcome, Scenario};
 use crate::hypervisor::Hypervisor;
+use crate::Release;
 
 /// The `schema` field of the JSON report.
 pub const SCHEMA: &str = "gmem-check/1";
@@ -44,6 +47,10 @@ pub enum ProblemKind {
     Mismatch,
     /// The runner did not perform the operation: over the memory budget.
     OverBudget,
+    /// On a running kernel, an outcome of a release the other
+    /// release-dependent lines of the check do not agree on: a kernel
+    /// follows one release.
+    Release,
 }
 
 /// One failing line of a scenario on a backend.
@@ -94,6 +101,22 @@ pub struct BackendResult {
     /// Every line's outcome (empty when skipped).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub lines: Vec<LineResult>,
+    /// On a backend whose release is measured (a running kernel), the
+    /// release-dependent lines that passed, for [`hold_to_one_release`].
+    #[serde(skip)]
+    release_lines: Vec<ReleaseLine>,
+}
+
+/// A release-dependent line (`=> EINVAL | 7.2: EEXIST`) that passed on a
+/// running kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ReleaseLine {
+    /// Its index in [`BackendResult::lines`].
+    index: usize,
+    /// The releases whose outcome it had.
+    releases: Vec<Release>,
+    /// Its expected outcome on each release of [`Release::ALL`].
+    expected: Vec<Outcome>,
 }
 
 /// A line on which two backends both meet the expectation with different
@@ -365,6 +388,7 @@ impl<'a> Checker<'a> {
                         departures: vec![],
                         max_held: 0,
                         lines: vec![],
+                        release_lines: vec![],
                     });
                 }
                 Ok(hv) => {
@@ -376,7 +400,11 @@ impl<'a> Checker<'a> {
                         }
                         _ => vec![None; r.lines.len()],
                     };
-                    report.results.push(judge(&b.name, &r, &explanations));
+                    let mut result = judge(&b.name, &r, &explanations);
+                    if hv.release().is_none() {
+                        result.release_lines = release_lines(&scenario, &r);
+                    }
+                    report.results.push(result);
                     runs.push(Some(r));
                 }
             }
@@ -393,7 +421,7 @@ impl<'a> Checker<'a> {
         mut progress: impl FnMut(usize, usize, &str),
     ) -> CheckReport {
         let n = sources.len();
-        let scenarios: Vec<ScenarioReport> = sources
+        let mut scenarios: Vec<ScenarioReport> = sources
             .iter()
             .enumerate()
             .map(|(i, s)| {
@@ -401,6 +429,9 @@ impl<'a> Checker<'a> {
                 self.check_source(s)
             })
             .collect();
+        for b in 0..self.backends.len() {
+            hold_to_one_release(&mut scenarios, b);
+        }
         let backends: Vec<BackendInfo> = self
             .backends
             .iter()
@@ -485,6 +516,7 @@ pub fn judge(
         departures: vec![],
         max_held: r.max_held,
         lines: r.lines.clone(),
+        release_lines: vec![],
     };
     if let Some(why) = &r.skipped {
         result.verdict = Verdict::Skip(why.clone());
@@ -516,7 +548,14 @@ pub fn judge(
             }),
         }
     }
-    result.verdict = if !result.problems.is_empty() {
+    result.verdict = verdict(&result);
+    result
+}
+
+/// The verdict of a run that was not skipped, from its problems and
+/// departures.
+fn verdict(result: &BackendResult) -> Verdict {
+    if !result.problems.is_empty() {
         Verdict::Fail
     } else if !result.departures.is_empty() {
         let mut ids: Vec<String> = Vec::new();
@@ -528,8 +567,79 @@ pub fn judge(
         Verdict::Departs(ids)
     } else {
         Verdict::Pass
-    };
-    result
+    }
+}
+
+/// The release-dependent lines of `scenario` that passed in `r`, with the
+/// releases each outcome allows.
+fn release_lines(scenario: &Scenario, r: &ScenarioRun) -> Vec<ReleaseLine> {
+    scenario
+        .lines
+        .iter()
+        .zip(&r.lines)
+        .enumerate()
+        .filter(|(_, (line, result))| !line.since.is_empty() && result.passed)
+        .filter_map(|(index, (line, result))| {
+            Some(ReleaseLine {
+                index,
+                releases: line.releases_matching(result.actual.as_ref()?),
+                expected: Release::ALL.map(|rel| line.expect_on(rel)).to_vec(),
+            })
+        })
+        .collect()
+}
+
+/// A kernel follows one release: on backend `b`, fails every
+/// release-dependent line that passed with the outcome of a release the
+/// other such lines of the check do not agree on ([`consensus`]), saying
+/// which releases the line implies and which the others do.
+fn hold_to_one_release(scenarios: &mut [ScenarioReport], b: usize) {
+    let at: Vec<(usize, usize)> = scenarios
+        .iter()
+        .enumerate()
+        .filter_map(|(si, s)| s.results.get(b).map(|r| (si, r)))
+        .flat_map(|(si, r)| (0..r.release_lines.len()).map(move |k| (si, k)))
+        .collect();
+    let sets: Vec<Vec<Release>> = at
+        .iter()
+        .map(|&(si, k)| scenarios[si].results[b].release_lines[k].releases.clone())
+        .collect();
+    let agreed = consensus(&sets);
+    let allow = |r: &Release| sets.iter().filter(|l| l.contains(r)).count();
+    let most = agreed.releases.first().map_or(0, allow);
+    for (&(si, k), _) in at.iter().zip(&agreed.agrees).filter(|(_, a)| !**a) {
+        let s = &mut scenarios[si];
+        let r = &mut s.results[b];
+        let rl = r.release_lines[k].clone();
+        let first = Release::ALL
+            .iter()
+            .position(|x| Some(x) == agreed.releases.first());
+        let line = &mut r.lines[rl.index];
+        let detail = format!(
+            "a kernel follows one release: this outcome is that of {}, but the \
+             release-dependent lines of this check agree on {} ({most} of {} lines allow it)",
+            describe(&rl.releases),
+            describe(&agreed.releases),
+            sets.len()
+        );
+        line.passed = false;
+        line.detail = Some(detail.clone());
+        r.problems.push(Problem {
+            kind: ProblemKind::Release,
+            line: line.line,
+            text: line.text.clone(),
+            expected: match first {
+                Some(i) => format!("{} ({})", rl.expected[i], describe(&agreed.releases)),
+                None => line.expected.to_string(),
+            },
+            actual: format!("{} ({})", line.actual_text(), describe(&rl.releases)),
+            detail: Some(detail),
+        });
+        let failed = line.line;
+        r.problems.sort_by_key(|p| p.line);
+        r.verdict = verdict(r);
+        s.disagreements.retain(|d| d.line != failed);
+    }
 }
 
 fn compare(results: &[BackendResult], runs: &[Option<ScenarioRun>]) -> Vec<Disagreement> {
@@ -909,13 +1019,17 @@ mod tests {
         check_with(kvm, behaviours(), text)
     }
 
-    fn check_with(kvm: &NamedKvm, departures: Departures, text: &str) -> ScenarioReport {
-        let soft = Backend::Soft.open().unwrap();
-        let checker = Checker::new(
+    /// A checker of the software backend against `kvm`.
+    fn checker<'a>(
+        soft: &'a dyn Hypervisor,
+        kvm: &'a NamedKvm,
+        departures: Departures,
+    ) -> Checker<'a> {
+        Checker::new(
             vec![
                 BackendSlot {
                     name: "soft".into(),
-                    hv: Ok(soft.as_ref()),
+                    hv: Ok(soft),
                 },
                 BackendSlot {
                     name: "kvm".into(),
@@ -924,11 +1038,95 @@ mod tests {
             ],
             departures,
             Limits::new(64 << 20),
-        );
+        )
+    }
+
+    fn check_with(kvm: &NamedKvm, departures: Departures, text: &str) -> ScenarioReport {
+        let soft = Backend::Soft.open().unwrap();
+        let checker = checker(soft.as_ref(), kvm, departures);
         checker.check_source(&Source {
             name: "t.gmem".into(),
             text: Ok(text.into()),
         })
+    }
+
+    /// The software backend as 7.2 behaves, under the name `kvm` and with
+    /// its release hidden, as a running kernel's is: which release it follows
+    /// is measured from its outcomes.
+    fn kernel_of_7_2() -> NamedKvm {
+        NamedKvm(Box::new(
+            crate::soft::SoftHypervisor::with_profile(Release::V7_2).unwrap(),
+        ))
+    }
+
+    fn sources(texts: &[&str]) -> Vec<Source> {
+        texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Source {
+                name: format!("{i}.gmem"),
+                text: Ok(t.to_string()),
+            })
+            .collect()
+    }
+
+    /// A line whose outcome is 3 on every release before 7.2: true of 7.2 too,
+    /// so a 7.2 kernel gives the outcome of 6.18 to 7.1 here.
+    const FLAGS_BEFORE_7_2: &str = "vm = create_vm\n\
+        check_extension vm guest_memfd_flags => 3 | 7.2: 99\n";
+    /// BIND-5: EEXIST since 7.2.
+    const BOUND_RANGE: &str = "vm = create_vm\n\
+        g = create_guest_memfd vm size=8K\n\
+        set_memory_region vm slot=1 gpa=0x100000 size=4K flags=guest_memfd guest_memfd=g\n\
+        set_memory_region vm slot=2 gpa=0x200000 size=4K flags=guest_memfd guest_memfd=g \
+        => EINVAL | 7.2: EEXIST\n";
+
+    #[test]
+    fn a_release_dependent_line_inconsistent_with_the_others_fails_on_a_kernel() {
+        let kvm = kernel_of_7_2();
+        let soft = Backend::Soft.open().unwrap();
+        let checker = checker(soft.as_ref(), &kvm, behaviours());
+
+        let report = checker.check_sources(
+            &sources(&[FLAGS_BEFORE_7_2, BOUND_RANGE, FLAGS_BEFORE_7_2]),
+            |_, _, _| {},
+        );
+
+        let verdicts: Vec<&Verdict> = report
+            .scenarios
+            .iter()
+            .map(|s| &s.results[1].verdict)
+            .collect();
+        assert_eq!(verdicts, [&Verdict::Pass, &Verdict::Fail, &Verdict::Pass]);
+        let p = &report.scenarios[1].results[1].problems;
+        assert_eq!(
+            (p.len(), p[0].kind, p[0].line),
+            (1, ProblemKind::Release, 4),
+            "{p:?}"
+        );
+        assert_eq!(p[0].actual, "EEXIST (7.2 to next)");
+        assert_eq!(p[0].expected, "EINVAL (6.18 to 7.1)");
+        let detail = p[0].detail.as_deref().unwrap();
+        assert!(
+            detail.contains("agree on 6.18 to 7.1 (2 of 3 lines"),
+            "{detail}"
+        );
+        assert!(!report.scenarios[1].results[1].lines[3].passed);
+        assert_eq!(report.summary.failed, 1);
+        assert!(render(&report).contains("a kernel follows one release"));
+    }
+
+    #[test]
+    fn release_dependent_lines_of_one_release_pass_on_a_kernel() {
+        let kvm = kernel_of_7_2();
+        let soft = Backend::Soft.open().unwrap();
+        let checker = checker(soft.as_ref(), &kvm, behaviours());
+
+        let alone = checker.check_sources(&sources(&[BOUND_RANGE]), |_, _, _| {});
+        let flags = checker.check_sources(&sources(&[FLAGS_BEFORE_7_2]), |_, _, _| {});
+
+        assert!(!alone.failed(), "{}", render(&alone));
+        assert!(!flags.failed(), "{}", render(&flags));
     }
 
     /// The selftest test_guest_memfd_guest as a user would write it: a
@@ -1043,20 +1241,7 @@ guest_read vm gpa=0x101000 => 0x55
         for b in &mut d.behaviours {
             b.seen_on = vec![KernelId::running()];
         }
-        let checker = Checker::new(
-            vec![
-                BackendSlot {
-                    name: "soft".into(),
-                    hv: Ok(soft.as_ref()),
-                },
-                BackendSlot {
-                    name: "kvm".into(),
-                    hv: Ok(&kvm),
-                },
-            ],
-            d,
-            Limits::new(64 << 20),
-        );
+        let checker = checker(soft.as_ref(), &kvm, d);
         let report = checker.check_sources(&[], |_, _, _| {});
         assert_eq!(report.stale.len(), 4, "kvm only: {:?}", report.stale);
         assert!(report.failed());
@@ -1071,20 +1256,7 @@ guest_read vm gpa=0x101000 => 0x55
                 .with(Effect::UnfaultableUserspaceAddrIsMmio),
         );
         let soft = Backend::Soft.open().unwrap();
-        let checker = Checker::new(
-            vec![
-                BackendSlot {
-                    name: "soft".into(),
-                    hv: Ok(soft.as_ref()),
-                },
-                BackendSlot {
-                    name: "kvm".into(),
-                    hv: Ok(&kvm),
-                },
-            ],
-            behaviours(),
-            Limits::new(64 << 20),
-        );
+        let checker = checker(soft.as_ref(), &kvm, behaviours());
         let long = format!("{}/x.gmem", "very-long-folder-name".repeat(8));
         let report = checker.check_sources(
             &[

@@ -2,11 +2,11 @@
 //! release (docs/spec.md, sections 1, 2, 4 and 7).
 //!
 //! Three objects, as in the kernel:
-//! - [`GmemInode`]: the memory. A tmpfs memfd holds the pages, so they are
+//! - `GmemInode`: the memory. A tmpfs memfd holds the pages, so they are
 //!   real host memory, allocated on first touch and returned to the host
 //!   when a hole is punched. It also holds the binding map, under the
 //!   file's invalidate lock.
-//! - [`GmemFile`]: the open file. It pins the VM; the VM's memslots do not
+//! - `GmemFile`: the open file. It pins the VM; the VM's memslots do not
 //!   pin it. When its last reference goes (the fd handle and every host
 //!   mapping), `release` unbinds every slot and invalidates (LIFE-5, INVAL-2).
 //! - [`SoftGuestMemfd`]: the fd the user holds.

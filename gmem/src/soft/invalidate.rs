@@ -3,7 +3,7 @@
 //!
 //! The kernel zaps its stage-2 page tables and bumps `mmu_invalidate_seq`;
 //! here the "page tables" are the vCPUs' translation caches
-//! ([`super::tlb`]): the bump makes every cached translation stale, and the
+//! (`soft/tlb.rs`): the bump makes every cached translation stale, and the
 //! invalidation then waits out the guest accesses that may have checked the
 //! sequence just before it, so that when it returns no access can still
 //! use the old translation. Observers (a test that records what was zapped)

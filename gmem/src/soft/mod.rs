@@ -4,6 +4,7 @@
 //! compared with.
 //!
 //! - [`vm`]: memslots, bindings, attributes, capabilities; the lock order.
+//! - `memslot`: the memslots of one address space, by id and by gfn.
 //! - [`guest_memfd`]: the file, its pages (a tmpfs memfd), fallocate, mmap,
 //!   release.
 //! - [`vcpu`]: the guest fault path.

@@ -1,8 +1,8 @@
 //! The guest fault path (docs/spec.md, section 6): where a guest access is
 //! served from, and the exits it produces.
 //!
-//! An access first tries the vCPU's translation cache ([`super::tlb`]),
-//! which takes no lock. A miss takes [`SoftVcpu::fault_in`], the
+//! An access first tries the vCPU's translation cache (`soft/tlb.rs`),
+//! which takes no lock. A miss takes `SoftVcpu::fault_in`, the
 //! kernel's page fault: under the VM's slots lock (and the file's
 //! invalidate lock for guest_memfd memory) it decides where the gfn is
 //! served from (FAULT-1..6), performs the access, and caches the run of

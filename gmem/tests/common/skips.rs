@@ -41,7 +41,7 @@ pub fn departs(behaviours: impl Display) {
 
 /// Skips (recording why) when `/dev/kvm` does not exist: true if skipped.
 #[allow(dead_code)]
-pub fn no_kvm(_what: &str) -> bool {
+pub fn no_kvm() -> bool {
     let missing = !std::path::Path::new("/dev/kvm").exists();
     if missing {
         skip("/dev/kvm does not exist");

@@ -6,7 +6,7 @@
 use crate::support::*;
 
 /// A private VM, a file of `pages` pages (INIT_SHARED or not) bound at
-/// `GPA`, its host mapping and a vCPU; or a skip line.
+/// `GPA`, its host mapping and a vCPU; or `None` (a recorded skip).
 #[allow(clippy::type_complexity)]
 fn fixture(
     hv: &dyn Hypervisor,

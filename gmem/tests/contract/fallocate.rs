@@ -22,8 +22,8 @@ struct GuestView {
     cpu: Box<dyn Vcpu>,
 }
 
-/// A default VM with slot 0 over the whole file at `GPA`, or `None` after
-/// a skip line.
+/// A default VM with slot 0 over the whole file at `GPA`, or `None` (a
+/// recorded skip).
 fn guest_view(hv: &dyn Hypervisor) -> Option<GuestView> {
     let (vm, file) = shared_file(hv, SIZE)?;
     let mapping = bind_through_own_mapping(&*vm, 0, GPA, SIZE, &*file, 0);

@@ -12,7 +12,7 @@ const SEED: u64 = 0x5eed_0000_0000_0000;
 type Bound = (Box<dyn Vm>, Box<dyn GuestMemfd>, Box<dyn HostMemory>);
 
 /// A VM whose slot 0 at GPA is bound to a `size`-byte MMAP | INIT_SHARED
-/// file through its own mapping, and a vCPU; `None` after a skip line.
+/// file through its own mapping, and a vCPU; or `None` (a recorded skip).
 fn bound(hv: &dyn Hypervisor, size: u64) -> Option<Bound> {
     let (vm, file) = shared_file(hv, size)?;
     let map = bind_through_own_mapping(&*vm, 0, GPA, size, &*file, 0);

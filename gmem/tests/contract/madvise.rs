@@ -9,15 +9,6 @@ use crate::support::*;
 /// One huge page.
 const HPAGE: u64 = 2 << 20;
 
-fn file(hv: &dyn Hypervisor, size: u64, flags: u64) -> Option<(Box<dyn Vm>, Box<dyn GuestMemfd>)> {
-    let vm = default_vm(hv);
-    if !has_gmem_flags(&*vm, flags) {
-        return None;
-    }
-    let file = gmem(&*vm, size, flags);
-    Some((vm, file))
-}
-
 fn advise(m: &dyn HostMemory, offset: u64, len: u64, advice: Advice) {
     ok(
         m.madvise(offset, len, advice),
@@ -77,7 +68,7 @@ pub fn remove_punches_the_file_under_the_range(hv: &dyn Hypervisor) {
     assert_eq!(host_read(&*b, P, 1), [0x11]);
     assert_eq!(cpu.load_ok(GPA + 3 * P, 1), 0x11);
     assert_eq!(past_end, Ok(()), "past the end of the file, as punch hole");
-    let Some((_vm, private)) = file(hv, 2 * P, GUEST_MEMFD_FLAG_MMAP) else {
+    let Some((_vm, private)) = file_with_flags(hv, 2 * P, GUEST_MEMFD_FLAG_MMAP) else {
         return;
     };
     let q = ok(
@@ -156,7 +147,7 @@ pub fn populate_faults_pages_in_up_to_the_first_sigbus(hv: &dyn Hypervisor) {
     assert_eq!(host_read(&*m, P, 1), [0]);
     assert_refused(hv, across, Errno::EFAULT, "MMAP-9");
     assert_refused(hv, past, Errno::EFAULT, "MMAP-9");
-    let Some((_vm, private)) = file(hv, 2 * P, GUEST_MEMFD_FLAG_MMAP) else {
+    let Some((_vm, private)) = file_with_flags(hv, 2 * P, GUEST_MEMFD_FLAG_MMAP) else {
         return;
     };
     let q = ok(

@@ -3,7 +3,9 @@
 //!
 //! Each test is a function `fn(&dyn Hypervisor)` in the module of its spec
 //! section; [`contract_tests!`] instantiates it as `soft::<section>::<test>`
-//! and `kvm::<section>::<test>`. A test that needs something a backend lacks
+//! and `kvm::<section>::<test>`, and [`release_tests!`] the tests whose
+//! outcome depends on the release again as `next::soft::...` (the software
+//! backend as `next`) and `next::kvm::...`. A test that needs something a backend lacks
 //! (a VM type, memory attributes, a creation flag) checks the capability
 //! first and records a skip naming it; no test passes silently. The binary
 //! prints one summary of the skips, and of the tests that depart from
@@ -14,7 +16,8 @@ use std::sync::OnceLock;
 
 use gmem::scenario::departures::{Departures, Probes};
 use gmem::scenario::Limits;
-use gmem::{Backend, Hypervisor};
+use gmem::soft::SoftHypervisor;
+use gmem::{Backend, Hypervisor, Release};
 
 #[path = "../common/skips.rs"]
 mod skips;
@@ -37,11 +40,6 @@ mod mmap;
 mod numa;
 mod prefault;
 
-/// The KVM backend is a stub on this branch: while this is false the `kvm`
-/// instances record a skip. Flip it when the KVM backend lands; from then
-/// on failing to open `/dev/kvm` (when it exists) is a test failure.
-const KVM_INSTANCE: bool = true;
-
 /// The departures file: the known behaviours of kernels that depart from
 /// upstream, and the contract tests each makes fail.
 const DEPARTURES: &str = include_str!("../../../scenarios/departures.toml");
@@ -57,27 +55,27 @@ fn kvm_probes(hv: &dyn Hypervisor) -> &'static Probes {
     P.get_or_init(|| departures().probe(hv, &Limits::new(64 << 20)))
 }
 
-/// Runs `test` (named `section::test`) on `backend`, or records why it
-/// cannot run there.
+/// Runs `test` (named `section::test`) on `backend` (the software backend
+/// as `profile` where one is given), or records why it cannot run there.
 ///
 /// A kvm test listed in departures.toml must fail exactly when the
 /// kernel's probes show the behaviours listed for it: it is then recorded
 /// as departing; if it passes, the record or the probe is wrong and the test
 /// fails. On a kernel whose probes do not show them it must pass. The
 /// expectation itself is never weakened.
-fn run(backend: Backend, name: &str, test: fn(&dyn Hypervisor)) {
-    if backend == Backend::Kvm {
-        if !KVM_INSTANCE {
-            skips::skip("kvm backend not merged yet");
-            return;
-        }
-        if skips::no_kvm(name) {
-            return;
-        }
+fn run(backend: Backend, profile: Option<Release>, name: &str, test: fn(&dyn Hypervisor)) {
+    if backend == Backend::Kvm && skips::no_kvm() {
+        return;
     }
-    let hv = match backend.open() {
-        Ok(hv) => hv,
-        Err(e) => panic!("opening the {} backend: {e}", backend.name()),
+    let hv: Box<dyn Hypervisor> = match profile {
+        Some(r) => match SoftHypervisor::with_profile(r) {
+            Ok(hv) => Box::new(hv),
+            Err(e) => panic!("opening the soft backend as {r}: {e}"),
+        },
+        None => match backend.open() {
+            Ok(hv) => hv,
+            Err(e) => panic!("opening the {} backend: {e}", backend.name()),
+        },
     };
     let listed = match backend {
         Backend::Kvm => departures().contract_test(name),
@@ -103,38 +101,35 @@ fn run(backend: Backend, name: &str, test: fn(&dyn Hypervisor)) {
     }
 }
 
-/// Runs `test` on the software backend as `release` behaves.
-fn run_release(release: gmem::Release, test: fn(&dyn Hypervisor)) {
-    match gmem::soft::SoftHypervisor::with_profile(release) {
-        Ok(hv) => test(&hv),
-        Err(e) => panic!("opening the soft backend as {release}: {e}"),
-    }
+/// `instances!(backend, profile; section: [test, ...], ...)` makes
+/// `section::test` for each test, running `crate::section::test` through
+/// [`run`].
+macro_rules! instances {
+    ($backend:expr, $profile:expr; $($section:ident: [$($test:ident),* $(,)?]),* $(,)?) => {
+        $(mod $section {
+            $(#[test]
+            fn $test() {
+                crate::run(
+                    $backend,
+                    $profile,
+                    concat!(stringify!($section), "::", stringify!($test)),
+                    crate::$section::$test,
+                );
+            })*
+        })*
+    };
 }
 
 /// `release_tests! { section: [test, ...] }` makes `next::soft::section::test`
 /// (the software backend as `next`) and `next::kvm::section::test`.
 macro_rules! release_tests {
-    ($($section:ident: [$($test:ident),* $(,)?]),* $(,)?) => {
+    ($($sections:tt)*) => {
         mod next {
             mod soft {
-                $(mod $section {
-                    $(#[test]
-                    fn $test() {
-                        crate::run_release(gmem::Release::Next, crate::$section::$test);
-                    })*
-                })*
+                instances!(gmem::Backend::Soft, Some(gmem::Release::Next); $($sections)*);
             }
             mod kvm {
-                $(mod $section {
-                    $(#[test]
-                    fn $test() {
-                        crate::run(
-                            gmem::Backend::Kvm,
-                            concat!(stringify!($section), "::", stringify!($test)),
-                            crate::$section::$test,
-                        );
-                    })*
-                })*
+                instances!(gmem::Backend::Kvm, None; $($sections)*);
             }
         }
     };
@@ -160,30 +155,12 @@ release_tests! {
 /// `contract_tests! { section: [test, ...], ... }` makes
 /// `soft::section::test` and `kvm::section::test` for each test.
 macro_rules! contract_tests {
-    ($($section:ident: [$($test:ident),* $(,)?]),* $(,)?) => {
+    ($($sections:tt)*) => {
         mod soft {
-            $(mod $section {
-                $(#[test]
-                fn $test() {
-                    crate::run(
-                        gmem::Backend::Soft,
-                        concat!(stringify!($section), "::", stringify!($test)),
-                        crate::$section::$test,
-                    );
-                })*
-            })*
+            instances!(gmem::Backend::Soft, None; $($sections)*);
         }
         mod kvm {
-            $(mod $section {
-                $(#[test]
-                fn $test() {
-                    crate::run(
-                        gmem::Backend::Kvm,
-                        concat!(stringify!($section), "::", stringify!($test)),
-                        crate::$section::$test,
-                    );
-                })*
-            })*
+            instances!(gmem::Backend::Kvm, None; $($sections)*);
         }
     };
 }

@@ -2,16 +2,6 @@
 
 use crate::support::*;
 
-/// A default VM and a file with `flags`, or `None` after a skip line.
-fn file(hv: &dyn Hypervisor, size: u64, flags: u64) -> Option<(Box<dyn Vm>, Box<dyn GuestMemfd>)> {
-    let vm = default_vm(hv);
-    if !has_gmem_flags(&*vm, flags) {
-        return None;
-    }
-    let file = gmem(&*vm, size, flags);
-    Some((vm, file))
-}
-
 #[track_caller]
 fn assert_sigbus(r: std::result::Result<(), HostFault>, hv: &dyn Hypervisor, rule: &str) {
     match r {
@@ -36,7 +26,7 @@ pub fn mmap_without_the_mmap_flag_is_enodev(hv: &dyn Hypervisor) {
 
 /// MMAP-2: a private (copy-on-write) mapping is EINVAL.
 pub fn private_mapping_is_einval(hv: &dyn Hypervisor) {
-    let Some((_vm, file)) = file(hv, P, GUEST_MEMFD_FLAG_MMAP) else {
+    let Some((_vm, file)) = file_with_flags(hv, P, GUEST_MEMFD_FLAG_MMAP) else {
         return;
     };
 
@@ -47,7 +37,7 @@ pub fn private_mapping_is_einval(hv: &dyn Hypervisor) {
 
 /// MMAP-3: a shared mapping may be longer than the file.
 pub fn mapping_longer_than_the_file_is_accepted(hv: &dyn Hypervisor) {
-    let Some((_vm, file)) = file(hv, P, GUEST_MEMFD_FLAG_MMAP) else {
+    let Some((_vm, file)) = file_with_flags(hv, P, GUEST_MEMFD_FLAG_MMAP) else {
         return;
     };
 
@@ -59,7 +49,7 @@ pub fn mapping_longer_than_the_file_is_accepted(hv: &dyn Hypervisor) {
 /// MMAP-3: touching a mapping past the end of the file is SIGBUS, while
 /// the part inside the file works (guest_memfd_test).
 pub fn touching_past_the_end_of_the_file_is_sigbus(hv: &dyn Hypervisor) {
-    let Some((_vm, file)) = file(hv, 2 * P, MMAP_SHARED) else {
+    let Some((_vm, file)) = file_with_flags(hv, 2 * P, MMAP_SHARED) else {
         return;
     };
     let mapping = ok(file.mmap(0, 4 * P, MapKind::Shared), "mmap");
@@ -76,7 +66,7 @@ pub fn touching_past_the_end_of_the_file_is_sigbus(hv: &dyn Hypervisor) {
 /// MMAP-4: without INIT_SHARED the mapping succeeds but every touch is
 /// SIGBUS: the memory is private to the guest.
 pub fn touching_without_init_shared_is_sigbus(hv: &dyn Hypervisor) {
-    let Some((_vm, file)) = file(hv, 2 * P, GUEST_MEMFD_FLAG_MMAP) else {
+    let Some((_vm, file)) = file_with_flags(hv, 2 * P, GUEST_MEMFD_FLAG_MMAP) else {
         return;
     };
     let mapping = ok(file.mmap(0, 2 * P, MapKind::Shared), "mmap");
@@ -92,7 +82,7 @@ pub fn touching_without_init_shared_is_sigbus(hv: &dyn Hypervisor) {
 /// a mapping (guest_memfd_test). The slot's userspace_addr is a second
 /// mapping of the file (see `bind_through_own_mapping`).
 pub fn guest_reads_what_the_host_wrote(hv: &dyn Hypervisor) {
-    let Some((vm, file)) = file(hv, 2 * P, MMAP_SHARED) else {
+    let Some((vm, file)) = file_with_flags(hv, 2 * P, MMAP_SHARED) else {
         return;
     };
     let _slot_mapping = bind_through_own_mapping(&*vm, 0, GPA, 2 * P, &*file, 0);
@@ -107,7 +97,7 @@ pub fn guest_reads_what_the_host_wrote(hv: &dyn Hypervisor) {
 /// MMAP-4: with INIT_SHARED the host reads what the guest wrote, through
 /// a mapping other than the slot's.
 pub fn host_reads_what_the_guest_wrote(hv: &dyn Hypervisor) {
-    let Some((vm, file)) = file(hv, 2 * P, MMAP_SHARED) else {
+    let Some((vm, file)) = file_with_flags(hv, 2 * P, MMAP_SHARED) else {
         return;
     };
     let _slot_mapping = bind_through_own_mapping(&*vm, 0, GPA, 2 * P, &*file, 0);
@@ -121,7 +111,7 @@ pub fn host_reads_what_the_guest_wrote(hv: &dyn Hypervisor) {
 
 /// MMAP-4: a mapping at a file offset sees the file from that offset.
 pub fn mapping_at_an_offset_sees_the_file_from_there(hv: &dyn Hypervisor) {
-    let Some((_vm, file)) = file(hv, 4 * P, MMAP_SHARED) else {
+    let Some((_vm, file)) = file_with_flags(hv, 4 * P, MMAP_SHARED) else {
         return;
     };
     let whole = ok(file.mmap(0, 4 * P, MapKind::Shared), "mmap whole");
@@ -135,7 +125,7 @@ pub fn mapping_at_an_offset_sees_the_file_from_there(hv: &dyn Hypervisor) {
 /// MMAP-5: a hole touched through the mapping reads zero: first touch
 /// allocates a zeroed page, and a punched page comes back zeroed.
 pub fn touched_hole_reads_zero(hv: &dyn Hypervisor) {
-    let Some((_vm, file)) = file(hv, 2 * P, MMAP_SHARED) else {
+    let Some((_vm, file)) = file_with_flags(hv, 2 * P, MMAP_SHARED) else {
         return;
     };
     let mapping = ok(file.mmap(0, 2 * P, MapKind::Shared), "mmap");
@@ -165,7 +155,7 @@ pub fn private_mapping_of_a_file_without_mmap_is_enodev(hv: &dyn Hypervisor) {
 /// MMAP-3: a mapping that starts at or past the end of the file is
 /// accepted, and every touch of it is SIGBUS.
 pub fn mapping_wholly_past_the_end_is_sigbus_on_touch(hv: &dyn Hypervisor) {
-    let Some((_vm, file)) = file(hv, P, MMAP_SHARED) else {
+    let Some((_vm, file)) = file_with_flags(hv, P, MMAP_SHARED) else {
         return;
     };
     let mapping = ok(
@@ -204,7 +194,7 @@ fn assert_sigbus_at(
 /// stores every byte before the end, then raises SIGBUS at the first byte
 /// past it, as `memset` does in guest_memfd_test's `test_fault_overflow`.
 pub fn write_across_the_end_stores_every_byte_before_it(hv: &dyn Hypervisor) {
-    let Some((_vm, file)) = file(hv, 2 * P, MMAP_SHARED) else {
+    let Some((_vm, file)) = file_with_flags(hv, 2 * P, MMAP_SHARED) else {
         return;
     };
     let mapping = ok(file.mmap(0, 4 * P, MapKind::Shared), "mmap 4 pages of 2");
@@ -222,7 +212,7 @@ pub fn write_across_the_end_stores_every_byte_before_it(hv: &dyn Hypervisor) {
 /// MMAP-3: a host read across the end of the file reads every byte before
 /// the end into the buffer, then raises SIGBUS at the first byte past it.
 pub fn read_across_the_end_reads_every_byte_before_it(hv: &dyn Hypervisor) {
-    let Some((_vm, file)) = file(hv, 2 * P, MMAP_SHARED) else {
+    let Some((_vm, file)) = file_with_flags(hv, 2 * P, MMAP_SHARED) else {
         return;
     };
     let mapping = ok(file.mmap(0, 4 * P, MapKind::Shared), "mmap 4 pages of 2");
@@ -238,7 +228,7 @@ pub fn read_across_the_end_reads_every_byte_before_it(hv: &dyn Hypervisor) {
 /// MMAP-3: the fault is reported at the first byte past the end, counted
 /// from the mapping's start, also for a mapping at a file offset.
 pub fn write_across_the_end_of_a_mapping_at_an_offset(hv: &dyn Hypervisor) {
-    let Some((_vm, file)) = file(hv, 3 * P, MMAP_SHARED) else {
+    let Some((_vm, file)) = file_with_flags(hv, 3 * P, MMAP_SHARED) else {
         return;
     };
     let tail = ok(file.mmap(2 * P as i64, 2 * P, MapKind::Shared), "mmap");
@@ -253,7 +243,7 @@ pub fn write_across_the_end_of_a_mapping_at_an_offset(hv: &dyn Hypervisor) {
 /// MMAP-4: without INIT_SHARED the first byte faults: a write stores
 /// nothing, and the fault is at the access's first byte.
 pub fn write_without_init_shared_faults_at_its_first_byte(hv: &dyn Hypervisor) {
-    let Some((_vm, file)) = file(hv, 2 * P, GUEST_MEMFD_FLAG_MMAP) else {
+    let Some((_vm, file)) = file_with_flags(hv, 2 * P, GUEST_MEMFD_FLAG_MMAP) else {
         return;
     };
     let mapping = ok(file.mmap(0, 4 * P, MapKind::Shared), "mmap");
@@ -286,7 +276,7 @@ pub fn offset_past_the_largest_file_offset_is_eoverflow(hv: &dyn Hypervisor) {
 /// file offset range is accepted (the mapping lies past the end of the
 /// file, so every touch is SIGBUS); an unaligned negative offset is EINVAL.
 pub fn highest_mappable_offset_is_accepted(hv: &dyn Hypervisor) {
-    let Some((_vm, file)) = file(hv, P, MMAP_SHARED) else {
+    let Some((_vm, file)) = file_with_flags(hv, P, MMAP_SHARED) else {
         return;
     };
     let highest = (i64::MAX & !(P as i64 - 1)) - P as i64;

@@ -10,7 +10,8 @@ struct Fixture {
     _vm: Box<dyn Vm>,
 }
 
-/// The fixture, or a skip line when the backend cannot pre-fault.
+/// The fixture, or `None` (a recorded skip) when the backend cannot
+/// pre-fault.
 fn fixture(hv: &dyn Hypervisor) -> Option<Fixture> {
     if hv.check_extension(KVM_CAP_PRE_FAULT_MEMORY) == 0 {
         skip("KVM_CAP_PRE_FAULT_MEMORY is 0");

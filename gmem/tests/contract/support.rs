@@ -71,8 +71,8 @@ pub fn default_vm(hv: &dyn Hypervisor) -> Box<dyn Vm> {
     ok(hv.create_vm(DEFAULT), "KVM_CREATE_VM(default)")
 }
 
-/// A VM with private memory (SW_PROTECTED), or `None` after a skip line
-/// when the backend lacks that VM type.
+/// A VM with private memory (SW_PROTECTED), or `None` (a recorded
+/// skip) when the backend lacks that VM type.
 pub fn private_vm(hv: &dyn Hypervisor) -> Option<Box<dyn Vm>> {
     if hv.check_extension(KVM_CAP_VM_TYPES) & (1 << SW_PROTECTED) == 0 {
         skip(format!(
@@ -88,7 +88,7 @@ pub fn private_vm(hv: &dyn Hypervisor) -> Option<Box<dyn Vm>> {
 }
 
 /// A VM with private memory whose attributes support PRIVATE, or `None`
-/// after a skip line.
+/// (a recorded skip).
 pub fn private_vm_with_attributes(hv: &dyn Hypervisor) -> Option<Box<dyn Vm>> {
     let vm = private_vm(hv)?;
     if vm.check_extension(KVM_CAP_MEMORY_ATTRIBUTES) as u64 & PRIVATE == 0 {
@@ -309,13 +309,23 @@ pub fn bind_through_own_mapping(
     mapping
 }
 
-/// A default VM and a MMAP | INIT_SHARED file of `size` bytes, or `None`
-/// after a skip line.
-pub fn shared_file(hv: &dyn Hypervisor, size: u64) -> Option<(Box<dyn Vm>, Box<dyn GuestMemfd>)> {
+/// A default VM and a file of `size` bytes with `flags`, or `None` (a
+/// recorded skip) when the VM does not accept those flags.
+pub fn file_with_flags(
+    hv: &dyn Hypervisor,
+    size: u64,
+    flags: u64,
+) -> Option<(Box<dyn Vm>, Box<dyn GuestMemfd>)> {
     let vm = default_vm(hv);
-    if !has_gmem_flags(&*vm, MMAP_SHARED) {
+    if !has_gmem_flags(&*vm, flags) {
         return None;
     }
-    let file = gmem(&*vm, size, MMAP_SHARED);
+    let file = gmem(&*vm, size, flags);
     Some((vm, file))
+}
+
+/// A default VM and a MMAP | INIT_SHARED file of `size` bytes, or `None`
+/// (a recorded skip).
+pub fn shared_file(hv: &dyn Hypervisor, size: u64) -> Option<(Box<dyn Vm>, Box<dyn GuestMemfd>)> {
+    file_with_flags(hv, size, MMAP_SHARED)
 }
