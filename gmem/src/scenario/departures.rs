@@ -602,6 +602,47 @@ mod tests {
         }
     }
 
+    /// FAULT-3-unmapped accounts for an MMIO exit exactly where the host
+    /// cannot fault `userspace_addr` in. The same exit where it can
+    /// (anonymous memory, a shared guest_memfd page) is a new kind of
+    /// difference, and no shown behaviour explains it.
+    #[test]
+    fn mmio_where_the_host_can_fault_in_is_not_explained() {
+        let text = "\
+vm = create_vm
+h = host_memory size=4K
+set_memory_region vm slot=1 gpa=0x100000 size=4K userspace=h
+guest_read vm gpa=0x100000 => 0x00
+g = create_guest_memfd vm size=4K flags=mmap|init_shared
+m = mmap g size=8K
+set_memory_region vm slot=2 gpa=0x200000 size=8K userspace=m
+guest_read vm gpa=0x200000 => 0x00
+guest_read vm gpa=0x201000 => EFAULT
+";
+        let limits = Limits::new(64 << 20);
+        let program = parse("t.gmem", text).unwrap();
+        let soft = Backend::Soft.open().unwrap();
+        let mut kernel = run_limited(soft.as_ref(), &program, &limits);
+        for (i, gpa) in [(3, 0x100000), (7, 0x200000), (8, 0x201000)] {
+            let l = &mut kernel.lines[i];
+            l.actual = Some(Outcome::Mmio {
+                gpa,
+                write: Some(false),
+            });
+            l.passed = false;
+        }
+        let known = Departures::builtin();
+        let all: Vec<&str> = known.behaviours.iter().map(|b| b.id.as_str()).collect();
+        let why = Explainer::new(&known, &all, limits).explain(&program, &kernel);
+        assert!(why[3].is_none(), "anonymous memory: {:?}", why[3]);
+        assert!(why[7].is_none(), "a shared guest_memfd page: {:?}", why[7]);
+        assert_eq!(
+            why[8].as_ref().map(|e| e.behaviours.clone()),
+            Some(vec!["FAULT-3-unmapped".to_string()]),
+            "past the end of the file"
+        );
+    }
+
     #[test]
     fn old_records_by_line_are_refused_with_a_hint() {
         let e = Departures::parse(

@@ -1548,7 +1548,7 @@ guest_read vm gpa=0x101000 => 0x55
         let kvm = kernel_with(
             Effects::NONE
                 .with(Effect::GmemOnlyViaUserspaceAddr)
-                .with(Effect::UnmappedUserspaceAddrIsMmio),
+                .with(Effect::UnfaultableUserspaceAddrIsMmio),
         );
         let r = check_on(&kvm, USER_SCENARIO);
         assert_eq!(r.results[0].verdict, Verdict::Pass, "soft");
@@ -1576,7 +1576,7 @@ guest_read vm gpa=0x101000 => 0x55
         let kvm = kernel_with(
             Effects::NONE
                 .with(Effect::GmemOnlyViaUserspaceAddr)
-                .with(Effect::UnmappedUserspaceAddrIsMmio),
+                .with(Effect::UnfaultableUserspaceAddrIsMmio),
         );
         let mut d = behaviours();
         d.behaviours.retain(|b| b.id != "FAULT-3-unmapped");
@@ -1652,7 +1652,7 @@ guest_read vm gpa=0x101000 => 0x55
         let kvm = kernel_with(
             Effects::NONE
                 .with(Effect::GmemOnlyViaUserspaceAddr)
-                .with(Effect::UnmappedUserspaceAddrIsMmio),
+                .with(Effect::UnfaultableUserspaceAddrIsMmio),
         );
         let soft = Backend::Soft.open().unwrap();
         let checker = checker(soft.as_ref(), &kvm, behaviours());

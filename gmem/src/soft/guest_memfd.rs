@@ -185,6 +185,31 @@ impl GmemInode {
         Ok(())
     }
 
+    /// The allocated pages of `indices`, as runs (`SEEK_DATA` and
+    /// `SEEK_HOLE` on the page store): what any mapping of the file can map.
+    pub(crate) fn allocated(&self, indices: Range<u64>) -> Vec<Range<u64>> {
+        let mut runs = Vec::new();
+        let end = indices.end.min(self.size >> PAGE_SHIFT);
+        let mut at = indices.start;
+        let seek = |from: u64, whence: i32| -> Option<u64> {
+            let from = i64::try_from(from << PAGE_SHIFT).ok()?;
+            // SAFETY: lseek on the store this inode owns; it moves the file
+            // offset of that fd only, which nothing else uses.
+            let r = unsafe { libc::lseek(self.store.as_raw_fd(), from, whence) };
+            (r >= 0).then_some(r as u64 >> PAGE_SHIFT)
+        };
+        while at < end {
+            // ENXIO: no data from here to the end.
+            let Some(data) = seek(at, libc::SEEK_DATA).filter(|d| *d < end) else {
+                break;
+            };
+            let hole = seek(data, libc::SEEK_HOLE).unwrap_or(end).min(end);
+            runs.push(data..hole.max(data + 1));
+            at = hole.max(data + 1);
+        }
+        runs
+    }
+
     pub(crate) fn supports_mmap(&self) -> bool {
         self.flags & GUEST_MEMFD_FLAG_MMAP != 0
     }

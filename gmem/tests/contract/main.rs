@@ -148,6 +148,7 @@ release_tests! {
     numa: [
         policy_belongs_to_the_mapping_before_6_19_and_to_the_file_since,
         default_through_a_new_mapping_keeps_the_files_policy,
+        strict_fails_on_a_mapped_page_that_cannot_move,
     ],
 }
 
@@ -383,6 +384,7 @@ contract_tests! {
         default_through_a_new_mapping_keeps_the_files_policy,
         mbind_arguments_are_checked_as_for_any_memory,
         get_mempolicy_reports_what_mbind_installed,
+        strict_fails_on_a_mapped_page_that_cannot_move,
     ],
     caps: [
         guest_memfd_capabilities_are_reported,
