@@ -1336,7 +1336,7 @@ mod tests {
         for expected in [Outcome::Ok, EINVAL] {
             let r = ran(vec![
                 line(1, Outcome::Ok, Outcome::Ok, None),
-                line(2, expected.clone(), EINVAL, Some(refused)),
+                line(2, expected, EINVAL, Some(refused)),
                 line(3, Outcome::Ok, Outcome::Sigbus, None),
             ]);
 
