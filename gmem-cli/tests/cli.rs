@@ -575,3 +575,14 @@ fn bench_help_says_quick_does_not_judge() {
     let out = words(&o.stdout);
     assert!(out.contains("not judged against the targets"), "{out}");
 }
+
+#[test]
+fn every_help_fits_100_columns() {
+    for cmd in ["check", "run", "map", "caps", "bench", "fuzz"] {
+        let o = gmem(&[cmd, "--help"]);
+        assert!(o.status.success(), "{cmd}");
+        for l in text(&o.stdout).lines() {
+            assert!(l.chars().count() <= 100, "{cmd}: {l}");
+        }
+    }
+}
