@@ -1,6 +1,7 @@
 //! The repository documents itself: no tracked text file points to a
 //! document outside it, docs/spec.md defines every rule id the code and the
-//! tests use, and docs/scenarios.md describes every operation the scenario
+//! tests use, each rule whose outcome differs by release says so in its
+//! row, and docs/scenarios.md describes every operation the scenario
 //! parser accepts.
 //!
 //! Each check is a function of text, so that the tests at the end can show
@@ -122,6 +123,21 @@ fn not_defined_once(ids: &BTreeSet<String>, spec: &str) -> Vec<(String, usize)> 
     ids.iter()
         .map(|id| (id.clone(), defs.get(id).copied().unwrap_or(0)))
         .filter(|(_, n)| *n != 1)
+        .collect()
+}
+
+/// The `(id, release)` pairs whose row in `spec` does not say how the
+/// outcome differs by release (`**By release:**`) naming that release.
+fn release_not_in_row(spec: &str, changes: &[(String, &str)]) -> Vec<(String, String)> {
+    changes
+        .iter()
+        .filter(|(id, release)| {
+            let start = format!("| {id} |");
+            !spec.lines().any(|l| {
+                l.starts_with(&start) && l.contains("**By release:**") && l.contains(release)
+            })
+        })
+        .map(|(id, release)| (id.clone(), release.to_string()))
         .collect()
 }
 
@@ -282,6 +298,21 @@ fn spec_defines_every_rule_id_the_code_cites() {
 }
 
 #[test]
+fn every_rule_that_differs_by_release_names_the_release_in_its_row() {
+    let changes: Vec<(String, &str)> = gmem::release::CHANGES
+        .iter()
+        .flat_map(|c| c.rules().into_iter().map(|id| (id, c.since.name())))
+        .collect();
+    assert!(changes.len() > 10, "{changes:?}");
+    let missing = release_not_in_row(&read("docs/spec.md"), &changes);
+    assert!(
+        missing.is_empty(),
+        "these rules differ by release (gmem::release::CHANGES), but their row in docs/spec.md \
+         does not say so after **By release:** naming the release: {missing:?}"
+    );
+}
+
+#[test]
 fn scenario_doc_describes_every_operation_and_requirement() {
     let ops = parser_operations();
     assert!(ops.len() > 20, "the parser lists {} operations", ops.len());
@@ -326,6 +357,28 @@ fn outside_references_are_found_in_any_case() {
     let found: Vec<usize> = outside_references(&text).iter().map(|(l, _)| *l).collect();
     assert_eq!(found, [2, 3, 4, 5]);
     assert!(outside_references("docs/spec.md, section 4; ../docs/scenarios.md").is_empty());
+}
+
+#[test]
+fn a_row_that_does_not_name_its_release_is_reported() {
+    let spec = "| BIND-5 | EINVAL. **By release:** EEXIST since 7.2. | x |\n\
+                | BIND-4 | past the end is EINVAL. | x |\n\
+                | NUMA-2 | since 6.19 the file's. | x |\n";
+    let changes = [
+        ("BIND-5".to_string(), "7.2"),
+        ("BIND-4".to_string(), "7.2"),
+        ("NUMA-2".to_string(), "6.19"),
+    ];
+
+    let missing = release_not_in_row(spec, &changes);
+
+    assert_eq!(
+        missing,
+        [
+            ("BIND-4".to_string(), "7.2".to_string()),
+            ("NUMA-2".to_string(), "6.19".to_string())
+        ]
+    );
 }
 
 #[test]
