@@ -297,6 +297,8 @@ contract_tests! {
         mmap_without_the_mmap_flag_is_enodev,
         private_mapping_is_einval,
         mapping_longer_than_the_file_is_accepted,
+        mapping_covers_its_length_rounded_up_to_a_page,
+        host_memory_covers_its_length_rounded_up_to_a_page,
         touching_past_the_end_of_the_file_is_sigbus,
         touching_without_init_shared_is_sigbus,
         guest_reads_what_the_host_wrote,
