@@ -1,8 +1,9 @@
 //! The repository documents itself: no tracked text file points to a
 //! document outside it, docs/spec.md defines every rule id the code and the
 //! tests use, each rule whose outcome differs by release says so in its
-//! row, and docs/scenarios.md describes every operation the scenario
-//! parser accepts.
+//! row, docs/scenarios.md describes every operation the scenario parser
+//! accepts, and every public item of the memory manager has a runnable
+//! doc example.
 //!
 //! Each check is a function of text, so that the tests at the end can show
 //! that each one fails on text that breaks it.
@@ -139,6 +140,54 @@ fn release_not_in_row(spec: &str, changes: &[(String, &str)]) -> Vec<(String, St
         })
         .map(|(id, release)| (id.clone(), release.to_string()))
         .collect()
+}
+
+/// The public items of Rust source `src` (`pub fn`, `struct`, `enum`,
+/// `type`, `const`, `trait`, `static`) whose doc comment has no runnable
+/// example (a code fence that is not `ignore`, `no_run` or
+/// `compile_fail`), by line number and line. `pub mod name;` is judged by
+/// `module_docs(name)`, the module's own `//!` text.
+fn items_without_examples<'a>(
+    src: &'a str,
+    module_docs: &dyn Fn(&str) -> String,
+) -> Vec<(usize, &'a str)> {
+    // Fences alternate: an opening one says how the block is run.
+    let runnable = |doc: &str| {
+        doc.lines()
+            .map(|l| l.trim_start_matches(['/', '!', ' ']))
+            .filter(|l| l.starts_with("```"))
+            .step_by(2)
+            .any(|open| open == "```" || open == "```rust")
+    };
+    let lines: Vec<&str> = src.lines().collect();
+    let mut missing = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let t = line.trim_start();
+        let Some(rest) = t.strip_prefix("pub ") else {
+            continue;
+        };
+        let kind = rest.split_whitespace().next().unwrap_or("");
+        let doc = if kind == "mod" {
+            let name = rest[4..].trim_end_matches(';').trim();
+            module_docs(name)
+        } else if ["fn", "struct", "enum", "type", "const", "trait", "static"].contains(&kind) {
+            let above = lines[..i]
+                .iter()
+                .rev()
+                .take_while(|l| {
+                    let l = l.trim_start();
+                    l.starts_with("///") || l.starts_with("#[")
+                })
+                .count();
+            lines[i - above..i].join("\n")
+        } else {
+            continue;
+        };
+        if !runnable(&doc) {
+            missing.push((i + 1, *line));
+        }
+    }
+    missing
 }
 
 /// The rule ids Rust source cites where it refuses a request: the first
@@ -313,6 +362,32 @@ fn every_rule_that_differs_by_release_names_the_release_in_its_row() {
 }
 
 #[test]
+fn every_public_item_of_the_memory_manager_has_a_runnable_example() {
+    let dir = repo().join("gmem/src/memory");
+    let module_docs = |name: &str| {
+        std::fs::read_to_string(dir.join(format!("{name}.rs")))
+            .unwrap_or_default()
+            .lines()
+            .take_while(|l| l.starts_with("//!"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let mut missing = Vec::new();
+    let files = rust_sources(&dir);
+    assert!(files.len() > 5, "{files:?}");
+    for f in files {
+        let src = std::fs::read_to_string(&f).unwrap();
+        for (line, text) in items_without_examples(&src, &module_docs) {
+            missing.push(format!("{}:{line}: {}", f.display(), text.trim()));
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "public items of gmem::memory without a runnable doc example: {missing:#?}"
+    );
+}
+
+#[test]
 fn scenario_doc_describes_every_operation_and_requirement() {
     let ops = parser_operations();
     assert!(ops.len() > 20, "the parser lists {} operations", ops.len());
@@ -379,6 +454,26 @@ fn a_row_that_does_not_name_its_release_is_reported() {
             ("NUMA-2".to_string(), "6.19".to_string())
         ]
     );
+}
+
+#[test]
+fn an_item_without_a_runnable_example_is_reported() {
+    let src = "/// Has one.\n///\n/// ```\n/// f();\n/// ```\npub fn f() {}\n\
+               /// None.\npub fn g() {}\n\
+               /// Not run.\n/// ```no_run\n/// h();\n/// ```\n#[inline]\npub fn h() {}\n\
+               fn private() {}\n\
+               pub mod documented;\npub mod bare;\n";
+    let docs = |name: &str| match name {
+        "documented" => "//! ```\n//! x();\n//! ```".to_string(),
+        _ => "//! No example.".to_string(),
+    };
+
+    let missing: Vec<usize> = items_without_examples(src, &docs)
+        .iter()
+        .map(|(l, _)| *l)
+        .collect();
+
+    assert_eq!(missing, [8, 14, 17]);
 }
 
 #[test]
