@@ -27,6 +27,21 @@ fn show(exit: VcpuExit) -> String {
     }
 }
 
+/// `label` then `text`, wrapped to 100 columns, further lines indented.
+fn say(label: &str, text: &str) {
+    let mut line = label.to_string();
+    for word in text.split(' ') {
+        if line.len() + 1 + word.len() > 100 && !line.trim().is_empty() {
+            println!("{line}");
+            line = "    ".into();
+        } else if !line.ends_with(' ') && !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    println!("{line}");
+}
+
 /// A one-byte guest load at `gpa`, shown as the value or the exit.
 fn read(vcpu: &mut dyn Vcpu, gpa: u64) -> Result<String> {
     Ok(show(vcpu.run(GuestOp::Read { gpa, size: 1 })?))
@@ -76,7 +91,10 @@ fn main() -> Result<()> {
             64 << 10,
         ))
         .unwrap_err();
-    println!("binding slot 2 at the file's end is refused: {err}");
+    say(
+        "binding slot 2 at the file's end is refused:",
+        &err.to_string(),
+    );
 
     let m = g.mmap(0, 64 << 10, MapKind::Shared)?;
     m.write(0x1000, &[0xaa]).expect("shared page");
@@ -99,9 +117,12 @@ fn main() -> Result<()> {
 
     let before = g.allocated_bytes()? >> 10;
     g.fallocate(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, 0, 64 << 10)?;
-    println!(
-        "punched the whole file: the pages held {before} KiB, now {} KiB (memory went back to the host)",
-        g.allocated_bytes()? >> 10
+    say(
+        &format!("punched the whole file: the pages held {before} KiB,"),
+        &format!(
+            "now {} KiB (memory went back to the host)",
+            g.allocated_bytes()? >> 10
+        ),
     );
     println!(
         "guest reads gpa 0x101000 after the punch: {}",
@@ -141,7 +162,10 @@ fn main() -> Result<()> {
         value: 0x5a,
     })?;
     gmem::HostMemory::write(&host, 0x1000, &[0x11]).expect("host memory");
-    println!("sw_protected VM: guest wrote 0x5a to private gpa 0x1000, host wrote 0x11 to its shared copy");
+    say(
+        "sw_protected VM:",
+        "guest wrote 0x5a to private gpa 0x1000, host wrote 0x11 to its shared copy",
+    );
     println!("  private read: {}", read(pvcpu.as_mut(), 0x1000)?);
     convert(&pvm, 2 << 20, 0)?;
     println!(
