@@ -8,34 +8,6 @@ use gmem::soft::{InvalidateCause, Invalidation, InvalidationObserver, SoftHyperv
 use gmem::uapi::*;
 use gmem::{GuestMemfd, GuestOp, Hypervisor, MapKind, Result, Vcpu, VcpuExit, Vm};
 
-#[derive(Default)]
-struct Recorder(Mutex<Vec<Invalidation>>);
-
-impl InvalidationObserver for Recorder {
-    fn invalidate(&self, inv: &Invalidation) {
-        self.0.lock().unwrap().push(inv.clone());
-    }
-}
-
-/// `text` wrapped at 100 columns, continuation lines indented by `indent`.
-fn wrap(text: &str, indent: usize) -> String {
-    let mut out = String::new();
-    let mut col = 0;
-    for word in text.split_whitespace() {
-        if col > indent && col + 1 + word.len() > 100 {
-            out.push('\n');
-            out.push_str(&" ".repeat(indent));
-            col = indent;
-        } else if col > 0 {
-            out.push(' ');
-            col += 1;
-        }
-        out.push_str(word);
-        col += word.len();
-    }
-    out
-}
-
 /// What caused an invalidation, in words.
 fn cause(c: InvalidateCause) -> &'static str {
     match c {
@@ -48,6 +20,15 @@ fn cause(c: InvalidateCause) -> &'static str {
     }
 }
 
+#[derive(Default)]
+struct Recorder(Mutex<Vec<Invalidation>>);
+
+impl InvalidationObserver for Recorder {
+    fn invalidate(&self, inv: &Invalidation) {
+        self.0.lock().unwrap().push(inv.clone());
+    }
+}
+
 fn show(exit: VcpuExit) -> String {
     match exit {
         VcpuExit::Done(v) => format!("{v:#x}"),
@@ -56,6 +37,21 @@ fn show(exit: VcpuExit) -> String {
         }
         other => format!("{other:?}"),
     }
+}
+
+/// `label` then `text`, wrapped to 100 columns, further lines indented.
+fn say(label: &str, text: &str) {
+    let mut line = label.to_string();
+    for word in text.split(' ') {
+        if line.len() + 1 + word.len() > 100 && !line.trim().is_empty() {
+            println!("{line}");
+            line = "    ".into();
+        } else if !line.ends_with(' ') && !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    println!("{line}");
 }
 
 /// A one-byte guest load at `gpa`, shown as the value or the exit.
@@ -106,12 +102,9 @@ fn main() -> Result<()> {
             64 << 10,
         ))
         .unwrap_err();
-    println!(
-        "{}",
-        wrap(
-            &format!("binding slot 2 at the file's end is refused: {err}"),
-            2
-        )
+    say(
+        "binding slot 2 at the file's end is refused:",
+        &err.to_string(),
     );
 
     let m = g.mmap(0, 64 << 10, MapKind::Shared)?;
@@ -135,9 +128,12 @@ fn main() -> Result<()> {
 
     let before = g.allocated_bytes()? >> 10;
     g.fallocate(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, 0, 64 << 10)?;
-    println!(
-        "punched the whole file: the pages held {before} KiB, now {} KiB (memory went back to the host)",
-        g.allocated_bytes()? >> 10
+    say(
+        &format!("punched the whole file: the pages held {before} KiB,"),
+        &format!(
+            "now {} KiB (memory went back to the host)",
+            g.allocated_bytes()? >> 10
+        ),
     );
     println!(
         "guest reads gpa 0x101000 after the punch: {}",
@@ -177,9 +173,9 @@ fn main() -> Result<()> {
         value: 0x5a,
     })?;
     gmem::HostMemory::write(&host, 0x1000, &[0x11]).expect("host memory");
-    println!(
-        "sw_protected VM: guest wrote 0x5a to private gpa 0x1000, host wrote 0x11 to its \
-         shared copy"
+    say(
+        "sw_protected VM:",
+        "guest wrote 0x5a to private gpa 0x1000, host wrote 0x11 to its shared copy",
     );
     println!("  private read: {}", read(pvcpu.as_mut(), 0x1000)?);
     convert(&pvm, 2 << 20, 0)?;

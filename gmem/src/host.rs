@@ -1,5 +1,10 @@
 //! Owned host mappings, shared by both backends: anonymous memory for the
 //! VMM's RAM and shared file mappings. A [`Mmap`] is unmapped on drop.
+//!
+//! A mapping covers whole pages: the kernel's VMA for `mmap(addr, len)` is
+//! `[addr, addr + PAGE_ALIGN(len))` (mm/mmap.c: `do_mmap`), so every byte
+//! of the last page can be touched. [`Mmap::len`] is that length, and it
+//! bounds every access.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr::NonNull;
@@ -15,6 +20,8 @@ const HPAGE_SIZE: u64 = 2 << 20;
 #[derive(Debug)]
 pub struct Mmap {
     ptr: NonNull<u8>,
+    /// The length asked for, rounded up to a whole page: what the VMA
+    /// covers.
     len: usize,
     /// Bytes of inaccessible guard pages owned on each side
     /// ([`Mmap::host_memory`]), unmapped with the region.
@@ -106,7 +113,7 @@ impl Mmap {
         Ok(Mmap {
             ptr: NonNull::new(ptr.cast())
                 .expect("a fixed mapping inside a reservation is not NULL"),
-            len: len as usize,
+            len: map_len,
             guard: page,
         })
     }
@@ -120,7 +127,7 @@ impl Mmap {
     /// is a leak, never a dangling address.
     pub fn into_reservation(self) -> std::result::Result<Reservation, Mmap> {
         let start = self.addr() as usize - self.guard;
-        let len = self.len.next_multiple_of(PAGE_SIZE as usize) + 2 * self.guard;
+        let len = self.len + 2 * self.guard;
         match Reservation::map(start, len, true) {
             Ok(r) => {
                 // The reservation owns the range now.
@@ -181,7 +188,7 @@ impl Mmap {
         let ptr = unsafe {
             libc::mmap(
                 aligned as *mut libc::c_void,
-                len as usize,
+                ulen,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED | libc::MAP_FIXED_NOREPLACE,
                 fd.as_raw_fd(),
@@ -201,7 +208,7 @@ impl Mmap {
         }
         Some(Ok(Mmap {
             ptr: NonNull::new(ptr.cast()).expect("a mapping at a non-null hint is not NULL"),
-            len: len as usize,
+            len: ulen,
             guard: 0,
         }))
     }
@@ -217,7 +224,10 @@ impl Mmap {
         fd: Option<BorrowedFd<'_>>,
         offset: i64,
     ) -> Result<Mmap> {
-        let Ok(ulen) = usize::try_from(len) else {
+        // The kernel maps whole pages (`do_mmap`: `len = PAGE_ALIGN(len)`,
+        // ENOMEM when that wraps).
+        let pages = len.checked_next_multiple_of(PAGE_SIZE);
+        let Some(Ok(ulen)) = pages.map(usize::try_from) else {
             return Err(Error::new(
                 nix::errno::Errno::ENOMEM,
                 "kernel",
@@ -250,7 +260,8 @@ impl Mmap {
         self.ptr.as_ptr()
     }
 
-    /// Length in bytes.
+    /// Length in bytes: what the kernel's VMA covers, the length asked for
+    /// rounded up to a whole page. Every byte of it may be accessed.
     pub fn len(&self) -> u64 {
         self.len as u64
     }
@@ -447,6 +458,21 @@ mod tests {
             maps[3].read(len - 1, &mut b).unwrap();
             assert_eq!(b, [7]);
         }
+    }
+
+    #[test]
+    fn a_mapping_covers_its_length_rounded_up_to_a_page() {
+        let m = Mmap::anonymous(1).unwrap();
+        assert_eq!(m.len(), 4096);
+        m.write(4095, &[9]).unwrap();
+        let mut b = [0];
+        m.read(4095, &mut b).unwrap();
+        assert_eq!(b, [9]);
+        assert!(matches!(
+            m.write(4096, &[0]),
+            Err(HostFault::OutOfRange { size: 4096, .. })
+        ));
+        assert!(Mmap::anonymous(u64::MAX).is_err());
     }
 
     #[test]

@@ -215,7 +215,12 @@ impl State {
                 if *offset < 0 || *len <= 0 {
                     return Some((err(Errno::EINVAL), "FALLOC-2"));
                 }
-                if mode & !(keep | punch) != 0 || (mode & punch != 0 && mode & keep == 0) {
+                // Other mode bits go through vfs_fallocate's own mode checks
+                // before EFBIG (FALLOC-1); the model leaves them out.
+                if mode & !(keep | punch) != 0 {
+                    return None;
+                }
+                if mode & punch != 0 && mode & keep == 0 {
                     return Some((err(Errno::EOPNOTSUPP), "FALLOC-1"));
                 }
                 if offset.checked_add(*len).is_none() {

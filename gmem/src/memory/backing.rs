@@ -5,6 +5,16 @@
 //! modes ([`BackingMode`]); a VMM asks for what it needs
 //! ([`BackingRequest`]) and gets the first mode the host supports, with the
 //! capability values that decided it ([`Backing::reason`]).
+//!
+//! ```
+//! use gmem::memory::{BackingMode, BackingRequest, Layout, MemoryManager};
+//! let hv = gmem::Backend::Soft.open()?;
+//! let layout = Layout::builder().memory(1 << 20).backing(BackingRequest::Best).build()?;
+//! let mm = MemoryManager::new(&*hv, layout)?;
+//! assert_eq!(mm.backing().mode, BackingMode::Split); // the software backend has private memory
+//! println!("{}", mm.backing().reason);
+//! # Ok::<(), gmem::memory::Error>(())
+//! ```
 
 use std::fmt;
 
