@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use gmem::bench::{self, bytes, seconds, Report, Row, Scale, Target, Unit};
+use gmem::scenario::report::{os_error, os_words};
 use indicatif::{ProgressBar, ProgressStyle};
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -28,17 +29,23 @@ pub fn bench(quick: bool, json: Option<PathBuf>, out: Option<PathBuf>) -> ExitCo
         bar.set_message(step.to_string());
     });
     bar.finish_and_clear();
-    print!("{}", table(&report));
+    // Quick sizes are not the sizes the targets are for: report, do not judge.
+    let judged = !quick;
+    print!("{}", table(&report, judged));
     if let Some(path) = json {
         let text = serde_json::to_string_pretty(&report).expect("the report serializes");
         if let Err(e) = std::fs::write(&path, text + "\n") {
-            eprintln!("gmem bench: {}: {e}", path.display());
+            eprintln!("gmem bench: --json {}", os_error(&path, &e));
             return ExitCode::from(2);
         }
     }
     if let Some(dir) = out {
         if let Err(e) = plots(&report, &dir) {
-            eprintln!("gmem bench: plots in {}: {e}", dir.display());
+            let why = match e.downcast_ref::<std::io::Error>() {
+                Some(io) => os_words(io),
+                None => e.to_string(),
+            };
+            eprintln!("gmem bench: --out {}: {why}", dir.display());
             return ExitCode::from(2);
         }
         println!(
@@ -47,11 +54,35 @@ pub fn bench(quick: bool, json: Option<PathBuf>, out: Option<PathBuf>) -> ExitCo
             dir.join("access.svg").display()
         );
     }
-    if report.summary.missed > 0 {
+    let failed = failed_to_run(&report, kvm_available());
+    for r in &failed {
+        eprintln!(
+            "gmem bench: {} did not run: {}",
+            r.figure,
+            r.note.as_deref().unwrap_or("no reason given")
+        );
+    }
+    if !failed.is_empty() || (judged && report.summary.missed > 0) {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// Can the kvm figures run here?
+fn kvm_available() -> bool {
+    gmem::Backend::Kvm.open().is_ok()
+}
+
+/// The figures that should have run here and did not: every soft figure,
+/// and the kvm figures where the kvm backend opens.
+fn failed_to_run(report: &Report, kvm: bool) -> Vec<&Row> {
+    report
+        .rows
+        .iter()
+        .filter(|r| r.ours.is_nan())
+        .filter(|r| kvm || !r.id.starts_with("kvm."))
+        .collect()
 }
 
 fn value(v: f64, unit: Unit) -> String {
@@ -71,15 +102,41 @@ fn target(t: Target) -> String {
     }
 }
 
+/// A ratio as people read it: `2.98x`; one below 0.01 as the fraction it
+/// is (`1/5.2e7`), never `0.00x`.
+fn ratio(x: f64) -> String {
+    if x.is_nan() {
+        "-".into()
+    } else if x > 0.0 && x < 0.01 {
+        let inv = 1.0 / x;
+        if inv < 1e4 {
+            format!("1/{inv:.0}")
+        } else {
+            format!("1/{inv:.1e}")
+        }
+    } else {
+        format!("{x:.2}x")
+    }
+}
+
 /// The table, 100 columns wide at most, then footnotes: what each baseline
-/// is and the notes.
-fn table(report: &Report) -> String {
+/// is and the notes. `judged`: with the target and whether it was met
+/// (full sizes); else the ratios only (`--quick`).
+fn table(report: &Report, judged: bool) -> String {
     let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "{:<52} {:>9} {:>9} {:>8} {:>8} {:>5}",
-        "figure", "ours", "baseline", "ratio", "target", "met"
-    );
+    if judged {
+        let _ = writeln!(
+            s,
+            "{:<52} {:>9} {:>9} {:>8} {:>8} {:>5}",
+            "figure", "ours", "baseline", "ratio", "target", "met"
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            "{:<52} {:>9} {:>9} {:>8}",
+            "figure", "ours", "baseline", "ratio"
+        );
+    }
     let mut notes = Vec::new();
     for r in &report.rows {
         let mut foot = Vec::new();
@@ -96,21 +153,33 @@ fn table(report: &Report) -> String {
             format!(" [{}]", notes.len())
         };
         let figure = format!("{}{mark}", r.figure);
-        let _ = writeln!(
-            s,
-            "{figure:<52} {:>9} {:>9} {:>8} {:>8} {:>5}",
+        let row = format!(
+            "{figure:<52} {:>9} {:>9} {:>8}",
             value(r.ours, r.unit),
             r.baseline.map_or("-".into(), |b| value(b, r.unit)),
-            r.ratio.map_or("-".into(), |x| format!("{x:.2}x")),
-            target(r.target),
-            met(r),
+            r.ratio.map_or("-".into(), ratio),
+        );
+        if judged {
+            let _ = writeln!(s, "{row} {:>8} {:>5}", target(r.target), met(r));
+        } else {
+            let _ = writeln!(s, "{}", row.trim_end());
+        }
+    }
+    if judged {
+        let _ = writeln!(
+            s,
+            "{} met, {} missed, {} without a target or not measured here",
+            report.summary.met, report.summary.missed, report.summary.other
+        );
+    } else {
+        let measured = report.rows.iter().filter(|r| !r.ours.is_nan()).count();
+        let _ = writeln!(
+            s,
+            "--quick: {measured} of {} figures ran at small sizes; the targets are for the \
+             full sizes: not judged",
+            report.rows.len()
         );
     }
-    let _ = writeln!(
-        s,
-        "{} met, {} missed, {} without a target or not measured here",
-        report.summary.met, report.summary.missed, report.summary.other
-    );
     for (i, n) in notes.iter().enumerate() {
         let _ = writeln!(s, "[{}] {n}", i + 1);
     }
@@ -324,7 +393,7 @@ mod tests {
         };
         report.summarize();
 
-        let text = table(&report);
+        let text = table(&report, true);
 
         assert!(text.lines().all(|l| l.len() <= 100), "{text}");
         assert!(text.contains("yes") && text.contains("skip"), "{text}");
@@ -333,5 +402,69 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("1 met, 0 missed, 1 without"), "{text}");
+    }
+
+    fn missed_at_quick_sizes() -> Report {
+        let mut report = Report {
+            rows: vec![Row::new(
+                "soft.access.random",
+                "soft guest access, random over 16 MiB",
+                264e-9,
+                Some((45e-9, "raw dependent random load")),
+                Some(2.61),
+                Unit::Seconds,
+                Target::AtMost(1.2),
+            )],
+            ..Default::default()
+        };
+        report.summarize();
+        report
+    }
+
+    #[test]
+    fn quick_reports_ratios_without_judging_them() {
+        let report = missed_at_quick_sizes();
+
+        let text = table(&report, false);
+
+        assert!(text.lines().next().unwrap().ends_with("ratio"), "{text}");
+        assert!(!text.contains("NO") && !text.contains("met"), "{text}");
+        assert!(text.contains("2.61x"), "{text}");
+        assert!(text.contains("--quick: 1 of 1 figures ran"), "{text}");
+        assert!(failed_to_run(&report, true).is_empty());
+    }
+
+    #[test]
+    fn a_figure_that_did_not_run_fails_unless_it_needs_an_absent_kvm() {
+        let mut report = missed_at_quick_sizes();
+        report.rows.push(Row::skipped(
+            "kvm.access",
+            "kvm guest access",
+            Target::None,
+            "no /dev/kvm".into(),
+        ));
+        report.rows.push(Row::skipped(
+            "soft.convert",
+            "conversion",
+            Target::None,
+            "ENOMEM".into(),
+        ));
+
+        let without_kvm: Vec<&str> = failed_to_run(&report, false)
+            .iter()
+            .map(|r| r.id.as_str())
+            .collect();
+        let with_kvm = failed_to_run(&report, true).len();
+
+        assert_eq!(without_kvm, ["soft.convert"]);
+        assert_eq!(with_kvm, 2);
+    }
+
+    #[test]
+    fn a_tiny_ratio_reads_as_a_fraction_not_zero() {
+        assert_eq!(ratio(1.74e-6 / 90.7), "1/5.2e7");
+        assert_eq!(ratio(0.004), "1/250");
+        assert_eq!(ratio(0.99), "0.99x");
+        assert_eq!(ratio(f64::NAN), "-");
     }
 }

@@ -56,8 +56,24 @@ struct DepartureCap {
     recorded: bool,
 }
 
+/// The `schema` field of `gmem caps --json` (docs/conformance.md).
+pub const SCHEMA: &str = "gmem-caps/1";
+
+/// What one capability, or a set of them, means for a VMM.
+#[derive(Debug)]
+struct Meaning {
+    /// Its key in JSON: an identifier.
+    id: &'static str,
+    /// Its label in the text.
+    label: &'static str,
+    /// What it means here.
+    text: String,
+}
+
 #[derive(Debug, Serialize)]
 struct Caps {
+    /// [`SCHEMA`].
+    schema: &'static str,
     backend: &'static str,
     kernel: KernelId,
     /// On the system fd, keyed by capability name.
@@ -68,20 +84,20 @@ struct Caps {
     set_memory_attributes: String,
     /// Known departures from upstream, keyed by behaviour id.
     departures: BTreeMap<String, DepartureCap>,
-    /// What it means for a VMM, keyed by topic (in this order).
-    #[serde(serialize_with = "ser_pairs")]
-    meaning: Vec<(String, String)>,
+    /// What it means for a VMM, keyed by topic id (in this order).
+    #[serde(serialize_with = "ser_meaning")]
+    meaning: Vec<Meaning>,
     /// Which release's guest_memfd behaviour the backend follows, measured
     /// by the corpus lines whose outcome differs between releases.
     release: ReleaseMatch,
 }
 
-/// `[(k, v), ...]` as a JSON object, in order.
-fn ser_pairs<S: serde::Serializer>(pairs: &[(String, String)], s: S) -> Result<S::Ok, S::Error> {
+/// The meanings as a JSON object `{id: text}`, in order.
+fn ser_meaning<S: serde::Serializer>(meaning: &[Meaning], s: S) -> Result<S::Ok, S::Error> {
     use serde::ser::SerializeMap;
-    let mut m = s.serialize_map(Some(pairs.len()))?;
-    for (k, v) in pairs {
-        m.serialize_entry(k, v)?;
+    let mut m = s.serialize_map(Some(meaning.len()))?;
+    for x in meaning {
+        m.serialize_entry(x.id, &x.text)?;
     }
     m.end()
 }
@@ -156,6 +172,7 @@ fn gather(hv: &dyn Hypervisor, corpus: &[(&str, &str)]) -> Caps {
         .map(|(n, t)| ((*n).to_string(), (*t).to_string()))
         .collect();
     Caps {
+        schema: SCHEMA,
         release: match_release_in(hv, &files),
         backend: hv.name(),
         kernel: probes.kernel,
@@ -171,8 +188,9 @@ fn meaning(
     system: &CapMap,
     vm_types: &BTreeMap<&'static str, VmTypeCaps>,
     sma: &str,
-) -> Vec<(String, String)> {
+) -> Vec<Meaning> {
     let mut m = Vec::new();
+    let mut push = |id, label, text| m.push(Meaning { id, label, text });
     let yes_no = |b: bool, yes: String, no: String| {
         if b {
             format!("available: {yes}")
@@ -181,32 +199,35 @@ fn meaning(
         }
     };
     let gm = cap(system, "guest_memfd");
-    m.push((
-        "guest_memfd".to_string(),
+    push(
+        "guest_memfd",
+        "guest_memfd",
         yes_no(
             gm != 0,
             "KVM_CREATE_GUEST_MEMFD works".into(),
             "KVM_CAP_GUEST_MEMFD is 0".into(),
         ),
-    ));
+    );
     let flags = cap(system, "guest_memfd_flags") as u64;
-    m.push((
-        "host mmap of guest_memfd".to_string(),
+    push(
+        "host_mmap",
+        "host mmap of guest_memfd",
         yes_no(
             flags & GUEST_MEMFD_FLAG_MMAP != 0,
             "a VMM can map guest memory from the file (flag mmap)".into(),
             format!("KVM_CAP_GUEST_MEMFD_FLAGS is {flags:#x}, without MMAP"),
         ),
-    ));
-    m.push((
-        "guest_memfd as ordinary RAM".to_string(),
+    );
+    push(
+        "guest_memfd_as_ram",
+        "guest_memfd as ordinary RAM",
         yes_no(
             flags & GUEST_MEMFD_FLAG_INIT_SHARED != 0,
             "flags mmap|init_shared give memory shared with the host from creation, on default VMs"
                 .into(),
             format!("KVM_CAP_GUEST_MEMFD_FLAGS is {flags:#x}, without INIT_SHARED"),
         ),
-    ));
+    );
     let sw = vm_types
         .values()
         .find(|v| v.vm_type == KVM_X86_SW_PROTECTED_VM as u64);
@@ -239,34 +260,41 @@ fn meaning(
     } else {
         format!("available: VM types {}", private_types.join(", "))
     };
-    m.push(("private memory".to_string(), private));
-    m.push(("KVM_SET_MEMORY_ATTRIBUTES".to_string(), sma.to_string()));
+    push("private_memory", "private memory", private);
+    push(
+        "set_memory_attributes",
+        "KVM_SET_MEMORY_ATTRIBUTES",
+        sma.to_string(),
+    );
     let mfi = cap(system, "memory_fault_info");
-    m.push((
-        "memory fault exits".to_string(),
+    push(
+        "memory_fault_exits",
+        "memory fault exits",
         yes_no(
             mfi != 0,
             "a guest access the kernel cannot serve exits with KVM_EXIT_MEMORY_FAULT".into(),
             "KVM_CAP_MEMORY_FAULT_INFO is 0".into(),
         ),
-    ));
+    );
     let hc = cap(system, "exit_hypercall") as u64;
-    m.push((
-        "guest conversion requests".to_string(),
+    push(
+        "guest_conversion_requests",
+        "guest conversion requests",
         yes_no(
             hc & (1 << KVM_HC_MAP_GPA_RANGE) != 0,
             "KVM_CAP_EXIT_HYPERCALL offers KVM_HC_MAP_GPA_RANGE exits (whether a guest's \
-             hypercall really exits: the FAULT-8 probe above)"
+             hypercall really exits is what the probe of departure FAULT-8 finds)"
                 .into(),
             format!("KVM_CAP_EXIT_HYPERCALL is {hc:#x}"),
         ),
-    ));
+    );
     let slots = cap(system, "nr_memslots");
     let spaces = cap(system, "multi_address_space").max(1);
-    m.push((
-        "memslots".to_string(),
+    push(
+        "memslots",
+        "memslots",
         format!("{slots} per address space, {spaces} address space(s)"),
-    ));
+    );
     m
 }
 
@@ -295,8 +323,17 @@ fn wrap(first: &str, text: &str, indent: usize) -> String {
 fn render(c: &Caps) -> String {
     let mut out = format!("backend: {}\nkernel:  {}\n", c.backend, c.kernel);
     out.push_str("\nsystem capabilities (KVM_CHECK_EXTENSION on the system fd):\n");
+    // The name column is as wide as the longest name.
+    let nw = c
+        .capabilities
+        .keys()
+        .chain(VM_CAPS.iter().map(|(n, _)| n))
+        .map(|n| n.len())
+        .max()
+        .unwrap_or(0)
+        .max("capability".len());
     for (n, v) in &c.capabilities {
-        out.push_str(&format!("  {n:<22} {v:>8}  ({v:#x})\n"));
+        out.push_str(&format!("  {n:<nw$} {v:>8}  ({v:#x})\n"));
     }
     let created: Vec<(&&str, &VmTypeCaps)> = c
         .vm_types
@@ -318,13 +355,13 @@ fn render(c: &Caps) -> String {
         out.push_str(&wrap("  refused:", &refused.join(", "), 4));
     }
     if !created.is_empty() {
-        out.push_str(&format!("  {:<22}", "capability"));
+        out.push_str(&format!("  {:<nw$}", "capability"));
         for (n, v) in &created {
             out.push_str(&format!(" {:>14}", format!("{n} ({})", v.vm_type)));
         }
         out.push('\n');
         for (cap, _) in VM_CAPS {
-            out.push_str(&format!("  {cap:<22}"));
+            out.push_str(&format!("  {cap:<nw$}"));
             for (_, v) in &created {
                 let x = v.capabilities.get(cap).copied().unwrap_or(0);
                 out.push_str(&format!(" {x:>14}"));
@@ -344,18 +381,19 @@ fn render(c: &Caps) -> String {
             "not_shown" => "not shown",
             _ => "inconclusive",
         };
+        // The summary starts at column w + 16; so do its continuation lines.
         out.push_str(&wrap(
             &format!("  {id:<w$}  {state:<12}"),
             &d.summary,
-            w + 17,
+            w + 16,
         ));
         if let Some(why) = &d.reason {
-            out.push_str(&wrap(&" ".repeat(w + 16), why, w + 17));
+            out.push_str(&wrap(&" ".repeat(w + 16), why, w + 16));
         }
     }
     out.push_str("\nwhat it means for a VMM:\n");
-    for (k, v) in &c.meaning {
-        out.push_str(&wrap(&format!("  {k}:"), v, 4));
+    for x in &c.meaning {
+        out.push_str(&wrap(&format!("  {}:", x.label), &x.text, 4));
     }
     let m = &c.release;
     out.push_str(&format!(
@@ -390,6 +428,7 @@ pub fn caps(backend: Backend, json: bool, corpus: &[(&str, &str)]) -> ExitCode {
                 println!(
                     "{}",
                     serde_json::json!({
+                        "schema": SCHEMA,
                         "backend": backend.name(),
                         "kernel": KernelId::running(),
                         "available": false,
@@ -440,6 +479,60 @@ pub fn caps(backend: Backend, json: bool, corpus: &[(&str, &str)]) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn soft_caps() -> Caps {
+        let hv = Backend::Soft.open().unwrap();
+        gather(hv.as_ref(), &[])
+    }
+
+    #[test]
+    fn capability_values_line_up_whatever_the_name_length() {
+        let text = render(&soft_caps());
+
+        // Every row of the system table ends its value at one column.
+        let ends: Vec<usize> = text
+            .lines()
+            .skip_while(|l| !l.starts_with("system capabilities"))
+            .skip(1)
+            .take_while(|l| !l.is_empty())
+            .map(|l| l.find("  (").expect("a value in hex"))
+            .collect();
+        assert!(ends.len() > 5, "{text}");
+        assert!(ends.iter().all(|e| *e == ends[0]), "{ends:?}\n{text}");
+        assert!(text.lines().all(|l| l.chars().count() <= WIDTH), "{text}");
+    }
+
+    #[test]
+    fn a_wrapped_departure_summary_continues_under_its_first_word() {
+        let mut c = soft_caps();
+        let d = c.departures.values_mut().next().unwrap();
+        d.summary = "word ".repeat(40);
+
+        let text = render(&c);
+
+        let lines: Vec<&str> = text
+            .lines()
+            .skip_while(|l| !l.starts_with("known departures"))
+            .skip(1)
+            .take(2)
+            .collect();
+        let start = lines[0].find("word").unwrap();
+        let next = lines[1].len() - lines[1].trim_start().len();
+        assert_eq!(start, next, "{lines:?}");
+    }
+
+    #[test]
+    fn json_has_a_schema_and_identifiers_for_keys_and_no_layout_words() {
+        let v = serde_json::to_value(soft_caps()).unwrap();
+
+        assert_eq!(v["schema"], SCHEMA);
+        let meaning = v["meaning"].as_object().unwrap();
+        assert!(meaning.len() >= 8);
+        for (k, text) in meaning {
+            assert!(k.chars().all(|c| c.is_ascii_lowercase() || c == '_'), "{k}");
+            assert!(!text.as_str().unwrap().contains("above"), "{k}: {text}");
+        }
+    }
 
     #[test]
     fn wrapped_lines_fit_100_columns() {

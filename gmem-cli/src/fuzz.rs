@@ -9,6 +9,7 @@ use gmem::fuzz::campaign::file_name;
 use gmem::fuzz::exec::Verdict;
 use gmem::fuzz::minimize::Budget;
 use gmem::fuzz::{Campaign, Config, Limits, Mode};
+use gmem::scenario::report::os_error;
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// What `gmem fuzz` was asked to do.
@@ -60,6 +61,17 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     gmem::scenario::parse_number(s).ok_or_else(|| format!("`{s}` is not a size (32M, 1G, 4096)"))
 }
 
+/// Output lines fit this many columns.
+const WIDTH: usize = 100;
+
+/// `text` wrapped at [`WIDTH`] columns, continuation lines indented by
+/// `indent` spaces (the first line carries its own indent).
+fn wrapped(text: &str, indent: usize) -> String {
+    let lead = text.len() - text.trim_start().len();
+    let body = crate::run::wrap(text, WIDTH - lead, indent);
+    format!("{}{body}", &text[..lead])
+}
+
 fn peak_rss_kib() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
@@ -102,7 +114,7 @@ pub fn fuzz(a: Args) -> ExitCode {
     };
     if let Some(dir) = &a.out {
         if let Err(e) = std::fs::create_dir_all(dir) {
-            eprintln!("gmem fuzz: --out {}: {e}", dir.display());
+            eprintln!("gmem fuzz: --out {}", os_error(dir, &e));
             return ExitCode::from(2);
         }
     }
@@ -139,7 +151,7 @@ pub fn fuzz(a: Args) -> ExitCode {
         i += 1;
         if let Verdict::Found(f) = c.run_seed(s) {
             if c.is_new(&f) {
-                pb.println(format!("new: {} (seed {s})", f.summary()));
+                pb.println(wrapped(&format!("new: {} (seed {s})", f.summary()), 5));
             }
         }
         let (ops, all_ops) = c.coverage.ops_reached();
@@ -158,11 +170,9 @@ pub fn fuzz(a: Args) -> ExitCode {
     let findings = c.findings.clone();
     let mut reports = Vec::new();
     for (n, f) in findings.iter().enumerate() {
-        pb.set_message(format!(
-            "minimizing {}/{}: {}",
-            n + 1,
-            findings.len(),
-            f.signature
+        pb.set_message(gmem::scenario::parse::shorten(
+            &format!("minimizing {}/{}: {}", n + 1, findings.len(), f.signature),
+            WIDTH - 10,
         ));
         let m = c.minimize(f);
         let text = c.corpus_file(f, &m, f.program.lines.len());
@@ -171,7 +181,7 @@ pub fn fuzz(a: Args) -> ExitCode {
                 let path = dir.join(file_name(f));
                 match std::fs::write(&path, &text) {
                     Ok(()) => Some(path.display().to_string()),
-                    Err(e) => Some(format!("not written: {}: {e}", path.display())),
+                    Err(e) => Some(format!("not written: {}", os_error(&path, &e))),
                 }
             }
             None => None,
@@ -192,17 +202,23 @@ pub fn fuzz(a: Args) -> ExitCode {
     let skip_kinds: Vec<String> = t.skipped.iter().map(|(k, n)| format!("{k} {n}")).collect();
     let found: u64 = t.findings.values().sum();
     println!(
-        "  agreed {}, skipped {skipped}{}, with findings {found}",
-        t.agreed,
-        if skip_kinds.is_empty() {
-            String::new()
-        } else {
-            format!(" ({})", skip_kinds.join(", "))
-        }
+        "{}",
+        wrapped(
+            &format!(
+                "  agreed {}, skipped {skipped}{}, with findings {found}",
+                t.agreed,
+                if skip_kinds.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", skip_kinds.join(", "))
+                }
+            ),
+            4
+        )
     );
     if a.mode == Mode::Both {
         let shown = c.known_departures();
-        println!(
+        let text = format!(
             "  known departures: {}",
             if a.ignore_departures {
                 "ignored (--ignore-departures): every difference counts".to_string()
@@ -216,17 +232,30 @@ pub fn fuzz(a: Args) -> ExitCode {
                 )
             }
         );
+        println!("{}", wrapped(&text, 4));
     }
     let (ops, all_ops) = c.coverage.ops_reached();
     let (rules, all_rules) = c.coverage.rules_reached();
     println!("  operations reached {ops}/{all_ops}, rule ids {rules}/{all_rules}");
     let missed_ops = c.coverage.ops_missed();
     if !missed_ops.is_empty() {
-        println!("    operations not reached: {}", missed_ops.join(", "));
+        println!(
+            "{}",
+            wrapped(
+                &format!("    operations not reached: {}", missed_ops.join(", ")),
+                6
+            )
+        );
     }
     let missed_rules = c.coverage.rules_missed();
     if !missed_rules.is_empty() {
-        println!("    rule ids not reached: {}", missed_rules.join(" "));
+        println!(
+            "{}",
+            wrapped(
+                &format!("    rule ids not reached: {}", missed_rules.join(" ")),
+                6
+            )
+        );
     }
     if let Some(kib) = peak_rss_kib() {
         println!("  peak resident memory {} MiB", kib / 1024);
@@ -237,14 +266,15 @@ pub fn fuzz(a: Args) -> ExitCode {
     }
     println!("findings ({} kinds):", reports.len());
     for (n, (f, m, text, written)) in reports.iter().enumerate() {
-        println!(
+        let head = format!(
             "{:>3}. {} ({} program(s), first seed {})",
             n + 1,
             f.signature,
             t.findings.get(&f.signature).copied().unwrap_or(0),
             f.seed
         );
-        println!("     {}", f.summary());
+        println!("{}", wrapped(&head, 5));
+        println!("{}", wrapped(&format!("     {}", f.summary()), 7));
         println!(
             "     minimized from {} to {} lines ({} runs, {:.1} s{})",
             f.program.lines.len(),
@@ -254,7 +284,7 @@ pub fn fuzz(a: Args) -> ExitCode {
             if m.exhausted { ", budget ran out" } else { "" }
         );
         match written {
-            Some(w) => println!("     {w}"),
+            Some(w) => println!("{}", wrapped(&format!("     {w}"), 7)),
             None => {
                 for l in text.lines() {
                     println!("       {l}");
@@ -268,6 +298,21 @@ pub fn fuzz(a: Args) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_summary_lines_wrap_within_100_columns_under_their_indent() {
+        let rules = "LIFE-6 CREATE-5 ".repeat(20);
+
+        let text = wrapped(&format!("    rule ids not reached: {rules}"), 6);
+
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines.len() > 2, "{text}");
+        assert!(lines[0].starts_with("    rule ids not reached: LIFE-6"));
+        for l in &lines {
+            assert!(l.chars().count() <= WIDTH, "{l:?}");
+        }
+        assert!(lines[1].starts_with("      L") || lines[1].starts_with("      C"));
+    }
 
     #[test]
     fn durations_take_units() {

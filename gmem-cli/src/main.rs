@@ -35,7 +35,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
-use gmem::scenario::budget::{mem_available, Bytes, DEFAULT_SHARE};
+use gmem::scenario::budget::{mem_available, Bytes, DEFAULT_SHARE, KERNEL_VM_COST, MIN_MAX_MEMORY};
 use gmem::scenario::{
     collect_paths, parse_number, render, BackendSlot, Checker, Departures, Limits, Source,
 };
@@ -88,12 +88,15 @@ enum Command {
     /// Start a VM whose RAM is on guest_memfd, populate it from every vCPU,
     /// verify, convert and discard it, and summarise.
     Run {
-        /// RAM size (K, M, G suffixes).
+        /// RAM size: bytes, or with K, M, G or T (binary units): 512M, 1G.
         #[arg(long, default_value = "1G", value_parser = run::parse_size)]
         memory: u64,
         /// vCPUs, each filling its share of RAM.
         #[arg(long, default_value_t = 2)]
         vcpus: usize,
+        /// The most RAM this run may populate (the default is stated at run time).
+        #[arg(long, value_name = "SIZE", value_parser = run::parse_size)]
+        max_memory: Option<u64>,
         /// Where to run: the kernel where /dev/kvm exists, else the software backend.
         #[arg(long, value_enum, default_value_t = run::BackendChoice::Auto)]
         backend: run::BackendChoice,
@@ -106,7 +109,8 @@ enum Command {
     },
     /// Draw a memory layout: ranges, memslots, files and offsets, states, holes.
     Map {
-        /// RAM size placed around the 32-bit hole (ignored with --ram).
+        /// RAM size placed around the 32-bit hole (ignored with --ram): bytes,
+        /// or with K, M, G or T: 512M, 6G.
         #[arg(long, default_value = "6G", value_parser = run::parse_size)]
         memory: u64,
         /// An explicit RAM range GPA:SIZE (repeat for more).
@@ -150,7 +154,9 @@ enum Command {
         /// Draw the plots (SVG) into this folder.
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
-        /// Small sizes and few rounds: checks that every figure runs.
+        /// Small sizes and few rounds: checks that every figure runs. The
+        /// ratios are shown but not judged against the targets (which are for
+        /// the full sizes): exit 0 unless a figure fails to run.
         #[arg(long)]
         quick: bool,
     },
@@ -239,11 +245,18 @@ fn main() -> ExitCode {
     // or handler exists; no Rust state depends on it.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let help = max_memory_help();
-    let cmd = Cli::command().mut_subcommand("check", |c| {
-        c.mut_arg("max_memory", |a| {
-            a.help(help.clone()).long_help(help.clone())
+    let run_help = run::max_memory_help();
+    let cmd = Cli::command()
+        .mut_subcommand("check", |c| {
+            c.mut_arg("max_memory", |a| {
+                a.help(help.clone()).long_help(help.clone())
+            })
         })
-    });
+        .mut_subcommand("run", |c| {
+            c.mut_arg("max_memory", |a| {
+                a.help(run_help.clone()).long_help(run_help.clone())
+            })
+        });
     let cli = match Cli::from_arg_matches(&cmd.get_matches()) {
         Ok(c) => c,
         Err(e) => e.exit(),
@@ -260,10 +273,11 @@ fn main() -> ExitCode {
         Command::Run {
             memory,
             vcpus,
+            max_memory,
             backend,
             backing,
             profile,
-        } => run::run(memory, vcpus, (backend, profile), backing),
+        } => run::run(memory, vcpus, max_memory, (backend, profile), backing),
         Command::Map {
             memory,
             ram,
@@ -367,6 +381,31 @@ fn open(backend: Backend, profile: Option<Release>) -> Opened {
     }
 }
 
+/// What kind of input `gmem check` could not start with (`error.kind` of
+/// the JSON error object, docs/conformance.md).
+#[derive(Debug, Clone, Copy)]
+enum InputError {
+    /// Arguments that cannot go together, or a value nothing can run with.
+    Arguments,
+    /// A scenario path that does not exist, or has no scenario in it.
+    Paths,
+    /// The departures file cannot be read or does not load.
+    Departures,
+    /// The backend asked for alone cannot be opened.
+    Backend,
+}
+
+impl InputError {
+    fn kind(self) -> &'static str {
+        match self {
+            InputError::Arguments => "arguments",
+            InputError::Paths => "paths",
+            InputError::Departures => "departures",
+            InputError::Backend => "backend",
+        }
+    }
+}
+
 fn check(
     paths: Vec<PathBuf>,
     which: Which,
@@ -375,22 +414,67 @@ fn check(
     max_memory: Option<u64>,
     profile: Option<Release>,
 ) -> ExitCode {
-    let input_error = |msg: String| {
-        eprintln!("gmem check: {msg}");
+    // Bad input is said on stderr and, with --json, as an object on stdout,
+    // so that a consumer of stdout always gets one JSON value.
+    let input_error = |kind: InputError, msg: String| {
+        eprintln!("{}", run::wrap(&format!("gmem check: {msg}"), 100, 2));
+        if json {
+            #[derive(serde::Serialize)]
+            struct Error<'a> {
+                kind: &'a str,
+                message: &'a str,
+            }
+            #[derive(serde::Serialize)]
+            struct Failed<'a> {
+                schema: &'a str,
+                error: Error<'a>,
+            }
+            let v = Failed {
+                schema: gmem::scenario::report::SCHEMA,
+                error: Error {
+                    kind: kind.kind(),
+                    message: &msg,
+                },
+            };
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        }
         ExitCode::from(2)
     };
+    if let (Which::Kvm, Some(r)) = (which, profile) {
+        return input_error(
+            InputError::Arguments,
+            format!(
+                "--profile {r} runs the software backend as that release; --backend kvm runs \
+                 only the running kernel (use --backend soft or both)"
+            ),
+        );
+    }
+    if let Some(m) = max_memory.filter(|m| *m < MIN_MAX_MEMORY) {
+        return input_error(
+            InputError::Arguments,
+            format!(
+                "--max-memory {}: no scenario can run in it (a VM alone takes {} on a kernel); \
+                 give at least {}",
+                Bytes(m),
+                Bytes(KERNEL_VM_COST),
+                Bytes(MIN_MAX_MEMORY)
+            ),
+        );
+    }
     let sources = match sources(&paths) {
         Ok(s) => s,
-        Err(e) => return input_error(e),
+        Err(e) => return input_error(InputError::Paths, e),
     };
     let departures = match departures {
         Some(path) => match Departures::load(&path) {
             Ok(d) => d,
-            Err(e) => return input_error(format!("departures: {e}")),
+            Err(e) => return input_error(InputError::Departures, format!("--departures {e}")),
         },
         None => match Departures::parse(gmem::scenario::departures::BUILTIN) {
             Ok(d) => d,
-            Err(e) => return input_error(format!("built-in departures: {e}")),
+            Err(e) => {
+                return input_error(InputError::Departures, format!("built-in departures: {e}"))
+            }
         },
     };
     let limits = max_memory.map_or_else(Limits::for_this_machine, Limits::new);
@@ -402,7 +486,10 @@ fn check(
     let opened: Vec<(Backend, Opened)> = wanted.iter().map(|b| (*b, open(*b, profile))).collect();
     if which == Which::Kvm {
         if let Err(why) = &opened[0].1 {
-            return input_error(format!("kvm backend not available: {why}"));
+            return input_error(
+                InputError::Backend,
+                format!("kvm backend not available: {why}"),
+            );
         }
     }
     let checker = Checker::new(
@@ -436,7 +523,10 @@ fn check(
     if json {
         match serde_json::to_string_pretty(&report) {
             Ok(s) => println!("{s}"),
-            Err(e) => return input_error(e.to_string()),
+            Err(e) => {
+                eprintln!("gmem check: the report does not serialize: {e}");
+                return ExitCode::FAILURE;
+            }
         }
     } else {
         print!("{}", render(&report));

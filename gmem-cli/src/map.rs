@@ -9,7 +9,8 @@ use gmem::memory::{
     human_bytes, BackingMode, GuestRange, Layout, LayoutBuilder, MemoryManager, PageState,
 };
 
-use crate::run::{open, wrap, BackingChoice, Where};
+use crate::run::{check_memory, manager, open, wrap, BackingChoice, Failed, Where};
+use gmem::scenario::report::os_error;
 
 /// What one row of the map is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,22 +151,184 @@ const SHARED: &str = "#66bb6a";
 const PRIVATE: &str = "#7e57c2";
 const UNUSED: &str = "#f4f4f4";
 
+/// Pixels a character of an 11-pixel label takes, about.
+const CHAR_W: f64 = 7.0;
+
+/// The narrowest a row of the guest physical bar is drawn: room for its
+/// size label (`4 KiB`), so that a page beside gigabytes stays visible
+/// and says what it is.
+fn min_width(row: &Row) -> f64 {
+    let label = match row.kind {
+        Kind::Hole => "hole".to_string(),
+        Kind::Ram { .. } => human_bytes(row.range.len),
+    };
+    CHAR_W * label.len() as f64 + 12.0
+}
+
+/// Pixel widths of segments: proportional to `weights` within `total`,
+/// but none narrower than its `min`. When the minimums would take more
+/// than half of `total`, plain proportions.
+fn widths(weights: &[f64], mins: &[f64], total: f64) -> Vec<f64> {
+    let mut fixed = vec![false; weights.len()];
+    loop {
+        let held: f64 = mins
+            .iter()
+            .zip(&fixed)
+            .filter(|(_, f)| **f)
+            .map(|(m, _)| m)
+            .sum();
+        let free: f64 = weights
+            .iter()
+            .zip(&fixed)
+            .filter(|(_, f)| !**f)
+            .map(|(w, _)| w)
+            .sum();
+        if held > total / 2.0 {
+            let all: f64 = weights.iter().sum();
+            return weights.iter().map(|w| w / all * total).collect();
+        }
+        let room = total - held;
+        let mut changed = false;
+        for i in 0..weights.len() {
+            if !fixed[i] && free > 0.0 && weights[i] / free * room < mins[i] {
+                fixed[i] = true;
+                changed = true;
+            }
+        }
+        if !changed {
+            return (0..weights.len())
+                .map(|i| {
+                    if fixed[i] {
+                        mins[i]
+                    } else {
+                        weights[i] / free * room
+                    }
+                })
+                .collect();
+        }
+    }
+}
+
 /// x positions of every row: RAM proportional to its size, holes too but
-/// never wider than a quarter of RAM (a 1 TiB gap would hide the rest).
+/// never wider than a quarter of RAM (a 1 TiB gap would hide the rest),
+/// and no row narrower than [`min_width`].
 fn xs(rows: &[Row], ram: u64) -> Vec<(f64, f64)> {
     let weight = |r: &Row| match r.kind {
         Kind::Hole => r.range.len.min(ram / 4).max(ram / 40) as f64,
         Kind::Ram { .. } => r.range.len as f64,
     };
-    let total: f64 = rows.iter().map(weight).sum();
+    let weights: Vec<f64> = rows.iter().map(weight).collect();
+    let mins: Vec<f64> = rows.iter().map(min_width).collect();
     let mut x = LEFT;
-    rows.iter()
-        .map(|r| {
-            let w = weight(r) / total * BAR;
+    widths(&weights, &mins, BAR)
+        .into_iter()
+        .map(|w| {
             x += w;
             (x - w, x)
         })
         .collect()
+}
+
+/// A piecewise linear scale from values (file offsets) to x positions.
+struct Axis(Vec<(u64, f64)>);
+
+impl Axis {
+    /// The scale of a file of `size` bytes drawn `px` pixels wide from
+    /// [`LEFT`], cut at `cuts` (the offsets where bound pieces start and
+    /// end), each piece at least `min` pixels wide.
+    fn new(size: u64, px: f64, cuts: &[u64], min: f64) -> Axis {
+        let mut at: Vec<u64> = cuts.iter().copied().filter(|c| *c < size).collect();
+        at.push(0);
+        at.push(size);
+        at.sort_unstable();
+        at.dedup();
+        let weights: Vec<f64> = at.windows(2).map(|w| (w[1] - w[0]) as f64).collect();
+        let mins = vec![min; weights.len()];
+        let mut x = LEFT;
+        let mut points = vec![(0, LEFT)];
+        for (w, end) in widths(&weights, &mins, px).into_iter().zip(&at[1..]) {
+            x += w;
+            points.push((*end, x));
+        }
+        Axis(points)
+    }
+
+    /// The x of `v`.
+    fn x(&self, v: u64) -> f64 {
+        let i = self.0.partition_point(|(p, _)| *p <= v);
+        match (self.0.get(i.wrapping_sub(1)), self.0.get(i)) {
+            (Some(&(p0, x0)), Some(&(p1, x1))) => {
+                x0 + (v - p0) as f64 / (p1 - p0).max(1) as f64 * (x1 - x0)
+            }
+            (Some(&(_, x)), None) | (None, Some(&(_, x))) => x,
+            (None, None) => LEFT,
+        }
+    }
+}
+
+/// How a label hangs from its x.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Anchor {
+    Middle,
+    End,
+}
+
+impl Anchor {
+    fn svg(self) -> &'static str {
+        match self {
+            Anchor::Middle => "middle",
+            Anchor::End => "end",
+        }
+    }
+}
+
+/// The row (0 or 1, below a bar) of each label at `(x, text, anchor)`:
+/// the first row where it overlaps no label already there, or `None`
+/// (not drawn) when it would overlap in both. The last label (the end of
+/// the range) is placed first: it must show.
+fn place_labels(labels: &[(f64, String, Anchor)]) -> Vec<Option<usize>> {
+    let span = |(x, t, a): &(f64, String, Anchor)| {
+        let w = CHAR_W * t.len() as f64;
+        match a {
+            Anchor::Middle => (x - w / 2.0, x + w / 2.0),
+            Anchor::End => (x - w, *x),
+        }
+    };
+    let mut taken: [Vec<(f64, f64)>; 2] = [Vec::new(), Vec::new()];
+    let mut out = vec![None; labels.len()];
+    let order = labels
+        .len()
+        .checked_sub(1)
+        .into_iter()
+        .chain(0..labels.len().saturating_sub(1));
+    for i in order {
+        let (a, b) = span(&labels[i]);
+        const GAP: f64 = 10.0;
+        out[i] = (0..2).find(|&r| taken[r].iter().all(|&(c, d)| b + GAP <= c || d + GAP <= a));
+        if let Some(r) = out[i] {
+            taken[r].push((a, b));
+        }
+    }
+    out
+}
+
+/// Address labels below a bar whose bottom is at `y`: a tick and the
+/// text, in the row [`place_labels`] gives, or nothing.
+fn labels_below(labels: &[(f64, String, Anchor)], y: f64) -> String {
+    let mut s = String::new();
+    for ((x, text, anchor), row) in labels.iter().zip(place_labels(labels)) {
+        let Some(row) = row else { continue };
+        let dy = 14.0 + 13.0 * row as f64;
+        let _ = writeln!(
+            s,
+            r##"<line x1="{x:.1}" y1="{y:.1}" x2="{x:.1}" y2="{:.1}" stroke="#555"/><text x="{x:.1}" y="{:.1}" font-size="11" text-anchor="{}">{}</text>"##,
+            y + dy - 10.0,
+            y + dy,
+            anchor.svg(),
+            esc(text)
+        );
+    }
+    s
 }
 
 /// The map as an SVG picture: host memory (split and anonymous backings)
@@ -250,7 +413,7 @@ fn svg(mm: &MemoryManager, backend: &str) -> String {
         r#"<text x="{LEFT}" y="{}" font-weight="bold">guest physical address space</text>"#,
         y_gpa - 24.0
     );
-    for (i, (row, (x0, x1))) in rows.iter().zip(&xs).enumerate() {
+    for (row, (x0, x1)) in rows.iter().zip(&xs) {
         let (fill, label) = match row.kind {
             Kind::Hole => ("url(#hatch)", "hole".to_string()),
             Kind::Ram { state, .. } => (
@@ -264,8 +427,13 @@ fn svg(mm: &MemoryManager, backend: &str) -> String {
         };
         let _ = writeln!(
             s,
-            r##"<rect x="{x0:.1}" y="{y_gpa}" width="{:.1}" height="{lane_h}" fill="{fill}" stroke="#555"/>"##,
-            x1 - x0
+            r##"<rect x="{x0:.1}" y="{y_gpa}" width="{:.1}" height="{lane_h}" fill="{fill}" stroke="#555"><title>{}</title></rect>"##,
+            x1 - x0,
+            esc(&format!(
+                "{label} {}, {}",
+                row.range,
+                human_bytes(row.range.len)
+            ))
         );
         let text_fill = if matches!(
             row.kind,
@@ -294,28 +462,22 @@ fn svg(mm: &MemoryManager, backend: &str) -> String {
                 esc(t)
             );
         }
-        // Address of the row's start below the bar, staggered so that
-        // neighbours do not collide.
-        let dy = if i % 2 == 0 { 16.0 } else { 30.0 };
-        let _ = writeln!(
-            s,
-            r##"<line x1="{x0:.1}" y1="{:.1}" x2="{x0:.1}" y2="{:.1}" stroke="#555"/><text x="{x0:.1}" y="{:.1}" font-size="11" text-anchor="middle">{:#x}</text>"##,
-            y_gpa + lane_h,
-            y_gpa + lane_h + dy - 10.0,
-            y_gpa + lane_h + dy,
-            row.range.start.0
-        );
     }
+    // The address of each row's start below the bar, and the end of the
+    // last: in two rows, and left out where it would overprint another.
+    let mut addrs: Vec<(f64, String, Anchor)> = rows
+        .iter()
+        .zip(&xs)
+        .map(|(row, (x0, _))| (*x0, format!("{:#x}", row.range.start.0), Anchor::Middle))
+        .collect();
     if let (Some(last), Some(&(_, x1))) = (rows.last(), xs.last()) {
-        let _ = writeln!(
-            s,
-            r##"<line x1="{x1:.1}" y1="{:.1}" x2="{x1:.1}" y2="{:.1}" stroke="#555"/><text x="{x1:.1}" y="{:.1}" font-size="11" text-anchor="end">{:#x}</text>"##,
-            y_gpa + lane_h,
-            y_gpa + lane_h + 6.0 + 10.0 * ((rows.len() % 2) as f64),
-            y_gpa + lane_h + 16.0 + 14.0 * ((rows.len() % 2) as f64),
-            last.range.start.0 + last.range.len
-        );
+        addrs.push((
+            x1,
+            format!("{:#x}", last.range.start.0 + last.range.len),
+            Anchor::End,
+        ));
     }
+    s.push_str(&labels_below(&addrs, y_gpa + lane_h));
     // Slot spans above the guest physical bar.
     for slot in layout.slots() {
         let span: Vec<(f64, f64)> = rows
@@ -342,7 +504,6 @@ fn svg(mm: &MemoryManager, backend: &str) -> String {
     // The connectors go first so that each file's bar covers those that
     // pass behind it on their way to a lower file.
     let largest = layout.files().iter().copied().max().unwrap_or(1).max(1);
-    let fx = |off: u64| LEFT + off as f64 / largest as f64 * BAR;
     let file_y = |f: usize| y_file0 + f as f64 * file_pitch;
     let file_rows = || {
         rows.iter().zip(&xs).filter_map(|(row, x)| match row.kind {
@@ -354,13 +515,26 @@ fn svg(mm: &MemoryManager, backend: &str) -> String {
             _ => None,
         })
     };
+    // Each file on the scale of the largest, and no bound piece of it
+    // narrower than a few pixels: a private page stays visible.
+    let axes: Vec<Axis> = (0..nfiles)
+        .map(|f| {
+            let size = layout.files()[f];
+            let cuts: Vec<u64> = file_rows()
+                .filter(|(_, _, g, _, _)| *g == f)
+                .flat_map(|(row, _, _, off, _)| [off, off + row.range.len])
+                .collect();
+            Axis::new(size, size as f64 / largest as f64 * BAR, &cuts, 12.0)
+        })
+        .collect();
+    let fx = |f: usize, off: u64| axes[f].x(off);
     for (row, (x0, x1), f, off, _) in file_rows() {
-        let (f0, f1, y) = (fx(off), fx(off + row.range.len), file_y(f));
+        let (f0, f1, y) = (fx(f, off), fx(f, off + row.range.len), file_y(f));
         let _ = writeln!(
             s,
             r##"<polygon points="{x0:.1},{:.1} {x1:.1},{:.1} {f1:.1},{y:.1} {f0:.1},{y:.1}" fill="#90a4ae" fill-opacity="0.25" stroke="#90a4ae"/>"##,
-            y_gpa + lane_h + 34.0,
-            y_gpa + lane_h + 34.0
+            y_gpa + lane_h + 36.0,
+            y_gpa + lane_h + 36.0
         );
     }
     for f in 0..nfiles {
@@ -369,24 +543,34 @@ fn svg(mm: &MemoryManager, backend: &str) -> String {
         let _ = writeln!(
             s,
             r##"<rect x="{LEFT}" y="{y:.1}" width="{:.1}" height="{lane_h}" fill="white"/>"##,
-            fx(size) - LEFT
+            fx(f, size) - LEFT
         );
         let _ = writeln!(
             s,
             r#"<text x="{LEFT}" y="{:.1}" font-weight="bold">guest_memfd {f} ({}, {}): file offsets</text>"#,
-            y + lane_h + 34.0,
+            y + lane_h + 44.0,
             esc(&human_bytes(size)),
             esc(&mm.file(f).map_or(String::new(), |g| g.access().to_string()))
         );
-        let _ = writeln!(
-            s,
-            r#"<text x="{:.1}" y="{:.1}" font-size="11" text-anchor="end">{size:#x}</text>"#,
-            fx(size),
-            y + lane_h + 14.0
-        );
+        // The offset where each slot starts, and the file's end.
+        let mut offsets: Vec<(f64, String, Anchor)> = layout
+            .slots()
+            .iter()
+            .filter(|sl| sl.file == f)
+            .map(|sl| {
+                (
+                    fx(f, sl.offset.0),
+                    format!("{:#x}", sl.offset.0),
+                    Anchor::Middle,
+                )
+            })
+            .collect();
+        offsets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        offsets.push((fx(f, size), format!("{size:#x}"), Anchor::End));
+        s.push_str(&labels_below(&offsets, y + lane_h));
     }
     for (row, _, f, off, state) in file_rows() {
-        let (f0, f1, y) = (fx(off), fx(off + row.range.len), file_y(f));
+        let (f0, f1, y) = (fx(f, off), fx(f, off + row.range.len), file_y(f));
         let in_file = lives_in(b.mode, row.kind) == "guest_memfd";
         let fill = match (state, in_file) {
             (_, false) => UNUSED,
@@ -395,8 +579,12 @@ fn svg(mm: &MemoryManager, backend: &str) -> String {
         };
         let _ = writeln!(
             s,
-            r##"<rect x="{f0:.1}" y="{y:.1}" width="{:.1}" height="{lane_h}" fill="{fill}" stroke="#555"/>"##,
-            f1 - f0
+            r##"<rect x="{f0:.1}" y="{y:.1}" width="{:.1}" height="{lane_h}" fill="{fill}" stroke="#555"><title>{}</title></rect>"##,
+            f1 - f0,
+            esc(&format!(
+                "file offsets [{off:#x}, {:#x}): {state}",
+                off + row.range.len
+            ))
         );
         if !in_file && f1 - f0 > 110.0 {
             let _ = writeln!(
@@ -409,20 +597,18 @@ fn svg(mm: &MemoryManager, backend: &str) -> String {
     }
     for slot in layout.slots().iter().filter(|sl| sl.file < nfiles) {
         let (f0, f1, y) = (
-            fx(slot.offset.0),
-            fx(slot.offset.0 + slot.range.len),
+            fx(slot.file, slot.offset.0),
+            fx(slot.file, slot.offset.0 + slot.range.len),
             file_y(slot.file),
         );
         let _ = writeln!(
             s,
-            r##"<rect x="{f0:.1}" y="{y:.1}" width="{:.1}" height="{lane_h}" fill="none" stroke="#111" stroke-width="3"/><text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="11">slot {} at offset {:#x}</text><text x="{f0:.1}" y="{:.1}" font-size="11" text-anchor="middle">{:#x}</text>"##,
+            r##"<rect x="{f0:.1}" y="{y:.1}" width="{:.1}" height="{lane_h}" fill="none" stroke="#111" stroke-width="3"/><text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="11">slot {} at offset {:#x}</text>"##,
             f1 - f0,
             (f0 + f1) / 2.0,
             y - 6.0,
             slot.id,
             slot.offset.0,
-            y + lane_h + 14.0,
-            slot.offset.0
         );
     }
 
@@ -479,15 +665,15 @@ pub struct MapArgs {
 pub fn map(args: MapArgs) -> ExitCode {
     match map_inner(args) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("gmem map: {e}");
-            ExitCode::FAILURE
-        }
+        Err(e) => e.exit("map"),
     }
 }
 
-fn map_inner(args: MapArgs) -> Result<(), String> {
-    let hv = open(args.backend)?;
+fn map_inner(args: MapArgs) -> Result<(), Failed> {
+    if args.ram.is_empty() {
+        check_memory(args.memory, None)?;
+    }
+    let hv = open(args.backend).map_err(Failed::Input)?;
     let mut builder: LayoutBuilder = Layout::builder()
         .file_per_range(args.file_per_range)
         .backing(args.backing.request());
@@ -497,16 +683,27 @@ fn map_inner(args: MapArgs) -> Result<(), String> {
     for r in &args.ram {
         builder = builder.ram(r.start, r.len);
     }
-    let layout = builder.build().map_err(|e| e.to_string())?;
-    let mm = MemoryManager::new(&*hv, layout).map_err(|e| e.to_string())?;
+    let size = if args.ram.is_empty() {
+        args.memory
+    } else {
+        args.ram.iter().fold(0u64, |a, r| a.saturating_add(r.len))
+    };
+    let mm = manager(&*hv, builder.build(), size)?;
     for r in &args.private {
-        mm.convert(*r, PageState::Private)
-            .map_err(|e| e.to_string())?;
+        // A range the layout does not have, or not page aligned, is the
+        // user's to fix.
+        mm.convert(*r, PageState::Private).map_err(|e| {
+            let m = format!("--private {r}: {e}");
+            match e.rule() {
+                "gmem-range" | "gmem-unbacked" => Failed::Input(m),
+                _ => Failed::Run(m),
+            }
+        })?;
     }
     print!("{}", text(&mm, hv.name()));
     if let Some(path) = &args.svg {
         std::fs::write(path, svg(&mm, hv.name()))
-            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+            .map_err(|e| Failed::Input(format!("--svg {}", os_error(path, &e))))?;
         println!("\nwrote {}", path.display());
     }
     Ok(())
@@ -565,6 +762,80 @@ mod tests {
         for l in text(&mm, "soft").lines() {
             assert!(l.chars().count() <= 100, "{l:?}");
         }
+    }
+
+    /// 2 GiB, a hole, then 2 GiB with one private page at its second page:
+    /// the layout that hid the page and overprinted its addresses.
+    fn a_page_in_gigabytes() -> MemoryManager {
+        let hv = gmem::Backend::Soft.open().unwrap();
+        let layout = Layout::builder()
+            .ram(GuestAddress(0), 2 << 30)
+            .ram(GuestAddress(1 << 32), 2 << 30)
+            .backing(BackingRequest::Private)
+            .build()
+            .unwrap();
+        let mm = MemoryManager::new(&*hv, layout).unwrap();
+        let page = GuestRange::new(GuestAddress((1 << 32) + 4096), 4096);
+        mm.convert(page, PageState::Private).unwrap();
+        mm
+    }
+
+    #[test]
+    fn a_page_beside_gigabytes_is_wide_enough_for_its_label() {
+        let mm = a_page_in_gigabytes();
+        let rows = rows(&mm);
+
+        let xs = xs(&rows, mm.layout().size());
+
+        let page = rows
+            .iter()
+            .position(|r| {
+                r.range.len == 4096
+                    && matches!(
+                        r.kind,
+                        Kind::Ram {
+                            state: PageState::Private,
+                            ..
+                        }
+                    )
+            })
+            .unwrap();
+        let (x0, x1) = xs[page];
+        assert!(x1 - x0 >= min_width(&rows[page]), "{xs:?}");
+        assert!((xs.last().unwrap().1 - (LEFT + BAR)).abs() < 1e-6);
+        assert!(svg(&mm, "soft").contains(">4 KiB</text>"));
+    }
+
+    #[test]
+    fn widths_keep_proportions_when_the_minimums_do_not_fit() {
+        let w = widths(&[1.0, 1.0, 1.0, 1.0], &[400.0; 4], 1000.0);
+        assert_eq!(w, [250.0; 4]);
+        let w = widths(&[1.0, 1e9], &[50.0, 50.0], 1000.0);
+        assert_eq!(w, [50.0, 950.0]);
+    }
+
+    #[test]
+    fn address_labels_that_would_overprint_are_staggered_or_left_out() {
+        let at = |x: f64, v: u64| (x, format!("{v:#x}"), Anchor::Middle);
+        let labels = [
+            at(500.0, 0x1_0000_0000),
+            at(547.0, 0x1_0000_1000),
+            at(594.0, 0x1_0000_2000),
+            at(600.0, 0x1_0000_3000),
+            (970.0, "0x180000000".to_string(), Anchor::End),
+        ];
+
+        let rows = place_labels(&labels);
+
+        assert_eq!(rows, [Some(0), Some(1), Some(0), None, Some(0)]);
+    }
+
+    #[test]
+    fn a_file_axis_gives_a_bound_page_a_visible_width() {
+        let axis = Axis::new(4 << 30, BAR, &[2 << 30, (2 << 30) + 8192], 12.0);
+        assert!(axis.x((2 << 30) + 8192) - axis.x(2 << 30) >= 12.0);
+        assert_eq!(axis.x(0), LEFT);
+        assert!((axis.x(4 << 30) - (LEFT + BAR)).abs() < 1e-6);
     }
 
     #[test]

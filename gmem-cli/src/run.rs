@@ -10,11 +10,13 @@ use std::time::{Duration, Instant};
 
 use clap::ValueEnum;
 use gmem::memory::{
-    human_bytes, BackingMode, BackingRequest, ExitCounts, GuestAddress, GuestRange, Held, Layout,
-    MemoryManager, PageState,
+    human_bytes, BackingMode, BackingRequest, Error as MemError, ExitCounts, GuestAddress,
+    GuestRange, Held, Layout, MemoryManager, PageState,
 };
+use gmem::scenario::budget::{mem_available, Bytes, FALLBACK_MAX_MEMORY};
 use gmem::soft::SoftHypervisor;
 use gmem::uapi::{KVM_HC_MAP_GPA_RANGE, PAGE_SIZE};
+use gmem::Errno;
 use gmem::{Backend, GuestLoop, GuestOp, Hypervisor, Release, Vcpu};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -38,7 +40,8 @@ pub enum BackingChoice {
     GuestMemfd,
     /// Private memory in guest_memfd, shared memory in host memory.
     Split,
-    /// Shared and private pages in one guest_memfd (not offered yet).
+    /// Shared and private pages in one guest_memfd, converted in place (the
+    /// software backend with `--profile next`; kernels with in-place conversion).
     InPlace,
     /// Plain anonymous memory.
     Anonymous,
@@ -84,39 +87,61 @@ pub fn open((choice, profile): Where) -> Result<Box<dyn Hypervisor>, String> {
         .map_err(|e| format!("the {} backend cannot be opened: {e}", backend.name()))
 }
 
-/// Parses `1G`, `512M`, `64K`, `4096` (bytes; binary units).
+/// Parses `1G`, `512M`, `64K`, `4096`, `0x1000`, `1_000_000` (bytes;
+/// binary units K, M, G, T; `_` between digits).
 pub fn parse_size(s: &str) -> Result<u64, String> {
+    parse_amount(s, "a size", "1G, 512M, 0x1000")
+}
+
+/// A number as `--memory`, `--ram` and `--private` take it: decimal or
+/// `0x` hex, `_` between digits, an optional K, M, G or T (binary units).
+/// `what` names it in messages ("a size", "an address").
+fn parse_amount(s: &str, what: &str, like: &str) -> Result<u64, String> {
     let s = s.trim();
-    let (num, shift) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
+    let bad = || format!("`{s}` is not {what} (write it like {like})");
+    let (body, radix) = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) => (h, 16),
+        None => (s, 10),
+    };
+    let (digits, shift) = match body.chars().last() {
+        Some(c) if "KMGTkmgt".contains(c) => (
+            &body[..body.len() - 1],
+            match c.to_ascii_uppercase() {
                 'K' => 10,
                 'M' => 20,
                 'G' => 30,
-                'T' => 40,
-                _ => return Err(format!("{s:?}: the unit must be K, M, G or T")),
-            };
-            (&s[..i], shift)
+                _ => 40,
+            },
+        ),
+        Some(c) if c.is_ascii_alphabetic() && !c.is_digit(radix) => {
+            let number = &body[..body.len() - 1];
+            if !number.is_empty() && number.chars().all(|d| d.is_digit(radix) || d == '_') {
+                return Err(format!("`{s}`: the unit must be K, M, G or T"));
+            }
+            return Err(bad());
         }
-        _ => (s, 0),
+        _ => (body, 0),
     };
-    let n = if let Some(hex) = num.strip_prefix("0x") {
-        u64::from_str_radix(hex, 16)
-    } else {
-        num.parse()
-    };
-    n.ok()
-        .and_then(|n: u64| n.checked_mul(1 << shift))
-        .ok_or_else(|| format!("{s:?} is not a size (like 1G, 512M, 0x1000)"))
+    if digits.is_empty() || digits.starts_with('_') || digits.ends_with('_') {
+        return Err(bad());
+    }
+    let clean: String = digits.chars().filter(|c| *c != '_').collect();
+    if !clean.chars().all(|c| c.is_digit(radix)) {
+        return Err(bad());
+    }
+    u64::from_str_radix(&clean, radix)
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(|| format!("`{s}` is more than 64 bits hold"))
 }
 
-/// Parses `GPA:SIZE` (`0x100000000:1G`).
+/// Parses `GPA:SIZE` (`0x1_0000_0000:1G`).
 pub fn parse_range(s: &str) -> Result<GuestRange, String> {
     let (gpa, size) = s
         .split_once(':')
-        .ok_or_else(|| format!("{s:?}: give a range as GPA:SIZE, like 0x100000000:1G"))?;
+        .ok_or_else(|| format!("`{s}`: give a range as GPA:SIZE, like 0x100000000:1G"))?;
     Ok(GuestRange::new(
-        GuestAddress(parse_size(gpa)?),
+        GuestAddress(parse_amount(gpa, "an address", "0x100000000, 4G")?),
         parse_size(size)?,
     ))
 }
@@ -309,14 +334,125 @@ fn halves(ranges: &[GuestRange]) -> (Vec<GuestRange>, Vec<GuestRange>) {
         .unzip()
 }
 
+/// The share of `MemAvailable` `gmem run` may populate by default: it
+/// touches every byte of RAM, so `--memory` must fit in memory with room
+/// for everything else running.
+pub const RUN_SHARE: u64 = 2;
+
+/// The default `--max-memory` of `gmem run`: half of `MemAvailable` now,
+/// 256 MiB when that cannot be read.
+pub fn default_max_memory() -> u64 {
+    mem_available().map_or(FALLBACK_MAX_MEMORY, |m| m / RUN_SHARE)
+}
+
+/// The help text of `run --max-memory`, with the default on this machine.
+pub fn max_memory_help() -> String {
+    let now = match mem_available() {
+        Some(m) => format!("now {} of {}", Bytes(m / RUN_SHARE), Bytes(m)),
+        None => "MemAvailable cannot be read here: 256 MiB".to_string(),
+    };
+    format!(
+        "The most RAM this run may populate (it touches every byte): a --memory over it is \
+         refused before anything is allocated [default: 1/{RUN_SHARE} of MemAvailable at \
+         start; {now}]"
+    )
+}
+
+/// Why a command did not complete: bad input (exit 2) or a failure (1).
+pub enum Failed {
+    /// Arguments the command cannot run with, or a host that cannot hold
+    /// what they ask for.
+    Input(String),
+    /// Something went wrong while running.
+    Run(String),
+}
+
+impl From<String> for Failed {
+    fn from(s: String) -> Self {
+        Failed::Run(s)
+    }
+}
+
+impl Failed {
+    /// Prints the message, wrapped to 100 columns, and gives the exit code.
+    pub fn exit(self, command: &str) -> ExitCode {
+        let (msg, code) = match self {
+            Failed::Input(m) => (m, 2),
+            Failed::Run(m) => (m, 1),
+        };
+        eprintln!("{}", wrap(&format!("gmem {command}: {msg}"), 100, 2));
+        ExitCode::from(code)
+    }
+}
+
+/// Checks `--memory` before anything is built: a positive multiple of the
+/// page size, and at most `max` (the bytes the run may populate, `None`
+/// for `gmem map`, which touches nothing).
+pub fn check_memory(memory: u64, max: Option<(u64, &str)>) -> Result<(), Failed> {
+    if memory == 0 || memory % PAGE_SIZE != 0 {
+        return Err(Failed::Input(format!(
+            "--memory {memory} bytes: RAM must be a positive multiple of 4 KiB, like 512M or 1G"
+        )));
+    }
+    if let Some((max, how)) = max {
+        if memory > max {
+            return Err(Failed::Input(format!(
+                "--memory {} is more than this run may populate: --max-memory is {} ({how}); \
+                 ask for less RAM, or give a larger --max-memory if the machine can hold it",
+                Bytes(memory),
+                Bytes(max)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Builds the manager for `layout`; a layout the arguments got wrong, or
+/// one this host cannot even map, is bad input.
+pub fn manager(
+    hv: &dyn Hypervisor,
+    layout: Result<Layout, MemError>,
+    size: u64,
+) -> Result<MemoryManager, Failed> {
+    let layout = layout.map_err(|e| Failed::Input(e.to_string()))?;
+    MemoryManager::new(hv, layout).map_err(|e| match e {
+        // A backing mode this host does not offer.
+        MemError::Unsupported { .. } => Failed::Input(e.to_string()),
+        _ if e.errno() == Errno::ENOMEM => Failed::Input(format!(
+            "{} of RAM cannot be set up on this host: {e}; ask for less",
+            Bytes(size)
+        )),
+        _ => Failed::Run(e.to_string()),
+    })
+}
+
 /// `gmem run`.
-pub fn run(memory: u64, vcpus: usize, backend: Where, backing: BackingChoice) -> ExitCode {
+pub fn run(
+    memory: u64,
+    vcpus: usize,
+    max_memory: Option<u64>,
+    backend: Where,
+    backing: BackingChoice,
+) -> ExitCode {
+    let max = match max_memory {
+        Some(m) => (m, "as given".to_string()),
+        None => (
+            default_max_memory(),
+            match mem_available() {
+                Some(a) => format!("1/{RUN_SHARE} of MemAvailable, {}", Bytes(a)),
+                None => "MemAvailable cannot be read".to_string(),
+            },
+        ),
+    };
+    if vcpus == 0 {
+        return Failed::Input("--vcpus 0: a VM needs at least one vCPU".into()).exit("run");
+    }
+    if let Err(e) = check_memory(memory, Some((max.0, &max.1))) {
+        return e.exit("run");
+    }
     match run_inner(memory, vcpus, backend, backing) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("gmem run: {e}");
-            ExitCode::FAILURE
-        }
+        Err(e) => e.exit("run"),
     }
 }
 
@@ -328,18 +464,14 @@ fn run_inner(
     vcpus: usize,
     backend: Where,
     backing: BackingChoice,
-) -> Result<(), String> {
-    if vcpus == 0 {
-        return Err("--vcpus must be at least 1".into());
-    }
-    let hv = open(backend)?;
+) -> Result<(), Failed> {
+    let hv = open(backend).map_err(Failed::Input)?;
     let layout = Layout::builder()
         .memory(memory)
         .backing(backing.request())
-        .build()
-        .map_err(|e| e.to_string())?;
+        .build();
     let t = Instant::now();
-    let mm = MemoryManager::new(&*hv, layout).map_err(|e| e.to_string())?;
+    let mm = manager(&*hv, layout, memory)?;
     let mut cpus = (0..vcpus as u64)
         .map(|id| mm.vm().create_vcpu(id))
         .collect::<Result<Vec<_>, _>>()
@@ -430,9 +562,7 @@ fn run_inner(
         ),
     );
     if wrong != 0 {
-        return Err(format!(
-            "{wrong} words of RAM do not hold what the guest wrote"
-        ));
+        return Err(format!("{wrong} words of RAM do not hold what the guest wrote").into());
     }
     let populated = mm.held().map_err(|e| e.to_string())?;
     line(
@@ -490,7 +620,8 @@ fn run_inner(
                 "{} held for {} of RAM: a conversion left two copies",
                 human_bytes(filled.total()),
                 human_bytes(memory)
-            ));
+            )
+            .into());
         }
         let (_, back) = halves(&second);
         for r in &back {
@@ -567,8 +698,10 @@ fn run_inner(
     );
     if kept_ok != 0 || zero_ok != 0 {
         return Err(format!(
-            "after the discard {kept_ok} kept words changed and {zero_ok} discarded words are not zero"
-        ));
+            "after the discard {kept_ok} kept words changed and {zero_ok} discarded words are \
+             not zero"
+        )
+        .into());
     }
     line(
         "exits",
@@ -588,9 +721,35 @@ mod tests {
     fn sizes_parse_with_binary_units() {
         assert_eq!(parse_size("1G"), Ok(1 << 30));
         assert_eq!(parse_size("512m"), Ok(512 << 20));
+        assert_eq!(parse_size("2T"), Ok(2 << 40));
         assert_eq!(parse_size("0x1000"), Ok(4096));
-        assert!(parse_size("1Q").is_err());
-        assert!(parse_size("99999999999T").is_err());
+        assert_eq!(parse_size("0x1_0000"), Ok(0x10000));
+        assert_eq!(parse_size("1_048_576"), Ok(1 << 20));
+        assert_eq!(parse_size("0xaG"), Ok(10 << 30));
+        assert_eq!(
+            parse_size("1Q"),
+            Err("`1Q`: the unit must be K, M, G or T".into())
+        );
+        assert!(parse_size("_1").is_err() && parse_size("1_").is_err());
+        assert_eq!(
+            parse_size("99999999999T"),
+            Err("`99999999999T` is more than 64 bits hold".into())
+        );
+    }
+
+    #[test]
+    fn a_range_names_its_address_as_an_address() {
+        assert_eq!(
+            parse_range("0x1_0000_0000:4K"),
+            Ok(GuestRange::new(GuestAddress(1 << 32), 4096))
+        );
+        let e = parse_range("zz:4K").unwrap_err();
+        assert_eq!(e, "`zz` is not an address (write it like 0x100000000, 4G)");
+        let e = parse_range("0x1000:big").unwrap_err();
+        assert!(
+            e.contains("`big`") && e.contains("a size") || e.contains("unit"),
+            "{e}"
+        );
     }
 
     #[test]

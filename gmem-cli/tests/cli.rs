@@ -104,13 +104,14 @@ fn a_file_that_does_not_parse_is_an_input_error_reported_once() {
     assert_eq!(o.status.code(), Some(2));
     let v = json(&o);
     assert_eq!(v["summary"]["parse_errors"], 1);
+    assert_eq!(v["summary"]["unparsed_files"], 1);
     let e = &v["scenarios"][0]["parse_errors"][0];
     assert_eq!(
         (e["line"].as_u64(), e["column"].as_u64()),
         (Some(2), Some(1))
     );
     assert_eq!(e["expected"], "an operation");
-    assert_eq!(e["found"], "`frob`");
+    assert_eq!(e["found"], "frob", "the token, without backticks");
     assert!(e["file"].as_str().unwrap().ends_with("bad.gmem"));
     assert!(e["hint"].as_str().unwrap().contains("create_guest_memfd"));
     assert_eq!(v["scenarios"][0]["results"].as_array().unwrap().len(), 0);
@@ -196,7 +197,7 @@ fn check_json_has_the_schema_the_kernel_and_summary_counts() {
     let o = gmem(&["check", "--backend", "soft", "--json", &a, &b]);
     assert!(o.status.success(), "{}", text(&o.stderr));
     let v = json(&o);
-    assert_eq!(v["schema"], "gmem-check/1");
+    assert_eq!(v["schema"], "gmem-check/2");
     assert!(v["kernel"]["release"].is_string() && v["kernel"]["kvm"].is_string());
     let s = &v["summary"];
     assert_eq!(
@@ -315,6 +316,273 @@ fn caps_lines_fit_100_columns() {
         let o = gmem(&["caps", "--backend", backend]);
         for l in text(&o.stdout).lines() {
             assert!(l.chars().count() <= 100, "{backend}: {l}");
+        }
+    }
+}
+
+/// Reads at most the limit: a device is refused, not read until memory
+/// runs out.
+#[test]
+fn check_refuses_a_device_as_a_scenario_and_as_a_departures_file() {
+    let o = gmem(&["check", "--backend", "soft", "/dev/zero"]);
+    assert_eq!(o.status.code(), Some(2));
+    let out = words(&o.stdout);
+    assert!(
+        out.contains("/dev/zero: cannot be read: a device, not a regular file"),
+        "{out}"
+    );
+
+    let d = Dir::new("zero-departures");
+    let p = d.file("pass.gmem", PASSING);
+    let o = gmem(&[
+        "check",
+        "--backend",
+        "soft",
+        "--departures",
+        "/dev/zero",
+        &p,
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("--departures /dev/zero: a device, not a regular file"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_missing_departures_file_names_the_path_and_the_errno() {
+    let o = gmem(&["check", "--departures", "/no/such/departures.toml"]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("/no/such/departures.toml: No such file or directory (ENOENT)"),
+        "{err}"
+    );
+    assert!(!err.contains("os error"), "{err}");
+}
+
+#[test]
+fn check_with_a_profile_on_kvm_alone_is_refused() {
+    let o = gmem(&["check", "--backend", "kvm", "--profile", "next"]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = words(&o.stderr);
+    assert!(
+        err.contains("--profile next runs the software backend"),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_refuses_a_budget_no_scenario_can_run_in() {
+    for budget in ["0", "4K"] {
+        let o = gmem(&["check", "--backend", "soft", "--max-memory", budget]);
+        assert_eq!(o.status.code(), Some(2), "{budget}");
+        let err = words(&o.stderr);
+        assert!(err.contains("give at least 1 MiB"), "{err}");
+    }
+}
+
+#[test]
+fn check_json_of_bad_input_is_a_json_error_object() {
+    let o = gmem(&[
+        "check",
+        "--backend",
+        "soft",
+        "--json",
+        "/no/such/scenario.gmem",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    let v = json(&o);
+    assert_eq!(v["schema"], "gmem-check/2");
+    assert_eq!(v["error"]["kind"], "paths");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("/no/such/scenario.gmem"));
+
+    let o = gmem(&["check", "--json", "--max-memory", "0"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(json(&o)["error"]["kind"], "arguments");
+}
+
+/// KVM-SETUP: a scenario that uses the KVM backend's reserved slot skips on
+/// kvm, naming the rule and both reserved slots; it is no kernel failure.
+#[test]
+fn a_line_the_kvm_backend_cannot_run_skips_the_scenario_there() {
+    if !Path::new("/dev/kvm").exists() {
+        // The verdict is tested on a model in gmem's report tests.
+        return;
+    }
+    let d = Dir::new("kvm-setup");
+    let p = d.file(
+        "slot.gmem",
+        "vm = create_vm\n\
+         g = create_guest_memfd vm size=8K flags=mmap|init_shared\n\
+         set_memory_region vm slot=32700 gpa=0x100000 size=8K flags=guest_memfd guest_memfd=g\n\
+         guest_write vm gpa=0x100000 byte=0x55\n",
+    );
+    let o = gmem(&["check", "--backend", "kvm", &p]);
+    assert!(o.status.success(), "{}", text(&o.stdout));
+    let out = words(&o.stdout);
+    assert!(out.contains("skip [1]"), "{out}");
+    assert!(
+        out.contains("the kvm backend cannot run line 3: slot 32700 is reserved"),
+        "{out}"
+    );
+    assert!(
+        out.contains("32701") && out.contains("(KVM-SETUP, EINVAL)"),
+        "{out}"
+    );
+    assert!(!out.contains("Failures"), "{out}");
+}
+
+#[test]
+fn failures_after_an_over_budget_line_say_they_may_follow_from_it() {
+    let d = Dir::new("after-budget");
+    let p = d.file(
+        "after.gmem",
+        "vm = create_vm\n\
+         g = create_guest_memfd vm size=2M\n\
+         fallocate g mode=allocate offset=0 len=1004K\n\
+         g2 = create_guest_memfd vm size=4K\n\
+         fallocate g2 mode=allocate offset=0 len=4K\n",
+    );
+    let args = ["check", "--backend", "soft", "--max-memory", "1M"];
+    let o = gmem(&[&args[..], &[&p]].concat());
+    assert_eq!(o.status.code(), Some(1));
+    let out = words(&o.stdout);
+    assert!(
+        out.contains("may follow from line 4, which was not performed (over budget)"),
+        "{out}"
+    );
+    let o = gmem(&[&args[..], &["--json", &p]].concat());
+    let v = json(&o);
+    let kinds: Vec<&str> = v["scenarios"][0]["results"][0]["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["over_budget", "after_over_budget"]);
+    assert_eq!(v["summary"]["after_over_budget_lines"], 1);
+}
+
+#[test]
+fn the_summary_counts_files_that_do_not_parse_and_their_errors() {
+    let d = Dir::new("two-errors");
+    let p = d.file("bad.gmem", "frob\nfrob\n");
+    let o = gmem(&["check", "--backend", "soft", "--json", &p]);
+    assert_eq!(o.status.code(), Some(2));
+    let s = &json(&o)["summary"];
+    assert_eq!(
+        (s["unparsed_files"].as_u64(), s["parse_errors"].as_u64()),
+        (Some(1), Some(2))
+    );
+}
+
+#[test]
+fn a_host_write_over_the_limit_shows_the_length_as_written() {
+    let d = Dir::new("len");
+    let p = d.file(
+        "len.gmem",
+        "h = host_memory size=4G\nhost_write h offset=0 byte=1 len=2G\n",
+    );
+    let o = gmem(&["check", "--backend", "soft", &p]);
+    assert_eq!(o.status.code(), Some(2));
+    let out = words(&o.stdout);
+    assert!(out.contains("found `2G`"), "{out}");
+    assert!(!out.contains("2147483648"), "{out}");
+}
+
+#[test]
+fn no_departures_block_when_nothing_departs() {
+    let d = Dir::new("no-departures");
+    let p = d.file("pass.gmem", PASSING);
+    let o = gmem(&["check", &p]);
+    assert!(o.status.success(), "{}", text(&o.stdout));
+    assert!(
+        !text(&o.stdout).contains("Departures"),
+        "{}",
+        text(&o.stdout)
+    );
+}
+
+#[test]
+fn failures_under_a_long_path_fit_100_columns() {
+    let d = Dir::new("long-path");
+    let deep = d.0.join("a-folder-with-a-rather-long-name".repeat(3));
+    std::fs::create_dir_all(&deep).unwrap();
+    let p = deep.join("fail.gmem");
+    std::fs::write(
+        &p,
+        "vm = create_vm\ng = create_guest_memfd vm size=4K\nfile_read g => ESPIPE\n",
+    )
+    .unwrap();
+    let o = gmem(&["check", "--backend", "soft", p.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let out = text(&o.stdout);
+    assert!(out.contains("Failures:"), "{out}");
+    for l in out.lines() {
+        assert!(
+            l.chars().count() <= 100,
+            "{} columns: {l}",
+            l.chars().count()
+        );
+    }
+}
+
+#[test]
+fn caps_json_has_a_schema_and_identifier_keys() {
+    let o = gmem(&["caps", "--backend", "soft", "--json"]);
+    assert!(o.status.success());
+    let v = json(&o);
+    assert_eq!(v["schema"], "gmem-caps/1");
+    for (k, text) in v["meaning"].as_object().unwrap() {
+        assert!(!k.contains(' '), "{k}");
+        assert!(!text.as_str().unwrap().contains("above"), "{k}: {text}");
+    }
+    assert!(v["meaning"]["guest_conversion_requests"].is_string());
+}
+
+#[test]
+fn fuzz_summary_lines_fit_100_columns() {
+    let d = Dir::new("fuzz");
+    let o = gmem(&[
+        "fuzz",
+        "--backend",
+        "soft",
+        "--runs",
+        "20",
+        "--seed",
+        "1",
+        "--out",
+        d.path(),
+    ]);
+    for l in text(&o.stdout).lines() {
+        assert!(
+            l.chars().count() <= 100,
+            "{} columns: {l}",
+            l.chars().count()
+        );
+    }
+    assert!(text(&o.stdout).contains("operations reached"));
+}
+
+#[test]
+fn bench_help_says_quick_does_not_judge() {
+    let o = gmem(&["bench", "--help"]);
+    let out = words(&o.stdout);
+    assert!(out.contains("not judged against the targets"), "{out}");
+}
+
+#[test]
+fn every_help_fits_100_columns() {
+    for cmd in ["check", "run", "map", "caps", "bench", "fuzz"] {
+        let o = gmem(&[cmd, "--help"]);
+        assert!(o.status.success(), "{cmd}");
+        for l in text(&o.stdout).lines() {
+            assert!(l.chars().count() <= 100, "{cmd}: {l}");
         }
     }
 }

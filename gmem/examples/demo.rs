@@ -4,9 +4,21 @@
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
-use gmem::soft::{Invalidation, InvalidationObserver, SoftHypervisor};
+use gmem::soft::{InvalidateCause, Invalidation, InvalidationObserver, SoftHypervisor};
 use gmem::uapi::*;
 use gmem::{GuestMemfd, GuestOp, Hypervisor, MapKind, Result, Vcpu, VcpuExit, Vm};
+
+/// What caused an invalidation, in words.
+fn cause(c: InvalidateCause) -> &'static str {
+    match c {
+        InvalidateCause::PunchHole => "punch hole",
+        InvalidateCause::Release => "file released",
+        InvalidateCause::Attributes => "attributes changed",
+        InvalidateCause::SlotDelete => "slot deleted",
+        InvalidateCause::SlotMove => "slot moved",
+        InvalidateCause::HostUnmap => "host memory unmapped",
+    }
+}
 
 #[derive(Default)]
 struct Recorder(Mutex<Vec<Invalidation>>);
@@ -25,6 +37,21 @@ fn show(exit: VcpuExit) -> String {
         }
         other => format!("{other:?}"),
     }
+}
+
+/// `label` then `text`, wrapped to 100 columns, further lines indented.
+fn say(label: &str, text: &str) {
+    let mut line = label.to_string();
+    for word in text.split(' ') {
+        if line.len() + 1 + word.len() > 100 && !line.trim().is_empty() {
+            println!("{line}");
+            line = "    ".into();
+        } else if !line.ends_with(' ') && !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    println!("{line}");
 }
 
 /// A one-byte guest load at `gpa`, shown as the value or the exit.
@@ -61,8 +88,7 @@ fn main() -> Result<()> {
         ..Default::default()
     })?;
     println!(
-        "created guest_memfd fd {} of {} KiB, flags MMAP|INIT_SHARED",
-        g.as_raw_fd(),
+        "created a guest_memfd of {} KiB, flags MMAP|INIT_SHARED",
         g.size() >> 10
     );
     vm.set_user_memory_region2(guest_memfd_region(1, 0x10_0000, 64 << 10, g.as_raw_fd(), 0))?;
@@ -76,7 +102,10 @@ fn main() -> Result<()> {
             64 << 10,
         ))
         .unwrap_err();
-    println!("binding slot 2 at the file's end is refused: {err}");
+    say(
+        "binding slot 2 at the file's end is refused:",
+        &err.to_string(),
+    );
 
     let m = g.mmap(0, 64 << 10, MapKind::Shared)?;
     m.write(0x1000, &[0xaa]).expect("shared page");
@@ -99,9 +128,12 @@ fn main() -> Result<()> {
 
     let before = g.allocated_bytes()? >> 10;
     g.fallocate(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, 0, 64 << 10)?;
-    println!(
-        "punched the whole file: the pages held {before} KiB, now {} KiB (memory went back to the host)",
-        g.allocated_bytes()? >> 10
+    say(
+        &format!("punched the whole file: the pages held {before} KiB,"),
+        &format!(
+            "now {} KiB (memory went back to the host)",
+            g.allocated_bytes()? >> 10
+        ),
     );
     println!(
         "guest reads gpa 0x101000 after the punch: {}",
@@ -141,7 +173,10 @@ fn main() -> Result<()> {
         value: 0x5a,
     })?;
     gmem::HostMemory::write(&host, 0x1000, &[0x11]).expect("host memory");
-    println!("sw_protected VM: guest wrote 0x5a to private gpa 0x1000, host wrote 0x11 to its shared copy");
+    say(
+        "sw_protected VM:",
+        "guest wrote 0x5a to private gpa 0x1000, host wrote 0x11 to its shared copy",
+    );
     println!("  private read: {}", read(pvcpu.as_mut(), 0x1000)?);
     convert(&pvm, 2 << 20, 0)?;
     println!(
@@ -160,8 +195,11 @@ fn main() -> Result<()> {
     );
     for inv in recorder.0.lock().unwrap().iter() {
         println!(
-            "  slot {} gfns [{:#x}, {:#x}): {:?}",
-            inv.slot, inv.gfns.start, inv.gfns.end, inv.cause
+            "  slot {} gfns [{:#x}, {:#x}): {}",
+            inv.slot,
+            inv.gfns.start,
+            inv.gfns.end,
+            cause(inv.cause)
         );
     }
     Ok(())

@@ -7,11 +7,29 @@
 //! `cargo run --example vmm` (software backend), or
 //! `cargo run --example vmm -- kvm` on a host with /dev/kvm.
 
+use std::sync::atomic::Ordering;
+
 use gmem::memory::{
     human_bytes, BackingRequest, GuestAddress, GuestRange, Layout, MemoryManager, PageState,
 };
+// vm-memory as gmem re-exports it: no vm-memory version to pin here.
+use gmem::vm_memory::{self, Bytes, GuestMemoryBackend};
 use gmem::{Backend, GuestLoop, GuestOp};
-use vm_memory::{Bytes, GuestMemoryBackend};
+
+/// `label` then `text`, wrapped to 100 columns, further lines indented.
+fn say(label: &str, text: &str) {
+    let mut line = label.to_string();
+    for word in text.split(' ') {
+        if line.len() + 1 + word.len() > 100 && !line.trim().is_empty() {
+            println!("{line}");
+            line = "    ".into();
+        } else if !line.ends_with(' ') && !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    println!("{line}");
+}
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let backend = match std::env::args().nth(1).as_deref() {
@@ -27,11 +45,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .backing(BackingRequest::Best)
         .build()?;
     let mm = MemoryManager::new(&*hv, layout)?;
-    println!(
-        "{} backend, {} backing: {}",
-        hv.name(),
-        mm.backing().mode,
-        mm.backing().reason
+    say(
+        &format!("{} backend, {} backing:", hv.name(), mm.backing().mode),
+        &mm.backing().reason,
     );
     for slot in mm.layout().slots() {
         println!(
@@ -40,9 +56,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
 
-    // "Load the kernel": the host writes an image into guest RAM.
+    // "Load the kernel": the host writes an image into guest RAM and sets a
+    // boot flag after it. Every manager method takes the address first.
     let image = b"\x7fELF pretend kernel";
     mm.write(GuestAddress(0x10_0000), image)?;
+    mm.store(GuestAddress(0x10_1000), 1u32, Ordering::Release)?;
 
     // The guest populates 64 KiB above 4 GiB in one loop.
     let mut vcpu = mm.vm().create_vcpu(0)?;
@@ -67,7 +85,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "device read {word:#x} through vm-memory ({} regions)",
         mem.num_regions()
     );
-    println!("held: {:?}", mm.held()?);
+    say("held:", &mm.held()?.to_string());
 
     // A confidential guest makes that range private with a hypercall; the VMM
     // lets the manager handle the exit and resumes.
@@ -78,11 +96,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             attributes: gmem::uapi::KVM_MAP_GPA_RANGE_ENCRYPTED,
         })?;
         if let Some(done) = mm.handle_exit(&exit)? {
-            println!(
-                "guest converted {} to {}: held {:?}",
-                done.range,
-                done.to,
-                mm.held_in(high)?
+            say(
+                &format!(
+                    "guest converted {} to {}; that range holds",
+                    done.range, done.to
+                ),
+                &mm.held_in(high)?.to_string(),
             );
         }
         assert_eq!(mm.state(high.start), Some(PageState::Private));

@@ -1,10 +1,15 @@
 //! Owned host mappings, shared by both backends: anonymous memory for the
 //! VMM's RAM and shared file mappings. A [`Mmap`] is unmapped on drop.
+//!
+//! A mapping covers whole pages: the kernel's VMA for `mmap(addr, len)` is
+//! `[addr, addr + PAGE_ALIGN(len))` (mm/mmap.c: `do_mmap`), so every byte
+//! of the last page can be touched. [`Mmap::len`] is that length, and it
+//! bounds every access.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr::NonNull;
 
-use crate::error::{Error, Result};
+use crate::error::{Errno, Error, Result};
 use crate::hypervisor::HostFault;
 use crate::uapi::PAGE_SIZE;
 
@@ -15,7 +20,12 @@ const HPAGE_SIZE: u64 = 2 << 20;
 #[derive(Debug)]
 pub struct Mmap {
     ptr: NonNull<u8>,
+    /// The length asked for, rounded up to a whole page: what the VMA
+    /// covers.
     len: usize,
+    /// Bytes of inaccessible guard pages owned on each side
+    /// ([`Mmap::host_memory`]), unmapped with the region.
+    guard: usize,
 }
 
 // SAFETY: the mapping is plain memory with no thread affinity; every access
@@ -33,6 +43,99 @@ impl Mmap {
             None,
             0,
         )
+    }
+
+    /// `len` bytes of private anonymous memory for the VMM (`host_memory`
+    /// of either backend), in a VMA of its own. The kernel merges adjacent
+    /// anonymous mappings of the same flags into one VMA (`vma_merge_new_range`,
+    /// mm/vma.c), and a merged mapping shares its neighbour's state: the
+    /// `anon_vma` a written page gives it, and the extent `MADV_COLLAPSE`
+    /// checks huge-page alignment against (`__thp_vma_allowable_orders`,
+    /// mm/huge_memory.c, refuses a VMA without an `anon_vma` and one with no
+    /// whole huge page), so what advice does would depend on where the memory
+    /// happened to land. An inaccessible guard page on each side keeps it
+    /// alone, and memory of at least a huge page starts on a huge-page
+    /// boundary, as `__get_unmapped_area` (mm/mmap.c) places anonymous
+    /// memory whose length is a multiple of one; here for every such length,
+    /// so that where the huge pages fall never depends on placement either.
+    pub fn host_memory(len: u64) -> Result<Mmap> {
+        let page = PAGE_SIZE as usize;
+        let align = if len >= HPAGE_SIZE {
+            HPAGE_SIZE as usize
+        } else {
+            page
+        };
+        let Some((map_len, total)) = usize::try_from(len)
+            .ok()
+            .filter(|l| *l > 0)
+            .and_then(|l| l.checked_next_multiple_of(page))
+            .and_then(|m| Some((m, m.checked_add(2 * page + (align - page))?)))
+        else {
+            // Zero or too long: the kernel's own answer.
+            return Self::anonymous(len);
+        };
+        let reserved = Self::map_prot(
+            total as u64,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            None,
+            0,
+        )?;
+        let base = reserved.addr() as usize;
+        let start = (base + page).next_multiple_of(align);
+        // SAFETY: MAP_FIXED over [start, start + map_len), which lies inside
+        // the reservation just made, which nothing but this function knows.
+        let ptr = unsafe {
+            libc::mmap(
+                start as *mut libc::c_void,
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(Error::last_os_error(format_args!(
+                "mmap of {len:#x} bytes of host memory"
+            )));
+        }
+        // From here on the reservation is given back piece by piece: the
+        // slack before the lower guard page and after the upper one.
+        std::mem::forget(reserved);
+        let (lo, hi) = (start - page, start + map_len + page);
+        for (at, n) in [(base, lo - base), (hi, base + total - hi)] {
+            if n > 0 {
+                // SAFETY: [at, at + n) is slack of the reservation, unused.
+                unsafe { libc::munmap(at as *mut libc::c_void, n) };
+            }
+        }
+        Ok(Mmap {
+            ptr: NonNull::new(ptr.cast())
+                .expect("a fixed mapping inside a reservation is not NULL"),
+            len: map_len,
+            guard: page,
+        })
+    }
+
+    /// Gives the pages back but keeps the addresses: the mapping (and its
+    /// guard pages) is replaced, atomically (`MAP_FIXED`), by an inaccessible
+    /// anonymous one, which the returned [`Reservation`] owns. A guest that
+    /// still reaches these addresses finds nothing there, and no later
+    /// mapping can land on them while the reservation lives. If the kernel
+    /// refuses, the mapping comes back unchanged (`Err`): keeping the memory
+    /// is a leak, never a dangling address.
+    pub fn into_reservation(self) -> std::result::Result<Reservation, Mmap> {
+        let start = self.addr() as usize - self.guard;
+        let len = self.len + 2 * self.guard;
+        match Reservation::map(start, len, true) {
+            Ok(r) => {
+                // The reservation owns the range now.
+                std::mem::forget(self);
+                Ok(r)
+            }
+            Err(_) => Err(self),
+        }
     }
 
     /// A `MAP_SHARED` mapping of `len` bytes of `fd` from `offset`. One of
@@ -85,7 +188,7 @@ impl Mmap {
         let ptr = unsafe {
             libc::mmap(
                 aligned as *mut libc::c_void,
-                len as usize,
+                ulen,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED | libc::MAP_FIXED_NOREPLACE,
                 fd.as_raw_fd(),
@@ -105,12 +208,26 @@ impl Mmap {
         }
         Some(Ok(Mmap {
             ptr: NonNull::new(ptr.cast()).expect("a mapping at a non-null hint is not NULL"),
-            len: len as usize,
+            len: ulen,
+            guard: 0,
         }))
     }
 
     fn map(len: u64, flags: i32, fd: Option<BorrowedFd<'_>>, offset: i64) -> Result<Mmap> {
-        let Ok(ulen) = usize::try_from(len) else {
+        Self::map_prot(len, libc::PROT_READ | libc::PROT_WRITE, flags, fd, offset)
+    }
+
+    fn map_prot(
+        len: u64,
+        prot: i32,
+        flags: i32,
+        fd: Option<BorrowedFd<'_>>,
+        offset: i64,
+    ) -> Result<Mmap> {
+        // The kernel maps whole pages (`do_mmap`: `len = PAGE_ALIGN(len)`,
+        // ENOMEM when that wraps).
+        let pages = len.checked_next_multiple_of(PAGE_SIZE);
+        let Some(Ok(ulen)) = pages.map(usize::try_from) else {
             return Err(Error::new(
                 nix::errno::Errno::ENOMEM,
                 "kernel",
@@ -120,16 +237,7 @@ impl Mmap {
         let raw_fd = fd.map_or(-1, |f| f.as_raw_fd());
         // SAFETY: a fresh mapping chosen by the kernel (no MAP_FIXED) cannot
         // alias memory Rust already owns; failure is checked below.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                ulen,
-                libc::PROT_READ | libc::PROT_WRITE,
-                flags,
-                raw_fd,
-                offset,
-            )
-        };
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), ulen, prot, flags, raw_fd, offset) };
         if ptr == libc::MAP_FAILED {
             return Err(Error::last_os_error(format_args!(
                 "mmap of {len:#x} bytes at offset {offset:#x}"
@@ -138,6 +246,7 @@ impl Mmap {
         Ok(Mmap {
             ptr: NonNull::new(ptr.cast()).expect("mmap never returns NULL without MAP_FIXED"),
             len: ulen,
+            guard: 0,
         })
     }
 
@@ -151,7 +260,8 @@ impl Mmap {
         self.ptr.as_ptr()
     }
 
-    /// Length in bytes.
+    /// Length in bytes: what the kernel's VMA covers, the length asked for
+    /// rounded up to a whole page. Every byte of it may be accessed.
     pub fn len(&self) -> u64 {
         self.len as u64
     }
@@ -251,9 +361,78 @@ impl Mmap {
 
 impl Drop for Mmap {
     fn drop(&mut self) {
-        // SAFETY: unmaps exactly the region mmap gave us; no reference into
-        // it outlives self (only copies are handed out).
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        let start = self.ptr.as_ptr().wrapping_sub(self.guard);
+        // SAFETY: unmaps exactly the region mmap gave us and its guard
+        // pages; no reference into it outlives self (only copies are handed
+        // out).
+        unsafe { libc::munmap(start.cast(), self.len + 2 * self.guard) };
+    }
+}
+
+/// Addresses kept inaccessible (`PROT_NONE`), so that nothing else is
+/// mapped there: a guest access finds no memory, a host access would fault.
+/// Unmapped on drop.
+#[derive(Debug)]
+pub struct Reservation {
+    addr: usize,
+    len: usize,
+}
+
+impl Reservation {
+    /// Reserves `[addr, addr + len)`: over what is there (`replace`, which
+    /// the caller owns and gives up), or only where nothing is mapped
+    /// (`MAP_FIXED_NOREPLACE`, `EEXIST` otherwise). The errno on failure.
+    pub(crate) fn map(addr: usize, len: usize, replace: bool) -> std::result::Result<Self, Errno> {
+        let fixed = if replace {
+            libc::MAP_FIXED
+        } else {
+            libc::MAP_FIXED_NOREPLACE
+        };
+        // SAFETY: the range is either a mapping the caller owns and gives up
+        // (replace), or unmapped (NOREPLACE refuses anything else): no
+        // memory Rust uses is touched.
+        let p = unsafe {
+            libc::mmap(
+                addr as *mut libc::c_void,
+                len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | fixed,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(Errno::last());
+        }
+        if p as usize != addr {
+            // A kernel without MAP_FIXED_NOREPLACE placed it elsewhere.
+            // SAFETY: unmaps the mapping just created, which nobody uses.
+            unsafe { libc::munmap(p, len) };
+            return Err(Errno::EEXIST);
+        }
+        Ok(Reservation { addr, len })
+    }
+
+    /// The first address reserved.
+    pub fn addr(&self) -> u64 {
+        self.addr as u64
+    }
+
+    /// Bytes reserved.
+    pub fn len(&self) -> u64 {
+        self.len as u64
+    }
+
+    /// Never true: a reservation covers at least a page.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        // SAFETY: an inaccessible mapping only this value knows of.
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
     }
 }
 
@@ -298,6 +477,21 @@ mod tests {
     }
 
     #[test]
+    fn a_mapping_covers_its_length_rounded_up_to_a_page() {
+        let m = Mmap::anonymous(1).unwrap();
+        assert_eq!(m.len(), 4096);
+        m.write(4095, &[9]).unwrap();
+        let mut b = [0];
+        m.read(4095, &mut b).unwrap();
+        assert_eq!(b, [9]);
+        assert!(matches!(
+            m.write(4096, &[0]),
+            Err(HostFault::OutOfRange { size: 4096, .. })
+        ));
+        assert!(Mmap::anonymous(u64::MAX).is_err());
+    }
+
+    #[test]
     fn access_past_the_mapping_is_out_of_range() {
         let m = Mmap::anonymous(4096).unwrap();
         assert!(matches!(
@@ -308,5 +502,53 @@ mod tests {
             m.read(u64::MAX, &mut [0]),
             Err(HostFault::OutOfRange { .. })
         ));
+    }
+
+    /// The VMAs of this process covering any of `[addr, addr + len)`.
+    fn vmas(addr: u64, len: u64) -> Vec<(u64, u64)> {
+        std::fs::read_to_string("/proc/self/maps")
+            .unwrap()
+            .lines()
+            .filter_map(|l| {
+                let (a, b) = l.split_whitespace().next()?.split_once('-')?;
+                let (a, b) = (
+                    u64::from_str_radix(a, 16).ok()?,
+                    u64::from_str_radix(b, 16).ok()?,
+                );
+                (a < addr + len && b > addr).then_some((a, b))
+            })
+            .collect()
+    }
+
+    /// gmem-host: host memory is a VMA of its own, whatever its neighbours,
+    /// and starts on a huge page from a huge page's length on.
+    #[test]
+    fn host_memory_is_a_vma_of_its_own() {
+        for len in [4096, 5000, HPAGE_SIZE, HPAGE_SIZE + 4096, 3 * HPAGE_SIZE] {
+            let maps: Vec<Mmap> = (0..3).map(|_| Mmap::host_memory(len).unwrap()).collect();
+            for m in &maps {
+                m.write(0, &[1]).unwrap();
+                let end = m.addr() + len.next_multiple_of(PAGE_SIZE);
+                assert_eq!(vmas(m.addr(), m.len()), [(m.addr(), end)], "{len:#x}");
+                assert!(len < HPAGE_SIZE || m.addr() % HPAGE_SIZE == 0, "{len:#x}");
+            }
+        }
+        assert!(Mmap::host_memory(0).is_err());
+    }
+
+    /// gmem-safety: a reservation keeps the addresses of a mapping, guard
+    /// pages included: nothing else can be mapped there.
+    #[test]
+    fn a_reservation_keeps_the_addresses() {
+        let m = Mmap::host_memory(8192).unwrap();
+        m.write(0, &[1]).unwrap();
+        let (addr, lo) = (m.addr(), m.addr() - 4096);
+        let r = m.into_reservation().unwrap();
+        assert_eq!((r.addr(), r.len()), (lo, 4 * 4096));
+        assert_eq!(vmas(addr, 8192).len(), 1);
+        assert_eq!(
+            Reservation::map(addr as usize, 4096, false).unwrap_err(),
+            Errno::EEXIST
+        );
     }
 }

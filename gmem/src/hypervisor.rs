@@ -154,7 +154,9 @@ pub trait HostMemory: Send + Sync {
     /// The userspace address of the first byte.
     fn addr(&self) -> u64;
 
-    /// The length of the mapping in bytes.
+    /// The length of the mapping in bytes: what the kernel's VMA covers,
+    /// the length asked for rounded up to a whole page (`do_mmap`). Every
+    /// byte of it may be accessed (MMAP-2).
     fn len(&self) -> u64;
 
     /// Is the mapping empty? (Never: mmap refuses length 0.)

@@ -125,6 +125,11 @@ impl NodeMask {
         self.0 == 0
     }
 
+    /// Is node `n` in the set?
+    pub const fn contains(self, n: u32) -> bool {
+        n < 64 && self.0 >> n & 1 == 1
+    }
+
     /// The lowest node (`first_node`).
     pub fn first(self) -> Option<u32> {
         (!self.is_empty()).then(|| self.0.trailing_zeros())
@@ -333,6 +338,35 @@ pub(crate) fn get_mempolicy(addr: u64, map_len: u64, offset: u64) -> Result<MemP
         flags: ModeFlags::from_bits_truncate((mode & !0xff) as u16),
         nodes: mask,
     })
+}
+
+/// The node of each page at `addrs` that is mapped in this process
+/// (`move_pages(2)` without target nodes, which only reports): `None` for a
+/// page not mapped there.
+pub(crate) fn mapped_nodes(addrs: &[u64]) -> Result<Vec<Option<u32>>> {
+    if addrs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let pages: Vec<*const libc::c_void> = addrs.iter().map(|a| *a as *const _).collect();
+    let mut status = vec![0 as libc::c_int; addrs.len()];
+    // SAFETY: with a null node array move_pages moves nothing: it reads
+    // `pages` and writes one status per page into `status`, both of
+    // `addrs.len()` entries.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_move_pages,
+            0,
+            addrs.len() as libc::c_ulong,
+            pages.as_ptr(),
+            std::ptr::null::<libc::c_int>(),
+            status.as_mut_ptr(),
+            0,
+        )
+    };
+    if r != 0 {
+        return Err(Error::last_os_error("move_pages (query)"));
+    }
+    Ok(status.into_iter().map(|s| u32::try_from(s).ok()).collect())
 }
 
 /// The nodes this task may allocate from (`MPOL_F_MEMS_ALLOWED`: its

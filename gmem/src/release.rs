@@ -109,11 +109,75 @@ pub const CHANGES: &[Change] = &[
         what: "binding offsets are unsigned: an offset whose signed sum with the size is negative is EINVAL (was bound)",
     },
     Change {
-        rule: "CONV-1",
+        rule: "CONV-1..CONV-8",
         since: Release::Next,
         what: "in-place conversion: KVM_SET_MEMORY_ATTRIBUTES2 on the guest_memfd fd, attributes per file offset",
     },
+    Change {
+        rule: "ATTR-1",
+        since: Release::Next,
+        what: "the VM attribute ioctl refuses PRIVATE on every VM: private-ness belongs to guest_memfd",
+    },
+    Change {
+        rule: "CAP-1",
+        since: Release::Next,
+        what: "KVM_CAP_MEMORY_ATTRIBUTES answers 0; KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES answers PRIVATE on private VMs",
+    },
+    Change {
+        rule: "CAP-3",
+        since: Release::Next,
+        what: "INIT_SHARED is offered to VMs with private memory too",
+    },
+    Change {
+        rule: "CREATE-1",
+        since: Release::Next,
+        what: "a VM with private memory accepts INIT_SHARED",
+    },
+    Change {
+        rule: "BIND-6",
+        since: Release::Next,
+        what: "every guest_memfd slot is guest_memfd-only, MMAP or not",
+    },
+    Change {
+        rule: "FAULT-1",
+        since: Release::Next,
+        what: "an access through a guest_memfd slot is private iff its file page is PRIVATE",
+    },
+    Change {
+        rule: "MMAP-4",
+        since: Release::Next,
+        what: "a file without INIT_SHARED starts private page by page; shared pages can be touched",
+    },
 ];
+
+impl Change {
+    /// The rule ids the change touches: `rule` itself, or each id of a
+    /// range such as `CONV-1..CONV-8`.
+    ///
+    /// ```
+    /// let c = gmem::release::CHANGES.iter().find(|c| c.rule.starts_with("CONV")).unwrap();
+    /// assert_eq!(c.rules().len(), 8);
+    /// assert_eq!(c.rules()[7], "CONV-8");
+    /// ```
+    pub fn rules(&self) -> Vec<String> {
+        rule_ids(self.rule)
+    }
+}
+
+/// The ids `spec` names: `BIND-5`, or a range `CONV-1..CONV-8`.
+fn rule_ids(spec: &str) -> Vec<String> {
+    let range = spec.split_once("..").and_then(|(a, b)| {
+        let (family, first) = a.rsplit_once('-')?;
+        let (family_b, last) = b.rsplit_once('-')?;
+        let (first, last) = (first.parse::<u32>().ok()?, last.parse::<u32>().ok()?);
+        (family == family_b && first <= last).then(|| {
+            (first..=last)
+                .map(|n| format!("{family}-{n}"))
+                .collect::<Vec<_>>()
+        })
+    });
+    range.unwrap_or_else(|| vec![spec.to_string()])
+}
 
 #[cfg(test)]
 mod tests {
@@ -128,17 +192,42 @@ mod tests {
         assert!("7.3".parse::<Release>().unwrap_err().contains("6.18, 6.19"));
     }
 
+    /// The rule ids of the rows of `notes` for `release`: the second cell,
+    /// a list separated by commas, ranges expanded.
+    fn noted(notes: &str, release: Release) -> Vec<String> {
+        let start = format!("| {release} | ");
+        notes
+            .lines()
+            .filter_map(|l| l.strip_prefix(&start))
+            .filter_map(|rest| rest.split(" |").next())
+            .flat_map(|cell| cell.split(", ").flat_map(rule_ids).collect::<Vec<_>>())
+            .collect()
+    }
+
     #[test]
     fn the_release_notes_name_every_change() {
         let notes = include_str!("../../docs/releases.md");
         for c in CHANGES {
-            assert!(
-                notes.contains(&format!("| {} | {} |", c.since, c.rule))
-                    || notes.contains(&format!("| {} | {}..", c.since, c.rule)),
-                "docs/releases.md has no row for {} since {}",
-                c.rule,
-                c.since
-            );
+            let noted = noted(notes, c.since);
+            for id in c.rules() {
+                assert!(
+                    noted.contains(&id),
+                    "docs/releases.md has no row naming {id} since {}",
+                    c.since
+                );
+            }
         }
+    }
+
+    #[test]
+    fn a_change_missing_from_the_notes_is_found() {
+        let notes = "| 7.2 | BIND-5 | x |\n| next | CONV-1..CONV-3, ATTR-1 | y |\n";
+        assert_eq!(noted(notes, Release::V7_2), ["BIND-5"]);
+        assert_eq!(
+            noted(notes, Release::Next),
+            ["CONV-1", "CONV-2", "CONV-3", "ATTR-1"]
+        );
+        assert!(!noted(notes, Release::Next).contains(&"CAP-3".to_string()));
+        assert_eq!(rule_ids("BIND-4"), ["BIND-4"]);
     }
 }

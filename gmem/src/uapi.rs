@@ -99,6 +99,17 @@ pub const TASK_SIZE_MAX: u64 = (1 << 47) - PAGE_SIZE;
 pub const FALLOC_FL_KEEP_SIZE: i32 = libc::FALLOC_FL_KEEP_SIZE;
 /// Deallocate the range; must be combined with KEEP_SIZE.
 pub const FALLOC_FL_PUNCH_HOLE: i32 = libc::FALLOC_FL_PUNCH_HOLE;
+/// Write zeroes to the range, allocating it (6.17; libc lacks it).
+pub const FALLOC_FL_WRITE_ZEROES: i32 = 0x80;
+/// Every `fallocate` mode `vfs_fallocate` knows; one at a time, plus
+/// KEEP_SIZE (`include/linux/falloc.h`, 6.17 and later). ALLOCATE_RANGE is
+/// no bit at all.
+pub const FALLOC_FL_MODE_MASK: i32 = FALLOC_FL_PUNCH_HOLE
+    | libc::FALLOC_FL_COLLAPSE_RANGE
+    | libc::FALLOC_FL_ZERO_RANGE
+    | libc::FALLOC_FL_INSERT_RANGE
+    | libc::FALLOC_FL_UNSHARE_RANGE
+    | FALLOC_FL_WRITE_ZEROES;
 
 /// The names of the VM types of x86 (`KVM_X86_*_VM`), for reports.
 pub fn vm_type_name(vm_type: u64) -> &'static str {
@@ -199,6 +210,7 @@ mod tests {
         assert_eq!(std::mem::size_of::<kvm_memory_attributes>(), 32);
         assert_eq!(KVM_MEMORY_ATTRIBUTE_PRIVATE, 1 << 3);
         assert_eq!(KVM_MEM_GUEST_MEMFD, 1 << 2);
+        assert_eq!(FALLOC_FL_MODE_MASK, 0xfa);
         assert_eq!(std::mem::size_of::<kvm_memory_attributes2>(), 128);
         assert_eq!(std::mem::size_of::<kvm_pre_fault_memory>(), 64);
         assert_eq!(KVM_SET_MEMORY_ATTRIBUTES2, 0xC080_AED2);

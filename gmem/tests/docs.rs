@@ -1,7 +1,9 @@
 //! The repository documents itself: no tracked text file points to a
 //! document outside it, docs/spec.md defines every rule id the code and the
-//! tests use, and docs/scenarios.md describes every operation the scenario
-//! parser accepts.
+//! tests use, each rule whose outcome differs by release says so in its
+//! row, docs/scenarios.md describes every operation the scenario parser
+//! accepts, and every public item of the memory manager has a runnable
+//! doc example.
 //!
 //! Each check is a function of text, so that the tests at the end can show
 //! that each one fails on text that breaks it.
@@ -123,6 +125,69 @@ fn not_defined_once(ids: &BTreeSet<String>, spec: &str) -> Vec<(String, usize)> 
         .map(|id| (id.clone(), defs.get(id).copied().unwrap_or(0)))
         .filter(|(_, n)| *n != 1)
         .collect()
+}
+
+/// The `(id, release)` pairs whose row in `spec` does not say how the
+/// outcome differs by release (`**By release:**`) naming that release.
+fn release_not_in_row(spec: &str, changes: &[(String, &str)]) -> Vec<(String, String)> {
+    changes
+        .iter()
+        .filter(|(id, release)| {
+            let start = format!("| {id} |");
+            !spec.lines().any(|l| {
+                l.starts_with(&start) && l.contains("**By release:**") && l.contains(release)
+            })
+        })
+        .map(|(id, release)| (id.clone(), release.to_string()))
+        .collect()
+}
+
+/// The public items of Rust source `src` (`pub fn`, `struct`, `enum`,
+/// `type`, `const`, `trait`, `static`) whose doc comment has no runnable
+/// example (a code fence that is not `ignore`, `no_run` or
+/// `compile_fail`), by line number and line. `pub mod name;` is judged by
+/// `module_docs(name)`, the module's own `//!` text.
+fn items_without_examples<'a>(
+    src: &'a str,
+    module_docs: &dyn Fn(&str) -> String,
+) -> Vec<(usize, &'a str)> {
+    // Fences alternate: an opening one says how the block is run.
+    let runnable = |doc: &str| {
+        doc.lines()
+            .map(|l| l.trim_start_matches(['/', '!', ' ']))
+            .filter(|l| l.starts_with("```"))
+            .step_by(2)
+            .any(|open| open == "```" || open == "```rust")
+    };
+    let lines: Vec<&str> = src.lines().collect();
+    let mut missing = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let t = line.trim_start();
+        let Some(rest) = t.strip_prefix("pub ") else {
+            continue;
+        };
+        let kind = rest.split_whitespace().next().unwrap_or("");
+        let doc = if kind == "mod" {
+            let name = rest[4..].trim_end_matches(';').trim();
+            module_docs(name)
+        } else if ["fn", "struct", "enum", "type", "const", "trait", "static"].contains(&kind) {
+            let above = lines[..i]
+                .iter()
+                .rev()
+                .take_while(|l| {
+                    let l = l.trim_start();
+                    l.starts_with("///") || l.starts_with("#[")
+                })
+                .count();
+            lines[i - above..i].join("\n")
+        } else {
+            continue;
+        };
+        if !runnable(&doc) {
+            missing.push((i + 1, *line));
+        }
+    }
+    missing
 }
 
 /// The rule ids Rust source cites where it refuses a request: the first
@@ -282,6 +347,47 @@ fn spec_defines_every_rule_id_the_code_cites() {
 }
 
 #[test]
+fn every_rule_that_differs_by_release_names_the_release_in_its_row() {
+    let changes: Vec<(String, &str)> = gmem::release::CHANGES
+        .iter()
+        .flat_map(|c| c.rules().into_iter().map(|id| (id, c.since.name())))
+        .collect();
+    assert!(changes.len() > 10, "{changes:?}");
+    let missing = release_not_in_row(&read("docs/spec.md"), &changes);
+    assert!(
+        missing.is_empty(),
+        "these rules differ by release (gmem::release::CHANGES), but their row in docs/spec.md \
+         does not say so after **By release:** naming the release: {missing:?}"
+    );
+}
+
+#[test]
+fn every_public_item_of_the_memory_manager_has_a_runnable_example() {
+    let dir = repo().join("gmem/src/memory");
+    let module_docs = |name: &str| {
+        std::fs::read_to_string(dir.join(format!("{name}.rs")))
+            .unwrap_or_default()
+            .lines()
+            .take_while(|l| l.starts_with("//!"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let mut missing = Vec::new();
+    let files = rust_sources(&dir);
+    assert!(files.len() > 5, "{files:?}");
+    for f in files {
+        let src = std::fs::read_to_string(&f).unwrap();
+        for (line, text) in items_without_examples(&src, &module_docs) {
+            missing.push(format!("{}:{line}: {}", f.display(), text.trim()));
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "public items of gmem::memory without a runnable doc example: {missing:#?}"
+    );
+}
+
+#[test]
 fn scenario_doc_describes_every_operation_and_requirement() {
     let ops = parser_operations();
     assert!(ops.len() > 20, "the parser lists {} operations", ops.len());
@@ -326,6 +432,48 @@ fn outside_references_are_found_in_any_case() {
     let found: Vec<usize> = outside_references(&text).iter().map(|(l, _)| *l).collect();
     assert_eq!(found, [2, 3, 4, 5]);
     assert!(outside_references("docs/spec.md, section 4; ../docs/scenarios.md").is_empty());
+}
+
+#[test]
+fn a_row_that_does_not_name_its_release_is_reported() {
+    let spec = "| BIND-5 | EINVAL. **By release:** EEXIST since 7.2. | x |\n\
+                | BIND-4 | past the end is EINVAL. | x |\n\
+                | NUMA-2 | since 6.19 the file's. | x |\n";
+    let changes = [
+        ("BIND-5".to_string(), "7.2"),
+        ("BIND-4".to_string(), "7.2"),
+        ("NUMA-2".to_string(), "6.19"),
+    ];
+
+    let missing = release_not_in_row(spec, &changes);
+
+    assert_eq!(
+        missing,
+        [
+            ("BIND-4".to_string(), "7.2".to_string()),
+            ("NUMA-2".to_string(), "6.19".to_string())
+        ]
+    );
+}
+
+#[test]
+fn an_item_without_a_runnable_example_is_reported() {
+    let src = "/// Has one.\n///\n/// ```\n/// f();\n/// ```\npub fn f() {}\n\
+               /// None.\npub fn g() {}\n\
+               /// Not run.\n/// ```no_run\n/// h();\n/// ```\n#[inline]\npub fn h() {}\n\
+               fn private() {}\n\
+               pub mod documented;\npub mod bare;\n";
+    let docs = |name: &str| match name {
+        "documented" => "//! ```\n//! x();\n//! ```".to_string(),
+        _ => "//! No example.".to_string(),
+    };
+
+    let missing: Vec<usize> = items_without_examples(src, &docs)
+        .iter()
+        .map(|(l, _)| *l)
+        .collect();
+
+    assert_eq!(missing, [8, 14, 17]);
 }
 
 #[test]

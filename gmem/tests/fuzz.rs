@@ -10,6 +10,12 @@
 //! hangs nor leaks on any program (differences from the kernel are what
 //! `gmem fuzz` reports; they are not failures here).
 //!
+//! Seeds whose programs once showed a fault `gmem fuzz` found (and that is
+//! fixed) run again, each named with what it showed: on the software
+//! backend against the model, and on both backends where the running kernel
+//! is one `scenarios/departures.toml` records (there every difference is
+//! known, so none may remain).
+//!
 //! One test in its own binary: the leak check counts the whole process's
 //! fds and mappings.
 
@@ -18,12 +24,47 @@ use std::sync::Arc;
 use gmem::fuzz::coverage::OPERATIONS;
 use gmem::fuzz::exec::{FindingKind, Verdict};
 use gmem::fuzz::{Campaign, Config, Limits, Mode};
-use gmem::scenario::run;
+use gmem::scenario::{run, Departures, KernelId};
 use gmem::{Backend, Release};
 
 const SOFT_PROGRAMS: u64 = 400;
 const NEXT_PROGRAMS: u64 = 200;
 const KVM_PROGRAMS: u64 = 60;
+
+/// Software backend against the model (`gmem fuzz --backend soft --seed N
+/// --runs 1`): programs that found a fault of the software backend.
+const SOFT_REGRESSIONS: [(u64, &str); 2] = [
+    (
+        1028,
+        "a mapping closed under a slot, then host memory: the guest must not reach it (gmem-safety)",
+    ),
+    (
+        1178,
+        "host memory closed under a slot, then more: the slot still finds nothing (FAULT-3)",
+    ),
+];
+
+/// Both backends (`gmem fuzz --backend both --seed N --runs 1`), on a
+/// kernel whose departures are recorded: programs that found a difference
+/// on ours, each fixed where it belonged.
+const KVM_REGRESSIONS: [(u64, &str); 4] = [
+    (
+        1159,
+        "a slot over a guest_memfd mapping the host cannot fault in: EFAULT upstream, MMIO here (FAULT-3-unmapped)",
+    ),
+    (
+        1322,
+        "host memory closed under a slot, then more: its addresses stay reserved on both backends",
+    ),
+    (
+        9570,
+        "mbind strict over a touched guest_memfd page: EIO (NUMA-4)",
+    ),
+    (
+        1023,
+        "MADV_COLLAPSE on host memory: a VMA of its own, so placement does not decide",
+    ),
+];
 
 fn fail_on_finding(c: &mut Campaign, seed: u64, accept_differences: bool) {
     if let Verdict::Found(f) = c.run_seed(seed) {
@@ -47,6 +88,10 @@ fn fixed_seed_programs_run_cleanly() {
     })
     .expect("the software backend opens");
     for seed in 0..SOFT_PROGRAMS {
+        fail_on_finding(&mut c, seed, false);
+    }
+    for (seed, what) in SOFT_REGRESSIONS {
+        eprintln!("regression seed {seed}: {what}");
         fail_on_finding(&mut c, seed, false);
     }
     // The newest profile has the operations 6.18 lacks (in-place
@@ -99,5 +144,20 @@ fn fixed_seed_programs_run_cleanly() {
     .expect("/dev/kvm exists, so the KVM backend opens");
     for seed in 0..KVM_PROGRAMS {
         fail_on_finding(&mut c, seed, true);
+    }
+
+    let kernel = KernelId::running();
+    let recorded = Departures::builtin()
+        .behaviours
+        .iter()
+        .any(|b| b.seen_on.contains(&kernel));
+    if !recorded {
+        eprintln!("skip: the regression seeds on both backends need a kernel departures.toml records (this is {kernel})");
+        return;
+    }
+    let mut c = Campaign::new(Config::default()).expect("the KVM backend opens");
+    for (seed, what) in KVM_REGRESSIONS {
+        eprintln!("regression seed {seed}: {what}");
+        fail_on_finding(&mut c, seed, false);
     }
 }

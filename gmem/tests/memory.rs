@@ -18,7 +18,7 @@ use gmem::memory::{
 };
 use gmem::soft::SoftHypervisor;
 use gmem::uapi::*;
-use gmem::{Backend, GuestLoop, GuestOp, Hypervisor, Release, Vcpu, VcpuExit};
+use gmem::{vm_memory, Backend, GuestLoop, GuestOp, Hypervisor, Release, Vcpu, VcpuExit};
 
 const P: u64 = PAGE_SIZE;
 const MIB: u64 = 1 << 20;
@@ -160,6 +160,7 @@ each_backend! {
     atomics_must_be_naturally_aligned,
     flags_beyond_the_vms_cap_are_create_1,
     discard_returns_guest_memfd_memory,
+    held_prints_for_people,
     discard_returns_anonymous_memory,
     madvise_dontneed_on_a_shared_mapping_frees_nothing,
     conversion_to_private_leaves_one_copy,
@@ -405,7 +406,7 @@ fn atomics_must_be_naturally_aligned(hv: &dyn Hypervisor) {
         return;
     };
 
-    mm.store(0xdead_beef_u32, GuestAddress(0x104), Ordering::Release)
+    mm.store(GuestAddress(0x104), 0xdead_beef_u32, Ordering::Release)
         .unwrap();
 
     assert_eq!(
@@ -414,7 +415,7 @@ fn atomics_must_be_naturally_aligned(hv: &dyn Hypervisor) {
         0xdead_beef
     );
     let err = mm
-        .store(1u64, GuestAddress(0x104), Ordering::Relaxed)
+        .store(GuestAddress(0x104), 1u64, Ordering::Relaxed)
         .unwrap_err();
     assert_eq!(err.rule(), "gmem-range", "{err}");
     assert!(err.to_string().contains("naturally aligned"), "{err}");
@@ -465,6 +466,26 @@ fn discard_returns_guest_memfd_memory(hv: &dyn Hypervisor) {
     assert_eq!(after.files, vec![MIB / 2]);
     assert_eq!(host_word(&mm, 0), 0);
     assert_eq!(guest_read(&mut *cpu, MIB / 2) & 0xff, 9);
+}
+
+/// gmem-account: what is held prints for people, from the kernel's count:
+/// the total, where it is, and each file's share when there are several.
+fn held_prints_for_people(hv: &dyn Hypervisor) {
+    let Some(mm) = manager(
+        hv,
+        Layout::builder()
+            .ram(GuestAddress(0), MIB)
+            .ram(GuestAddress(1 << 32), MIB)
+            .file_per_range(true),
+    ) else {
+        return;
+    };
+    mm.write(GuestAddress(0), &[1; 8192]).unwrap();
+    mm.write(GuestAddress(1 << 32), &[1]).unwrap();
+
+    let text = mm.held().unwrap().to_string();
+
+    assert_eq!(text, "12 KiB in guest_memfd; file 0: 8 KiB, file 1: 4 KiB");
 }
 
 /// Anonymous backing: discarding drops the pages (mincore), they read zero.
@@ -874,7 +895,7 @@ fn private_range_refuses_device_access_with_a_typed_error(hv: &dyn Hypervisor) {
 /// Device code as written for vm-memory: generic over `GuestMemory`, only
 /// vm-memory's API.
 mod device {
-    use vm_memory::{
+    use gmem::vm_memory::{
         Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryRegion,
     };
 
@@ -916,7 +937,7 @@ mod device {
 /// guest_memfd RAM through `GuestRegionCollection<GmemRegion>`, and sees
 /// what the guest wrote.
 fn vm_memory_device_code_works_unchanged(hv: &dyn Hypervisor) {
-    use vm_memory::{Bytes, GuestMemoryBackend};
+    use gmem::vm_memory::{Bytes, GuestMemoryBackend};
     let Some(mm) = manager(
         hv,
         Layout::builder()
@@ -964,7 +985,7 @@ fn vm_memory_device_code_works_unchanged(hv: &dyn Hypervisor) {
 /// gmem-private: vm-memory's API refuses a private range; the error it
 /// carries is the manager's typed error.
 fn vm_memory_refuses_private_ranges_inside_its_own_error(hv: &dyn Hypervisor) {
-    use vm_memory::{Bytes, GuestMemory, GuestMemoryError};
+    use gmem::vm_memory::{Bytes, GuestMemory, GuestMemoryError};
     let Some(mm) = private_manager(hv, MIB) else {
         return;
     };

@@ -463,6 +463,34 @@ fn unmapping_host_memory_invalidates_the_slots_over_it() {
     assert_eq!((e.errno, e.rule), (gmem::Errno::EFAULT, "FAULT-3"), "{e}");
 }
 
+/// gmem-safety: host memory dropped while a slot points into it keeps its
+/// addresses until the slot goes: no memory made meanwhile lands there, so
+/// the guest cannot reach it through the old slot.
+#[test]
+fn memory_dropped_under_a_slot_keeps_its_addresses_while_the_slot_lives() {
+    let hv = hv();
+    let vm = hv.create_soft_vm(0).unwrap();
+    let mem = hv.host_memory(4 * P).unwrap();
+    let old = mem.addr()..mem.addr() + 4 * P;
+    vm.set_user_memory_region2(user_region(3, GPA, 4 * P, old.start))
+        .unwrap();
+    drop(mem);
+
+    let later: Vec<_> = (0..16).map(|_| hv.host_memory(4 * P).unwrap()).collect();
+
+    for m in &later {
+        assert!(
+            m.addr() + 4 * P <= old.start || m.addr() >= old.end,
+            "new memory at {:#x} overlaps the reserved {old:x?}",
+            m.addr()
+        );
+        m.write(0, &[0x5a]).unwrap();
+    }
+    let mut cpu = vm.create_vcpu(0).unwrap();
+    let e = cpu.run(GuestOp::Read { gpa: GPA, size: 1 }).unwrap_err();
+    assert_eq!((e.errno, e.rule), (gmem::Errno::EFAULT, "FAULT-3"), "{e}");
+}
+
 /// FAULT-5, gmem-loop: a guest touch loop allocates every page of the
 /// range in the file.
 #[test]

@@ -87,7 +87,8 @@ pub fn op_name(op: &Op) -> &'static str {
 pub fn rule_of(detail: &str) -> Option<&str> {
     let open = detail.rfind('(')?;
     let inner = detail[open + 1..].strip_suffix(')')?;
-    let rule = inner.split(',').next()?.trim();
+    // A rule that changed in a release names it: `BIND-5 since 7.2`.
+    let rule = inner.split(',').next()?.split(' ').next()?.trim();
     let (family, n) = rule.rsplit_once('-')?;
     (!family.is_empty() && !n.is_empty() && n.chars().all(|c| c.is_ascii_digit())
         || rule == "gmem-safety")
@@ -216,6 +217,10 @@ mod tests {
             None
         );
         assert_eq!(rule_of("range (gmem-safety, EFAULT)"), Some("gmem-safety"));
+        assert_eq!(
+            rule_of("file pages [0x1, 0x2) are already bound (BIND-5 before 7.2, EINVAL)"),
+            Some("BIND-5")
+        );
         assert_eq!(rule_of("ino 12"), None);
     }
 

@@ -9,11 +9,14 @@
 //! `mmap`'s (MMAP-1, MMAP-2; mm/mmap.c `do_mmap`, then `kvm_gmem_mmap`),
 //! `stat` and inode identity (CREATE-4), and the bytes host accesses read
 //! back through any mapping of a file or the VMM's own memory (MMAP-3,
-//! MMAP-4, FALLOC-4, LIFE-7). It has no opinion on the rest (memslots,
-//! guest accesses, attributes: `gmem/tests/model.rs` models those), and
-//! follows the backend's outcome there: once a slot is bound over a file or
-//! over host memory, the guest may write it, and the model stops predicting
-//! its bytes.
+//! MMAP-4, FALLOC-4, LIFE-7), and of guest accesses only one: through an
+//! ordinary slot of a default VM over nothing (`userspace_addr` 0, or
+//! memory closed under the slot, whose addresses stay reserved while it
+//! lives, gmem-safety), EFAULT (FAULT-3). It has no opinion on the rest
+//! (memslots, other guest accesses, attributes: `gmem/tests/model.rs`
+//! models those), and follows the backend's outcome there: once a slot is
+//! bound over a file or over host memory, the guest may write it, and the
+//! model stops predicting its bytes.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -66,15 +69,38 @@ enum MemM {
     },
 }
 
+/// A memslot, as far as the model predicts guest accesses through it.
+struct SlotM {
+    vm: String,
+    slot: u32,
+    as_id: u32,
+    gpa: u64,
+    size: u64,
+    /// No guest_memfd: every shared access is served from `userspace_addr`.
+    plain: bool,
+    readonly: bool,
+    /// `userspace_addr` is 0.
+    zero: bool,
+    /// The memory handle its range lies in, while open.
+    mem: Option<String>,
+    /// That memory was closed under it: nothing is mapped where it points
+    /// (the addresses stay reserved while it lives, gmem-safety).
+    closed: bool,
+}
+
 #[derive(Default)]
 struct State {
-    /// Memory a slot pointed at was closed: new memory may be mapped at
-    /// its address, where the guest still writes.
+    /// A slot's userspace range does not lie in one mapping handed out (a
+    /// raw address, or a range past the end of its memory): nothing keeps
+    /// its addresses, so memory made later may land where the guest writes.
+    /// A range inside one mapping keeps it, or its addresses once closed,
+    /// for the slot's life (gmem-safety).
     reuse: bool,
     vms: HashMap<String, u64>,
     files: Vec<FileM>,
     fds: HashMap<String, usize>,
     mems: HashMap<String, MemM>,
+    slots: Vec<SlotM>,
 }
 
 fn err(e: Errno) -> Outcome {
@@ -189,7 +215,12 @@ impl State {
                 if *offset < 0 || *len <= 0 {
                     return Some((err(Errno::EINVAL), "FALLOC-2"));
                 }
-                if mode & !(keep | punch) != 0 || (mode & punch != 0 && mode & keep == 0) {
+                // Other mode bits go through vfs_fallocate's own mode checks
+                // before EFBIG (FALLOC-1); the model leaves them out.
+                if mode & !(keep | punch) != 0 {
+                    return None;
+                }
+                if mode & punch != 0 && mode & keep == 0 {
                     return Some((err(Errno::EOPNOTSUPP), "FALLOC-1"));
                 }
                 if offset.checked_add(*len).is_none() {
@@ -258,12 +289,32 @@ impl State {
                 mem, offset, len, ..
             } => self.host(mem, *offset, *len, true),
             Op::HostRead { mem, offset } => self.host(mem, *offset, 1, false),
+            Op::GuestRead { vm, gpa } => self.guest(vm, *gpa, false),
+            Op::GuestWrite { vm, gpa, .. } => self.guest(vm, *gpa, true),
             Op::Close { handle } => (self.vms.contains_key(handle)
                 || self.fds.contains_key(handle)
                 || self.mems.contains_key(handle))
             .then_some((Outcome::Ok, "LIFE-8")),
             _ => None,
         }
+    }
+
+    /// A guest access at `gpa` of default VM `vm`, where the model knows
+    /// the answer: an ordinary slot served from where nothing is mapped
+    /// (`userspace_addr` 0, or memory closed under the slot) fails KVM_RUN
+    /// with EFAULT (FAULT-3), but a write to a read-only slot exits first.
+    fn guest(&self, vm: &str, gpa: u64, write: bool) -> Option<(Outcome, &'static str)> {
+        if *self.vms.get(vm)? != 0 {
+            return None;
+        }
+        let s = self
+            .slots
+            .iter()
+            .find(|s| s.vm == vm && s.as_id == 0 && gpa >= s.gpa && gpa - s.gpa < s.size)?;
+        if !s.plain || (write && s.readonly) || !(s.zero || s.closed) {
+            return None;
+        }
+        Some((err(Errno::EFAULT), "FAULT-3"))
     }
 
     /// A host access of `len` bytes at `offset` into `mem`.
@@ -311,6 +362,46 @@ impl State {
                 Some((byte(v), "MMAP-4"))
             }
         }
+    }
+
+    /// A successful `set_memory_region`: a slot created, changed (moved,
+    /// new flags, the same userspace range) or deleted.
+    fn track_slot(&mut self, r: &crate::scenario::ast::Region) {
+        let old = self
+            .slots
+            .iter()
+            .position(|s| s.vm == r.vm && s.slot == r.slot && s.as_id == r.as_id)
+            .map(|i| self.slots.remove(i));
+        if r.size == 0 {
+            return;
+        }
+        let mem = match &r.userspace {
+            Userspace::Handle(h) => {
+                let len = match self.mems.get(h) {
+                    Some(MemM::Anon { len, .. } | MemM::Map { len, .. }) => Some(*len),
+                    None => None,
+                };
+                let inside = r
+                    .userspace_offset
+                    .checked_add(r.size)
+                    .zip(len)
+                    .is_some_and(|(end, len)| end <= len);
+                inside.then(|| h.clone())
+            }
+            Userspace::Addr(_) => None,
+        };
+        self.slots.push(SlotM {
+            vm: r.vm.clone(),
+            slot: r.slot,
+            as_id: r.as_id,
+            gpa: r.gpa,
+            size: r.size,
+            plain: r.flags & crate::uapi::KVM_MEM_GUEST_MEMFD == 0,
+            readonly: r.flags & crate::uapi::KVM_MEM_READONLY != 0,
+            zero: r.userspace == Userspace::Addr(0) && r.userspace_offset == 0,
+            closed: old.is_some_and(|o| o.closed) && mem.is_none(),
+            mem,
+        });
     }
 
     fn release_if_unused(&mut self, file: usize) {
@@ -371,22 +462,38 @@ impl State {
                     },
                 );
             }
-            Op::SetMemoryRegion(r) if ok && r.size != 0 => {
+            Op::SetMemoryRegion(r) if ok => {
+                self.track_slot(r);
+                if r.size == 0 {
+                    return;
+                }
                 // The guest may write what the slot reaches from now on.
                 if let FdRef::Handle(h) = &r.guest_memfd {
                     if let Some(&f) = self.fds.get(h) {
                         self.files[f].data = None;
                     }
                 }
-                if let Userspace::Handle(h) = &r.userspace {
-                    match self.mems.get_mut(h) {
-                        Some(MemM::Anon { data, .. }) => *data = None,
-                        Some(MemM::Map { file, .. }) => {
-                            let f = *file;
-                            self.files[f].data = None;
+                match &r.userspace {
+                    Userspace::Handle(h) => {
+                        let inside = |len: u64| {
+                            r.userspace_offset
+                                .checked_add(r.size)
+                                .is_some_and(|end| end <= len)
+                        };
+                        match self.mems.get_mut(h) {
+                            Some(MemM::Anon { data, len }) => {
+                                self.reuse |= !inside(*len);
+                                *data = None;
+                            }
+                            Some(MemM::Map { file, len, .. }) => {
+                                self.reuse |= !inside(*len);
+                                let f = *file;
+                                self.files[f].data = None;
+                            }
+                            None => self.reuse = true,
                         }
-                        None => {}
                     }
+                    Userspace::Addr(a) => self.reuse |= *a != 0,
                 }
             }
             Op::Fallocate {
@@ -471,14 +578,15 @@ impl State {
                     self.files[f].fd_open = false;
                     self.release_if_unused(f);
                 }
-                match self.mems.remove(handle) {
-                    Some(MemM::Map { file, .. }) => {
-                        self.reuse |= self.files[file].data.is_none();
-                        self.files[file].maps -= 1;
-                        self.release_if_unused(file);
+                if let Some(MemM::Map { file, .. }) = self.mems.remove(handle) {
+                    self.files[file].maps -= 1;
+                    self.release_if_unused(file);
+                }
+                for s in &mut self.slots {
+                    if s.mem.as_deref() == Some(handle.as_str()) {
+                        s.mem = None;
+                        s.closed = true;
                     }
-                    Some(MemM::Anon { data: None, .. }) => self.reuse = true,
-                    _ => {}
                 }
             }
             _ => {}

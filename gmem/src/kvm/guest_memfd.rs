@@ -26,7 +26,7 @@ impl KvmGuestMemfd {
         Error::new(
             Errno::last(),
             "kernel",
-            format!("{what} on guest_memfd {} refused", self.fd.as_raw_fd()),
+            format!("{what} on a guest_memfd of {:#x} bytes refused", self.size),
         )
     }
 
@@ -71,9 +71,14 @@ impl GuestMemfd for KvmGuestMemfd {
                 e.errno,
                 "kernel",
                 format!(
-                    "mmap {kind:?} of {len:#x} bytes at offset {offset:#x} of guest_memfd {} \
-                     refused",
-                    self.fd.as_raw_fd()
+                    "mmap ({}) of {len:#x} bytes at offset {offset:#x} of a guest_memfd of \
+                     {:#x} bytes refused",
+                    if kind == MapKind::Shared {
+                        "MAP_SHARED"
+                    } else {
+                        "MAP_PRIVATE"
+                    },
+                    self.size
                 ),
             )
         };
@@ -114,11 +119,8 @@ impl GuestMemfd for KvmGuestMemfd {
                 Err(Error::new(
                     Errno::EINVAL,
                     "MMAP-2",
-                    format!(
-                        "the kernel accepted a MAP_PRIVATE mapping of guest_memfd {} (unmapped \
-                         again); guest_memfd mappings must be shared",
-                        self.fd.as_raw_fd()
-                    ),
+                    "the kernel accepted a MAP_PRIVATE mapping of a guest_memfd (unmapped \
+                     again); guest_memfd mappings must be shared",
                 ))
             }
         }

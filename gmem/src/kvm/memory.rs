@@ -30,7 +30,7 @@ use std::mem::ManuallyDrop;
 use std::sync::{Mutex, MutexGuard};
 
 use crate::error::{Errno, Error, Result};
-use crate::host::Mmap;
+use crate::host::{Mmap, Reservation};
 use crate::hypervisor::{HostFault, HostMemory};
 use crate::kvm::sigbus;
 use crate::uapi::{GUEST_MEMFD_FLAG_INIT_SHARED, PAGE_SIZE};
@@ -43,6 +43,9 @@ struct Region {
     held: bool,
     /// Memslots whose userspace range lies in it.
     pins: usize,
+    /// Once no handle owns it: the inaccessible mapping that keeps the
+    /// addresses while a memslot points there, unmapped with the region.
+    reserved: Option<Reservation>,
 }
 
 /// Every region, by start address. Regions never overlap.
@@ -50,40 +53,6 @@ static REGIONS: Mutex<BTreeMap<u64, Region>> = Mutex::new(BTreeMap::new());
 
 fn regions() -> MutexGuard<'static, BTreeMap<u64, Region>> {
     REGIONS.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Maps `[addr, addr + len)` inaccessible. With `replace`, atomically over
-/// what is there (`MAP_FIXED`); without, only if nothing is there
-/// (`MAP_FIXED_NOREPLACE`). Returns the errno on failure.
-fn map_inaccessible(addr: u64, len: u64, replace: bool) -> std::result::Result<(), Errno> {
-    let fixed = if replace {
-        libc::MAP_FIXED
-    } else {
-        libc::MAP_FIXED_NOREPLACE
-    };
-    // SAFETY: the range is either a mapping the caller owns and gives up
-    // (replace), or unmapped (NOREPLACE refuses anything else): no memory
-    // Rust uses is touched.
-    let p = unsafe {
-        libc::mmap(
-            addr as *mut libc::c_void,
-            len as usize,
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | fixed,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(Errno::last());
-    }
-    if p as u64 != addr {
-        // A kernel without MAP_FIXED_NOREPLACE placed it elsewhere.
-        // SAFETY: unmaps the mapping just created, which nobody uses.
-        unsafe { libc::munmap(p, len as usize) };
-        return Err(Errno::EEXIST);
-    }
-    Ok(())
 }
 
 /// An [`Mmap`] registered as handed out for as long as it lives.
@@ -96,6 +65,7 @@ impl Registered {
             end: map.addr() + map.len(),
             held: true,
             pins: 0,
+            reserved: None,
         };
         regions().insert(map.addr(), region);
         Registered(ManuallyDrop::new(map))
@@ -111,7 +81,7 @@ impl std::ops::Deref for Registered {
 
 impl Drop for Registered {
     fn drop(&mut self) {
-        let (addr, len) = (self.0.addr(), self.0.len());
+        let addr = self.0.addr();
         let mut all = regions();
         let pinned = all.get(&addr).is_some_and(|r| r.pins > 0);
         if !pinned {
@@ -123,9 +93,12 @@ impl Drop for Registered {
         // A memslot still points here: give the pages up but keep the
         // addresses (see the module comment). If even that fails, keep the
         // mapping itself: a leak, never a dangling slot.
-        let _ = map_inaccessible(addr, len, true);
+        // SAFETY: dropped exactly once, here; nothing else refers to it.
+        let map = unsafe { ManuallyDrop::take(&mut self.0) };
+        let reserved = map.into_reservation().map_err(std::mem::forget).ok();
         if let Some(r) = all.get_mut(&addr) {
             r.held = false;
+            r.reserved = reserved;
         }
     }
 }
@@ -145,11 +118,8 @@ impl Drop for Pin {
         };
         r.pins -= 1;
         if r.pins == 0 && !r.held {
-            let len = r.end - self.start;
+            // Its reservation goes with it.
             all.remove(&self.start);
-            // SAFETY: the region is an inaccessible placeholder (a dropped
-            // mapping or a reservation) that only this registry knows.
-            unsafe { libc::munmap(self.start as *mut libc::c_void, len as usize) };
         }
     }
 }
@@ -191,7 +161,7 @@ pub(crate) fn pin_userspace_range(what: &str, addr: u64, size: u64) -> Result<Op
             Errno::EFAULT,
             "gmem-safety",
             format!(
-                "{what}: userspace_addr range [{addr:#x}, {end:#x}) {why}; the guest would                  read and write it"
+                "{what}: userspace_addr range [{addr:#x}, {end:#x}) {why}; the guest would read and write it"
             ),
         )
     };
@@ -212,12 +182,16 @@ pub(crate) fn pin_userspace_range(what: &str, addr: u64, size: u64) -> Result<Op
             )));
         }
     }
-    match map_inaccessible(addr, size, false) {
-        Ok(()) => {
+    let reserved = usize::try_from(size)
+        .map_err(|_| Errno::ENOMEM)
+        .and_then(|len| Reservation::map(addr as usize, len, false));
+    match reserved {
+        Ok(reserved) => {
             let region = Region {
                 end,
                 held: false,
                 pins: 1,
+                reserved: Some(reserved),
             };
             all.insert(addr, region);
             Ok(Some(Pin { start: addr }))
@@ -235,7 +209,7 @@ pub struct AnonMemory(Registered);
 impl AnonMemory {
     /// `size` bytes of private anonymous memory.
     pub fn new(size: u64) -> Result<Self> {
-        Ok(AnonMemory(Registered::new(Mmap::anonymous(size)?)))
+        Ok(AnonMemory(Registered::new(Mmap::host_memory(size)?)))
     }
 }
 

@@ -57,9 +57,10 @@
 //!   file: pointing it at other memory shows that memory. A VMM gets the
 //!   upstream behaviour by setting `userspace_addr` to the file's own host
 //!   mapping.
-//! - FAULT-3-unmapped: an access served from a `userspace_addr` where
-//!   nothing is mapped (0, or unmapped) exits as MMIO; upstream fails
-//!   `KVM_RUN` with EFAULT.
+//! - FAULT-3-unmapped: an access served from a `userspace_addr` the host
+//!   cannot fault in (nothing mapped there, or a guest_memfd mapping whose
+//!   page is not shared with the host or lies past the file's end) exits as
+//!   MMIO; upstream fails `KVM_RUN` with EFAULT.
 //! - FAULT-6: after the file is released under a live slot, a guest access
 //!   is served from `userspace_addr` (or exits as MMIO), never as a memory
 //!   fault.

@@ -3,6 +3,14 @@
 //! for guest physical addresses, [`GmemOffset`] for offsets into a
 //! guest_memfd, [`HostAddress`] for the VMM's own virtual addresses, and
 //! [`GuestRange`] for a run of guest physical memory.
+//!
+//! ```
+//! use gmem::memory::{GmemOffset, GuestAddress, GuestRange};
+//! let ram = GuestRange::new(GuestAddress(0x10_0000), 0x2000);
+//! assert!(ram.contains(GuestAddress(0x10_1fff)));
+//! let offset = GmemOffset(0x4000); // a file offset, never taken for a gpa
+//! assert_eq!(offset.to_string(), "0x4000");
+//! ```
 
 use std::fmt;
 

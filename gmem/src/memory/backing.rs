@@ -5,6 +5,16 @@
 //! modes ([`BackingMode`]); a VMM asks for what it needs
 //! ([`BackingRequest`]) and gets the first mode the host supports, with the
 //! capability values that decided it ([`Backing::reason`]).
+//!
+//! ```
+//! use gmem::memory::{BackingMode, BackingRequest, Layout, MemoryManager};
+//! let hv = gmem::Backend::Soft.open()?;
+//! let layout = Layout::builder().memory(1 << 20).backing(BackingRequest::Best).build()?;
+//! let mm = MemoryManager::new(&*hv, layout)?;
+//! assert_eq!(mm.backing().mode, BackingMode::Split); // the software backend has private memory
+//! println!("{}", mm.backing().reason);
+//! # Ok::<(), gmem::memory::Error>(())
+//! ```
 
 use std::fmt;
 
@@ -285,7 +295,16 @@ pub(crate) fn choose(
         }
     }
     Err(Error::Unsupported {
-        what: format!("no backing for {request:?} on the {} backend", hv.name()),
+        what: format!(
+            "no {} backing on the {} backend",
+            request
+                .candidates()
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(" or "),
+            hv.name()
+        ),
         why: passed_over
             .iter()
             .map(|(m, why)| format!("{m}: {why}"))

@@ -1,6 +1,16 @@
 //! A guest_memfd file as a VMM holds it: created with flags negotiated
 //! against `KVM_CAP_GUEST_MEMFD_FLAGS`, owned from birth (closed on drop),
 //! with typed offsets and the memory it holds measured by the kernel.
+//!
+//! ```
+//! use gmem::memory::{FileAccess, GmemFile, GmemOffset};
+//! let hv = gmem::Backend::Soft.open()?;
+//! let vm = hv.create_vm(0)?;
+//! let file = GmemFile::create(&*vm, 1 << 20, FileAccess::Shared)?;
+//! file.allocate(GmemOffset(0), 8192)?;
+//! assert_eq!(file.held()?, 8192);
+//! # Ok::<(), gmem::memory::Error>(())
+//! ```
 
 use std::fmt;
 

@@ -5,6 +5,14 @@
 //! [`LOW_RAM_END`], the 32-bit hole above it (MMIO, and the KVM backend's
 //! own setup region at [0xE000_0000, 0xE040_0000)), and the rest of RAM from
 //! [`HIGH_RAM_START`] (4 GiB).
+//!
+//! ```
+//! use gmem::memory::{Layout, HIGH_RAM_START};
+//! let layout = Layout::builder().memory(4 << 30).build()?;
+//! assert_eq!(layout.ranges()[1].range.start.0, HIGH_RAM_START);
+//! assert_eq!(layout.holes().len(), 1); // the 32-bit hole
+//! # Ok::<(), gmem::memory::Error>(())
+//! ```
 
 use super::addr::{GmemOffset, GuestAddress, GuestRange};
 use super::backing::BackingRequest;

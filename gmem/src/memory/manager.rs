@@ -1,6 +1,17 @@
 //! The memory manager: a VM, its RAM laid out on guest_memfd, and every
 //! operation a VMM does on it: conversions, discard, accounting, device
 //! access and the vCPU exits that ask for conversions.
+//!
+//! ```
+//! use std::sync::atomic::Ordering;
+//! use gmem::memory::{GuestAddress, Layout, MemoryManager};
+//! let hv = gmem::Backend::Soft.open()?;
+//! let mm = MemoryManager::new(&*hv, Layout::builder().memory(1 << 20).build()?)?;
+//! mm.store(GuestAddress(0x100), 7u32, Ordering::Release)?; // the address first, always
+//! assert_eq!(mm.load::<u32>(GuestAddress(0x100), Ordering::Acquire)?, 7);
+//! println!("{}", mm.held()?); // 4 KiB in guest_memfd
+//! # Ok::<(), gmem::memory::Error>(())
+//! ```
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -9,7 +20,7 @@ use parking_lot::RwLock;
 use rangemap::RangeSet;
 use vm_memory::{AtomicAccess, Bytes, VolatileSlice};
 
-use super::addr::{GuestAddress, GuestRange};
+use super::addr::{human_bytes, GuestAddress, GuestRange};
 use super::backing::{self, Backing, BackingMode};
 use super::file::GmemFile;
 use super::layout::Layout;
@@ -46,10 +57,12 @@ impl std::fmt::Display for PageState {
 
 /// Memory held, measured by the kernel: per guest_memfd file
 /// (`cachestat`) and per RAM range's separate host memory (`mincore`).
+/// It prints for people: the total, then where it is.
 ///
 /// ```
-/// let held = gmem::memory::Held { files: vec![8192], host: vec![4096, 0] };
+/// let held = gmem::memory::Held { files: vec![8192], host: vec![4096] };
 /// assert_eq!((held.file_bytes(), held.host_bytes(), held.total()), (8192, 4096, 12288));
+/// assert_eq!(held.to_string(), "12 KiB (8 KiB in guest_memfd, 4 KiB in host memory)");
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Held {
@@ -86,6 +99,56 @@ impl Held {
     /// ```
     pub fn total(&self) -> u64 {
         self.file_bytes() + self.host_bytes()
+    }
+}
+
+/// `12 KiB (8 KiB in guest_memfd, 4 KiB in host memory)`; with more than
+/// one file or RAM range, each one's share follows after `; ` (`{:#}`
+/// leaves it out).
+///
+/// ```
+/// use gmem::memory::Held;
+/// assert_eq!(Held { files: vec![0], host: vec![0, 0] }.to_string(), "0 B");
+/// assert_eq!(Held { files: vec![4096], host: vec![] }.to_string(), "4 KiB in guest_memfd");
+/// let two = Held { files: vec![4096, 8192], host: vec![] };
+/// assert_eq!(two.to_string(), "12 KiB in guest_memfd; file 0: 4 KiB, file 1: 8 KiB");
+/// assert_eq!(format!("{two:#}"), "12 KiB in guest_memfd");
+/// ```
+impl std::fmt::Display for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (file, host) = (self.file_bytes(), self.host_bytes());
+        match (file, host) {
+            (0, 0) => return f.write_str("0 B"),
+            (_, 0) => write!(f, "{} in guest_memfd", human_bytes(file))?,
+            (0, _) => write!(f, "{} in host memory", human_bytes(host))?,
+            _ => write!(
+                f,
+                "{} ({} in guest_memfd, {} in host memory)",
+                human_bytes(self.total()),
+                human_bytes(file),
+                human_bytes(host)
+            )?,
+        }
+        if f.alternate() {
+            return Ok(());
+        }
+        let mut shares = Vec::new();
+        if self.files.len() > 1 && file > 0 {
+            shares.extend(
+                (self.files.iter().enumerate())
+                    .map(|(i, b)| format!("file {i}: {}", human_bytes(*b))),
+            );
+        }
+        if self.host.len() > 1 && host > 0 {
+            shares.extend(
+                (self.host.iter().enumerate())
+                    .map(|(i, b)| format!("range {i}: {}", human_bytes(*b))),
+            );
+        }
+        if !shares.is_empty() {
+            write!(f, "; {}", shares.join(", "))?;
+        }
+        Ok(())
     }
 }
 
@@ -354,7 +417,7 @@ impl MemoryManager {
     /// # use gmem::memory::{Layout, MemoryManager};
     /// # let hv = gmem::Backend::Soft.open().unwrap();
     /// # let mm = MemoryManager::new(&*hv, Layout::builder().memory(1 << 20).build().unwrap()).unwrap();
-    /// use vm_memory::{Bytes, GuestAddress};
+    /// use gmem::vm_memory::{Bytes, GuestAddress};
     /// mm.guest_memory().write_obj(7u64, GuestAddress(8)).unwrap();
     /// ```
     pub fn guest_memory(&self) -> &GuestRegions {
@@ -678,7 +741,7 @@ impl MemoryManager {
     /// # use std::sync::atomic::Ordering;
     /// # let hv = gmem::Backend::Soft.open().unwrap();
     /// # let mm = MemoryManager::new(&*hv, Layout::builder().memory(1 << 20).build().unwrap()).unwrap();
-    /// mm.store(5u32, GuestAddress(0x40), Ordering::Release).unwrap();
+    /// mm.store(GuestAddress(0x40), 5u32, Ordering::Release).unwrap();
     /// assert_eq!(mm.load::<u32>(GuestAddress(0x40), Ordering::Acquire).unwrap(), 5);
     /// ```
     pub fn load<T: AtomicAccess>(&self, gpa: GuestAddress, order: Ordering) -> Result<T, Error> {
@@ -689,20 +752,24 @@ impl MemoryManager {
             .map_err(|_| misaligned::<T>(gpa))
     }
 
-    /// An atomic store of a naturally aligned `T` at `gpa`.
+    /// An atomic store of `val`, a naturally aligned `T`, at `gpa`. The
+    /// address comes first, as in every method of the manager (vm-memory's
+    /// own `Bytes::store` on [`MemoryManager::guest_memory`] keeps
+    /// vm-memory's order, value first).
     ///
     /// ```
     /// # use gmem::memory::{GuestAddress, Layout, MemoryManager};
     /// # use std::sync::atomic::Ordering;
     /// # let hv = gmem::Backend::Soft.open().unwrap();
     /// # let mm = MemoryManager::new(&*hv, Layout::builder().memory(1 << 20).build().unwrap()).unwrap();
-    /// let err = mm.store(1u64, GuestAddress(0x44), Ordering::Relaxed).unwrap_err();
+    /// mm.store(GuestAddress(0x48), 1u64, Ordering::Relaxed).unwrap();
+    /// let err = mm.store(GuestAddress(0x44), 1u64, Ordering::Relaxed).unwrap_err();
     /// assert_eq!(err.rule(), "gmem-range");
     /// ```
     pub fn store<T: AtomicAccess>(
         &self,
-        val: T,
         gpa: GuestAddress,
+        val: T,
         order: Ordering,
     ) -> Result<(), Error> {
         let private = self.private.read();
@@ -721,7 +788,7 @@ impl MemoryManager {
     /// # use gmem::memory::{GuestAddress, GuestRange, Layout, MemoryManager};
     /// # let hv = gmem::Backend::Soft.open().unwrap();
     /// # let mm = MemoryManager::new(&*hv, Layout::builder().memory(1 << 20).build().unwrap()).unwrap();
-    /// use vm_memory::Bytes;
+    /// use gmem::vm_memory::Bytes;
     /// let slice = mm.slice(GuestRange::new(GuestAddress(0x1000), 16)).unwrap();
     /// slice.write_obj(0xabcd_u16, 2).unwrap();
     /// assert_eq!(slice.read_obj::<u16>(2).unwrap(), 0xabcd);

@@ -30,7 +30,13 @@
 //! - [`manager`]: [`MemoryManager`]: conversions, discard, accounting,
 //!   device access, vCPU exits that ask for conversions.
 //! - [`region`]: vm-memory interop, [`GmemRegion`] in a
-//!   `GuestRegionCollection`.
+//!   `GuestRegionCollection`. vm-memory itself is re-exported as
+//!   [`gmem::vm_memory`](crate::vm_memory): device code uses it without
+//!   pinning a vm-memory version of its own.
+//!
+//! Every method takes the guest address first (`mm.write(gpa, buf)`,
+//! `mm.store(gpa, value, order)`); vm-memory's own `Bytes` methods on
+//! [`MemoryManager::guest_memory`] keep vm-memory's order.
 //! - `account`: how memory held is measured (`cachestat`, `mincore`).
 //!
 //! Every error says what was wrong with which values, the rule that

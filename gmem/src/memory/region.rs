@@ -1,6 +1,7 @@
 //! vm-memory interop: one [`GmemRegion`] per RAM range, held in vm-memory's
 //! own [`GuestRegionCollection`], so device code written against
-//! `vm_memory::Bytes` works on guest_memfd memory unchanged.
+//! `vm_memory::Bytes` works on guest_memfd memory unchanged. gmem re-exports
+//! the vm-memory it implements as `gmem::vm_memory`.
 //!
 //! This answers vm-memory#315 the way its maintainers suggested there: a
 //! wrapper region type that implements `GuestMemoryRegion` and owns its
@@ -9,6 +10,16 @@
 //! state: a slice of a range that is private to the guest is refused with
 //! [`Error::Private`], carried inside
 //! `GuestMemoryError::IOError`, instead of faulting.
+//!
+//! ```
+//! use gmem::memory::{Layout, MemoryManager};
+//! use gmem::vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+//! let hv = gmem::Backend::Soft.open().unwrap();
+//! let mm = MemoryManager::new(&*hv, Layout::builder().memory(4 << 30).build().unwrap()).unwrap();
+//! let mem = mm.guest_memory(); // GuestRegionCollection<GmemRegion>
+//! assert_eq!(mem.num_regions(), 2);
+//! mem.write_obj(1u64, GuestAddress(1 << 32)).unwrap();
+//! ```
 
 use std::io;
 use std::sync::atomic::Ordering;
@@ -33,7 +44,7 @@ use crate::hypervisor::HostMemory;
 ///
 /// ```
 /// use gmem::memory::{Layout, MemoryManager};
-/// use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+/// use gmem::vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 /// let hv = gmem::Backend::Soft.open().unwrap();
 /// let mm = MemoryManager::new(&*hv, Layout::builder().memory(1 << 20).build().unwrap()).unwrap();
 /// let mem = mm.guest_memory();
@@ -59,7 +70,7 @@ pub(crate) struct HostView {
 ///
 /// ```
 /// use gmem::memory::{GuestAddress, Layout, MemoryManager};
-/// use vm_memory::GuestMemoryBackend;
+/// use gmem::vm_memory::GuestMemoryBackend;
 /// let hv = gmem::Backend::Soft.open().unwrap();
 /// let mm = MemoryManager::new(&*hv, Layout::builder().memory(4 << 30).build().unwrap()).unwrap();
 /// let high = mm.guest_memory().find_region(GuestAddress(1 << 32)).unwrap();
@@ -89,7 +100,7 @@ impl GmemRegion {
     ///
     /// ```
     /// # use gmem::memory::{Layout, MemoryManager};
-    /// # use vm_memory::GuestMemoryBackend;
+    /// # use gmem::vm_memory::GuestMemoryBackend;
     /// # let hv = gmem::Backend::Soft.open().unwrap();
     /// # let mm = MemoryManager::new(&*hv, Layout::builder().memory(1 << 20).build().unwrap()).unwrap();
     /// let region = mm.guest_memory().iter().next().unwrap();
@@ -103,7 +114,7 @@ impl GmemRegion {
     ///
     /// ```
     /// # use gmem::memory::{Layout, MemoryManager};
-    /// # use vm_memory::GuestMemoryBackend;
+    /// # use gmem::vm_memory::GuestMemoryBackend;
     /// # let hv = gmem::Backend::Soft.open().unwrap();
     /// # let mm = MemoryManager::new(&*hv, Layout::builder().memory(1 << 20).build().unwrap()).unwrap();
     /// let region = mm.guest_memory().iter().next().unwrap();
@@ -117,7 +128,7 @@ impl GmemRegion {
     ///
     /// ```
     /// # use gmem::memory::{Layout, MemoryManager};
-    /// # use vm_memory::GuestMemoryBackend;
+    /// # use gmem::vm_memory::GuestMemoryBackend;
     /// # let hv = gmem::Backend::Soft.open().unwrap();
     /// # let mm = MemoryManager::new(&*hv, Layout::builder().memory(1 << 20).build().unwrap()).unwrap();
     /// let region = mm.guest_memory().iter().next().unwrap();
@@ -132,7 +143,7 @@ impl GmemRegion {
     ///
     /// ```
     /// # use gmem::memory::{GuestAddress, Layout, MemoryManager};
-    /// # use vm_memory::GuestMemoryBackend;
+    /// # use gmem::vm_memory::GuestMemoryBackend;
     /// # let hv = gmem::Backend::Soft.open().unwrap();
     /// # let mm = MemoryManager::new(&*hv, Layout::builder().memory(1 << 20).build().unwrap()).unwrap();
     /// let region = mm.guest_memory().iter().next().unwrap();

@@ -2,13 +2,13 @@
 //!
 //! A kernel that departs from upstream does so in a few ways, each a change
 //! to one decision of the guest fault path: where a guest_memfd-only slot
-//! is served from, what a slot whose file was released does, what an
-//! unmapped `userspace_addr` gives, whether a hypercall exits. Each is an
-//! [`Effect`]. [`Emulated`] is the software backend with a set of effects
-//! applied: running a scenario on it gives, line by line, what a kernel with
-//! those behaviours gives, including what follows from them (a guest write
-//! that went to `userspace_addr` instead of the file shows up later in a host
-//! read of either). That is what makes a departure's matcher precise: a line
+//! is served from, what a slot whose file was released does, what a
+//! `userspace_addr` the host cannot fault in gives, whether a hypercall
+//! exits. Each is an [`Effect`]. [`Emulated`] is the software backend with a
+//! set of effects applied: running a scenario on it gives, line by line,
+//! what a kernel with those behaviours gives, including what follows from
+//! them (a guest write that went to `userspace_addr` instead of the file
+//! shows up later in a host read of either). That is what makes a departure's matcher precise: a line
 //! is explained by a set of behaviours exactly when the kernel's outcome is
 //! the one this model predicts from the line's operation and the state the
 //! scenario built before it.
@@ -45,10 +45,16 @@ pub enum Effect {
     /// served from `userspace_addr` instead of exiting with a memory fault
     /// (upstream: FAULT-6).
     ReleasedViaUserspaceAddr,
-    /// An access served from a `userspace_addr` where nothing is mapped
+    /// An access served from a `userspace_addr` the host cannot fault in
     /// exits as MMIO, instead of failing `KVM_RUN` with EFAULT (upstream:
-    /// FAULT-3, `kvm_handle_error_pfn`).
-    UnmappedUserspaceAddrIsMmio,
+    /// FAULT-3; `hva_to_pfn` gives `KVM_PFN_ERR_FAULT`,
+    /// `kvm_handle_error_pfn` a bare -EFAULT). Cannot fault in: nothing is
+    /// mapped there (address 0, memory unmapped under the slot), or the
+    /// page fault of the mapping there raises SIGBUS: a guest_memfd page not
+    /// shared with the host (MMAP-4, CONV-6) or past the end of the file
+    /// (MMAP-3). Exactly the accesses the software backend answers with
+    /// that EFAULT.
+    UnfaultableUserspaceAddrIsMmio,
     /// `KVM_HC_MAP_GPA_RANGE` never completes: the vCPU stays at the
     /// hypercall (upstream: FAULT-8, an exit or a return to the guest).
     HypercallNeverExits,
@@ -59,7 +65,7 @@ impl Effect {
     pub const ALL: [Effect; 4] = [
         Effect::GmemOnlyViaUserspaceAddr,
         Effect::ReleasedViaUserspaceAddr,
-        Effect::UnmappedUserspaceAddrIsMmio,
+        Effect::UnfaultableUserspaceAddrIsMmio,
         Effect::HypercallNeverExits,
     ];
 
@@ -68,13 +74,18 @@ impl Effect {
         match self {
             Effect::GmemOnlyViaUserspaceAddr => "gmem_only_via_userspace_addr",
             Effect::ReleasedViaUserspaceAddr => "released_via_userspace_addr",
-            Effect::UnmappedUserspaceAddrIsMmio => "unmapped_userspace_addr_is_mmio",
+            Effect::UnfaultableUserspaceAddrIsMmio => "unfaultable_userspace_addr_is_mmio",
             Effect::HypercallNeverExits => "hypercall_never_exits",
         }
     }
 
-    /// The effect of that name.
+    /// The effect of that name. `unmapped_userspace_addr_is_mmio`, the
+    /// name of `unfaultable_userspace_addr_is_mmio` when the model knew only
+    /// unmapped addresses, is still read.
     pub fn from_name(name: &str) -> Option<Effect> {
+        if name == "unmapped_userspace_addr_is_mmio" {
+            return Some(Effect::UnfaultableUserspaceAddrIsMmio);
+        }
         Effect::ALL.into_iter().find(|e| e.name() == name)
     }
 
@@ -479,18 +490,18 @@ impl EmVcpu {
         // Upstream serves a guest_memfd-only slot from its file (FAULT-3),
         // or exits with a memory fault once the file is gone (FAULT-6);
         // every other shared access from userspace_addr.
-        let (gmem_only, redirected) = match &slot.file {
-            Some((file, true)) => {
-                let effect = if file.strong_count() > 0 {
-                    Effect::GmemOnlyViaUserspaceAddr
-                } else {
-                    Effect::ReleasedViaUserspaceAddr
-                };
-                (true, effects.contains(effect))
-            }
-            _ => (false, false),
+        let redirected = match &slot.file {
+            Some((file, true)) => effects.contains(if file.strong_count() > 0 {
+                Effect::GmemOnlyViaUserspaceAddr
+            } else {
+                Effect::ReleasedViaUserspaceAddr
+            }),
+            _ => false,
         };
-        if gmem_only && !redirected {
+        if !redirected {
+            // Served from userspace_addr upstream too, or from the file: the
+            // software backend's answer, which `run` adjusts where the host
+            // cannot fault the address in.
             return Ok(None);
         }
         let hva = slot
@@ -498,39 +509,27 @@ impl EmVcpu {
             .wrapping_add((gfn - slot.base_gfn) << PAGE_SHIFT)
             .wrapping_add(gpa & (PAGE_SIZE - 1));
         let write = value.is_some();
-        let mmio = VcpuExit::Mmio {
-            gpa,
-            is_write: write,
-            len: size,
-            data: value.unwrap_or(0),
-        };
+        let mmio = mmio_exit(gpa, size, value);
         if write && slot.flags & KVM_MEM_READONLY != 0 {
-            return Ok(redirected.then_some(mmio));
+            return Ok(Some(mmio));
         }
-        let unmapped = || {
-            if effects.contains(Effect::UnmappedUserspaceAddrIsMmio) {
+        // What the host cannot fault in is EFAULT upstream, as for an
+        // ordinary slot, and MMIO with the effect.
+        let unfaultable = |why: &str| {
+            if effects.contains(Effect::UnfaultableUserspaceAddrIsMmio) {
                 Ok(Some(mmio))
-            } else if !redirected {
-                Ok(None)
             } else {
                 Err(Error::new(
                     Errno::EFAULT,
                     "FAULT-3",
-                    format!(
-                        "gpa {gpa:#x} is served from hva {hva:#x}, where no host memory is mapped"
-                    ),
+                    format!("gpa {gpa:#x} is served from hva {hva:#x}, which the host cannot fault in: {why}"),
                 ))
             }
         };
         let Some((mem, off)) = self.shared.lookup(hva, len) else {
-            return unmapped();
+            return unfaultable("no host memory is mapped there");
         };
         drop(slots);
-        if !redirected {
-            // Mapped memory behind an ordinary slot: the software backend's
-            // answer is upstream's and every effect's.
-            return Ok(None);
-        }
         let mut bytes = value.unwrap_or(0).to_le_bytes();
         let buf = &mut bytes[..size as usize];
         let done = match value {
@@ -543,8 +542,45 @@ impl EmVcpu {
             } else {
                 u64::from_le_bytes(bytes)
             }))),
-            Err(_) => unmapped(),
+            Err(fault) => unfaultable(&fault.to_string()),
         }
+    }
+
+    /// The software backend's answer to an access that no effect redirects,
+    /// with the effect on what the host cannot fault in applied: the
+    /// backend's EFAULT for it (FAULT-3, the only EFAULT a shared access of
+    /// a default VM gives without a memory-fault exit) becomes MMIO.
+    fn undeparted(&mut self, op: GuestOp, gpa: u64, size: u8) -> Result<VcpuExit> {
+        let value = match op {
+            GuestOp::Write { value, .. } => Some(value),
+            _ => None,
+        };
+        let one_page =
+            size != 0 && gpa >> PAGE_SHIFT == gpa.saturating_add(u64::from(size) - 1) >> PAGE_SHIFT;
+        match self.inner.run(op) {
+            Err(e)
+                if one_page
+                    && e.errno == Errno::EFAULT
+                    && e.rule == "FAULT-3"
+                    && self
+                        .shared
+                        .effects
+                        .contains(Effect::UnfaultableUserspaceAddrIsMmio) =>
+            {
+                Ok(mmio_exit(gpa, size, value))
+            }
+            r => r,
+        }
+    }
+}
+
+/// The MMIO exit of an access.
+fn mmio_exit(gpa: u64, size: u8, value: Option<u64>) -> VcpuExit {
+    VcpuExit::Mmio {
+        gpa,
+        is_write: value.is_some(),
+        len: size,
+        data: value.unwrap_or(0),
     }
 }
 
@@ -557,12 +593,12 @@ impl Vcpu for EmVcpu {
             }
             GuestOp::Read { gpa, size } if self.modelled => match self.departed(gpa, size, None)? {
                 Some(exit) => Ok(exit),
-                None => self.inner.run(op),
+                None => self.undeparted(op, gpa, size),
             },
             GuestOp::Write { gpa, size, value } if self.modelled => {
                 match self.departed(gpa, size, Some(value))? {
                     Some(exit) => Ok(exit),
-                    None => self.inner.run(op),
+                    None => self.undeparted(op, gpa, size),
                 }
             }
             _ => self.inner.run(op),
@@ -661,7 +697,7 @@ guest_read vm gpa=0x101000
         );
         assert_eq!(
             outcomes(
-                Effects::NONE.with(Effect::UnmappedUserspaceAddrIsMmio),
+                Effects::NONE.with(Effect::UnfaultableUserspaceAddrIsMmio),
                 text
             )[2],
             Some(Outcome::Mmio {
@@ -669,6 +705,73 @@ guest_read vm gpa=0x101000
                 write: Some(true)
             })
         );
+    }
+
+    /// Every address the host cannot fault in: guest_memfd memory not
+    /// shared with it (MMAP-4), past the end of the file (MMAP-3), a private
+    /// page of another VM's file under in-place conversion (CONV-6), and
+    /// host memory closed under the slot. Where it can, the effect changes
+    /// nothing.
+    const UNFAULTABLE: &str = "\
+vm = create_vm
+g = create_guest_memfd vm size=4K flags=mmap
+m = mmap g
+set_memory_region vm slot=1 gpa=0x100000 size=4K userspace=m
+guest_read vm gpa=0x100000
+g2 = create_guest_memfd vm size=4K flags=mmap|init_shared
+m2 = mmap g2 size=8K
+set_memory_region vm slot=2 gpa=0x200000 size=8K flags=readonly userspace=m2
+guest_read vm gpa=0x200000
+guest_read vm gpa=0x201000
+guest_write vm gpa=0x201000 byte=1
+p = create_vm type=sw_protected
+g3 = create_guest_memfd p size=4K flags=mmap
+m3 = mmap g3
+set_memory_region vm slot=3 gpa=0x300000 size=4K userspace=m3
+guest_write vm gpa=0x300000 byte=2
+h = host_memory size=4K
+set_memory_region vm slot=4 gpa=0x400000 size=4K userspace=h
+guest_write vm gpa=0x400000 byte=3
+close h
+h2 = host_memory size=4K
+guest_read vm gpa=0x400000
+";
+
+    #[test]
+    fn what_the_host_cannot_fault_in_is_efault_upstream_and_mmio_with_the_effect() {
+        let run = |effects: Effects| {
+            let hv = crate::soft::SoftHypervisor::with_profile(crate::Release::Next).unwrap();
+            let hv = Emulated::new(Box::new(hv), effects);
+            let sc = parse("t.gmem", UNFAULTABLE).unwrap();
+            let r = run(&hv, &sc);
+            r.lines.into_iter().map(|l| l.actual).collect::<Vec<_>>()
+        };
+        let upstream = run(Effects::NONE);
+        let kernel = run(Effects::NONE.with(Effect::UnfaultableUserspaceAddrIsMmio));
+        let efault = Some(Outcome::Errno {
+            errno: Errno::EFAULT,
+        });
+        let mmio = |gpa, write| {
+            Some(Outcome::Mmio {
+                gpa,
+                write: Some(write),
+            })
+        };
+        for (i, gpa, write) in [
+            (4, 0x100000, false),
+            (9, 0x201000, false),
+            (15, 0x300000, true),
+            (21, 0x400000, false),
+        ] {
+            assert_eq!(upstream[i], efault, "line {}", i + 1);
+            assert_eq!(kernel[i], mmio(gpa, write), "line {}", i + 1);
+        }
+        // Faultable, or MMIO upstream already (a write to a read-only slot).
+        for i in [8, 10, 18] {
+            assert_eq!(upstream[i], kernel[i], "line {}", i + 1);
+        }
+        assert_eq!(kernel[8], byte(0));
+        assert_eq!(kernel[10], mmio(0x201000, true));
     }
 
     #[test]
@@ -685,6 +788,11 @@ guest_read vm gpa=0x101000
         for e in Effect::ALL {
             assert_eq!(Effect::from_name(e.name()), Some(e));
         }
+        assert_eq!(
+            Effect::from_name("unmapped_userspace_addr_is_mmio"),
+            Some(Effect::UnfaultableUserspaceAddrIsMmio),
+            "the name it had"
+        );
         let all: Effects = Effect::ALL.into_iter().collect();
         assert_eq!(all.iter().count(), 4);
         assert!(!all

@@ -42,6 +42,14 @@ pub const DEFAULT_SHARE: u64 = 4;
 /// The budget when `MemAvailable` cannot be read.
 pub const FALLBACK_MAX_MEMORY: u64 = 256 << 20;
 
+/// What a VM costs the budget on a running kernel ([`Costs`]).
+pub const KERNEL_VM_COST: u64 = Costs::KERNEL.vm;
+
+/// The smallest budget `gmem check` takes: a VM, a vCPU, a file and a few
+/// pages on a kernel ([`Costs`]) fit with room to spare; below it every
+/// scenario would be over budget at its first lines.
+pub const MIN_MAX_MEMORY: u64 = 1 << 20;
+
 impl Limits {
     /// A budget of `max_memory` bytes.
     pub fn new(max_memory: u64) -> Self {
@@ -325,6 +333,19 @@ mod tests {
         assert_eq!(e.more, 1 << 40);
         assert!(e.to_string().contains("1 TiB more"), "{e}");
         assert!(e.to_string().contains("64 KiB"), "{e}");
+    }
+
+    #[test]
+    fn the_smallest_budget_holds_a_vm_a_vcpu_a_file_and_a_page_on_a_kernel() {
+        let k = Costs::KERNEL;
+        let b = Budget::new(&Limits::new(MIN_MAX_MEMORY));
+        let charge = Charge::default()
+            .fixed(k.vm, "a VM")
+            .fixed(k.vcpu, "a vCPU")
+            .fixed(k.file, "a file")
+            .pages(F, 0..1);
+        assert!(b.check(&charge).is_ok());
+        assert_eq!(KERNEL_VM_COST, k.vm);
     }
 
     #[test]

@@ -91,6 +91,10 @@ use super::run::{run_limited, LineResult, ScenarioRun};
 use crate::hypervisor::Hypervisor;
 use crate::Backend;
 
+/// The largest departures file [`Departures::load`] reads (the corpus's
+/// has a few KiB).
+pub const MAX_DEPARTURES_BYTES: u64 = 1 << 20;
+
 /// The departures file of the repository, built in.
 pub const BUILTIN: &str = include_str!("../../../scenarios/departures.toml");
 
@@ -259,9 +263,11 @@ impl Departures {
         })
     }
 
-    /// Reads a departures file; a missing file is an error.
+    /// Reads a departures file: a regular file of at most
+    /// [`MAX_DEPARTURES_BYTES`]; a missing file is an error.
     pub fn load(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let text = super::report::read_text(path, MAX_DEPARTURES_BYTES, "a departures file")
+            .map_err(|e| format!("{}: {e}", path.display()))?;
         Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 
@@ -596,6 +602,47 @@ mod tests {
         }
     }
 
+    /// FAULT-3-unmapped accounts for an MMIO exit exactly where the host
+    /// cannot fault `userspace_addr` in. The same exit where it can
+    /// (anonymous memory, a shared guest_memfd page) is a new kind of
+    /// difference, and no shown behaviour explains it.
+    #[test]
+    fn mmio_where_the_host_can_fault_in_is_not_explained() {
+        let text = "\
+vm = create_vm
+h = host_memory size=4K
+set_memory_region vm slot=1 gpa=0x100000 size=4K userspace=h
+guest_read vm gpa=0x100000 => 0x00
+g = create_guest_memfd vm size=4K flags=mmap|init_shared
+m = mmap g size=8K
+set_memory_region vm slot=2 gpa=0x200000 size=8K userspace=m
+guest_read vm gpa=0x200000 => 0x00
+guest_read vm gpa=0x201000 => EFAULT
+";
+        let limits = Limits::new(64 << 20);
+        let program = parse("t.gmem", text).unwrap();
+        let soft = Backend::Soft.open().unwrap();
+        let mut kernel = run_limited(soft.as_ref(), &program, &limits);
+        for (i, gpa) in [(3, 0x100000), (7, 0x200000), (8, 0x201000)] {
+            let l = &mut kernel.lines[i];
+            l.actual = Some(Outcome::Mmio {
+                gpa,
+                write: Some(false),
+            });
+            l.passed = false;
+        }
+        let known = Departures::builtin();
+        let all: Vec<&str> = known.behaviours.iter().map(|b| b.id.as_str()).collect();
+        let why = Explainer::new(&known, &all, limits).explain(&program, &kernel);
+        assert!(why[3].is_none(), "anonymous memory: {:?}", why[3]);
+        assert!(why[7].is_none(), "a shared guest_memfd page: {:?}", why[7]);
+        assert_eq!(
+            why[8].as_ref().map(|e| e.behaviours.clone()),
+            Some(vec!["FAULT-3-unmapped".to_string()]),
+            "past the end of the file"
+        );
+    }
+
     #[test]
     fn old_records_by_line_are_refused_with_a_hint() {
         let e = Departures::parse(
@@ -618,7 +665,18 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_file_is_an_error() {
-        assert!(Departures::load(Path::new("/nonexistent/departures.toml")).is_err());
+    fn a_missing_file_is_an_error_with_the_path_and_errno_name() {
+        let e = Departures::load(Path::new("/nonexistent/departures.toml")).unwrap_err();
+        assert_eq!(
+            e,
+            "/nonexistent/departures.toml: No such file or directory (ENOENT)"
+        );
+    }
+
+    #[test]
+    fn a_device_is_refused_without_reading_it() {
+        // /dev/zero never ends: reading it whole would take all memory.
+        let e = Departures::load(Path::new("/dev/zero")).unwrap_err();
+        assert!(e.contains("/dev/zero: a device, not a regular file"), "{e}");
     }
 }

@@ -31,7 +31,8 @@ pub struct ParseError {
     pub column: usize,
     /// What the parser expected there.
     pub expected: String,
-    /// What it found.
+    /// What it found: the token as written (no white space in it), or a
+    /// description, which has spaces (`end of line`, `an empty file`).
     pub found: String,
     /// How to fix it.
     pub hint: String,
@@ -42,8 +43,24 @@ impl fmt::Display for ParseError {
         write!(
             f,
             "{}:{}:{}: expected {}, found {}\n  hint: {}",
-            self.file, self.line, self.column, self.expected, self.found, self.hint
+            self.file,
+            self.line,
+            self.column,
+            self.expected,
+            self.found_shown(),
+            self.hint
         )
+    }
+}
+
+impl ParseError {
+    /// `found` for a message: a token in backticks, a description as is.
+    pub fn found_shown(&self) -> String {
+        if self.found.is_empty() || self.found.contains(char::is_whitespace) {
+            self.found.clone()
+        } else {
+            format!("`{}`", self.found)
+        }
     }
 }
 
@@ -230,7 +247,7 @@ impl LineCx<'_> {
             found: if found.is_empty() {
                 "end of line".to_string()
             } else {
-                format!("`{}`", shorten(found, MAX_TOKEN_SHOWN))
+                shorten(found, MAX_TOKEN_SHOWN)
             },
             hint: hint.to_string(),
         })
@@ -752,15 +769,16 @@ impl Parser<'_> {
                 let byte = byte_arg(cx, need(cx, &mut a, "byte", name, usage)?)?;
                 let len = opt_num(cx, &mut a, "len")?.unwrap_or(1);
                 if len > MAX_HOST_WRITE {
-                    let at = a
+                    // The value as the user wrote it (`2G`), not in bytes.
+                    let (at, written) = a
                         .keyed
                         .iter()
                         .find(|(k, _)| k.text == "len")
-                        .map_or(cx.end(), |(_, v)| v.at);
+                        .map_or((cx.end(), ""), |(_, v)| (v.at, v.text));
                     return Err(cx.err(
                         at,
                         "a host_write len of at most 1G",
-                        &len.to_string(),
+                        written,
                         "one host_write touches at most 1 GiB of memory; write a larger range \
                          with several lines (the memory budget counts every page they touch)",
                     ));
@@ -1461,7 +1479,8 @@ guest_read vm gpa=0x100000 => 0x00
         let e = err("vm = create_vm\n  frobnicate vm\n");
         assert_eq!((e.line, e.column), (2, 3));
         assert_eq!(e.expected, "an operation");
-        assert_eq!(e.found, "`frobnicate`");
+        assert_eq!(e.found, "frobnicate");
+        assert!(e.to_string().contains("found `frobnicate`"), "{e}");
         assert!(e.hint.contains("create_guest_memfd"), "{}", e.hint);
     }
 
@@ -1551,6 +1570,7 @@ guest_read vm gpa=0x100000 => 0x00
         let e = err("h = host_memory size=4G\nhost_write h offset=0 byte=1 len=2G\n");
         assert_eq!((e.line, e.column), (2, 34));
         assert!(e.expected.contains("at most 1G"), "{}", e.expected);
+        assert_eq!(e.found, "2G", "as written, not in bytes");
         let many = "check_extension guest_memfd\n".repeat(MAX_OPERATIONS + 1);
         let e = err(&many);
         assert_eq!(e.line, MAX_OPERATIONS + 1);

@@ -19,7 +19,7 @@ use crate::hypervisor::Hypervisor;
 use crate::Release;
 
 /// The `schema` field of the JSON report.
-pub const SCHEMA: &str = "gmem-check/1";
+pub const SCHEMA: &str = "gmem-check/2";
 
 /// Output rows fit this many columns.
 const WIDTH: usize = 100;
@@ -47,6 +47,9 @@ pub enum ProblemKind {
     Mismatch,
     /// The runner did not perform the operation: over the memory budget.
     OverBudget,
+    /// A line after an over-budget line that did not have its outcome: it
+    /// may only follow from the operation not performed.
+    AfterOverBudget,
     /// On a running kernel, an outcome of a release the other
     /// release-dependent lines of the check do not agree on: a kernel
     /// follows one release.
@@ -189,7 +192,10 @@ pub struct Stale {
 pub struct Summary {
     /// Scenario files.
     pub files: usize,
-    /// Files that did not parse (or could not be read); each counted once.
+    /// Files that did not parse or could not be read.
+    pub unparsed_files: usize,
+    /// The parse errors of those files, each counted (a file that could
+    /// not be read counts one).
     pub parse_errors: usize,
     /// Scenario runs (file × backend) that passed.
     pub passed: usize,
@@ -201,6 +207,9 @@ pub struct Summary {
     pub departed: usize,
     /// Lines not performed because of the memory budget.
     pub over_budget_lines: usize,
+    /// Failing lines after an over-budget line of their run, which may only
+    /// follow from it.
+    pub after_over_budget_lines: usize,
     /// Stale records of behaviours.
     pub stale: usize,
 }
@@ -234,7 +243,7 @@ impl CheckReport {
 
     /// Did some file not parse or not read (an input error)?
     pub fn input_error(&self) -> bool {
-        self.summary.parse_errors > 0
+        self.summary.unparsed_files > 0
     }
 }
 
@@ -263,14 +272,18 @@ fn walk(
     files: &mut BTreeSet<PathBuf>,
     dirs: &mut BTreeSet<PathBuf>,
 ) -> std::io::Result<()> {
-    let canonical = path.canonicalize()?;
+    // The error names the path it is about, with the errno's name.
+    let about = |e: std::io::Error| std::io::Error::new(e.kind(), os_error(path, &e));
+    let canonical = path.canonicalize().map_err(about)?;
     if canonical.is_dir() {
         if !dirs.insert(canonical.clone()) {
             return Ok(());
         }
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(path)?
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(about)?
             .map(|e| e.map(|e| e.path()))
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<_, _>>()
+            .map_err(about)?;
         entries.sort();
         for e in entries {
             let is_dir = e.is_dir();
@@ -298,21 +311,86 @@ pub struct Source {
 }
 
 impl Source {
-    /// Reads `path`, refusing a file larger than a scenario may be.
+    /// Reads `path`, refusing what is not a regular file or is larger than a
+    /// scenario may be ([`read_text`]).
     pub fn read(path: &Path, name: String) -> Source {
-        let text = match std::fs::metadata(path) {
-            Err(e) => Err(e.to_string()),
-            Ok(m) if m.len() > MAX_SCENARIO_BYTES as u64 => Err(format!(
-                "the file has {}; a scenario may have at most {}",
-                Bytes(m.len()),
-                Bytes(MAX_SCENARIO_BYTES as u64)
-            )),
-            Ok(_) => std::fs::read(path)
-                .map_err(|e| e.to_string())
-                .and_then(|b| String::from_utf8(b).map_err(|e| format!("not UTF-8 text: {e}"))),
-        };
+        let text = read_text(path, MAX_SCENARIO_BYTES as u64, "a scenario");
         Source { name, text }
     }
+}
+
+/// An OS error about `path` as people read it: the path, the system's
+/// words and the errno name, `x.gmem: No such file or directory (ENOENT)`.
+pub fn os_error(path: &Path, e: &std::io::Error) -> String {
+    format!("{}: {}", path.display(), os_words(e))
+}
+
+/// The system's words for `e` and its errno name: `No such file or
+/// directory (ENOENT)`, not Rust's `(os error 2)`.
+pub fn os_words(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(n) => {
+            let words = e.to_string();
+            let words = words
+                .strip_suffix(&format!(" (os error {n})"))
+                .unwrap_or(&words);
+            let name = crate::error::errno_name(crate::error::Errno::from_raw(n));
+            format!("{words} ({name})")
+        }
+        None => e.to_string(),
+    }
+}
+
+/// The text of `path`, which must be a regular file of at most `limit`
+/// bytes of UTF-8 (`what` names it in messages: "a scenario"). The error
+/// does not repeat the path: the caller shows it.
+///
+/// The size is not taken from the file's metadata alone: a device
+/// (`/dev/zero`) says 0 and never ends, a file may grow while it is read.
+/// At most `limit + 1` bytes are ever read, whatever the file is.
+pub fn read_text(path: &Path, limit: u64, what: &str) -> Result<String, String> {
+    use std::io::Read as _;
+    use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
+
+    let too_big = |n: String| format!("the file has {n}; {what} may have at most {}", Bytes(limit));
+    let meta = std::fs::metadata(path).map_err(|e| os_words(&e))?;
+    let kind = meta.file_type();
+    let not_regular =
+        |k: &str| format!("{k}, not a regular file; {what} is read from a regular file");
+    if kind.is_dir() {
+        return Err(not_regular("a folder"));
+    }
+    if !kind.is_file() {
+        return Err(not_regular(
+            if kind.is_char_device() || kind.is_block_device() {
+                "a device"
+            } else if kind.is_fifo() {
+                "a pipe"
+            } else if kind.is_socket() {
+                "a socket"
+            } else {
+                "a special file"
+            },
+        ));
+    }
+    if meta.len() > limit {
+        return Err(too_big(format!("{} bytes", meta.len())));
+    }
+    // O_NONBLOCK: a pipe put in the file's place since the check above
+    // must not hang the open.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| os_words(&e))?;
+    let mut bytes = Vec::new();
+    file.take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(|e| os_words(&e))?;
+    if bytes.len() as u64 > limit {
+        return Err(too_big(format!("more than {}", Bytes(limit))));
+    }
+    String::from_utf8(bytes).map_err(|e| format!("not UTF-8 text: {e}"))
 }
 
 /// Runs scenario files on backends and applies departures.
@@ -401,7 +479,8 @@ impl<'a> Checker<'a> {
                         _ => vec![None; r.lines.len()],
                     };
                     let mut result = judge(&b.name, &r, &explanations);
-                    if hv.release().is_none() {
+                    let skipped = matches!(result.verdict, Verdict::Skip(_));
+                    if hv.release().is_none() && !skipped {
                         result.release_lines = release_lines(&scenario, &r);
                     }
                     report.results.push(result);
@@ -467,7 +546,8 @@ impl<'a> Checker<'a> {
         };
         for s in &scenarios {
             if !s.parse_errors.is_empty() {
-                summary.parse_errors += 1;
+                summary.unparsed_files += 1;
+                summary.parse_errors += s.parse_errors.len();
             }
             for r in &s.results {
                 match r.verdict {
@@ -476,11 +556,9 @@ impl<'a> Checker<'a> {
                     Verdict::Skip(_) => summary.skipped += 1,
                     Verdict::Departs(_) => summary.departed += 1,
                 }
-                summary.over_budget_lines += r
-                    .problems
-                    .iter()
-                    .filter(|p| p.kind == ProblemKind::OverBudget)
-                    .count();
+                let count = |k| r.problems.iter().filter(|p| p.kind == k).count();
+                summary.over_budget_lines += count(ProblemKind::OverBudget);
+                summary.after_over_budget_lines += count(ProblemKind::AfterOverBudget);
             }
         }
         CheckReport {
@@ -522,6 +600,20 @@ pub fn judge(
         result.verdict = Verdict::Skip(why.clone());
         return result;
     }
+    // A line the backend refused by its own rule says nothing of the
+    // kernel, and neither do the lines after it: the scenario cannot be run
+    // there, whatever the line expected.
+    if let Some((line, why)) = r
+        .lines
+        .iter()
+        .find_map(|l| backend_rule(l).map(|w| (l.line, w)))
+    {
+        result.verdict = Verdict::Skip(format!(
+            "the {backend} backend cannot run line {line}: {why}"
+        ));
+        return result;
+    }
+    let mut over_budget = None;
     for (i, l) in r.lines.iter().enumerate() {
         if l.passed {
             continue;
@@ -534,22 +626,68 @@ pub fn judge(
                 actual: l.actual_text(),
                 behaviours: e.behaviours.clone(),
             }),
-            None => result.problems.push(Problem {
-                kind: if l.actual == Some(Outcome::OverBudget) {
-                    ProblemKind::OverBudget
-                } else {
-                    ProblemKind::Mismatch
-                },
-                line: l.line,
-                text: l.text.clone(),
-                expected: l.expected.to_string(),
-                actual: l.actual_text(),
-                detail: l.detail.clone(),
-            }),
+            None => {
+                let (kind, detail) = match (l.actual == Some(Outcome::OverBudget), over_budget) {
+                    (true, _) => {
+                        over_budget.get_or_insert(l.line);
+                        (ProblemKind::OverBudget, l.detail.clone())
+                    }
+                    (false, Some(first)) => (
+                        ProblemKind::AfterOverBudget,
+                        Some(match &l.detail {
+                            Some(d) => format!(
+                                "may follow from line {first}, which was not performed (over \
+                                 budget): {d}"
+                            ),
+                            None => format!(
+                                "may follow from line {first}, which was not performed (over \
+                                 budget)"
+                            ),
+                        }),
+                    ),
+                    (false, None) => (ProblemKind::Mismatch, l.detail.clone()),
+                };
+                result.problems.push(Problem {
+                    kind,
+                    line: l.line,
+                    text: l.text.clone(),
+                    expected: l.expected.to_string(),
+                    actual: l.actual_text(),
+                    detail,
+                });
+            }
         }
     }
     result.verdict = verdict(&result);
     result
+}
+
+/// The rules by which a backend refuses what it cannot run, as opposed to
+/// what the kernel refuses: the KVM backend's setup region and its guest
+/// code (`KVM-SETUP`), memslots that would expose process memory
+/// (`gmem-safety`). docs/spec.md, section 11.
+pub const BACKEND_RULES: [&str; 2] = ["KVM-SETUP", "gmem-safety"];
+
+/// Why the backend, not the kernel, refused line `l`: its message without
+/// the ioctl's arguments, ending with the rule and errno; `None` when the
+/// line's outcome is not such a refusal.
+fn backend_rule(l: &LineResult) -> Option<String> {
+    let Some(Outcome::Errno { errno }) = l.actual else {
+        return None;
+    };
+    let detail = l.detail.as_deref()?;
+    let errno = crate::error::errno_name(errno);
+    // The form of every contract error: `message (rule, ERRNO)`.
+    BACKEND_RULES
+        .iter()
+        .any(|rule| detail.ends_with(&format!("({rule}, {errno})")))
+        .then(|| {
+            // `KVM_SET_USER_MEMORY_REGION2 slot=.. gpa=..: why`: the why.
+            match detail.split_once(": ") {
+                Some((call, why)) if call.starts_with("KVM_") => why.to_string(),
+                _ => detail.to_string(),
+            }
+        })
 }
 
 /// The verdict of a run that was not skipped, from its problems and
@@ -646,7 +784,8 @@ fn compare(results: &[BackendResult], runs: &[Option<ScenarioRun>]) -> Vec<Disag
     let ran: Vec<(usize, &ScenarioRun)> = runs
         .iter()
         .enumerate()
-        .filter_map(|(i, r)| r.as_ref().filter(|r| r.skipped.is_none()).map(|r| (i, r)))
+        .filter(|(i, _)| !matches!(results[*i].verdict, Verdict::Skip(_)))
+        .filter_map(|(i, r)| r.as_ref().map(|r| (i, r)))
         .collect();
     let [(ia, a), (ib, b)] = ran.as_slice() else {
         return Vec::new();
@@ -779,7 +918,8 @@ pub fn render(report: &CheckReport) -> String {
     if !notes.0.is_empty() {
         out.push('\n');
         for (i, n) in notes.0.iter().enumerate() {
-            let _ = writeln!(out, "{}", shorten(&format!("[{}] {n}", i + 1), WIDTH));
+            let mark = format!("[{}]", i + 1);
+            out.push_str(&wrap(&mark, n, mark.len() + 1));
         }
     }
     render_failures(&mut out, report);
@@ -794,40 +934,59 @@ pub fn render(report: &CheckReport) -> String {
             let outs: Vec<String> = d.outcomes.iter().map(|(b, o)| format!("{b} {o}")).collect();
             let _ = writeln!(
                 out,
-                "  {}:{}  {}\n      {}",
-                s.scenario,
-                d.line,
-                shorten(op_text(&d.text), 60),
-                outs.join(", ")
+                "{}",
+                line_head(None, &s.scenario, d.line, op_text(&d.text))
             );
+            out.push_str(&wrap("     ", &outs.join(", "), 6));
         }
     }
     let m = &report.summary;
-    let _ = writeln!(
-        out,
-        "\n{} files, {} runs: {} passed, {} failed, {} skipped, {} depart from upstream{}{}{}",
-        m.files,
-        m.passed + m.failed + m.skipped + m.departed,
+    let n = |count: usize, one: &str, many: &str| {
+        format!("{count} {}", if count == 1 { one } else { many })
+    };
+    let mut tail = String::new();
+    if m.unparsed_files > 0 {
+        tail += &format!(
+            "; {} not parse",
+            n(m.unparsed_files, "file does", "files do")
+        );
+    }
+    if m.over_budget_lines > 0 {
+        tail += &format!("; {} over budget", n(m.over_budget_lines, "line", "lines"));
+    }
+    if m.after_over_budget_lines > 0 {
+        tail += &format!(
+            ", {} after {} may only follow from {}",
+            n(m.after_over_budget_lines, "failure", "failures"),
+            if m.over_budget_lines == 1 {
+                "it"
+            } else {
+                "them"
+            },
+            if m.over_budget_lines == 1 {
+                "it"
+            } else {
+                "them"
+            },
+        );
+    }
+    if m.stale > 0 {
+        tail += &format!(
+            "; {}",
+            n(m.stale, "stale departure record", "stale departure records")
+        );
+    }
+    let summary = format!(
+        "{}, {}: {} passed, {} failed, {} skipped, {} depart from upstream{tail}",
+        n(m.files, "file", "files"),
+        n(m.passed + m.failed + m.skipped + m.departed, "run", "runs"),
         m.passed,
         m.failed,
         m.skipped,
         m.departed,
-        if m.parse_errors > 0 {
-            format!("; {} files do not parse", m.parse_errors)
-        } else {
-            String::new()
-        },
-        if m.over_budget_lines > 0 {
-            format!("; {} lines over budget", m.over_budget_lines)
-        } else {
-            String::new()
-        },
-        if m.stale > 0 {
-            format!("; {} stale departure records", m.stale)
-        } else {
-            String::new()
-        },
     );
+    out.push('\n');
+    out.push_str(&wrap("", &summary, 2));
     out
 }
 
@@ -854,16 +1013,16 @@ fn render_failures(out: &mut String, report: &CheckReport) {
     for s in &report.scenarios {
         for e in &s.parse_errors {
             header(out);
-            let at = if e.line == 0 {
-                e.file.clone()
+            let file = shorten(&e.file, PATH_SHOWN);
+            if e.line == 0 {
+                out.push_str(&wrap(&format!("  {file}: cannot be read:"), &e.found, 6));
             } else {
-                format!("{}:{}:{}", e.file, e.line, e.column)
-            };
-            out.push_str(&wrap(
-                &format!("  {at}: parse error:"),
-                &format!("expected {}, found {}", e.expected, e.found),
-                6,
-            ));
+                out.push_str(&wrap(
+                    &format!("  {file}:{}:{}: parse error:", e.line, e.column),
+                    &format!("expected {}, found {}", e.expected, e.found_shown()),
+                    6,
+                ));
+            }
             out.push_str(&wrap("      hint:", &e.hint, 8));
         }
         for r in &s.results {
@@ -871,16 +1030,14 @@ fn render_failures(out: &mut String, report: &CheckReport) {
                 header(out);
                 let _ = writeln!(
                     out,
-                    "  [{}] {}:{}  {}",
-                    r.backend,
-                    s.scenario,
-                    p.line,
-                    shorten(&p.text, 72)
+                    "{}",
+                    line_head(Some(&r.backend), &s.scenario, p.line, &p.text)
                 );
                 let _ = writeln!(
                     out,
-                    "      expected: {}\n      actual:   {}",
-                    p.expected, p.actual
+                    "{}\n{}",
+                    shorten(&format!("      expected: {}", p.expected), WIDTH),
+                    shorten(&format!("      actual:   {}", p.actual), WIDTH)
                 );
                 if let Some(d) = &p.detail {
                     for l in d.lines() {
@@ -892,6 +1049,23 @@ fn render_failures(out: &mut String, report: &CheckReport) {
     }
 }
 
+/// A path in a heading is shortened (in its middle) to this many columns.
+const PATH_SHOWN: usize = 56;
+
+/// `  [backend] scenario:line  text` within 100 columns: a long path is
+/// shortened in its middle, then the text to what is left.
+fn line_head(backend: Option<&str>, scenario: &str, line: usize, text: &str) -> String {
+    let head = match backend {
+        Some(b) => format!("  [{b}] {}:{line}", shorten(scenario, PATH_SHOWN)),
+        None => format!("  {}:{line}", shorten(scenario, PATH_SHOWN)),
+    };
+    let room = WIDTH.saturating_sub(head.chars().count() + 2).max(20);
+    format!("{head}  {}", shorten(text, room))
+}
+
+/// The departing lines, with the behaviours they need (and any the probes
+/// show that the departures file does not record for this kernel); nothing
+/// when no line departs and every shown behaviour is recorded.
 fn render_departures(out: &mut String, report: &CheckReport) {
     let seen: Vec<(&str, &str, &DepartureSeen)> = report
         .scenarios
@@ -904,45 +1078,32 @@ fn render_departures(out: &mut String, report: &CheckReport) {
             })
         })
         .collect();
-    let shown: Vec<(&str, Vec<&str>)> = report
+    let unrecorded: BTreeSet<&str> = report
         .backends
         .iter()
         .filter(|b| !is_reference(&b.name))
-        .filter_map(|b| b.probes.as_ref().map(|p| (b.name.as_str(), p.shown())))
-        .filter(|(_, ids)| !ids.is_empty())
+        .filter_map(|b| b.probes.as_ref())
+        .flat_map(|p| p.results.iter())
+        .filter(|r| r.shown() && !r.recorded)
+        .map(|r| r.id.as_str())
         .collect();
-    if seen.is_empty() && shown.is_empty() {
+    let used: BTreeSet<&str> = seen
+        .iter()
+        .flat_map(|(_, _, d)| d.behaviours.iter().map(String::as_str))
+        .collect();
+    if seen.is_empty() && unrecorded.is_empty() {
         return;
     }
     out.push_str("\nDepartures from upstream: behaviours the probes of this kernel show\n");
-    let ids: BTreeSet<&str> = shown
-        .iter()
-        .flat_map(|(_, ids)| ids.iter().copied())
-        .collect();
-    let w = ids.iter().map(|i| i.len()).max().unwrap_or(0);
-    for b in report
+    let listed: Vec<&super::departures::Behaviour> = report
         .behaviours
         .iter()
-        .filter(|b| ids.contains(b.id.as_str()))
-    {
-        let unrecorded = shown.iter().any(|(backend, _)| {
-            report
-                .backends
-                .iter()
-                .find(|x| x.name == *backend)
-                .and_then(|x| x.probes.as_ref())
-                .is_some_and(|p| {
-                    p.results
-                        .iter()
-                        .any(|r| r.id == b.id && r.shown() && !r.recorded)
-                })
-        });
-        let _ = writeln!(
-            out,
-            "{}",
-            shorten(&format!("  {:<w$}  {}", b.id, b.summary), WIDTH)
-        );
-        if unrecorded {
+        .filter(|b| used.contains(b.id.as_str()) || unrecorded.contains(b.id.as_str()))
+        .collect();
+    let w = listed.iter().map(|b| b.id.len()).max().unwrap_or(0);
+    for b in listed {
+        out.push_str(&wrap(&format!("  {:<w$}  ", b.id), &b.summary, w + 4));
+        if unrecorded.contains(b.id.as_str()) {
             let _ = writeln!(
                 out,
                 "  {:<w$}  (not recorded for kernel {}: add it to seen_on)",
@@ -953,13 +1114,19 @@ fn render_departures(out: &mut String, report: &CheckReport) {
     for (scenario, backend, d) in seen {
         let _ = writeln!(
             out,
-            "  [{backend}] {scenario}:{}  {}\n      upstream:    {}\n      this kernel: {}  ({})",
-            d.line,
-            shorten(op_text(&d.text), 60),
-            d.upstream,
-            d.actual,
-            d.behaviours.join(", ")
+            "{}",
+            line_head(Some(backend), scenario, d.line, op_text(&d.text))
         );
+        let _ = writeln!(
+            out,
+            "{}",
+            shorten(&format!("      upstream:    {}", d.upstream), WIDTH)
+        );
+        out.push_str(&wrap(
+            &format!("      this kernel: {}", d.actual),
+            &format!("({})", d.behaviours.join(", ")),
+            19,
+        ));
     }
 }
 
@@ -1081,6 +1248,238 @@ mod tests {
         set_memory_region vm slot=2 gpa=0x200000 size=4K flags=guest_memfd guest_memfd=g \
         => EINVAL | 7.2: EEXIST\n";
 
+    /// A file of its own under the build's temporary folder, removed on drop.
+    struct TempFile(std::path::PathBuf);
+
+    impl TempFile {
+        fn new(name: &str, bytes: &[u8]) -> TempFile {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tmp");
+            std::fs::create_dir_all(&dir).unwrap();
+            let p = dir.join(format!("report-{}-{name}", std::process::id()));
+            std::fs::write(&p, bytes).unwrap();
+            TempFile(p)
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    #[test]
+    fn a_device_is_refused_whatever_its_size_says() {
+        // /dev/zero has size 0 and never ends.
+        let e = read_text(Path::new("/dev/zero"), 1 << 20, "a scenario").unwrap_err();
+        assert_eq!(
+            e,
+            "a device, not a regular file; a scenario is read from a regular file"
+        );
+        let s = Source::read(Path::new("/dev/zero"), "zero".into());
+        assert!(s.text.unwrap_err().contains("a device"));
+    }
+
+    #[test]
+    fn a_file_over_the_limit_is_refused_and_one_at_it_is_read() {
+        let f = TempFile::new("limit.gmem", &[b'#'; 4097]);
+        let e = read_text(&f.0, 4096, "a scenario").unwrap_err();
+        assert_eq!(
+            e,
+            "the file has 4097 bytes; a scenario may have at most 4 KiB"
+        );
+        assert_eq!(read_text(&f.0, 4097, "a scenario").unwrap().len(), 4097);
+    }
+
+    #[test]
+    fn a_missing_file_says_the_errno_name_not_the_os_error_number() {
+        let e = read_text(Path::new("/nonexistent/x.gmem"), 10, "a scenario").unwrap_err();
+        assert_eq!(e, "No such file or directory (ENOENT)");
+        let e = std::io::Error::from_raw_os_error(libc::EACCES);
+        assert_eq!(
+            os_error(Path::new("/x"), &e),
+            "/x: Permission denied (EACCES)"
+        );
+    }
+
+    fn line(n: usize, expected: Outcome, actual: Outcome, detail: Option<&str>) -> LineResult {
+        LineResult {
+            line: n,
+            text: format!("line {n}"),
+            passed: expected == actual,
+            expected,
+            actual: Some(actual),
+            detail: detail.map(str::to_string),
+        }
+    }
+
+    fn ran(lines: Vec<LineResult>) -> ScenarioRun {
+        ScenarioRun {
+            skipped: None,
+            lines,
+            max_held: 0,
+        }
+    }
+
+    const EINVAL: Outcome = Outcome::Errno {
+        errno: crate::Errno::EINVAL,
+    };
+
+    /// KVM-SETUP: a line the KVM backend refuses by its own rule skips the
+    /// scenario there, naming the rule and the reserved slots, even when
+    /// the errno is the one the line expected; the lines after it are not
+    /// failures.
+    #[test]
+    fn a_line_refused_by_a_backend_rule_skips_the_scenario_on_that_backend() {
+        let refused = "KVM_SET_USER_MEMORY_REGION2 slot=32700 gpa=0x100000: slot 32700 is \
+                       reserved by the KVM backend for its setup region (slots 32700 and 32701 \
+                       at gpa [0xe0000000, 0xe0400000)) (KVM-SETUP, EINVAL)";
+        for expected in [Outcome::Ok, EINVAL] {
+            let r = ran(vec![
+                line(1, Outcome::Ok, Outcome::Ok, None),
+                line(2, expected, EINVAL, Some(refused)),
+                line(3, Outcome::Ok, Outcome::Sigbus, None),
+            ]);
+
+            let result = judge("kvm", &r, &[None, None, None]);
+
+            let Verdict::Skip(why) = &result.verdict else {
+                panic!("{:?}", result.verdict)
+            };
+            assert!(
+                why.starts_with("the kvm backend cannot run line 2: slot 32700"),
+                "{why}"
+            );
+            assert!(
+                why.contains("32701") && why.ends_with("(KVM-SETUP, EINVAL)"),
+                "{why}"
+            );
+            assert!(result.problems.is_empty());
+        }
+    }
+
+    /// gmem-safety is a backend rule too; the kernel's own refusal is not.
+    #[test]
+    fn only_the_backends_own_rules_skip() {
+        let safety = "KVM_SET_USER_MEMORY_REGION2 slot=1: userspace_addr range [0x1000, 0x2000) \
+                      covers process memory (gmem-safety, EFAULT)";
+        let efault = Outcome::Errno {
+            errno: crate::Errno::EFAULT,
+        };
+        let r = ran(vec![line(1, Outcome::Ok, efault, Some(safety))]);
+        assert!(matches!(
+            judge("kvm", &r, &[None]).verdict,
+            Verdict::Skip(_)
+        ));
+
+        let kernel = "KVM_SET_USER_MEMORY_REGION2 slot=1 failed (kernel, EINVAL)";
+        let r = ran(vec![line(1, Outcome::Ok, EINVAL, Some(kernel))]);
+        assert_eq!(judge("kvm", &r, &[None]).verdict, Verdict::Fail);
+    }
+
+    #[test]
+    fn a_failure_after_an_over_budget_line_says_it_may_follow_from_it() {
+        let mut not_run = line(
+            3,
+            Outcome::Ok,
+            Outcome::Ok,
+            Some("handle `g2` is not bound"),
+        );
+        not_run.actual = None;
+        not_run.passed = false;
+        let r = ran(vec![
+            line(1, Outcome::Ok, EINVAL, None),
+            line(2, Outcome::Ok, Outcome::OverBudget, Some("not performed")),
+            not_run,
+        ]);
+
+        let result = judge("soft", &r, &[None, None, None]);
+
+        let kinds: Vec<ProblemKind> = result.problems.iter().map(|p| p.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                ProblemKind::Mismatch,
+                ProblemKind::OverBudget,
+                ProblemKind::AfterOverBudget
+            ]
+        );
+        let detail = result.problems[2].detail.as_deref().unwrap();
+        assert!(detail.starts_with("may follow from line 2, which was not performed"));
+    }
+
+    #[test]
+    fn no_departures_block_when_no_line_departs() {
+        // The kernel shows FAULT-3, but nothing in this scenario needs it.
+        let kvm = kernel_with(Effects::NONE.with(Effect::GmemOnlyViaUserspaceAddr));
+        let soft = Backend::Soft.open().unwrap();
+        let mut recorded = behaviours();
+        for b in recorded.behaviours.iter_mut().filter(|b| b.id == "FAULT-3") {
+            b.seen_on = vec![KernelId::running()];
+        }
+        let checker = checker(soft.as_ref(), &kvm, recorded);
+        let report = checker.check_sources(
+            &sources(&["vm = create_vm
+g = create_guest_memfd vm size=4K
+"]),
+            |_, _, _| {},
+        );
+        let text = render(&report);
+        assert!(!text.contains("Departures"), "{text}");
+
+        let parse_error = checker.check_sources(&sources(&["frob\n"]), |_, _, _| {});
+        assert!(!render(&parse_error).contains("Departures"));
+    }
+
+    #[test]
+    fn the_summary_counts_unparsed_files_and_their_errors_apart() {
+        let kvm = kernel_with(Effects::NONE);
+        let soft = Backend::Soft.open().unwrap();
+        let checker = checker(soft.as_ref(), &kvm, behaviours());
+
+        let report = checker.check_sources(&sources(&["frob\nfrob\n", "x = y\n"]), |_, _, _| {});
+
+        assert_eq!(report.summary.unparsed_files, 2);
+        assert_eq!(report.summary.parse_errors, 3);
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["schema"], "gmem-check/2");
+        let found = &json["scenarios"][0]["parse_errors"][0]["found"];
+        assert_eq!(found, "frob", "no backticks in JSON");
+        assert!(render(&report).contains("found `frob`"));
+    }
+
+    #[test]
+    fn failures_of_a_long_path_fit_100_columns() {
+        let kvm = kernel_with(Effects::NONE);
+        let soft = Backend::Soft.open().unwrap();
+        let checker = checker(soft.as_ref(), &kvm, behaviours());
+        let long = format!("{}/x.gmem", "a-folder-with-a-long-name".repeat(6));
+        let text = "vm = create_vm\ng = create_guest_memfd vm size=4K\nfile_read g => ESPIPE\n";
+        let report = checker.check_sources(
+            &[
+                Source {
+                    name: long.clone(),
+                    text: Ok(text.into()),
+                },
+                Source {
+                    name: format!("{long}2"),
+                    text: Ok("frob\n".into()),
+                },
+            ],
+            |_, _, _| {},
+        );
+
+        let out = render(&report);
+
+        assert!(out.contains("Failures:"), "{out}");
+        for l in out.lines() {
+            assert!(
+                l.chars().count() <= 100,
+                "{} columns: {l}",
+                l.chars().count()
+            );
+        }
+    }
+
     #[test]
     fn a_release_dependent_line_inconsistent_with_the_others_fails_on_a_kernel() {
         let kvm = kernel_of_7_2();
@@ -1149,7 +1548,7 @@ guest_read vm gpa=0x101000 => 0x55
         let kvm = kernel_with(
             Effects::NONE
                 .with(Effect::GmemOnlyViaUserspaceAddr)
-                .with(Effect::UnmappedUserspaceAddrIsMmio),
+                .with(Effect::UnfaultableUserspaceAddrIsMmio),
         );
         let r = check_on(&kvm, USER_SCENARIO);
         assert_eq!(r.results[0].verdict, Verdict::Pass, "soft");
@@ -1177,7 +1576,7 @@ guest_read vm gpa=0x101000 => 0x55
         let kvm = kernel_with(
             Effects::NONE
                 .with(Effect::GmemOnlyViaUserspaceAddr)
-                .with(Effect::UnmappedUserspaceAddrIsMmio),
+                .with(Effect::UnfaultableUserspaceAddrIsMmio),
         );
         let mut d = behaviours();
         d.behaviours.retain(|b| b.id != "FAULT-3-unmapped");
@@ -1253,7 +1652,7 @@ guest_read vm gpa=0x101000 => 0x55
         let kvm = kernel_with(
             Effects::NONE
                 .with(Effect::GmemOnlyViaUserspaceAddr)
-                .with(Effect::UnmappedUserspaceAddrIsMmio),
+                .with(Effect::UnfaultableUserspaceAddrIsMmio),
         );
         let soft = Backend::Soft.open().unwrap();
         let checker = checker(soft.as_ref(), &kvm, behaviours());

@@ -28,9 +28,9 @@ use crate::host::Mmap;
 use crate::hypervisor::{GuestMemfd, HostMemory, MapKind, Pin, Stat};
 use crate::refuse;
 use crate::uapi::{
-    kvm_memory_attributes2, page_aligned, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
-    GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_MEMORY_ATTRIBUTE_PRIVATE, PAGE_SHIFT,
-    PAGE_SIZE, TASK_SIZE_MAX,
+    kvm_memory_attributes2, page_aligned, FALLOC_FL_KEEP_SIZE, FALLOC_FL_MODE_MASK,
+    FALLOC_FL_PUNCH_HOLE, FALLOC_FL_WRITE_ZEROES, GUEST_MEMFD_FLAG_INIT_SHARED,
+    GUEST_MEMFD_FLAG_MMAP, KVM_MEMORY_ATTRIBUTE_PRIVATE, PAGE_SHIFT, PAGE_SIZE, TASK_SIZE_MAX,
 };
 
 /// Which memslot a bound file range belongs to.
@@ -183,6 +183,31 @@ impl GmemInode {
             set.remove(indices);
         }
         Ok(())
+    }
+
+    /// The allocated pages of `indices`, as runs (`SEEK_DATA` and
+    /// `SEEK_HOLE` on the page store): what any mapping of the file can map.
+    pub(crate) fn allocated(&self, indices: Range<u64>) -> Vec<Range<u64>> {
+        let mut runs = Vec::new();
+        let end = indices.end.min(self.size >> PAGE_SHIFT);
+        let mut at = indices.start;
+        let seek = |from: u64, whence: i32| -> Option<u64> {
+            let from = i64::try_from(from << PAGE_SHIFT).ok()?;
+            // SAFETY: lseek on the store this inode owns; it moves the file
+            // offset of that fd only, which nothing else uses.
+            let r = unsafe { libc::lseek(self.store.as_raw_fd(), from, whence) };
+            (r >= 0).then_some(r as u64 >> PAGE_SHIFT)
+        };
+        while at < end {
+            // ENXIO: no data from here to the end.
+            let Some(data) = seek(at, libc::SEEK_DATA).filter(|d| *d < end) else {
+                break;
+            };
+            let hole = seek(data, libc::SEEK_HOLE).unwrap_or(end).min(end);
+            runs.push(data..hole.max(data + 1));
+            at = hole.max(data + 1);
+        }
+        runs
     }
 
     pub(crate) fn supports_mmap(&self) -> bool {
@@ -457,42 +482,80 @@ impl GuestMemfd for SoftGuestMemfd {
         self.file.inode.flags
     }
 
-    /// `vfs_fallocate` then `kvm_gmem_fallocate`, checks in their order.
+    /// `fallocate(2)`: `vfs_fallocate` (fs/open.c), then guest_memfd's own
+    /// `kvm_gmem_fallocate`, every check in their order (FALLOC-1,
+    /// FALLOC-2). The generic checks come first, so an offset plus length
+    /// that overflows is EFBIG even in a mode guest_memfd refuses.
     fn fallocate(&self, mode: i32, offset: i64, len: i64) -> Result<()> {
+        // vfs_fallocate, in order.
         if offset < 0 || len <= 0 {
             refuse!(
                 EINVAL,
                 "FALLOC-2",
-                "fallocate offset {offset:#x} len {len:#x}: offset must be >= 0 and len > 0"
+                "fallocate offset {offset:#x} len {len:#x}: offset must be >= 0 and len > 0 (vfs_fallocate)"
             );
         }
-        let known = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE;
-        if mode & !known != 0 {
+        if mode & !(FALLOC_FL_MODE_MASK | FALLOC_FL_KEEP_SIZE) != 0 {
             refuse!(
                 EOPNOTSUPP,
                 "FALLOC-1",
-                "fallocate mode {mode:#x} has bits other than KEEP_SIZE and PUNCH_HOLE"
+                "fallocate mode {mode:#x} has bits no file system knows (vfs_fallocate)"
             );
         }
-        if mode & FALLOC_FL_KEEP_SIZE == 0 {
+        // One mode at a time (ALLOCATE_RANGE is no bit): PUNCH_HOLE needs
+        // KEEP_SIZE, the modes that change the size refuse it.
+        let keep_size = mode & FALLOC_FL_KEEP_SIZE != 0;
+        let mode_ok = match mode & FALLOC_FL_MODE_MASK {
+            0 | libc::FALLOC_FL_UNSHARE_RANGE | libc::FALLOC_FL_ZERO_RANGE => true,
+            FALLOC_FL_PUNCH_HOLE => keep_size,
+            libc::FALLOC_FL_COLLAPSE_RANGE
+            | libc::FALLOC_FL_INSERT_RANGE
+            | FALLOC_FL_WRITE_ZEROES => !keep_size,
+            _ => false,
+        };
+        if !mode_ok {
             refuse!(
                 EOPNOTSUPP,
                 "FALLOC-1",
-                "fallocate mode {mode:#x} lacks KEEP_SIZE: a guest_memfd never changes size"
+                "fallocate mode {mode:#x} is not one mode with a KEEP_SIZE it accepts (vfs_fallocate)"
             );
         }
+        // EBADF (not open for writing), EPERM (append-only, immutable),
+        // ETXTBSY (swap file), the LSM's and fanotify's answers, then ESPIPE,
+        // EISDIR and ENODEV by file type: a guest_memfd is opened O_RDWR
+        // (CREATE-5), has none of those inode flags and is a regular file
+        // (CREATE-4), so it passes each.
+        //
+        // The file system's largest size (`s_maxbytes`) is MAX_LFS_FILESIZE
+        // (2^63 - 1) on guest_memfd's pseudo file system (`init_pseudo`), so
+        // only a sum that overflows is past it.
         if offset.checked_add(len).is_none() {
             refuse!(
                 EFBIG,
                 "FALLOC-2",
-                "fallocate offset {offset:#x} + len {len:#x} overflows"
+                "fallocate offset {offset:#x} + len {len:#x} passes the largest file size 2^63 - 1 (vfs_fallocate)"
+            );
+        }
+        // kvm_gmem_fallocate, in order.
+        if !keep_size {
+            refuse!(
+                EOPNOTSUPP,
+                "FALLOC-1",
+                "fallocate mode {mode:#x} lacks KEEP_SIZE: a guest_memfd never changes size (kvm_gmem_fallocate)"
+            );
+        }
+        if mode & !(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE) != 0 {
+            refuse!(
+                EOPNOTSUPP,
+                "FALLOC-1",
+                "fallocate mode {mode:#x}: guest_memfd knows only allocate and punch hole (kvm_gmem_fallocate)"
             );
         }
         if !page_aligned(offset as u64) || !page_aligned(len as u64) {
             refuse!(
                 EINVAL,
                 "FALLOC-2",
-                "fallocate offset {offset:#x} len {len:#x} is not page aligned"
+                "fallocate offset {offset:#x} len {len:#x} is not page aligned (kvm_gmem_fallocate)"
             );
         }
         if mode & FALLOC_FL_PUNCH_HOLE != 0 {

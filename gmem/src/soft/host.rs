@@ -6,17 +6,24 @@
 //! the access fails as the kernel's would on an unmapped hva. Unmapping
 //! invalidates every memslot pointing into the mapping first, in every VM
 //! of the hypervisor, as the kernel's MMU notifier does.
+//!
+//! A memslot whose userspace range lies in one mapping holds it
+//! ([`HostPin`]). A mapping dropped while held gives its pages back but
+//! keeps its addresses, inaccessible, until the last such memslot goes
+//! (rule gmem-safety, the KVM backend's rule too): the guest keeps finding
+//! nothing there, and memory made later never lands where a memslot points.
 
 use std::collections::BTreeMap;
+use std::mem::ManuallyDrop;
 use std::ops::Range;
 use std::sync::{Arc, Weak};
 
 use parking_lot::{Mutex, RwLock};
 
 use super::guest_memfd::{GmemFile, GmemInode, SoftPin};
-use super::mempolicy::{self as soft_mempolicy, Policies};
+use super::mempolicy::{self as soft_mempolicy, MappedPage, Policies};
 use super::vm::VmInner;
-use crate::host::Mmap;
+use crate::host::{Mmap, Reservation};
 use crate::hypervisor::{HostFault, HostMemory, Pin};
 use crate::madvise::{self, Advice};
 use crate::mempolicy::{self, MbindFlags, MemPolicy};
@@ -25,8 +32,24 @@ use crate::uapi::PAGE_SHIFT;
 
 /// One registered mapping.
 pub(crate) struct Region {
-    pub(crate) mmap: Mmap,
+    /// Given to the registry when the last reference goes (`Drop`).
+    pub(crate) mmap: ManuallyDrop<Mmap>,
     pub(crate) kind: RegionKind,
+    registry: Weak<HostRegistry>,
+}
+
+impl Drop for Region {
+    /// The memory goes with the last reference (a fault path in progress
+    /// may hold one after the handle is gone): unmapped, or kept reserved
+    /// if a memslot points into it.
+    fn drop(&mut self) {
+        // SAFETY: taken exactly once, here, and never used after.
+        let mmap = unsafe { ManuallyDrop::take(&mut self.mmap) };
+        match self.registry.upgrade() {
+            Some(registry) => registry.release(mmap),
+            None => drop(mmap),
+        }
+    }
 }
 
 pub(crate) enum RegionKind {
@@ -151,11 +174,49 @@ impl Region {
 }
 
 /// Every live mapping of one software hypervisor, by start address.
+///
+/// Lock order: a VM's slots lock (memslots pin and unpin under it, fault
+/// paths drop regions under it), then `holds`, then `regions`.
 #[derive(Default)]
 pub(crate) struct HostRegistry {
     regions: RwLock<BTreeMap<u64, Weak<Region>>>,
     /// The VMs whose memslots may point at these mappings.
     vms: Mutex<Vec<Weak<VmInner>>>,
+    /// Mappings memslots point into, by start address: live, or dropped
+    /// and kept reserved while the memslots live.
+    holds: Mutex<BTreeMap<u64, Hold>>,
+}
+
+/// A mapping memslots hold.
+struct Hold {
+    end: u64,
+    /// Memslots whose userspace range lies in it.
+    pins: usize,
+    /// Its addresses once the mapping is gone.
+    reserved: Option<Reservation>,
+}
+
+/// A memslot's hold on the mapping its userspace range lies in; dropping it
+/// lets the addresses go once the mapping is gone too.
+pub(crate) struct HostPin {
+    registry: Weak<HostRegistry>,
+    start: u64,
+}
+
+impl Drop for HostPin {
+    fn drop(&mut self) {
+        let Some(registry) = self.registry.upgrade() else {
+            return;
+        };
+        let mut holds = registry.holds.lock();
+        if let Some(h) = holds.get_mut(&self.start) {
+            h.pins -= 1;
+            if h.pins == 0 {
+                // With it goes its reservation, if the mapping is gone.
+                holds.remove(&self.start);
+            }
+        }
+    }
 }
 
 impl HostRegistry {
@@ -186,6 +247,97 @@ impl HostRegistry {
         }
     }
 
+    /// A memslot's userspace range `[hva, hva + len)` is about to point into
+    /// memory: holds the mapping it lies in, live or kept reserved. `None`
+    /// when no one mapping (or reservation) holds the whole range: there is
+    /// nothing to keep.
+    pub(crate) fn pin(self: &Arc<Self>, hva: u64, len: u64) -> Option<HostPin> {
+        if hva == 0 || len == 0 {
+            return None;
+        }
+        let end = hva.checked_add(len)?;
+        let mut holds = self.holds.lock();
+        if let Some((&start, h)) = holds.range_mut(..=hva).next_back() {
+            if end <= h.end {
+                h.pins += 1;
+                return Some(HostPin {
+                    registry: Arc::downgrade(self),
+                    start,
+                });
+            }
+        }
+        let (region, offset) = self.lookup(hva, len)?;
+        let start = hva - offset;
+        holds.insert(
+            start,
+            Hold {
+                end: start + region.mmap.len(),
+                pins: 1,
+                reserved: None,
+            },
+        );
+        // The region may be the last reference by now, and its release
+        // takes `holds`.
+        drop(holds);
+        drop(region);
+        Some(HostPin {
+            registry: Arc::downgrade(self),
+            start,
+        })
+    }
+
+    /// The last reference to a mapping went: unmaps it, or keeps its
+    /// addresses while memslots point there. If the kernel refuses the
+    /// reservation the memory is kept instead: a leak, never an address a
+    /// memslot points at reused for other memory.
+    fn release(&self, mmap: Mmap) {
+        let mut holds = self.holds.lock();
+        match holds.get_mut(&mmap.addr()) {
+            Some(h) if h.pins > 0 && h.reserved.is_none() => {
+                h.reserved = mmap.into_reservation().map_err(std::mem::forget).ok();
+            }
+            _ => drop(mmap),
+        }
+    }
+
+    /// For each file page of `indices`, how many live host mappings of
+    /// `inode` map it (`folio_mapcount` without the guest's mappings).
+    fn mapcounts(&self, inode: &Arc<GmemInode>, indices: Range<u64>) -> crate::Result<Vec<usize>> {
+        let regions: Vec<Arc<Region>> = self
+            .regions
+            .read()
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect();
+        let mut counts = vec![0; (indices.end - indices.start) as usize];
+        for r in &regions {
+            let RegionKind::GuestMemfd {
+                inode: i, offset, ..
+            } = &r.kind
+            else {
+                continue;
+            };
+            if !Arc::ptr_eq(i, inode) {
+                continue;
+            }
+            let first = offset >> PAGE_SHIFT;
+            let last = first + r.mmap.len().div_ceil(1 << PAGE_SHIFT);
+            let (lo, hi) = (indices.start.max(first), indices.end.min(last));
+            if lo >= hi {
+                continue;
+            }
+            let nodes =
+                mempolicy::mapped_nodes(&page_addrs(r.mmap.addr(), lo - first..hi - first))?;
+            for (i, node) in (lo..hi).zip(nodes) {
+                counts[(i - indices.start) as usize] += usize::from(node.is_some());
+            }
+        }
+        // A region may be the last reference by now; none of its release's
+        // locks is held here.
+        drop(regions);
+        Ok(counts)
+    }
+
     /// The live mapping holding `[hva, hva + len)` and the offset of `hva`
     /// in it. The returned reference keeps the mapping alive for the access.
     pub(crate) fn lookup(&self, hva: u64, len: u64) -> Option<(Arc<Region>, u64)> {
@@ -195,6 +347,11 @@ impl HostRegistry {
         let offset = hva - start;
         (offset.checked_add(len)? <= region.mmap.len()).then_some((region, offset))
     }
+}
+
+/// The address of each page `pages` of the mapping at `addr`.
+fn page_addrs(addr: u64, pages: Range<u64>) -> Vec<u64> {
+    pages.map(|p| addr + (p << PAGE_SHIFT)).collect()
 }
 
 /// A registered mapping handed to the user: unregistered and unmapped on
@@ -212,13 +369,54 @@ impl SoftHostMemory {
         kind: RegionKind,
         file: Option<Arc<GmemFile>>,
     ) -> Self {
-        let region = Arc::new(Region { mmap, kind });
+        let region = Arc::new(Region {
+            mmap: ManuallyDrop::new(mmap),
+            kind,
+            registry: Arc::downgrade(registry),
+        });
         registry.insert(&region);
         SoftHostMemory {
             region,
             registry: registry.clone(),
             file,
         }
+    }
+
+    /// The pages of `pages` (page numbers of this mapping, which maps file
+    /// offset `base` at its start) that this mapping maps, with their node
+    /// and, with `need_mapcount`, how many host mappings of the file map
+    /// each. Only allocated file pages can be mapped, so only those are
+    /// asked about.
+    fn mapped_pages(
+        &self,
+        inode: &Arc<GmemInode>,
+        base: u64,
+        pages: Range<u64>,
+        need_mapcount: bool,
+    ) -> crate::Result<Vec<MappedPage>> {
+        let first = base >> PAGE_SHIFT;
+        let mut out = Vec::new();
+        for run in inode.allocated(first + pages.start..first + pages.end) {
+            let here = run.start - first..run.end - first;
+            let nodes = mempolicy::mapped_nodes(&page_addrs(self.addr(), here))?;
+            let counts = if need_mapcount {
+                self.registry.mapcounts(inode, run.clone())?
+            } else {
+                vec![1; nodes.len()]
+            };
+            out.extend(
+                nodes
+                    .into_iter()
+                    .zip(counts)
+                    .filter_map(|(node, mapcount)| {
+                        Some(MappedPage {
+                            node: node?,
+                            mapcount,
+                        })
+                    }),
+            );
+        }
+        Ok(out)
     }
 
     /// Raw pointer to the first byte, for device emulation and interop.
@@ -304,11 +502,22 @@ impl HostMemory for SoftHostMemory {
         let Some(request) = soft_mempolicy::check(offset, len, policy, flags)? else {
             return Ok(());
         };
+        // The page checks come first (`queue_pages_range`), on the pages
+        // this mapping maps: the store's mapping behind it maps exactly the
+        // pages a guest_memfd mapping would (touched through it, populated,
+        // reached by the guest through a memslot pointing at it).
+        let unmoved = if request.checks_pages() {
+            let need_mapcount = !flags.contains(MbindFlags::MOVE_ALL);
+            let mapped = self.mapped_pages(inode, *base, request.pages(), need_mapcount)?;
+            request.unmoved(&mapped)?
+        } else {
+            0
+        };
         let mut vma = vm_policy.lock();
         let mut shared = inode.policy.as_ref().map(|p| p.lock());
         if shared.is_some() {
             // shmem keeps it by file offset, as guest_memfd does since 6.19;
-            // page checks (STRICT, MOVE) are not modelled.
+            // the page checks were made above.
             mempolicy::mbind(
                 self.addr(),
                 self.len(),
@@ -319,7 +528,7 @@ impl HostMemory for SoftHostMemory {
             )?;
         }
         request.apply(&mut vma, shared.as_deref_mut(), base >> PAGE_SHIFT);
-        Ok(())
+        request.finish(unmoved)
     }
 
     fn get_mempolicy(&self, offset: u64) -> crate::Result<MemPolicy> {

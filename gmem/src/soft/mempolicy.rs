@@ -166,6 +166,20 @@ fn has_cap_sys_nice() -> bool {
 pub(crate) struct Request {
     pages: Range<u64>,
     new: Option<Mpol>,
+    /// The flags that look at pages; STRICT is dropped for default.
+    flags: MbindFlags,
+    /// The nodes as given, which `queue_pages_range` finds pages against
+    /// (`MPOL_MF_INVERT`): a page on no node of them is misplaced.
+    nodes: NodeMask,
+}
+
+/// A page the mapping maps, as `queue_folios_pte_range` sees it.
+pub(crate) struct MappedPage {
+    /// Its node.
+    pub(crate) node: u32,
+    /// How many host mappings map it (`folio_mapcount`); the guest's
+    /// mappings do not count.
+    pub(crate) mapcount: usize,
 }
 
 /// `kernel_mbind` and `do_mbind` up to the point where the range is
@@ -217,21 +231,86 @@ pub(crate) fn check(
     }
     let new = Mpol::new(policy, allowed_nodes()?)?;
     let first = offset >> PAGE_SHIFT;
+    let flags = if policy.mode == MpolMode::Default {
+        flags - MbindFlags::STRICT
+    } else {
+        flags
+    };
     Ok(Some(Request {
         pages: first..first + pages,
         new,
+        flags,
+        nodes: policy.nodes,
     }))
 }
 
 impl Request {
+    /// The mapping's pages it applies to.
+    pub(crate) fn pages(&self) -> Range<u64> {
+        self.pages.clone()
+    }
+
+    /// Does it look at the pages at all (`queue_pages_test_walk`: only to
+    /// check them, STRICT, or to move them)?
+    pub(crate) fn checks_pages(&self) -> bool {
+        self.flags
+            .intersects(MbindFlags::STRICT | MbindFlags::MOVE | MbindFlags::MOVE_ALL)
+    }
+
+    /// `queue_pages_range` over the pages the mapping maps, for a
+    /// guest_memfd mapping: how many misplaced pages could not be moved, or
+    /// `EIO` with STRICT alone, before anything changes. A misplaced page
+    /// is queued when MOVE_ALL, or MOVE and no other host mapping maps it
+    /// (`migrate_folio_add`; one it skips is no failure), and every queued
+    /// guest_memfd page fails to move: `move_to_new_folio` (mm/migrate.c)
+    /// refuses a folio of an inaccessible mapping with EOPNOTSUPP.
+    pub(crate) fn unmoved(&self, mapped: &[MappedPage]) -> Result<usize> {
+        let misplaced = mapped.iter().filter(|p| !self.nodes.contains(p.node));
+        if !self
+            .flags
+            .intersects(MbindFlags::MOVE | MbindFlags::MOVE_ALL)
+        {
+            // Strictly unmovable: the first misplaced page ends the walk.
+            if let Some(p) = misplaced.clone().next() {
+                refuse!(
+                    EIO,
+                    "NUMA-4",
+                    "mbind with STRICT: a page of the range is on node {}, which {}, and STRICT without MOVE moves nothing",
+                    p.node,
+                    if self.nodes.is_empty() {
+                        "the request names no node for".to_string()
+                    } else {
+                        format!("is not one of nodes {}", self.nodes)
+                    }
+                );
+            }
+            return Ok(0);
+        }
+        let all = self.flags.contains(MbindFlags::MOVE_ALL);
+        Ok(misplaced.filter(|p| all || p.mapcount <= 1).count())
+    }
+
+    /// `do_mbind`'s verdict once the policy is installed: pages that did
+    /// not move are EIO with STRICT (the policy stays).
+    pub(crate) fn finish(&self, unmoved: usize) -> Result<()> {
+        if unmoved > 0 && self.flags.contains(MbindFlags::STRICT) {
+            refuse!(
+                EIO,
+                "NUMA-4",
+                "mbind with STRICT: {unmoved} misplaced guest_memfd page(s) cannot move (the mapping is inaccessible to migration); the policy is installed"
+            );
+        }
+        Ok(())
+    }
+
     /// `mbind_range` and `vma_replace_policy` over the mapping's policies
     /// `vma` and, since 6.19, the inode's `shared`, whose index of the
     /// mapping's first page is `pgoff` (`mpol_set_shared_policy`). A piece of
     /// the mapping whose policy already equals the new one is left alone,
     /// its shared policy included: since 6.19, `default` through a new
     /// mapping does not clear the file's policy.
-    pub(crate) fn apply(self, vma: &mut Policies, mut shared: Option<&mut Policies>, pgoff: u64) {
-        let range = self.pages;
+    pub(crate) fn apply(&self, vma: &mut Policies, mut shared: Option<&mut Policies>, pgoff: u64) {
+        let range = self.pages.clone();
         let mut pieces = Vec::new();
         let mut at = range.start;
         for (r, p) in vma.overlapping(&range) {

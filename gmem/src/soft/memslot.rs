@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::guest_memfd::GmemInode;
+use super::host::HostPin;
 
 /// A memslot's guest_memfd binding.
 #[derive(Clone)]
@@ -18,7 +19,6 @@ pub(crate) struct GmemBinding {
 }
 
 /// One memslot.
-#[derive(Clone)]
 pub(crate) struct Memslot {
     pub(crate) id: u16,
     pub(crate) base_gfn: u64,
@@ -26,6 +26,9 @@ pub(crate) struct Memslot {
     pub(crate) flags: u32,
     pub(crate) userspace_addr: u64,
     pub(crate) gmem: Option<GmemBinding>,
+    /// The host mapping the userspace range lies in, held while the slot
+    /// lives (rule gmem-safety).
+    pub(crate) _host: Option<HostPin>,
 }
 
 impl Memslot {

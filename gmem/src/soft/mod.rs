@@ -81,7 +81,7 @@ impl SoftHypervisor {
         if size == 0 {
             refuse!(EINVAL, "MMAP-2", "host memory of size 0");
         }
-        let mmap = Mmap::anonymous(size)?;
+        let mmap = Mmap::host_memory(size)?;
         Ok(SoftHostMemory::new(
             &self.host,
             mmap,

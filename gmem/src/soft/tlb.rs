@@ -65,6 +65,10 @@
 //! Host memory that an ordinary slot points at is covered the same way: its
 //! unmapping invalidates every slot whose `userspace_addr` range it overlaps
 //! before the memory is unmapped (`kvm_mmu_notifier_invalidate_range_start`).
+//! The pages go, or give way to an inaccessible reservation of the same
+//! addresses while a slot points there (gmem-safety), only with the last
+//! reference to the mapping, which a fault path in progress holds: after
+//! the invalidation no cached entry and no new fill can reach them.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -214,29 +214,35 @@ impl SoftVcpu {
             return Ok(mmio());
         }
         let hva = slot.userspace_addr + ((gfn - slot.base_gfn) << PAGE_SHIFT) + offset;
-        // No host memory at the hva (or memory the host may not touch): as
-        // __kvm_mmu_faultin_pfn (arch/x86/kvm/mmu/mmu.c), whose
-        // __kvm_faultin_pfn -> hva_to_pfn (virt/kvm/kvm_main.c) gives
-        // KVM_PFN_ERR_FAULT, and kvm_handle_error_pfn returns a bare -EFAULT:
-        // KVM_RUN fails with EFAULT and no memory-fault exit is prepared.
-        let unmapped = || {
+        // An hva the host cannot fault in: nothing mapped there, or a mapping
+        // whose page fault raises SIGBUS (a guest_memfd page not shared with
+        // the host, MMAP-4 and CONV-6, or past the end of the file, MMAP-3).
+        // As __kvm_mmu_faultin_pfn (arch/x86/kvm/mmu/mmu.c): hva_to_pfn
+        // (virt/kvm/kvm_main.c) finds no VMA, or GUP fails with EFAULT (mm/gup.c
+        // faultin_page: VM_FAULT_SIGBUS) on a VMA that is neither VM_IO nor
+        // VM_PFNMAP, and gives KVM_PFN_ERR_FAULT; kvm_handle_error_pfn
+        // returns a bare -EFAULT: KVM_RUN fails with EFAULT and no
+        // memory-fault exit is prepared.
+        let unfaultable = |why: &dyn std::fmt::Display| {
             Error::new(
                 Errno::EFAULT,
                 "FAULT-3",
-                format!("gpa {gpa:#x} is served from hva {hva:#x}, where no host memory is mapped"),
+                format!(
+                    "gpa {gpa:#x} is served from hva {hva:#x}, which the host cannot fault in: {why}"
+                ),
             )
         };
         let (region, off) = self
             .vm
             .host
             .lookup(hva, buf.len() as u64)
-            .ok_or_else(unmapped)?;
+            .ok_or_else(|| unfaultable(&"no host memory is mapped there"))?;
         let done = if write {
             region.write(off, buf)
         } else {
             region.read(off, buf)
         };
-        done.map_err(|_| unmapped())?;
+        done.map_err(|f| unfaultable(&f))?;
         // Cache the whole pages of the mapping around this one. The pointer
         // outlives `region`: unmapping invalidates first (`soft::host`).
         let page_off = off - offset;

@@ -378,6 +378,7 @@ impl SoftVm {
             flags: mem.flags,
             userspace_addr: mem.userspace_addr,
             gmem: None,
+            _host: self.inner.host.pin(mem.userspace_addr, mem.memory_size),
         };
         if let Some(file) = &file {
             new.gmem = Some(self.bind(file, &new, as_id, mem.guest_memfd_offset)?);

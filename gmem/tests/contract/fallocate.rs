@@ -74,6 +74,100 @@ pub fn other_modes_are_eopnotsupp(hv: &dyn Hypervisor) {
     }
 }
 
+/// An offset whose sum with [`LEN`] passes 2^63 - 1, the largest file size.
+const HUGE_OFFSET: i64 = 0x7fff_ffff_ffff_f000;
+/// Two pages.
+const LEN: i64 = 2 * P as i64;
+
+/// FALLOC-1, FALLOC-2: `vfs_fallocate` checks the size (EFBIG) before it
+/// asks guest_memfd, so a mode that only guest_memfd refuses (no KEEP_SIZE,
+/// any mode but allocate and punch hole) is EFBIG when the sum overflows.
+pub fn efbig_comes_before_guest_memfds_own_mode_checks(hv: &dyn Hypervisor) {
+    let (_vm, file) = file(hv);
+    let modes = [
+        0,
+        KEEP,
+        PUNCH,
+        libc::FALLOC_FL_ZERO_RANGE,
+        libc::FALLOC_FL_ZERO_RANGE | KEEP,
+        libc::FALLOC_FL_UNSHARE_RANGE,
+        libc::FALLOC_FL_UNSHARE_RANGE | KEEP,
+        libc::FALLOC_FL_COLLAPSE_RANGE,
+        libc::FALLOC_FL_INSERT_RANGE,
+        FALLOC_FL_WRITE_ZEROES,
+    ];
+
+    for mode in modes {
+        let r = file.fallocate(mode, HUGE_OFFSET, LEN);
+
+        assert_refused(hv, r, Errno::EFBIG, "FALLOC-2");
+    }
+}
+
+/// FALLOC-1, FALLOC-2: the mode checks of `vfs_fallocate` come before the
+/// size: unknown bits, two modes at once, PUNCH_HOLE without KEEP_SIZE and
+/// the size-changing modes with it are EOPNOTSUPP whatever the range.
+pub fn vfs_mode_checks_come_before_efbig(hv: &dyn Hypervisor) {
+    let (_vm, file) = file(hv);
+    let modes = [
+        FALLOC_FL_PUNCH_HOLE,
+        libc::FALLOC_FL_COLLAPSE_RANGE | KEEP,
+        libc::FALLOC_FL_INSERT_RANGE | KEEP,
+        FALLOC_FL_WRITE_ZEROES | KEEP,
+        PUNCH | libc::FALLOC_FL_ZERO_RANGE,
+        0x04 | KEEP,
+        0x100 | KEEP,
+        -1,
+    ];
+
+    for mode in modes {
+        let r = file.fallocate(mode, HUGE_OFFSET, LEN);
+
+        assert_refused(hv, r, Errno::EOPNOTSUPP, "FALLOC-1");
+    }
+}
+
+/// FALLOC-2: a negative offset or a length of 0 is EINVAL before the mode
+/// is looked at.
+pub fn offset_and_length_come_before_the_mode(hv: &dyn Hypervisor) {
+    let (_vm, file) = file(hv);
+
+    for mode in [0, FALLOC_FL_PUNCH_HOLE, 0x100 | KEEP, -1] {
+        for (offset, len) in [(-(P as i64), P as i64), (0, 0), (HUGE_OFFSET, -1)] {
+            let r = file.fallocate(mode, offset, len);
+
+            assert_refused(hv, r, Errno::EINVAL, "FALLOC-2");
+        }
+    }
+}
+
+/// FALLOC-2: EFBIG comes before guest_memfd's alignment check.
+pub fn efbig_comes_before_alignment(hv: &dyn Hypervisor) {
+    let (_vm, file) = file(hv);
+
+    for (offset, len) in [(i64::MAX - 1, 2), (1, i64::MAX), (HUGE_OFFSET + 1, LEN)] {
+        let r = file.fallocate(KEEP, offset, len);
+
+        assert_refused(hv, r, Errno::EFBIG, "FALLOC-2");
+    }
+}
+
+/// FALLOC-1, FALLOC-2, FALLOC-3: guest_memfd's own checks run in order:
+/// KEEP_SIZE, then the mode, then alignment, then (allocate) the end of
+/// the file.
+pub fn guest_memfds_checks_run_in_order(hv: &dyn Hypervisor) {
+    let (_vm, file) = file(hv);
+    let past_end = SIZE as i64 + 1;
+
+    let no_keep = file.fallocate(0, 1, 1);
+    let zero = file.fallocate(libc::FALLOC_FL_ZERO_RANGE | KEEP, 1, 1);
+    let unaligned = file.fallocate(KEEP, past_end, P as i64);
+
+    assert_refused(hv, no_keep, Errno::EOPNOTSUPP, "FALLOC-1");
+    assert_refused(hv, zero, Errno::EOPNOTSUPP, "FALLOC-1");
+    assert_refused(hv, unaligned, Errno::EINVAL, "FALLOC-2");
+}
+
 /// FALLOC-2: a negative offset is EINVAL, for allocate and punch.
 pub fn negative_offset_is_einval(hv: &dyn Hypervisor) {
     let (_vm, file) = file(hv);

@@ -148,6 +148,7 @@ release_tests! {
     numa: [
         policy_belongs_to_the_mapping_before_6_19_and_to_the_file_since,
         default_through_a_new_mapping_keeps_the_files_policy,
+        strict_fails_on_a_mapped_page_that_cannot_move,
     ],
 }
 
@@ -275,6 +276,11 @@ contract_tests! {
         allocate_without_keep_size_is_eopnotsupp,
         punch_hole_without_keep_size_is_eopnotsupp,
         other_modes_are_eopnotsupp,
+        efbig_comes_before_guest_memfds_own_mode_checks,
+        vfs_mode_checks_come_before_efbig,
+        offset_and_length_come_before_the_mode,
+        efbig_comes_before_alignment,
+        guest_memfds_checks_run_in_order,
         negative_offset_is_einval,
         zero_or_negative_len_is_einval,
         unaligned_punch_hole_is_einval,
@@ -292,6 +298,8 @@ contract_tests! {
         mmap_without_the_mmap_flag_is_enodev,
         private_mapping_is_einval,
         mapping_longer_than_the_file_is_accepted,
+        mapping_covers_its_length_rounded_up_to_a_page,
+        host_memory_covers_its_length_rounded_up_to_a_page,
         touching_past_the_end_of_the_file_is_sigbus,
         touching_without_init_shared_is_sigbus,
         guest_reads_what_the_host_wrote,
@@ -383,6 +391,7 @@ contract_tests! {
         default_through_a_new_mapping_keeps_the_files_policy,
         mbind_arguments_are_checked_as_for_any_memory,
         get_mempolicy_reports_what_mbind_installed,
+        strict_fails_on_a_mapped_page_that_cannot_move,
     ],
     caps: [
         guest_memfd_capabilities_are_reported,

@@ -46,6 +46,44 @@ pub fn mapping_longer_than_the_file_is_accepted(hv: &dyn Hypervisor) {
     assert_eq!(ok(r, "mmap 4 pages of a 1-page file").len(), 4 * P);
 }
 
+/// MMAP-2: a mapping covers its length rounded up to a whole page, as the
+/// kernel's VMA does: `len()` says so, the last byte of that page can be
+/// written and read back, another mapping sees it, and the next byte is
+/// outside the mapping.
+pub fn mapping_covers_its_length_rounded_up_to_a_page(hv: &dyn Hypervisor) {
+    let Some((_vm, file)) = file_with_flags(hv, 4 * P, MMAP_SHARED) else {
+        return;
+    };
+    let short = ok(file.mmap(0, 1, MapKind::Shared), "mmap 1 byte");
+    let whole = ok(file.mmap(0, P, MapKind::Shared), "mmap 1 page");
+
+    let written = short.write(P - 1, &[0x5a]);
+    let mut seen = [0; 2];
+    let read_back = short.read(P - 1, &mut seen[..1]);
+    let other = whole.read(P - 1, &mut seen[1..]);
+    let past = short.write(P, &[1]);
+
+    assert_eq!(short.len(), P);
+    assert_eq!((written, read_back, other), (Ok(()), Ok(()), Ok(())));
+    assert_eq!(seen, [0x5a, 0x5a]);
+    assert!(
+        matches!(past, Err(HostFault::OutOfRange { size, .. }) if size == P),
+        "{past:?}"
+    );
+}
+
+/// MMAP-2: host memory, too, covers whole pages.
+pub fn host_memory_covers_its_length_rounded_up_to_a_page(hv: &dyn Hypervisor) {
+    let mem = ok(hv.host_memory(P + 1), "host memory of P + 1 bytes");
+
+    let written = mem.write(2 * P - 1, &[7]);
+    let mut b = [0];
+    let read_back = mem.read(2 * P - 1, &mut b);
+
+    assert_eq!(mem.len(), 2 * P);
+    assert_eq!((written, read_back, b), (Ok(()), Ok(()), [7]));
+}
+
 /// MMAP-3: touching a mapping past the end of the file is SIGBUS, while
 /// the part inside the file works (guest_memfd_test).
 pub fn touching_past_the_end_of_the_file_is_sigbus(hv: &dyn Hypervisor) {

@@ -193,3 +193,53 @@ pub fn get_mempolicy_reports_what_mbind_installed(hv: &dyn Hypervisor) {
         assert_eq!(policy(&*m, 0), reported, "after mbind {set}");
     }
 }
+
+/// NUMA-4: with STRICT, mbind walks the pages the mapping maps. A page on
+/// no node of the request (local names none) is EIO and nothing changes;
+/// with MOVE a guest_memfd page never moves (an inaccessible mapping's
+/// folios do not migrate), so STRICT|MOVE is EIO after the policy is
+/// installed, and MOVE alone is no error. A page that only another mapping
+/// maps is not this mapping's.
+pub fn strict_fails_on_a_mapped_page_that_cannot_move(hv: &dyn Hypervisor) {
+    let Some((_vm, g)) = shared_file(hv, 4 * P) else {
+        return skip("guest_memfd without MMAP and INIT_SHARED");
+    };
+    let m = ok(g.mmap(0, 4 * P, MapKind::Shared), "mmap m");
+    let other = ok(g.mmap(0, 4 * P, MapKind::Shared), "mmap other");
+    let local = MemPolicy::new(MpolMode::Local, NodeMask::NONE);
+    let anywhere = MemPolicy::new(MpolMode::Bind, ok(mems_allowed(), "mems_allowed"));
+    let (strict, moving) = (MbindFlags::STRICT, MbindFlags::MOVE);
+    ok(
+        m.mbind(0, P, local, strict),
+        "strict over a page never mapped",
+    );
+    m.write(P, &[1]).expect("touch page 1");
+    assert_refused(hv, m.mbind(P, P, local, strict), Errno::EIO, "NUMA-4");
+    assert_eq!(policy(&*m, P), MemPolicy::default(), "EIO installs nothing");
+    ok(
+        m.mbind(P, P, anywhere, strict),
+        "strict over the nodes the page may be on",
+    );
+    ok(
+        m.mbind(P, P, local, moving),
+        "move: the page stays, no error",
+    );
+    ok(
+        m.mbind(P, P, MemPolicy::default(), MbindFlags::empty()),
+        "reset",
+    );
+    assert_refused(
+        hv,
+        m.mbind(P, P, local, strict | moving),
+        Errno::EIO,
+        "NUMA-4",
+    );
+    assert_eq!(policy(&*m, P), local, "installed before the move failed");
+    other
+        .write(2 * P, &[2])
+        .expect("touch page 2 through other");
+    ok(
+        m.mbind(2 * P, P, local, strict),
+        "a page only another mapping maps",
+    );
+}
