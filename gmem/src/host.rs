@@ -155,12 +155,16 @@ impl Mmap {
 
     /// The mapping of [`Mmap::shared`] inside a reservation of `len` plus a
     /// huge page, at its first huge-page boundary; `None` when there is no
-    /// room, and the caller maps as usual (and sees the kernel's errors).
+    /// room for the reservation, and the caller maps as usual (and sees the
+    /// kernel's errors).
     fn map_hpage_aligned(fd: BorrowedFd<'_>, offset: i64, len: u64) -> Option<Result<Mmap>> {
         let ulen = usize::try_from(len.checked_next_multiple_of(PAGE_SIZE)?).ok()?;
         let hpage = HPAGE_SIZE as usize;
-        let Ok(reserved) = Self::map(
+        // An inaccessible reservation of the length plus a huge page, which
+        // only this function knows of.
+        let Ok(reserved) = Self::map_prot(
             ulen.checked_add(hpage)? as u64,
+            libc::PROT_NONE,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
             None,
             0,
@@ -178,34 +182,33 @@ impl Mmap {
                 unsafe { libc::munmap(at as *mut libc::c_void, n) };
             }
         };
-        // Map the file at the first huge-page boundary of the reservation,
-        // into a hole made for it, without replacing whatever might take the
-        // hole first; then give back the slack on both sides.
+        // Map the file over the reservation at its first huge-page
+        // boundary: MAP_FIXED replaces our own pages atomically, so no other
+        // thread's mapping can take the place in between; then give back
+        // the slack on both sides.
         let aligned = start.next_multiple_of(hpage);
-        give_back(aligned, ulen);
-        // SAFETY: MAP_FIXED_NOREPLACE never replaces a mapping: it fails
-        // with EEXIST if the hole is no longer free.
+        // SAFETY: [aligned, aligned + ulen) lies inside the reservation
+        // (it is a huge page longer than ulen), which nothing else uses.
         let ptr = unsafe {
             libc::mmap(
                 aligned as *mut libc::c_void,
                 ulen,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_FIXED_NOREPLACE,
+                libc::MAP_SHARED | libc::MAP_FIXED,
                 fd.as_raw_fd(),
                 offset,
             )
         };
-        let errno = nix::errno::Errno::last();
+        if ptr == libc::MAP_FAILED {
+            let errno = nix::errno::Errno::last();
+            give_back(start, total);
+            return Some(Err(Error::kernel(
+                errno,
+                format_args!("mmap of {len:#x} bytes at offset {offset:#x}"),
+            )));
+        }
         give_back(start, aligned - start);
         give_back(aligned + ulen, start + total - (aligned + ulen));
-        if ptr == libc::MAP_FAILED {
-            return (errno != nix::errno::Errno::EEXIST).then(|| {
-                Err(Error::kernel(
-                    errno,
-                    format_args!("mmap of {len:#x} bytes at offset {offset:#x}"),
-                ))
-            });
-        }
         Some(Ok(Mmap {
             ptr: NonNull::new(ptr.cast()).expect("a mapping at a non-null hint is not NULL"),
             len: ulen,
