@@ -21,6 +21,9 @@
 
 use std::sync::Arc;
 
+#[path = "common/skips.rs"]
+mod skips;
+
 use gmem::fuzz::coverage::OPERATIONS;
 use gmem::fuzz::exec::{FindingKind, Verdict};
 use gmem::fuzz::{Campaign, Config, Limits, Mode};
@@ -128,8 +131,7 @@ fn fixed_seed_programs_run_cleanly() {
     }
 
     // Both backends, where the kernel's is there.
-    if !std::path::Path::new("/dev/kvm").exists() {
-        eprintln!("skip: the fuzz run on both backends needs /dev/kvm");
+    if skips::no_kvm() {
         return;
     }
     let mut c = Campaign::new(Config {
@@ -152,7 +154,10 @@ fn fixed_seed_programs_run_cleanly() {
         .iter()
         .any(|b| b.seen_on.contains(&kernel));
     if !recorded {
-        eprintln!("skip: the regression seeds on both backends need a kernel departures.toml records (this is {kernel})");
+        skips::skip(format!(
+            "the regression seeds on both backends need a kernel departures.toml records \
+             (this is {kernel})"
+        ));
         return;
     }
     let mut c = Campaign::new(Config::default()).expect("the KVM backend opens");

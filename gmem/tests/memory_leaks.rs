@@ -6,7 +6,8 @@
 #[path = "common/leaks.rs"]
 mod leaks;
 
-use std::path::Path;
+#[path = "common/skips.rs"]
+mod skips;
 
 use gmem::memory::{BackingRequest, GuestAddress, GuestRange, Layout, MemoryManager, PageState};
 use gmem::soft::SoftHypervisor;
@@ -69,7 +70,7 @@ fn managers_of_every_backing_leak_no_fd_and_no_mapping() {
         Box::new(SoftHypervisor::new().unwrap()),
         Box::new(SoftHypervisor::with_profile(Release::Next).unwrap()),
     ];
-    if Path::new("/dev/kvm").exists() {
+    if !skips::no_kvm() {
         backends.push(Backend::Kvm.open().unwrap());
     }
     let requests = [
