@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use crate::hypervisor::Hypervisor;
 use crate::scenario::ast::{Op, Outcome, Scenario};
+use crate::scenario::report::op_text;
 use crate::scenario::run::{run, ScenarioRun};
 use crate::Backend;
 
@@ -707,38 +708,22 @@ impl Finding {
                 reference,
                 subject,
                 ..
-            } => {
-                let text = self
-                    .program
-                    .lines
-                    .get(*index)
-                    .map_or("", |l| l.text.as_str());
-                format!(
-                    "line {}: `{}`: soft {}, kvm {}",
-                    self.program.lines.get(*index).map_or(0, |l| l.line),
-                    strip_outcome(text),
-                    show(reference),
-                    show(subject)
-                )
-            }
+            } => format!(
+                "{}: soft {}, kvm {}",
+                self.line_label(*index),
+                show(reference),
+                show(subject)
+            ),
             FindingKind::Model {
                 index,
                 expected,
                 actual,
                 rule,
-            } => {
-                let text = self
-                    .program
-                    .lines
-                    .get(*index)
-                    .map_or("", |l| l.text.as_str());
-                format!(
-                    "line {}: `{}`: the model says {expected} ({rule}), soft gives {}",
-                    self.program.lines.get(*index).map_or(0, |l| l.line),
-                    strip_outcome(text),
-                    show(actual)
-                )
-            }
+            } => format!(
+                "{}: the model says {expected} ({rule}), soft gives {}",
+                self.line_label(*index),
+                show(actual)
+            ),
             FindingKind::Panic { backend, message } => format!("{backend} panicked: {message}"),
             FindingKind::Hang { backend, waited } => {
                 format!("{backend} did not finish within {:.0?}", waited)
@@ -748,15 +733,18 @@ impl Finding {
             }
         }
     }
+
+    /// `line N: `op``: where in the program, the line without its outcome.
+    fn line_label(&self, index: usize) -> String {
+        let line = self.program.lines.get(index);
+        let op = op_text(line.map_or("", |l| l.text.as_str()));
+        format!("line {}: `{op}`", line.map_or(0, |l| l.line))
+    }
 }
 
 /// An outcome as a scenario writes it, or `not run`.
 pub fn show(o: &Option<Outcome>) -> String {
     o.map_or_else(|| "not run".to_string(), |o| o.to_string())
-}
-
-fn strip_outcome(text: &str) -> &str {
-    text.split("=>").next().unwrap_or(text).trim()
 }
 
 /// What one program came to.

@@ -840,7 +840,7 @@ pub fn wrap(first: &str, text: &str, indent: usize) -> String {
 }
 
 /// The operation part of a line (without `=> outcome`).
-fn op_text(text: &str) -> &str {
+pub(crate) fn op_text(text: &str) -> &str {
     text.split("=>").next().unwrap_or(text).trim()
 }
 
