@@ -1,6 +1,7 @@
 //! The per-vCPU translation cache: what the kernel's stage-2 page tables are
-//! to a hardware vCPU, a small set of gfn ranges with the host address they
-//! map to, their permission and their private/shared state.
+//! to a hardware vCPU, a small set of gfn ranges, each uniform in
+//! private/shared state, with the host address they map to and their
+//! permission.
 //!
 //! A guest access that hits the cache takes no lock and writes no cache
 //! line another thread writes: it bumps its own vCPU's access epoch (a cache
@@ -181,16 +182,6 @@ impl Reader {
     }
 }
 
-/// Whether a cached range was private or shared when it was filled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Share {
-    /// Served from the bound guest_memfd as private memory.
-    Private,
-    /// Served as shared memory: from the file of a guest_memfd-only slot,
-    /// or from the host memory at the slot's `userspace_addr`.
-    Shared,
-}
-
 /// One cached translation: `npages` gfns from `gfn`, contiguous in host
 /// memory from `hva`, all with the same permission and private/shared
 /// state. Filled only by the fault path; see the module docs for why it is
@@ -201,10 +192,6 @@ pub(crate) struct Translation {
     pub(crate) npages: u64,
     pub(crate) hva: *mut u8,
     pub(crate) writable: bool,
-    /// Not read on the hot path; kept so that state that decides where an
-    /// access goes joins the entry that caches it.
-    #[allow(dead_code)]
-    pub(crate) share: Share,
 }
 
 impl Translation {
@@ -213,7 +200,6 @@ impl Translation {
         npages: 0,
         hva: std::ptr::null_mut(),
         writable: false,
-        share: Share::Shared,
     };
 
     /// The host address of byte `gpa`, which lies in this entry.

@@ -12,7 +12,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::tlb::{self, Reader, Share, Tlb, Translation, LOOP_CHUNK};
+use super::tlb::{self, Reader, Tlb, Translation, LOOP_CHUNK};
 use super::vm::VmInner;
 use crate::error::{Errno, Error, Result};
 use crate::hypervisor::{GuestLoop, GuestOp, LoopExit, Vcpu, VcpuExit};
@@ -200,11 +200,6 @@ impl SoftVcpu {
                     npages: hi - lo,
                     hva: page.wrapping_sub(((gfn - lo) << PAGE_SHIFT) as usize),
                     writable: true,
-                    share: if private {
-                        Share::Private
-                    } else {
-                        Share::Shared
-                    },
                 },
             );
             return Ok(None);
@@ -259,7 +254,6 @@ impl SoftVcpu {
                     npages: hi - lo,
                     hva: page.wrapping_sub(((gfn - lo) << PAGE_SHIFT) as usize),
                     writable,
-                    share: Share::Shared,
                 },
             );
         }
