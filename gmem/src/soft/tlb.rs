@@ -71,6 +71,7 @@
 //! reference to the mapping, which a fault path in progress holds: after
 //! the invalidation no cached entry and no new fill can reach them.
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -287,13 +288,31 @@ impl Tlb {
         self.entries = [Translation::EMPTY; ENTRIES];
     }
 
-    /// Caches `t`, filled while `mmu_invalidate_seq` was `seq`.
-    pub(crate) fn insert(&mut self, seq: u64, t: Translation) {
+    /// Caches the gfns in `gfns`, which the host maps contiguously around
+    /// `gfn`, whose page is at `page`; filled while `mmu_invalidate_seq` was
+    /// `seq`. Nothing when `gfns` ends at or before `gfn` (the host memory
+    /// is not cacheable there).
+    pub(crate) fn insert(
+        &mut self,
+        seq: u64,
+        gfn: u64,
+        page: *mut u8,
+        gfns: Range<u64>,
+        writable: bool,
+    ) {
+        if gfns.end <= gfn {
+            return;
+        }
         if seq != self.seq {
             self.flush();
             self.seq = seq;
         }
-        self.entries[self.next] = t;
+        self.entries[self.next] = Translation {
+            gfn: gfns.start,
+            npages: gfns.end - gfns.start,
+            hva: page.wrapping_sub(((gfn - gfns.start) << PAGE_SHIFT) as usize),
+            writable,
+        };
         self.next = (self.next + 1) % ENTRIES;
     }
 }

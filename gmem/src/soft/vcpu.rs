@@ -12,7 +12,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::tlb::{self, Reader, Tlb, Translation, LOOP_CHUNK};
+use super::tlb::{self, Reader, Tlb, LOOP_CHUNK};
 use super::vm::VmInner;
 use crate::error::{Errno, Error, Result};
 use crate::hypervisor::{GuestLoop, GuestOp, LoopExit, Vcpu, VcpuExit};
@@ -173,6 +173,11 @@ impl SoftVcpu {
             let indices = inode.private_run(to_index(gfn), to_index(run.start)..to_index(run.end));
             run = indices.start - pgoff + slot.base_gfn..indices.end - pgoff + slot.base_gfn;
         }
+        // The gfns of the run that the host memory holding gfn's page maps
+        // contiguously: `before` pages below it and `after` from it on.
+        let around = |before: u64, after: u64| {
+            run.start.max(gfn.saturating_sub(before))..run.end.min(gfn.saturating_add(after))
+        };
         let gmem_only = slot.gmem.as_ref().is_some_and(|g| g.gmem_only);
         if private || gmem_only {
             // FAULT-3: served from the file. FAULT-4: no binding; FAULT-6:
@@ -191,17 +196,8 @@ impl SoftVcpu {
             // slot holds under the slots lock; the invalidate lock keeps
             // punch hole out for the access, which stays inside the page.
             unsafe { copy(page.add(offset as usize), buf, write) };
-            let lo = run.start.max(gfn.saturating_sub(index - window.start));
-            let hi = run.end.min(gfn.saturating_add(window.end - index));
-            self.tlb.insert(
-                seq,
-                Translation {
-                    gfn: lo,
-                    npages: hi - lo,
-                    hva: page.wrapping_sub(((gfn - lo) << PAGE_SHIFT) as usize),
-                    writable: true,
-                },
-            );
+            let gfns = around(index - window.start, window.end - index);
+            self.tlb.insert(seq, gfn, page, gfns, true);
             return Ok(None);
         }
         let writable = slot.flags & KVM_MEM_READONLY == 0;
@@ -243,20 +239,9 @@ impl SoftVcpu {
         let page_off = off - offset;
         let before = page_off >> PAGE_SHIFT;
         let after = (region.cacheable_len().max(page_off) - page_off) >> PAGE_SHIFT;
-        let lo = run.start.max(gfn.saturating_sub(before));
-        let hi = run.end.min(gfn.saturating_add(after));
-        if hi > gfn {
-            let page = region.mmap.as_ptr().wrapping_add(page_off as usize);
-            self.tlb.insert(
-                seq,
-                Translation {
-                    gfn: lo,
-                    npages: hi - lo,
-                    hva: page.wrapping_sub(((gfn - lo) << PAGE_SHIFT) as usize),
-                    writable,
-                },
-            );
-        }
+        let page = region.mmap.as_ptr().wrapping_add(page_off as usize);
+        self.tlb
+            .insert(seq, gfn, page, around(before, after), writable);
         drop(state);
         Ok(None)
     }
