@@ -8,6 +8,9 @@ use gmem::soft::{InvalidateCause, Invalidation, InvalidationObserver, SoftHyperv
 use gmem::uapi::*;
 use gmem::{GuestMemfd, GuestOp, Hypervisor, MapKind, Result, Vcpu, VcpuExit, Vm};
 
+mod common;
+use common::say;
+
 /// What caused an invalidation, in words.
 fn cause(c: InvalidateCause) -> &'static str {
     match c {
@@ -37,21 +40,6 @@ fn show(exit: VcpuExit) -> String {
         }
         other => format!("{other:?}"),
     }
-}
-
-/// `label` then `text`, wrapped to 100 columns, further lines indented.
-fn say(label: &str, text: &str) {
-    let mut line = label.to_string();
-    for word in text.split(' ') {
-        if line.len() + 1 + word.len() > 100 && !line.trim().is_empty() {
-            println!("{line}");
-            line = "    ".into();
-        } else if !line.ends_with(' ') && !line.is_empty() {
-            line.push(' ');
-        }
-        line.push_str(word);
-    }
-    println!("{line}");
 }
 
 /// A one-byte guest load at `gpa`, shown as the value or the exit.

@@ -16,20 +16,8 @@ use gmem::memory::{
 use gmem::vm_memory::{self, Bytes, GuestMemoryBackend};
 use gmem::{Backend, GuestLoop, GuestOp};
 
-/// `label` then `text`, wrapped to 100 columns, further lines indented.
-fn say(label: &str, text: &str) {
-    let mut line = label.to_string();
-    for word in text.split(' ') {
-        if line.len() + 1 + word.len() > 100 && !line.trim().is_empty() {
-            println!("{line}");
-            line = "    ".into();
-        } else if !line.ends_with(' ') && !line.is_empty() {
-            line.push(' ');
-        }
-        line.push_str(word);
-    }
-    println!("{line}");
-}
+mod common;
+use common::say;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let backend = match std::env::args().nth(1).as_deref() {
