@@ -185,6 +185,20 @@ pub fn user_region(
     }
 }
 
+/// A `KVM_SET_USER_MEMORY_REGION` request as the v2 request the kernel
+/// reads it into: v1 is v2's prefix, the rest zero (`kvm_vm_ioctl`,
+/// virt/kvm/kvm_main.c).
+pub fn region2_from_v1(region: kvm_userspace_memory_region) -> kvm_userspace_memory_region2 {
+    kvm_userspace_memory_region2 {
+        slot: region.slot,
+        flags: region.flags,
+        guest_phys_addr: region.guest_phys_addr,
+        memory_size: region.memory_size,
+        userspace_addr: region.userspace_addr,
+        ..Default::default()
+    }
+}
+
 /// A request deleting `slot` (memory_size 0).
 pub fn delete_region(slot: u32) -> kvm_userspace_memory_region2 {
     kvm_userspace_memory_region2 {

@@ -30,8 +30,9 @@ use crate::hypervisor::{
 use crate::mempolicy::{MbindFlags, MemPolicy};
 use crate::uapi::{
     kvm_create_guest_memfd, kvm_memory_attributes, kvm_memory_attributes2, kvm_pre_fault_memory,
-    kvm_userspace_memory_region, kvm_userspace_memory_region2, GUEST_MEMFD_FLAG_MMAP,
-    KVM_MEM_GUEST_MEMFD, KVM_MEM_READONLY, KVM_X86_DEFAULT_VM, PAGE_SHIFT, PAGE_SIZE,
+    kvm_userspace_memory_region, kvm_userspace_memory_region2, region2_from_v1,
+    GUEST_MEMFD_FLAG_MMAP, KVM_MEM_GUEST_MEMFD, KVM_MEM_READONLY, KVM_X86_DEFAULT_VM, PAGE_SHIFT,
+    PAGE_SIZE,
 };
 
 /// One change to the fault path that a departing kernel makes.
@@ -370,14 +371,7 @@ impl Vm for EmVm {
 
     fn set_user_memory_region(&self, region: kvm_userspace_memory_region) -> Result<()> {
         self.inner.set_user_memory_region(region)?;
-        self.record(&kvm_userspace_memory_region2 {
-            slot: region.slot,
-            flags: region.flags,
-            guest_phys_addr: region.guest_phys_addr,
-            memory_size: region.memory_size,
-            userspace_addr: region.userspace_addr,
-            ..Default::default()
-        });
+        self.record(&region2_from_v1(region));
         Ok(())
     }
 

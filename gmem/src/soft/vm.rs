@@ -727,14 +727,7 @@ impl Vm for SoftVm {
                 region.flags
             );
         }
-        self.set_memory_region(&kvm_userspace_memory_region2 {
-            slot: region.slot,
-            flags: region.flags,
-            guest_phys_addr: region.guest_phys_addr,
-            memory_size: region.memory_size,
-            userspace_addr: region.userspace_addr,
-            ..Default::default()
-        })
+        self.set_memory_region(&region2_from_v1(region))
     }
 
     fn set_user_memory_region2(&self, region: kvm_userspace_memory_region2) -> Result<()> {
