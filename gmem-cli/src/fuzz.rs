@@ -10,31 +10,47 @@ use gmem::fuzz::exec::Verdict;
 use gmem::fuzz::minimize::Budget;
 use gmem::fuzz::{Campaign, Config, Limits, Mode};
 use gmem::scenario::report::os_error;
+use gmem::Release;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::Which;
+
 /// What `gmem fuzz` was asked to do.
+#[derive(Debug, clap::Args)]
 pub struct Args {
-    /// First program seed; program `i` uses `seed + i`.
-    pub seed: Option<u64>,
-    /// Stop after this long.
-    pub time: Option<Duration>,
+    /// Seed of the first program; program i uses SEED + i (default: from the clock).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop after this long: 60s, 5m, 1h (default 60s unless --runs is given).
+    #[arg(long, value_parser = parse_duration)]
+    time: Option<Duration>,
     /// Stop after this many programs.
-    pub runs: Option<u64>,
-    /// Backends.
-    pub mode: Mode,
-    /// Where to write minimized findings.
-    pub out: Option<PathBuf>,
-    /// Every difference counts, even one the running kernel's known
-    /// departures explain.
-    pub ignore_departures: bool,
-    /// Memory one program may make the host commit.
-    pub max_memory: u64,
+    #[arg(long)]
+    runs: Option<u64>,
+    /// soft: the software backend against a simple model; kvm: the kernel
+    /// alone (panics, hangs, leaks); both: the two compared line by line.
+    #[arg(long, value_enum, default_value_t = Which::Both)]
+    backend: Which,
+    /// Write each minimized finding here as a .gmem file.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Count every difference, even one the running kernel's known
+    /// departures explain (to rediscover them).
+    #[arg(long)]
+    ignore_departures: bool,
+    /// Memory one program may make the host commit (file pages, host writes).
+    #[arg(long, default_value = "32M", value_parser = parse_size)]
+    max_memory: u64,
     /// Operation lines per program at most.
-    pub max_lines: usize,
+    #[arg(long, default_value_t = 40)]
+    max_lines: usize,
     /// Time to minimize one finding at most.
-    pub minimize_time: Duration,
-    /// The kernel release the software backend follows.
-    pub profile: Option<gmem::Release>,
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    minimize_time: Duration,
+    /// Run the software backend as this kernel release behaves
+    /// (6.18, 6.19, 7.0, 7.1, 7.2, next; default 6.18).
+    #[arg(long, value_name = "RELEASE")]
+    profile: Option<Release>,
 }
 
 /// Parses `60s`, `2m`, `1h`, `500ms` or plain seconds.
@@ -90,8 +106,13 @@ pub fn fuzz(a: Args) -> ExitCode {
         (None, None) => Some(Duration::from_secs(60)),
         (t, _) => t,
     };
+    let mode = match a.backend {
+        Which::Soft => Mode::Soft,
+        Which::Kvm => Mode::Kvm,
+        Which::Both => Mode::Both,
+    };
     let config = Config {
-        mode: a.mode,
+        mode,
         limits: Limits {
             max_lines: a.max_lines.max(4),
             memory: a.max_memory,
@@ -102,7 +123,7 @@ pub fn fuzz(a: Args) -> ExitCode {
             time: a.minimize_time,
             ..Budget::default()
         },
-        soft_release: a.profile.unwrap_or(gmem::Release::DEFAULT),
+        soft_release: a.profile.unwrap_or(Release::DEFAULT),
         known_departures: !a.ignore_departures,
     };
     let mut c = match Campaign::new(config) {
@@ -118,7 +139,7 @@ pub fn fuzz(a: Args) -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    let backends = match a.mode {
+    let backends = match mode {
         Mode::Both => "soft and kvm, compared",
         Mode::Soft => "soft, against the model",
         Mode::Kvm => "kvm",
@@ -216,7 +237,7 @@ pub fn fuzz(a: Args) -> ExitCode {
             4
         )
     );
-    if a.mode == Mode::Both {
+    if mode == Mode::Both {
         let shown = c.known_departures();
         let text = format!(
             "  known departures: {}",

@@ -108,33 +108,7 @@ enum Command {
         profile: Option<Release>,
     },
     /// Draw a memory layout: ranges, memslots, files and offsets, states, holes.
-    Map {
-        /// RAM size placed around the 32-bit hole (ignored with --ram): bytes,
-        /// or with K, M, G or T: 512M, 6G.
-        #[arg(long, default_value = "6G", value_parser = run::parse_size)]
-        memory: u64,
-        /// An explicit RAM range GPA:SIZE (repeat for more).
-        #[arg(long, value_parser = run::parse_range)]
-        ram: Vec<gmem::memory::GuestRange>,
-        /// One guest_memfd per RAM range instead of one per VM.
-        #[arg(long)]
-        file_per_range: bool,
-        /// Where to build the layout.
-        #[arg(long, value_enum, default_value_t = run::BackendChoice::Soft)]
-        backend: run::BackendChoice,
-        /// Backing mode to ask for.
-        #[arg(long, value_enum, default_value_t = run::BackingChoice::Auto)]
-        backing: run::BackingChoice,
-        /// Convert GPA:SIZE to private before drawing (repeat for more).
-        #[arg(long, value_parser = run::parse_range)]
-        private: Vec<gmem::memory::GuestRange>,
-        /// Also write the picture as SVG to FILE.
-        #[arg(long, value_name = "FILE")]
-        svg: Option<PathBuf>,
-        /// Run the software backend as this kernel release (`next`: in-place conversion).
-        #[arg(long, value_name = "RELEASE")]
-        profile: Option<Release>,
-    },
+    Map(map::MapArgs),
     /// Show the host's KVM guest_memfd support (or the software backend's),
     /// and the known departures from upstream its probes find.
     Caps {
@@ -162,41 +136,7 @@ enum Command {
     },
     /// Run random scenarios on the software backend and the kernel; minimize
     /// each difference (and each panic, hang or leak) into a scenario file.
-    Fuzz {
-        /// Seed of the first program; program i uses SEED + i (default: from the clock).
-        #[arg(long)]
-        seed: Option<u64>,
-        /// Stop after this long: 60s, 5m, 1h (default 60s unless --runs is given).
-        #[arg(long, value_parser = fuzz::parse_duration)]
-        time: Option<Duration>,
-        /// Stop after this many programs.
-        #[arg(long)]
-        runs: Option<u64>,
-        /// soft: the software backend against a simple model; kvm: the kernel
-        /// alone (panics, hangs, leaks); both: the two compared line by line.
-        #[arg(long, value_enum, default_value_t = Which::Both)]
-        backend: Which,
-        /// Write each minimized finding here as a .gmem file.
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// Count every difference, even one the running kernel's known
-        /// departures explain (to rediscover them).
-        #[arg(long)]
-        ignore_departures: bool,
-        /// Memory one program may make the host commit (file pages, host writes).
-        #[arg(long, default_value = "32M", value_parser = fuzz::parse_size)]
-        max_memory: u64,
-        /// Operation lines per program at most.
-        #[arg(long, default_value_t = 40)]
-        max_lines: usize,
-        /// Time to minimize one finding at most.
-        #[arg(long, default_value = "30s", value_parser = fuzz::parse_duration)]
-        minimize_time: Duration,
-        /// Run the software backend as this kernel release behaves
-        /// (6.18, 6.19, 7.0, 7.1, 7.2, next; default 6.18).
-        #[arg(long, value_name = "RELEASE")]
-        profile: Option<Release>,
-    },
+    Fuzz(fuzz::Args),
 }
 
 /// Backend choice for `check` and `fuzz`.
@@ -278,24 +218,7 @@ fn main() -> ExitCode {
             backing,
             profile,
         } => run::run(memory, vcpus, max_memory, (backend, profile), backing),
-        Command::Map {
-            memory,
-            ram,
-            file_per_range,
-            backend,
-            backing,
-            private,
-            svg,
-            profile,
-        } => map::map(map::MapArgs {
-            memory,
-            ram,
-            file_per_range,
-            backend: (backend, profile),
-            backing,
-            private,
-            svg,
-        }),
+        Command::Map(args) => map::map(args),
         Command::Caps { backend, json } => caps::caps(
             match backend {
                 One::Soft => Backend::Soft,
@@ -305,33 +228,7 @@ fn main() -> ExitCode {
             corpus::FILES,
         ),
         Command::Bench { json, out, quick } => bench::bench(quick, json, out),
-        Command::Fuzz {
-            seed,
-            time,
-            runs,
-            backend,
-            out,
-            ignore_departures,
-            max_memory,
-            max_lines,
-            minimize_time,
-            profile,
-        } => fuzz::fuzz(fuzz::Args {
-            seed,
-            time,
-            runs,
-            mode: match backend {
-                Which::Soft => gmem::fuzz::Mode::Soft,
-                Which::Kvm => gmem::fuzz::Mode::Kvm,
-                Which::Both => gmem::fuzz::Mode::Both,
-            },
-            out,
-            ignore_departures,
-            max_memory,
-            max_lines,
-            minimize_time,
-            profile,
-        }),
+        Command::Fuzz(args) => fuzz::fuzz(args),
     }
 }
 

@@ -3,14 +3,19 @@
 //! private and shared ranges, holes; as text, and as SVG with `--svg`.
 
 use std::fmt::Write as _;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use gmem::memory::{
     human_bytes, BackingMode, GuestRange, Layout, LayoutBuilder, MemoryManager, PageState,
 };
 
-use crate::run::{check_memory, manager, open, wrap, BackingChoice, Failed, Where};
+use crate::run::{
+    check_memory, manager, open, parse_range, parse_size, wrap, BackendChoice, BackingChoice,
+    Failed,
+};
 use gmem::scenario::report::os_error;
+use gmem::Release;
 
 /// What one row of the map is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -644,21 +649,33 @@ fn svg(mm: &MemoryManager, backend: &str) -> String {
 }
 
 /// What `gmem map` draws.
+#[derive(Debug, clap::Args)]
 pub struct MapArgs {
-    /// RAM size placed the default way (when `ram` is empty).
-    pub memory: u64,
-    /// Explicit RAM ranges.
-    pub ram: Vec<GuestRange>,
-    /// One guest_memfd per range.
-    pub file_per_range: bool,
-    /// Where to build it.
-    pub backend: Where,
-    /// Backing to ask for.
-    pub backing: BackingChoice,
-    /// Ranges converted to private before drawing.
-    pub private: Vec<GuestRange>,
-    /// Where to write the SVG.
-    pub svg: Option<std::path::PathBuf>,
+    /// RAM size placed around the 32-bit hole (ignored with --ram): bytes,
+    /// or with K, M, G or T: 512M, 6G.
+    #[arg(long, default_value = "6G", value_parser = parse_size)]
+    memory: u64,
+    /// An explicit RAM range GPA:SIZE (repeat for more).
+    #[arg(long, value_parser = parse_range)]
+    ram: Vec<GuestRange>,
+    /// One guest_memfd per RAM range instead of one per VM.
+    #[arg(long)]
+    file_per_range: bool,
+    /// Where to build the layout.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Soft)]
+    backend: BackendChoice,
+    /// Backing mode to ask for.
+    #[arg(long, value_enum, default_value_t = BackingChoice::Auto)]
+    backing: BackingChoice,
+    /// Convert GPA:SIZE to private before drawing (repeat for more).
+    #[arg(long, value_parser = parse_range)]
+    private: Vec<GuestRange>,
+    /// Also write the picture as SVG to FILE.
+    #[arg(long, value_name = "FILE")]
+    svg: Option<PathBuf>,
+    /// Run the software backend as this kernel release (`next`: in-place conversion).
+    #[arg(long, value_name = "RELEASE")]
+    profile: Option<Release>,
 }
 
 /// `gmem map`.
@@ -673,7 +690,7 @@ fn map_inner(args: MapArgs) -> Result<(), Failed> {
     if args.ram.is_empty() {
         check_memory(args.memory, None)?;
     }
-    let hv = open(args.backend).map_err(Failed::Input)?;
+    let hv = open((args.backend, args.profile)).map_err(Failed::Input)?;
     let mut builder: LayoutBuilder = Layout::builder()
         .file_per_range(args.file_per_range)
         .backing(args.backing.request());
