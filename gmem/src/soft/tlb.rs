@@ -259,10 +259,7 @@ impl Tlb {
     #[inline(never)]
     fn lookup_slow(&mut self, gpa: u64, write: bool) -> Option<*mut u8> {
         let gfn = gpa >> PAGE_SHIFT;
-        let e = self
-            .entries
-            .iter()
-            .find(|e| gfn.wrapping_sub(e.gfn) < e.npages && (e.writable || !write))?;
+        let e = self.entry(gfn, write)?;
         self.page_gfn = gfn;
         self.page_hva = e.hva_of(gfn << PAGE_SHIFT);
         self.page_writable = e.writable;
@@ -273,13 +270,18 @@ impl Tlb {
     /// of the entry that holds it, if an entry holds its gfn and allows the
     /// access: what a guest loop may walk through one lookup.
     pub(crate) fn lookup_run(&self, gpa: u64, write: bool) -> Option<(*mut u8, u64)> {
-        let gfn = gpa >> PAGE_SHIFT;
-        let e = self
-            .entries
-            .iter()
-            .find(|e| gfn.wrapping_sub(e.gfn) < e.npages && (e.writable || !write))?;
+        let e = self.entry(gpa >> PAGE_SHIFT, write)?;
         let end = (e.gfn + e.npages) << PAGE_SHIFT;
         Some((e.hva_of(gpa), end.wrapping_sub(gpa)))
+    }
+
+    /// The entry that holds `gfn` and allows the access.
+    #[inline(always)]
+    fn entry(&self, gfn: u64, write: bool) -> Option<Translation> {
+        self.entries
+            .iter()
+            .find(|e| gfn.wrapping_sub(e.gfn) < e.npages && (e.writable || !write))
+            .copied()
     }
 
     /// Forgets every entry.
