@@ -278,37 +278,11 @@ pub trait Vcpu: Send {
         let mut mismatches = 0u64;
         let mut off = 0;
         while off < len {
-            let at = gpa + off;
-            let exit = match op {
-                GuestLoop::Fill { seed, .. } => self.run(GuestOp::Write {
-                    gpa: at,
-                    size: 8,
-                    value: GuestLoop::pattern(at, seed),
-                })?,
-                GuestLoop::Verify { seed, .. } => {
-                    let exit = self.run(GuestOp::Read { gpa: at, size: 8 })?;
-                    if let VcpuExit::Done(v) = exit {
-                        mismatches += u64::from(v != GuestLoop::pattern(at, seed));
-                    }
-                    exit
-                }
-                GuestLoop::Touch { write: false, .. } => {
-                    self.run(GuestOp::Read { gpa: at, size: 8 })?
-                }
-                GuestLoop::Touch { write: true, .. } => {
-                    match self.run(GuestOp::Read { gpa: at, size: 8 })? {
-                        VcpuExit::Done(v) => self.run(GuestOp::Write {
-                            gpa: at,
-                            size: 8,
-                            value: v,
-                        })?,
-                        exit => exit,
-                    }
-                }
-            };
+            let (exit, differs) = op.run_step(self, gpa + off)?;
             if !matches!(exit, VcpuExit::Done(_)) {
                 return Ok(LoopExit { done: off, exit });
             }
+            mismatches += differs;
             off += step;
         }
         Ok(LoopExit {
@@ -395,6 +369,46 @@ impl GuestLoop {
             }
         }
         op
+    }
+
+    /// The loop's access at `at` as single [`Vcpu::run`] operations: the
+    /// exit, and 1 when a verify finds a word that differs from the
+    /// pattern.
+    pub(crate) fn run_step<V: Vcpu + ?Sized>(
+        &self,
+        vcpu: &mut V,
+        at: u64,
+    ) -> Result<(VcpuExit, u64)> {
+        let read = GuestOp::Read { gpa: at, size: 8 };
+        Ok(match *self {
+            GuestLoop::Fill { seed, .. } => (
+                vcpu.run(GuestOp::Write {
+                    gpa: at,
+                    size: 8,
+                    value: GuestLoop::pattern(at, seed),
+                })?,
+                0,
+            ),
+            GuestLoop::Verify { seed, .. } => match vcpu.run(read)? {
+                VcpuExit::Done(v) => (
+                    VcpuExit::Done(v),
+                    u64::from(v != GuestLoop::pattern(at, seed)),
+                ),
+                exit => (exit, 0),
+            },
+            GuestLoop::Touch { write: false, .. } => (vcpu.run(read)?, 0),
+            GuestLoop::Touch { write: true, .. } => match vcpu.run(read)? {
+                VcpuExit::Done(v) => (
+                    vcpu.run(GuestOp::Write {
+                        gpa: at,
+                        size: 8,
+                        value: v,
+                    })?,
+                    0,
+                ),
+                exit => (exit, 0),
+            },
+        })
     }
 
     /// Refuses a range the loop cannot walk: unaligned to its step, or

@@ -354,42 +354,6 @@ impl SoftVcpu {
         Some((len, differ))
     }
 
-    /// One step of a guest loop at `at` as single accesses, as the
-    /// contract's default loop performs it: through the fault path, which
-    /// fills the cache for the next steps.
-    fn loop_step(&mut self, op: GuestLoop, at: u64) -> Result<(VcpuExit, u64)> {
-        let read = GuestOp::Read { gpa: at, size: 8 };
-        Ok(match op {
-            GuestLoop::Fill { seed, .. } => (
-                self.run(GuestOp::Write {
-                    gpa: at,
-                    size: 8,
-                    value: GuestLoop::pattern(at, seed),
-                })?,
-                0,
-            ),
-            GuestLoop::Verify { seed, .. } => match self.run(read)? {
-                VcpuExit::Done(v) => (
-                    VcpuExit::Done(0),
-                    u64::from(v != GuestLoop::pattern(at, seed)),
-                ),
-                exit => (exit, 0),
-            },
-            GuestLoop::Touch { write: false, .. } => (self.run(read)?, 0),
-            GuestLoop::Touch { write: true, .. } => match self.run(read)? {
-                VcpuExit::Done(v) => (
-                    self.run(GuestOp::Write {
-                        gpa: at,
-                        size: 8,
-                        value: v,
-                    })?,
-                    0,
-                ),
-                exit => (exit, 0),
-            },
-        })
-    }
-
     /// The rest of a page of a guest loop (`[at, at + len)`), whose first
     /// step took the fault path and left nothing in the cache: memory that
     /// is never cached (host memory reached through a guest_memfd mapping,
@@ -552,7 +516,9 @@ impl Vcpu for SoftVcpu {
                 continue;
             }
             let in_page = (PAGE_SIZE - (at & (PAGE_SIZE - 1))).min(len - off);
-            match self.loop_step(op, at)? {
+            // One step as single accesses, through the fault path, which
+            // fills the cache for the next steps.
+            match op.run_step(self, at)? {
                 (VcpuExit::Done(_), n) => differ += n,
                 (exit, _) => return Ok(LoopExit { done: off, exit }),
             }
