@@ -148,6 +148,15 @@ fn thread_cpu_time() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
+/// The first (at most 8) bytes of an MMIO write's data as a little-endian
+/// value, zero-extended.
+fn le_u64(data: &[u8]) -> u64 {
+    let mut v = [0u8; 8];
+    let n = data.len().min(8);
+    v[..n].copy_from_slice(&data[..n]);
+    u64::from_le_bytes(v)
+}
+
 impl KvmVcpu {
     pub(crate) fn new(
         mut fd: VcpuFd,
@@ -335,19 +344,11 @@ impl KvmVcpu {
     /// One KVM_RUN, its outcome copied out of kvm_run.
     fn run_once(&mut self) -> Result<Raw> {
         match self.fd.run() {
-            Ok(KvmExit::MmioWrite(DOORBELL_GPA, data)) => {
-                let mut v = [0u8; 8];
-                let n = data.len().min(8);
-                v[..n].copy_from_slice(&data[..n]);
-                Ok(Raw::Done(u64::from_le_bytes(v)))
-            }
+            Ok(KvmExit::MmioWrite(DOORBELL_GPA, data)) => Ok(Raw::Done(le_u64(data))),
             Ok(KvmExit::IoOut(port, _)) | Ok(KvmExit::IoIn(port, _)) => Ok(Raw::Io(port)),
             Ok(KvmExit::MmioRead(gpa, data)) => Ok(Raw::Mmio(gpa, false, data.len() as u8, 0)),
             Ok(KvmExit::MmioWrite(gpa, data)) => {
-                let mut v = [0u8; 8];
-                let n = data.len().min(8);
-                v[..n].copy_from_slice(&data[..n]);
-                Ok(Raw::Mmio(gpa, true, n as u8, u64::from_le_bytes(v)))
+                Ok(Raw::Mmio(gpa, true, data.len().min(8) as u8, le_u64(data)))
             }
             Ok(KvmExit::Hypercall(h)) => {
                 // The VMM's answer to the guest: nothing converted, success.
