@@ -8,10 +8,10 @@
 use std::fmt::Write as _;
 
 use crate::scenario::ast::{FdRef, FileOp, Line, Op, Outcome, Region, Scenario, Userspace};
+use crate::scenario::parse::{GMEM_FLAGS, MBIND_FLAGS, SLOT_FLAGS};
 use crate::uapi::{
-    CAPS, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, GUEST_MEMFD_FLAG_INIT_SHARED,
-    GUEST_MEMFD_FLAG_MMAP, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEM_GUEST_MEMFD,
-    KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_X86_DEFAULT_VM, KVM_X86_SW_PROTECTED_VM,
+    CAPS, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, KVM_MEMORY_ATTRIBUTE_PRIVATE,
+    KVM_X86_DEFAULT_VM, KVM_X86_SW_PROTECTED_VM,
 };
 
 /// The whole file: `require` lines, then one line per operation, each with
@@ -277,8 +277,6 @@ pub fn print_op(op: &Op) -> String {
     s
 }
 
-const MBIND_FLAGS: &[(&str, u64)] = &[("strict", 1), ("move", 2), ("move_all", 4)];
-
 fn attributes_text(a: u64) -> String {
     match a {
         0 => "shared".to_string(),
@@ -333,16 +331,6 @@ fn region(w: &mut String, r: &Region) {
         w.push_str(" ioctl=v1");
     }
 }
-
-const GMEM_FLAGS: &[(&str, u64)] = &[
-    ("mmap", GUEST_MEMFD_FLAG_MMAP),
-    ("init_shared", GUEST_MEMFD_FLAG_INIT_SHARED),
-];
-const SLOT_FLAGS: &[(&str, u64)] = &[
-    ("guest_memfd", KVM_MEM_GUEST_MEMFD as u64),
-    ("readonly", KVM_MEM_READONLY as u64),
-    ("log_dirty", KVM_MEM_LOG_DIRTY_PAGES as u64),
-];
 
 /// Known bits by name, the rest as one hex number: `mmap|init_shared|0x10`.
 fn flag_text(v: u64, names: &[(&str, u64)]) -> String {

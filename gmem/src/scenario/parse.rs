@@ -1089,16 +1089,17 @@ impl Parser<'_> {
     }
 }
 
-const GMEM_FLAGS: &[(&str, u64)] = &[
+// The flag names a scenario writes; the fuzzer's printer writes the same.
+pub(crate) const GMEM_FLAGS: &[(&str, u64)] = &[
     ("mmap", GUEST_MEMFD_FLAG_MMAP),
     ("init_shared", GUEST_MEMFD_FLAG_INIT_SHARED),
 ];
-const SLOT_FLAGS: &[(&str, u64)] = &[
+pub(crate) const SLOT_FLAGS: &[(&str, u64)] = &[
     ("guest_memfd", KVM_MEM_GUEST_MEMFD as u64),
     ("readonly", KVM_MEM_READONLY as u64),
     ("log_dirty", KVM_MEM_LOG_DIRTY_PAGES as u64),
 ];
-const MBIND_FLAGS: &[(&str, u64)] = &[("strict", 1), ("move", 2), ("move_all", 4)];
+pub(crate) const MBIND_FLAGS: &[(&str, u64)] = &[("strict", 1), ("move", 2), ("move_all", 4)];
 
 fn node_list(cx: &LineCx, t: Tok) -> PResult<NodeMask> {
     t.text.parse().map_err(|e: String| {
