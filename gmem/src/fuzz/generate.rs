@@ -23,6 +23,7 @@ use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
 
 use crate::hypervisor::Hypervisor;
+use crate::kvm::guest::{SETUP_GPA, SETUP_SIZE, SETUP_SLOT};
 use crate::scenario::ast::{FdRef, FileOp, Line, Op, Outcome, Region, Scenario, Userspace};
 use crate::uapi::{
     CAPS, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, GUEST_MEMFD_FLAG_INIT_SHARED,
@@ -36,9 +37,9 @@ use crate::uapi::{
 const P: u64 = PAGE_SIZE;
 
 /// The KVM backend's reserved guest physical range (rule `KVM-SETUP`).
-pub const KVM_SETUP_GPA: std::ops::Range<u64> = 0xE000_0000..0xE040_0000;
+pub const KVM_SETUP_GPA: std::ops::Range<u64> = SETUP_GPA..SETUP_GPA + SETUP_SIZE;
 /// The KVM backend's reserved slot (rule `KVM-SETUP`).
-pub const KVM_SETUP_SLOT: u32 = 32700;
+pub const KVM_SETUP_SLOT: u32 = SETUP_SLOT;
 /// Guest accesses stay below this when the KVM backend runs them: every
 /// x86-64 CPU has a MAXPHYADDR of at least 36 bits.
 pub const KVM_GUEST_GPA_LIMIT: u64 = 1 << 36;

@@ -20,15 +20,12 @@ use crate::uapi::{
     kvm_userspace_memory_region, kvm_userspace_memory_region2, KVM_CAP_EXIT_HYPERCALL,
     KVM_CAP_GUEST_MEMFD_FLAGS, KVM_CAP_MEMORY_ATTRIBUTES, KVM_CAP_MULTI_ADDRESS_SPACE,
     KVM_CAP_VM_TYPES, KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_ENCRYPTED, KVM_MEM_GUEST_MEMFD,
-    KVM_MEM_LOG_DIRTY_PAGES, PAGE_SHIFT, PAGE_SIZE,
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_MAX_NR_PAGES, PAGE_SHIFT, PAGE_SIZE,
 };
 
 /// The most a `host_write` copies at once: a longer one is done in pieces,
 /// so that the runner's own buffer stays this small whatever `len` says.
 const HOST_WRITE_CHUNK: usize = 1 << 20;
-
-/// The most pages a memslot may have (`KVM_MEM_MAX_NR_PAGES` on x86).
-const KVM_MEM_MAX_NR_PAGES: u64 = (1 << 31) - 1;
 
 /// `guest_memfd=closed`: a number no process has open (above any fd limit).
 pub const CLOSED_FD: u32 = i32::MAX as u32;
