@@ -86,23 +86,13 @@ fn lives_in(mode: BackingMode, kind: Kind) -> &'static str {
 
 /// The map as text, 100 columns at most.
 fn text(mm: &MemoryManager, backend: &str) -> String {
-    let layout = mm.layout();
     let b = mm.backing();
-    let files = if b.mode == BackingMode::Anonymous {
-        0
-    } else {
-        layout.files().len()
-    };
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "gmem map: {} of RAM in {} range{}, {} memslot{}, {files} guest_memfd file{} ({backend} backend)",
-        human_bytes(layout.size()),
-        layout.ranges().len(),
-        plural(layout.ranges().len()),
-        layout.slots().len(),
-        plural(layout.slots().len()),
-        plural(files),
+        "gmem map: {} of RAM in {} ({backend} backend)",
+        human_bytes(mm.layout().size()),
+        counts(mm)
     );
     let _ = writeln!(
         out,
@@ -133,6 +123,27 @@ fn text(mm: &MemoryManager, backend: &str) -> String {
         let _ = writeln!(out, "{}", line.trim_end());
     }
     out
+}
+
+/// The guest_memfd files behind the layout: none on anonymous backing.
+fn file_count(mm: &MemoryManager) -> usize {
+    if mm.backing().mode == BackingMode::Anonymous {
+        0
+    } else {
+        mm.layout().files().len()
+    }
+}
+
+/// `N ranges, M memslots, F guest_memfd files`: what the map shows.
+fn counts(mm: &MemoryManager) -> String {
+    let layout = mm.layout();
+    let (ranges, slots, files) = (layout.ranges().len(), layout.slots().len(), file_count(mm));
+    format!(
+        "{ranges} range{}, {slots} memslot{}, {files} guest_memfd file{}",
+        plural(ranges),
+        plural(slots),
+        plural(files)
+    )
 }
 
 fn plural(n: usize) -> &'static str {
@@ -344,13 +355,12 @@ fn svg(mm: &MemoryManager, backend: &str) -> String {
     let b = mm.backing();
     let rows = rows(mm);
     let xs = xs(&rows, layout.size());
-    let has_files = b.mode != BackingMode::Anonymous;
     let host_lane = matches!(b.mode, BackingMode::Split | BackingMode::Anonymous);
     let (y_host, y_gpa) = (96.0, if host_lane { 200.0 } else { 110.0 });
     let lane_h = 46.0;
     let y_file0 = y_gpa + lane_h + 120.0;
     let file_pitch = 130.0;
-    let nfiles = if has_files { layout.files().len() } else { 0 };
+    let nfiles = file_count(mm);
     let y_legend = y_file0 + nfiles as f64 * file_pitch + 10.0;
     let height = y_legend + 110.0;
     let mut s = String::new();
@@ -360,18 +370,13 @@ fn svg(mm: &MemoryManager, backend: &str) -> String {
 <defs><pattern id="hatch" width="8" height="8" patternUnits="userSpaceOnUse" patternTransform="rotate(45)"><rect width="8" height="8" fill="#e0e0e0"/><line x1="0" y1="0" x2="0" y2="8" stroke="#9e9e9e" stroke-width="2"/></pattern></defs>
 <rect width="100%" height="100%" fill="white"/>"##
     );
-    let files = if has_files { layout.files().len() } else { 0 };
     let _ = writeln!(
         s,
         r#"<text x="{LEFT}" y="28" font-size="17" font-weight="bold">{}</text>"#,
         esc(&format!(
-            "{} of RAM: {} range{}, {} memslot{}, {files} guest_memfd file{}",
+            "{} of RAM: {}",
             human_bytes(layout.size()),
-            layout.ranges().len(),
-            plural(layout.ranges().len()),
-            layout.slots().len(),
-            plural(layout.slots().len()),
-            plural(files)
+            counts(mm)
         ))
     );
     let _ = writeln!(
