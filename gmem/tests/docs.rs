@@ -216,28 +216,28 @@ fn cited_rule_ids(src: &str) -> BTreeSet<String> {
     ids
 }
 
+/// The list the parser's hint for the unknown `line` gives after `prefix`.
+fn parser_hint_list(line: &str, prefix: &str) -> String {
+    let errs = gmem::scenario::parse("probe.gmem", &format!("{line}\n"))
+        .expect_err("an unknown name must not parse")
+        .0;
+    let hint = &errs[0].hint;
+    hint.strip_prefix(prefix)
+        .unwrap_or_else(|| panic!("the parser's hint no longer starts `{prefix}`: {hint}"))
+        .to_string()
+}
+
 /// The operations the scenario parser accepts, from the hint it gives for
 /// an unknown operation.
 fn parser_operations() -> Vec<String> {
-    let errs = gmem::scenario::parse("probe.gmem", "no_such_operation_xyz\n")
-        .expect_err("an unknown operation must not parse")
-        .0;
-    let hint = &errs[0].hint;
-    let list = hint
-        .strip_prefix("operations: ")
-        .unwrap_or_else(|| panic!("the parser's hint no longer lists the operations: {hint}"));
+    let list = parser_hint_list("no_such_operation_xyz", "operations: ");
     list.split(", ").map(|s| s.trim().to_string()).collect()
 }
 
 /// The `require` kinds the parser accepts, from its hint for an unknown one.
 fn parser_require_kinds() -> Vec<String> {
-    let errs = gmem::scenario::parse("probe.gmem", "require no_such_kind_xyz\n")
-        .expect_err("an unknown requirement must not parse")
-        .0;
-    let hint = &errs[0].hint;
-    let list = hint
-        .strip_prefix("require takes ")
-        .unwrap_or_else(|| panic!("the parser's hint no longer lists the kinds: {hint}"));
+    let list = parser_hint_list("require no_such_kind_xyz", "require takes ");
+    let list = list.as_str();
     // "..., or any capability name (pre_fault_memory, ...)": the named
     // kinds, then the capability names the examples give.
     let (kinds, caps) = list
