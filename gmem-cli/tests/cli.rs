@@ -32,6 +32,14 @@ fn json(o: &Output) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&o.stdout)))
 }
 
+/// Every line of `out` fits 100 columns; `what` printed it.
+fn assert_fits_100_columns(out: &str, what: &str) {
+    for l in out.lines() {
+        let n = l.chars().count();
+        assert!(n <= 100, "{what}: {n} columns: {l}");
+    }
+}
+
 /// A folder of its own under cargo's temporary folder for tests (not /tmp),
 /// removed when the test ends.
 struct Dir(PathBuf);
@@ -255,13 +263,7 @@ fn max_memory_help_states_the_default() {
 fn check_rows_fit_100_columns() {
     let o = gmem(&["check", "--backend", "soft"]);
     assert!(o.status.success());
-    for l in text(&o.stdout).lines() {
-        assert!(
-            l.chars().count() <= 100,
-            "{} columns: {l}",
-            l.chars().count()
-        );
-    }
+    assert_fits_100_columns(&text(&o.stdout), "gmem check");
 }
 
 #[test]
@@ -317,9 +319,7 @@ fn caps_json_is_keyed_by_capability_name() {
 fn caps_lines_fit_100_columns() {
     for backend in ["soft", "kvm"] {
         let o = gmem(&["caps", "--backend", backend]);
-        for l in text(&o.stdout).lines() {
-            assert!(l.chars().count() <= 100, "{backend}: {l}");
-        }
+        assert_fits_100_columns(&text(&o.stdout), &format!("gmem caps --backend {backend}"));
     }
 }
 
@@ -527,13 +527,7 @@ fn failures_under_a_long_path_fit_100_columns() {
     assert_eq!(o.status.code(), Some(1));
     let out = text(&o.stdout);
     assert!(out.contains("Failures:"), "{out}");
-    for l in out.lines() {
-        assert!(
-            l.chars().count() <= 100,
-            "{} columns: {l}",
-            l.chars().count()
-        );
-    }
+    assert_fits_100_columns(&out, "gmem check");
 }
 
 #[test]
@@ -563,13 +557,7 @@ fn fuzz_summary_lines_fit_100_columns() {
         "--out",
         d.path(),
     ]);
-    for l in text(&o.stdout).lines() {
-        assert!(
-            l.chars().count() <= 100,
-            "{} columns: {l}",
-            l.chars().count()
-        );
-    }
+    assert_fits_100_columns(&text(&o.stdout), "gmem fuzz");
     assert!(text(&o.stdout).contains("operations reached"));
 }
 
@@ -585,8 +573,6 @@ fn every_help_fits_100_columns() {
     for cmd in ["check", "run", "map", "caps", "bench", "fuzz"] {
         let o = gmem(&[cmd, "--help"]);
         assert!(o.status.success(), "{cmd}");
-        for l in text(&o.stdout).lines() {
-            assert!(l.chars().count() <= 100, "{cmd}: {l}");
-        }
+        assert_fits_100_columns(&text(&o.stdout), &format!("gmem {cmd} --help"));
     }
 }
