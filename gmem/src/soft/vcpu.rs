@@ -246,6 +246,8 @@ impl SoftVcpu {
         Ok(None)
     }
 
+    /// A guest load or store that the cache did not serve ([`Vcpu::run`]
+    /// tried it first): the checks, then the fault path for each page.
     fn access(&mut self, gpa: u64, size: u8, value: Option<u64>) -> Result<VcpuExit> {
         if !matches!(size, 1 | 2 | 4 | 8) {
             refuse!(
@@ -261,23 +263,11 @@ impl SoftVcpu {
                 "guest access at {gpa:#x} wraps the address space"
             );
         };
-        if gpa >> PAGE_SHIFT == last >> PAGE_SHIFT {
-            if let Some(v) = self.cached(gpa, size as usize, value) {
-                return Ok(VcpuExit::Done(v));
-            }
-        }
-        self.access_slow(gpa, size, value)
-    }
-
-    /// An access the cache did not serve; `access` checked its width and
-    /// that it does not wrap.
-    #[inline(never)]
-    fn access_slow(&mut self, gpa: u64, size: u8, value: Option<u64>) -> Result<VcpuExit> {
         let write = value.is_some();
         let mut bytes = value.unwrap_or(0).to_le_bytes();
         let buf = &mut bytes[..size as usize];
         // An access that crosses a page is two accesses, as on hardware.
-        let split = if gpa >> PAGE_SHIFT != (gpa + (size as u64 - 1)) >> PAGE_SHIFT {
+        let split = if gpa >> PAGE_SHIFT != last >> PAGE_SHIFT {
             (PAGE_SIZE - (gpa & (PAGE_SIZE - 1))) as usize
         } else {
             buf.len()
