@@ -33,6 +33,9 @@ pub const KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES: u32 = 250;
 pub const KVM_SET_MEMORY_ATTRIBUTES2: u64 =
     iowr(0xd2, std::mem::size_of::<kvm_memory_attributes2>());
 
+/// `KVM_PRE_FAULT_MEMORY`, a vCPU ioctl (kvm-ioctls has no wrapper).
+pub const KVM_PRE_FAULT_MEMORY: u64 = iowr(0xd5, std::mem::size_of::<kvm_pre_fault_memory>());
+
 /// `_IOWR(KVMIO, nr, size)`.
 const fn iowr(nr: u64, size: usize) -> u64 {
     const KVMIO: u64 = 0xAE;
@@ -81,6 +84,8 @@ pub const KVM_MAP_GPA_RANGE_ENCRYPTED: u64 = 1 << 4;
 pub const KVM_MAP_GPA_RANGE_PAGE_SZ_4K: u64 = 0;
 /// What a hypercall returns to the guest when KVM does not handle it.
 pub const KVM_ENOSYS: u64 = 1000;
+/// What a hypercall with bad arguments returns to the guest (negated).
+pub const KVM_EINVAL: u64 = 22;
 
 /// `KVM_SET_USER_MEMORY_REGION`'s request number, `_IOW(KVMIO, 0x46, struct
 /// kvm_userspace_memory_region)`: kvm-ioctls keeps its own private.

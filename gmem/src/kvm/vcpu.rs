@@ -458,16 +458,12 @@ impl Vcpu for KvmVcpu {
                 "KVM_PRE_FAULT_MEMORY: not supported by this host (KVM_CAP_PRE_FAULT_MEMORY is 0)",
             ));
         }
-        const KVM_PRE_FAULT_MEMORY: u64 = (3 << 30)
-            | ((std::mem::size_of::<kvm_bindings::kvm_pre_fault_memory>() as u64) << 16)
-            | (0xAE << 8)
-            | 0xd5;
         // SAFETY: the ioctl reads and writes exactly one kvm_pre_fault_memory,
         // which `range` is, on the vCPU fd we own.
         let r = unsafe {
             libc::ioctl(
                 std::os::fd::AsRawFd::as_raw_fd(&self.fd),
-                KVM_PRE_FAULT_MEMORY as _,
+                crate::uapi::KVM_PRE_FAULT_MEMORY as _,
                 range as *mut kvm_bindings::kvm_pre_fault_memory,
             )
         };

@@ -17,12 +17,9 @@ use super::vm::VmInner;
 use crate::error::{Errno, Error, Result};
 use crate::hypervisor::{GuestLoop, GuestOp, LoopExit, Vcpu, VcpuExit};
 use crate::refuse;
-
-/// What a hypercall with bad arguments returns to the guest (negated).
-const KVM_EINVAL: u64 = 22;
 use crate::uapi::{
-    kvm_pre_fault_memory, KVM_ENOSYS, KVM_HC_MAP_GPA_RANGE, KVM_MEMORY_EXIT_FLAG_PRIVATE,
-    KVM_MEM_READONLY, PAGE_SHIFT, PAGE_SIZE,
+    kvm_pre_fault_memory, KVM_EINVAL, KVM_ENOSYS, KVM_HC_MAP_GPA_RANGE,
+    KVM_MEMORY_EXIT_FLAG_PRIVATE, KVM_MEM_READONLY, PAGE_SHIFT, PAGE_SIZE,
 };
 
 /// A software vCPU: performs each [`GuestOp`] as the guest would.
