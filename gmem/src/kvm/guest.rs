@@ -212,7 +212,7 @@ impl Code {
     pub(crate) fn assemble(amd: bool) -> Result<Code> {
         let mut a = CodeAssembler::new(64).map_err(asm_err)?;
         let e = |r: std::result::Result<(), iced_x86::IcedError>| r.map_err(asm_err);
-        let mut labels: Vec<CodeLabel> = (0..15).map(|_| a.create_label()).collect();
+        let mut labels: Vec<CodeLabel> = (0..14).map(|_| a.create_label()).collect();
         // Loads, zero-extended into rax, which is the result.
         e(a.set_label(&mut labels[0]))?;
         e(a.movzx(eax, byte_ptr(rdi)))?;
@@ -283,7 +283,6 @@ impl Code {
         e(a.jnz(labels[13]))?;
         e(a.mov(qword_ptr(r15), rbx))?;
         // Never reached: every path above ends at the doorbell.
-        e(a.set_label(&mut labels[14]))?;
         e(a.hlt())?;
         let res = a
             .assemble_options(
