@@ -74,12 +74,9 @@ struct Armed {
     deadline: Option<Instant>,
 }
 
-#[derive(Debug, Default)]
-struct Entry(Mutex<Armed>);
-
 #[derive(Default)]
 struct Watchdog {
-    entries: Mutex<Vec<Weak<Entry>>>,
+    entries: Mutex<Vec<Weak<Mutex<Armed>>>>,
     parked: AtomicBool,
     wake_lock: Mutex<()>,
     wake: Condvar,
@@ -135,7 +132,7 @@ impl Watchdog {
             let Some(entry) = weak.upgrade() else {
                 return false;
             };
-            let armed = entry.0.lock();
+            let armed = entry.lock();
             if let Some(deadline) = armed.deadline {
                 any = true;
                 if now >= deadline {
@@ -155,11 +152,11 @@ impl Watchdog {
 
 /// A vCPU's registration with the watchdog.
 #[derive(Debug)]
-pub(crate) struct Watch(Arc<Entry>);
+pub(crate) struct Watch(Arc<Mutex<Armed>>);
 
 impl Watch {
     pub(crate) fn new() -> Watch {
-        let entry = Arc::new(Entry::default());
+        let entry = Arc::<Mutex<Armed>>::default();
         watchdog().entries.lock().push(Arc::downgrade(&entry));
         Watch(entry)
     }
@@ -183,12 +180,5 @@ impl Watch {
     /// The run is over: no kick after this returns.
     pub(crate) fn disarm(&self) {
         self.0.lock().deadline = None;
-    }
-}
-
-impl std::ops::Deref for Entry {
-    type Target = Mutex<Armed>;
-    fn deref(&self) -> &Mutex<Armed> {
-        &self.0
     }
 }
