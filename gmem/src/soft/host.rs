@@ -458,14 +458,12 @@ impl HostMemory for SoftHostMemory {
 
     fn pin(&self, offset: u64, len: u64) -> crate::Result<Box<dyn Pin>> {
         if len == 0 || offset.checked_add(len).is_none_or(|end| end > self.len()) {
-            return Err(crate::Error::new(
-                crate::Errno::EFAULT,
+            refuse!(
+                EFAULT,
                 "CONV-5",
-                format!(
-                    "pin of {len:#x} bytes at offset {offset:#x}: outside the {:#x}-byte mapping",
-                    self.len()
-                ),
-            ));
+                "pin of {len:#x} bytes at offset {offset:#x}: outside the {:#x}-byte mapping",
+                self.len()
+            );
         }
         let RegionKind::GuestMemfd {
             inode,
