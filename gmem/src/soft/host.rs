@@ -576,10 +576,9 @@ impl HostMemory for SoftHostMemory {
                 // Pages are faulted in order up to the first that would
                 // raise SIGBUS (faultin_page_range); that one is EFAULT.
                 let fault = self.region.first_fault(offset, len as usize);
-                let done = match &fault {
-                    Some(HostFault::Sigbus { offset: at, .. }) => at - offset,
-                    _ => len,
-                };
+                let done = fault
+                    .as_ref()
+                    .map_or(len, |f| Region::done_before(f, offset) as u64);
                 if done > 0 {
                     madvise::raw(self.addr() + offset, done, advice)?;
                 }
