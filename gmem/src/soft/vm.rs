@@ -84,6 +84,21 @@ impl VmState {
     }
 }
 
+/// The VM object: lives while its handle, a vCPU or a guest_memfd holds it
+/// (LIFE-1).
+pub(crate) struct VmInner {
+    pub(crate) vm_type: u64,
+    pub(crate) profile: Profile,
+    pub(crate) has_private_mem: bool,
+    pub(crate) nr_as: u16,
+    pub(crate) state: RwLock<VmState>,
+    pub(crate) invalidations: Invalidations,
+    pub(crate) host: Arc<HostRegistry>,
+    /// Hypercalls that exit to userspace (`KVM_CAP_EXIT_HYPERCALL`).
+    pub(crate) exit_hypercall: AtomicU64,
+    vcpu_ids: Mutex<HashSet<u64>>,
+}
+
 impl VmInner {
     /// Is a guest access to `gfn` private (FAULT-1)? The VM's attribute,
     /// or with in-place conversion the attribute of the file page the gfn
@@ -103,24 +118,7 @@ impl VmInner {
             })
         })
     }
-}
 
-/// The VM object: lives while its handle, a vCPU or a guest_memfd holds it
-/// (LIFE-1).
-pub(crate) struct VmInner {
-    pub(crate) vm_type: u64,
-    pub(crate) profile: Profile,
-    pub(crate) has_private_mem: bool,
-    pub(crate) nr_as: u16,
-    pub(crate) state: RwLock<VmState>,
-    pub(crate) invalidations: Invalidations,
-    pub(crate) host: Arc<HostRegistry>,
-    /// Hypercalls that exit to userspace (`KVM_CAP_EXIT_HYPERCALL`).
-    pub(crate) exit_hypercall: AtomicU64,
-    vcpu_ids: Mutex<HashSet<u64>>,
-}
-
-impl VmInner {
     /// Host addresses `hvas` are being unmapped: invalidates every slot
     /// whose `userspace_addr` range overlaps them and that is served from
     /// there (`kvm_mmu_notifier_invalidate_range_start`). guest_memfd-only
@@ -257,6 +255,18 @@ impl SoftVm {
             .memslots
             .get(as_id as usize)
             .map_or(0, Memslots::len)
+    }
+
+    /// `KVM_CREATE_VCPU`, returning the concrete vCPU (no dynamic dispatch
+    /// on its accesses).
+    pub fn create_soft_vcpu(&self, id: u64) -> Result<SoftVcpu> {
+        if id >= KVM_MAX_VCPU_IDS {
+            refuse!(EINVAL, "LIFE-1", "vCPU id {id} >= {KVM_MAX_VCPU_IDS}");
+        }
+        if !self.inner.vcpu_ids.lock().insert(id) {
+            refuse!(EEXIST, "LIFE-1", "vCPU {id} already exists");
+        }
+        Ok(SoftVcpu::new(self.inner.clone()))
     }
 
     /// `KVM_CREATE_GUEST_MEMFD` (CREATE-1, CREATE-2), returning the concrete
@@ -740,19 +750,5 @@ impl Vm for SoftVm {
 
     fn create_vcpu(&self, id: u64) -> Result<Box<dyn Vcpu>> {
         Ok(Box::new(self.create_soft_vcpu(id)?))
-    }
-}
-
-impl SoftVm {
-    /// `KVM_CREATE_VCPU`, returning the concrete vCPU (no dynamic dispatch
-    /// on its accesses).
-    pub fn create_soft_vcpu(&self, id: u64) -> Result<SoftVcpu> {
-        if id >= KVM_MAX_VCPU_IDS {
-            refuse!(EINVAL, "LIFE-1", "vCPU id {id} >= {KVM_MAX_VCPU_IDS}");
-        }
-        if !self.inner.vcpu_ids.lock().insert(id) {
-            refuse!(EEXIST, "LIFE-1", "vCPU {id} already exists");
-        }
-        Ok(SoftVcpu::new(self.inner.clone()))
     }
 }
