@@ -26,7 +26,7 @@ use super::invalidate::{InvalidateCause, InvalidationObserver, Invalidations};
 use super::memslot::{GmemBinding, Memslot, Memslots};
 use super::profile::Profile;
 use super::vcpu::SoftVcpu;
-use crate::error::Result;
+use crate::error::{Errno, Error, Result};
 use crate::hypervisor::{GuestMemfd, Vcpu, Vm};
 use crate::refuse;
 use crate::uapi::*;
@@ -117,6 +117,11 @@ impl VmInner {
                     .is_some_and(|f| f.is_private(gfn - slot.base_gfn + g.pgoff))
             })
         })
+    }
+
+    /// Capability answers for this VM (CAP-1, CAP-3).
+    pub(crate) fn check_extension(&self, cap: u32) -> i64 {
+        check_extension(self.profile, Some(self), cap)
     }
 
     /// Host addresses `hvas` are being unmapped: invalidates every slot
@@ -272,11 +277,7 @@ impl SoftVm {
     /// `KVM_CREATE_GUEST_MEMFD` (CREATE-1, CREATE-2), returning the concrete
     /// file (for [`SoftGuestMemfd::allocated_bytes`]).
     pub fn create_soft_guest_memfd(&self, args: kvm_create_guest_memfd) -> Result<SoftGuestMemfd> {
-        let supported = check_extension(
-            self.inner.profile,
-            Some(&self.inner),
-            KVM_CAP_GUEST_MEMFD_FLAGS,
-        ) as u64;
+        let supported = self.inner.check_extension(KVM_CAP_GUEST_MEMFD_FLAGS) as u64;
         if args.flags & !supported != 0 {
             refuse!(
                 EINVAL,
@@ -546,19 +547,20 @@ impl SoftVm {
         let inode = &file.inode;
         // SLOT-7 ruled out a u64 wrap. Before 7.2 the sum was a signed
         // loff_t: one that went negative passed the size check.
-        let past_end = if self.inner.profile.unsigned_bind_offsets() {
+        let unsigned = self.inner.profile.unsigned_bind_offsets();
+        let past_end = if unsigned {
             offset + size > inode.size
         } else {
             (offset as i64) < 0 || ((offset + size) as i64) > inode.size as i64
         };
         if past_end {
-            let rule = if self.inner.profile.unsigned_bind_offsets() {
+            let rule = if unsigned {
                 "BIND-4 since 7.2"
             } else {
                 "BIND-4"
             };
-            return Err(crate::error::Error::new(
-                crate::error::Errno::EINVAL,
+            return Err(Error::new(
+                Errno::EINVAL,
                 rule,
                 format!(
                     "guest_memfd_offset {offset:#x} + memory_size {size:#x} is past the end of the {:#x}-byte file",
@@ -571,7 +573,7 @@ impl SoftVm {
         let mut bindings = inode.invalidate_lock.write();
         if let Some((r, b)) = bindings.overlapping(indices.clone()).next() {
             let (errno, rule) = self.inner.profile.bound_range_errno();
-            return Err(crate::error::Error::new(
+            return Err(Error::new(
                 errno,
                 rule,
                 format!(
@@ -614,11 +616,7 @@ impl SoftVm {
     }
 
     fn set_attributes(&self, attrs: &kvm_memory_attributes) -> Result<()> {
-        let supported = check_extension(
-            self.inner.profile,
-            Some(&self.inner),
-            KVM_CAP_MEMORY_ATTRIBUTES,
-        ) as u64;
+        let supported = self.inner.check_extension(KVM_CAP_MEMORY_ATTRIBUTES) as u64;
         if attrs.flags != 0 {
             refuse!(
                 EINVAL,
@@ -699,7 +697,7 @@ impl Vm for SoftVm {
     }
 
     fn check_extension(&self, cap: u32) -> i64 {
-        check_extension(self.inner.profile, Some(&self.inner), cap)
+        self.inner.check_extension(cap)
     }
 
     fn enable_cap(&self, cap: u32, arg0: u64) -> Result<()> {
