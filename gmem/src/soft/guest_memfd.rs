@@ -22,6 +22,7 @@ use rangemap::{RangeMap, RangeSet};
 use super::host::{RegionKind, SoftHostMemory};
 use super::invalidate::InvalidateCause;
 use super::mempolicy::Policies;
+use super::tlb::run_around;
 use super::vm::VmInner;
 use crate::error::{Errno, Error, Result};
 use crate::host::Mmap;
@@ -93,24 +94,13 @@ impl GmemInode {
             return within;
         }
         let set = self.private.read();
-        if let Some(r) = set.get(&index) {
-            return r.start.max(within.start)..r.end.min(within.end);
-        }
-        let lo = if within.start < index {
-            set.overlapping(&(within.start..index))
-                .next_back()
-                .map_or(within.start, |r| r.end.max(within.start))
-        } else {
-            within.start
-        };
-        let hi = if index + 1 < within.end {
-            set.overlapping(&(index + 1..within.end))
-                .next()
-                .map_or(within.end, |r| r.start.min(within.end))
-        } else {
-            within.end
-        };
-        lo..hi
+        run_around(
+            index,
+            within,
+            set.get(&index).cloned(),
+            |r| set.overlapping(&r).next_back().map(|r| r.end),
+            |r| set.overlapping(&r).next().map(|r| r.start),
+        )
     }
 
     /// The first private page of `indices`, if any.

@@ -319,6 +319,34 @@ impl Tlb {
     }
 }
 
+/// The run around `at`, inside `within`, that one cached translation may
+/// cover: the stored range that holds `at` (`holding`), or else the gap
+/// between the stored ranges on either side. `last_end(r)` is the end of the
+/// last stored range overlapping `r`, `first_start(r)` the start of the
+/// first.
+pub(crate) fn run_around(
+    at: u64,
+    within: Range<u64>,
+    holding: Option<Range<u64>>,
+    last_end: impl Fn(Range<u64>) -> Option<u64>,
+    first_start: impl Fn(Range<u64>) -> Option<u64>,
+) -> Range<u64> {
+    if let Some(r) = holding {
+        return r.start.max(within.start)..r.end.min(within.end);
+    }
+    let lo = if within.start < at {
+        last_end(within.start..at).map_or(within.start, |end| end.max(within.start))
+    } else {
+        within.start
+    };
+    let hi = if at + 1 < within.end {
+        first_start(at + 1..within.end).map_or(within.end, |start| start.min(within.end))
+    } else {
+        within.end
+    };
+    lo..hi
+}
+
 /// Loads `size` bytes at `p` (little endian, zero-extended). An aligned
 /// access of 2, 4 or 8 bytes is one load, as on hardware.
 ///

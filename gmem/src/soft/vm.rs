@@ -25,6 +25,7 @@ use super::host::HostRegistry;
 use super::invalidate::{InvalidateCause, InvalidationObserver, Invalidations};
 use super::memslot::{GmemBinding, Memslot, Memslots};
 use super::profile::Profile;
+use super::tlb::run_around;
 use super::vcpu::SoftVcpu;
 use crate::error::{Errno, Error, Result};
 use crate::hypervisor::{GuestMemfd, Vcpu, Vm};
@@ -61,26 +62,14 @@ impl VmState {
     /// The gfns around `gfn`, inside `within`, whose attributes are those of
     /// `gfn`: what one cached translation may cover.
     pub(crate) fn attribute_run(&self, gfn: u64, within: Range<u64>) -> Range<u64> {
-        if let Some((r, _)) = self.attributes.get_key_value(&gfn) {
-            return r.start.max(within.start)..r.end.min(within.end);
-        }
-        let lo = if within.start < gfn {
-            self.attributes
-                .overlapping(within.start..gfn)
-                .next_back()
-                .map_or(within.start, |(r, _)| r.end.max(within.start))
-        } else {
-            within.start
-        };
-        let hi = if gfn + 1 < within.end {
-            self.attributes
-                .overlapping(gfn + 1..within.end)
-                .next()
-                .map_or(within.end, |(r, _)| r.start.min(within.end))
-        } else {
-            within.end
-        };
-        lo..hi
+        let map = &self.attributes;
+        run_around(
+            gfn,
+            within,
+            map.get_key_value(&gfn).map(|(r, _)| r.clone()),
+            |r| map.overlapping(r).next_back().map(|(r, _)| r.end),
+            |r| map.overlapping(r).next().map(|(r, _)| r.start),
+        )
     }
 }
 
