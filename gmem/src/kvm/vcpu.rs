@@ -84,7 +84,8 @@ pub const HYPERCALL_RECHECK: Duration = Duration::from_millis(2);
 /// [`VcpuExit::Timeout`].
 pub const LOOP_STALL: Duration = Duration::from_millis(1000);
 
-/// Guest privilege level of the code a run executes.
+/// Guest privilege level of the code a run executes (ring 0 or ring 3);
+/// the value indexes `KvmVcpu::sregs`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Ring {
     Kernel = 0,

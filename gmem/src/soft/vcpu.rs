@@ -484,11 +484,11 @@ impl Vcpu for SoftVcpu {
         }
     }
 
-    /// One call walks the range through the translation cache, a chunk of
-    /// up to 16 pages at a time;
-    /// a page the cache cannot serve takes its first step through the fault
-    /// path (which fills the cache, or ends the loop with its exit), and
-    /// memory the cache never holds the rest of the page in one more pass.
+    /// One call walks the range through the translation cache, up to a
+    /// [`LOOP_CHUNK`] at a time. A page the cache cannot serve takes its
+    /// first step through the fault path (which fills the cache, or ends the
+    /// loop with its exit); in memory the cache never holds, the rest of
+    /// that page takes one more pass.
     fn run_loop(&mut self, op: GuestLoop) -> Result<LoopExit> {
         op.check()?;
         let (gpa, len) = op.range();
