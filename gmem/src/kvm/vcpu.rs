@@ -11,8 +11,9 @@
 //! (`store_regs`, both in arch/x86/kvm/x86.c), so an operation is exactly
 //! one ioctl: no `KVM_SET_REGS`, `KVM_GET_REGS` or `KVM_SET_SREGS`.
 //!
-//! Every run ends with a store to the doorbell page, which no memslot backs:
-//! an MMIO write exit carrying the result in `kvm_run->mmio.data`. A pending
+//! Every run ends with a store to the doorbell page, a read-only memslot
+//! ([`guest::DOORBELL_SLOT`]): an MMIO write exit carrying the result in
+//! `kvm_run->mmio.data`. A pending
 //! MMIO write needs no second run: `KVM_RUN` first loads the dirty registers
 //! (`sync_regs`), then completes what the last exit left pending
 //! (`complete_userspace_io`), and `complete_emulated_mmio` finishes a write
