@@ -8,7 +8,7 @@
 //! of the hypervisor, as the kernel's MMU notifier does.
 //!
 //! A memslot whose userspace range lies in one mapping holds it
-//! ([`HostPin`]). A mapping dropped while held gives its pages back but
+//! (`HostPin`). A mapping dropped while held gives its pages back but
 //! keeps its addresses, inaccessible, until the last such memslot goes
 //! (rule gmem-safety, the KVM backend's rule too): the guest keeps finding
 //! nothing there, and memory made later never lands where a memslot points.

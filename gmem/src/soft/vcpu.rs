@@ -484,8 +484,8 @@ impl Vcpu for SoftVcpu {
         }
     }
 
-    /// One call walks the range through the translation cache, up to a
-    /// [`LOOP_CHUNK`] at a time. A page the cache cannot serve takes its
+    /// One call walks the range through the translation cache, up to
+    /// `LOOP_CHUNK` (16 pages) at a time. A page the cache cannot serve takes its
     /// first step through the fault path (which fills the cache, or ends the
     /// loop with its exit); in memory the cache never holds, the rest of
     /// that page takes one more pass.
