@@ -6,34 +6,35 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use gmem::bench::access::{Access, AccessPair, Pattern};
+use gmem::bench::access::{Access, AccessThreads, Pattern};
 use gmem::bench::convert::{per_page, Conversions, TOP};
 use gmem::bench::falloc::Fallocate;
 use gmem::bench::kvm::{touch_once, touch_size, OneAccess};
 use gmem::bench::populate::{Populate, PopulatePair, BACKINGS};
-use gmem::bench::{bytes, start, Pair};
+use gmem::bench::{bytes, start, Pair, Threads};
 use gmem::Backend;
 
 const GIB: u64 = 1 << 30;
 
 /// Soft guest accesses against raw loads: hot, sequential and random over
-/// 1 GiB, 1 and 2 threads.
+/// 1 GiB, 1 and 2 threads, each cell timed as `gmem bench` times the cells
+/// of its figures (the hot ones at 1 and 2 threads are those of the
+/// scaling figure, `gmem::bench::compare_scaling`).
 fn access(c: &mut Criterion) {
     let mut access = Access::new(GIB, 2).expect("1 GiB of soft guest memory");
     let mut g = c.benchmark_group("access");
     for pattern in [Pattern::Hot, Pattern::Sequential, Pattern::Random] {
+        let mut cells = AccessThreads {
+            access: &mut access,
+            pattern,
+        };
         for threads in [1, 2] {
             let name = format!("{}/{threads}t", pattern.name());
-            let mut pair = AccessPair {
-                access: &mut access,
-                pattern,
-                threads,
-            };
             g.bench_function(format!("{name}/ours"), |b| {
-                b.iter_custom(|iters| pair.ours(iters))
+                b.iter_custom(|iters| cells.ours(threads, iters))
             });
             g.bench_function(format!("{name}/raw"), |b| {
-                b.iter_custom(|iters| pair.baseline(iters))
+                b.iter_custom(|iters| cells.baseline(threads, iters))
             });
         }
     }

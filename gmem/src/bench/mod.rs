@@ -5,7 +5,10 @@
 //!
 //! A figure is a pair of workloads ([`Pair`]): ours and its baseline, each
 //! timed for a number of iterations. [`compare`] alternates them over
-//! several rounds and keeps the median of the per-round ratios.
+//! several rounds and keeps the median of the per-round ratios. A scaling
+//! figure ([`compare_scaling`]) times four cells in every round, ours and
+//! the baseline on one thread and on several ([`Threads`]), and keeps the
+//! median of the per-round ratio of the two scalings.
 //!
 //! - [`access`]: soft guest accesses (hot, sequential, random over 1 GiB;
 //!   1 and 2 vCPU threads) against raw loads.
@@ -104,6 +107,103 @@ pub fn compare(pair: &mut dyn Pair, iters: u64, rounds: usize) -> Compared {
         baseline: median(&mut base),
         ratio: median(&mut ratio),
     }
+}
+
+/// A workload and its baseline that run on any number of threads, each
+/// thread doing the same number of iterations: a scaling figure.
+pub trait Threads {
+    /// Runs ours on `threads` threads, `iters` iterations each; the time
+    /// of the round.
+    fn ours(&mut self, threads: usize, iters: u64) -> Duration;
+    /// Runs the baseline alike.
+    fn baseline(&mut self, threads: usize, iters: u64) -> Duration;
+}
+
+/// Medians over the rounds of one scaling comparison.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Scaled {
+    /// Throughput of the threads over that of one thread, ours.
+    pub ours: f64,
+    /// The same for the baseline.
+    pub baseline: f64,
+    /// Median of the per-round ratios ours scaling / baseline scaling.
+    pub ratio: f64,
+}
+
+/// Times ours and the baseline on one thread and on `threads` threads in
+/// each of `rounds` rounds (after a warm-up round), and compares how they
+/// scale. All four cells of a round run back to back, the two of each
+/// thread count next to each other, in an order that turns over from round
+/// to round: a change of the machine's speed (what else runs, where the
+/// host puts our threads) lasts milliseconds to seconds, so it hits the
+/// cells of one round alike and cancels in that round's ratio, and the
+/// median drops the rounds it split. The baseline runs as many iterations
+/// as take it as long as ours (measured in the warm-up), so that a
+/// disturbance is as likely to land in either.
+pub fn compare_scaling(
+    pair: &mut dyn Threads,
+    threads: usize,
+    iters: u64,
+    rounds: usize,
+) -> Scaled {
+    let warm = iters.div_ceil(4);
+    let warm_ours =
+        per_iter(pair.ours(1, warm), warm).min(per_iter(pair.ours(threads, warm), warm));
+    let warm_base =
+        per_iter(pair.baseline(1, warm), warm).min(per_iter(pair.baseline(threads, warm), warm));
+    let base_iters = if warm_base > 0.0 {
+        ((iters as f64 * warm_ours / warm_base).round() as u64).max(1)
+    } else {
+        iters
+    };
+    let (mut ours, mut base, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        // [ours one, ours many, baseline one, baseline many], per iteration.
+        let mut cell = [0.0; 4];
+        let counts = if round % 2 == 0 {
+            [1, threads]
+        } else {
+            [threads, 1]
+        };
+        for n in counts {
+            let many = usize::from(n != 1);
+            let (o, b) = if (round / 2) % 2 == 0 {
+                let o = pair.ours(n, iters);
+                (o, pair.baseline(n, base_iters))
+            } else {
+                let b = pair.baseline(n, base_iters);
+                (pair.ours(n, iters), b)
+            };
+            cell[many] = per_iter(o, iters);
+            cell[2 + many] = per_iter(b, base_iters);
+        }
+        let o = threads as f64 * cell[0] / cell[1];
+        let b = threads as f64 * cell[2] / cell[3];
+        ours.push(o);
+        base.push(b);
+        ratio.push(o / b);
+    }
+    Scaled {
+        ours: median(&mut ours),
+        baseline: median(&mut base),
+        ratio: median(&mut ratio),
+    }
+}
+
+/// How long the calling thread has been runnable but waiting for a core
+/// (`/proc/thread-self/schedstat`, second field; `Duration::ZERO` where the
+/// kernel does not keep it). Timings of threads leave it out: on a machine
+/// shared with builds a thread waits for a core for a tenth or more of a
+/// round, more than what a figure measures, while time it blocks (on a
+/// lock, a futex) or spins still counts.
+pub fn runqueue_wait() -> Duration {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
+    let ns = stat
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Duration::from_nanos(ns)
 }
 
 fn per_iter(d: Duration, iters: u64) -> f64 {
@@ -479,6 +579,28 @@ mod tests {
         fn baseline(&mut self, iters: u64) -> Duration {
             Duration::from_nanos(iters)
         }
+    }
+
+    /// Ours: 3 ns an iteration on one thread, 4 ns on each of two (1.5
+    /// times the throughput). The baseline: 1 ns on any (twice).
+    struct Scales;
+
+    impl Threads for Scales {
+        fn ours(&mut self, threads: usize, iters: u64) -> Duration {
+            Duration::from_nanos(if threads == 1 { 3 } else { 4 } * iters)
+        }
+        fn baseline(&mut self, _threads: usize, iters: u64) -> Duration {
+            Duration::from_nanos(iters)
+        }
+    }
+
+    #[test]
+    fn compare_scaling_reports_both_scalings_and_their_ratio() {
+        let s = compare_scaling(&mut Scales, 2, 1000, 5);
+
+        assert!((s.ours - 1.5).abs() < 1e-6, "{s:?}");
+        assert!((s.baseline - 2.0).abs() < 1e-6, "{s:?}");
+        assert!((s.ratio - 0.75).abs() < 1e-6, "{s:?}");
     }
 
     #[test]

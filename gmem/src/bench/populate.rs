@@ -20,7 +20,7 @@
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
-use super::{compare, Pair, Row, Scale, Target, Unit};
+use super::{compare, runqueue_wait, Pair, Row, Scale, Target, Unit};
 use crate::error::{Errno, Error, Result};
 use crate::hypervisor::{GuestLoop, Vcpu};
 use crate::memory::{BackingMode, BackingRequest, GuestAddress, GuestRange, Layout, MemoryManager};
@@ -155,22 +155,6 @@ impl Populate {
         }
         Ok(wrong)
     }
-}
-
-/// How long the calling thread has been runnable but waiting for a core
-/// (`/proc/thread-self/schedstat`, second field; `Duration::ZERO` where the
-/// kernel does not keep it). A fill's time leaves it out: on a machine
-/// shared with builds a thread waits for a core for a tenth or more of a
-/// fill, more than what the figure measures, while time it blocks (on a
-/// lock, a futex) or spins still counts.
-fn runqueue_wait() -> Duration {
-    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
-    let ns = stat
-        .split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    Duration::from_nanos(ns)
 }
 
 /// Ours: one guest loop per piece, through the manager.
