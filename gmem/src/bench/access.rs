@@ -22,8 +22,8 @@ use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use super::{
-    bind_shared_file, compare, compare_scaling, runqueue_wait, AccessCell, Pair, Row, Scale,
-    Target, Threads, Unit,
+    bind_shared_file, compare, compare_scaling, runqueue_wait, AccessCell, OnThreads, Pair, Row,
+    Scale, Target, Threads, Unit,
 };
 use crate::error::Result;
 use crate::host::Mmap;
@@ -270,28 +270,9 @@ impl Pair for DynPair<'_> {
     }
 }
 
-/// One pattern and thread count of an [`Access`], as a [`Pair`].
-pub struct AccessPair<'a> {
-    /// The memories.
-    pub access: &'a mut Access,
-    /// The pattern.
-    pub pattern: Pattern,
-    /// Threads (vCPUs for ours).
-    pub threads: usize,
-}
-
-impl Pair for AccessPair<'_> {
-    fn ours(&mut self, iters: u64) -> Duration {
-        self.access.time(true, self.pattern, self.threads, iters)
-    }
-
-    fn baseline(&mut self, iters: u64) -> Duration {
-        self.access.time(false, self.pattern, self.threads, iters)
-    }
-}
-
 /// A pattern of an [`Access`] on any number of threads, as [`Threads`]:
-/// the scaling figure's cells.
+/// the scaling figure's cells, and (on a fixed count, [`OnThreads`]) each
+/// pattern's.
 pub struct AccessThreads<'a> {
     /// The memories.
     pub access: &'a mut Access,
@@ -338,11 +319,13 @@ pub fn run(scale: Scale, cells: &mut Vec<AccessCell>) -> Result<Vec<Row>> {
     for pattern in [Pattern::Hot, Pattern::Sequential, Pattern::Random] {
         for threads in [1, 2] {
             let c = compare(
-                &mut AccessPair {
-                    access: &mut access,
-                    pattern,
+                &mut OnThreads(
+                    &mut AccessThreads {
+                        access: &mut access,
+                        pattern,
+                    },
                     threads,
-                },
+                ),
                 iters_for(pattern, scale),
                 scale.rounds(),
             );

@@ -119,6 +119,19 @@ pub trait Threads {
     fn baseline(&mut self, threads: usize, iters: u64) -> Duration;
 }
 
+/// A [`Threads`] workload on a fixed number of threads, as a [`Pair`].
+pub struct OnThreads<'a>(pub &'a mut dyn Threads, pub usize);
+
+impl Pair for OnThreads<'_> {
+    fn ours(&mut self, iters: u64) -> Duration {
+        self.0.ours(self.1, iters)
+    }
+
+    fn baseline(&mut self, iters: u64) -> Duration {
+        self.0.baseline(self.1, iters)
+    }
+}
+
 /// Medians over the rounds of one scaling comparison.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Scaled {
